@@ -1,0 +1,93 @@
+"""The ``limits-ray`` command line: one sub-command per task, each a thin shell over a module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pyarrow.parquet as pq
+
+from limits_ray.config import AnalysisConfig, ConfigError
+from limits_ray.frontier import point_at_kl
+from limits_ray.io import InputError
+
+__all__ = ["main"]
+
+
+def _reduce(args: argparse.Namespace) -> int:
+    from limits_ray.reduce import reduce_samples
+
+    config = AnalysisConfig(
+        betas=args.betas,
+        rewards=tuple(name for name in (args.rewards or "").split(",") if name),
+        align=tuple(args.align or ()),
+        evals=tuple(args.eval or ()),
+        best_of_n=not args.no_bon,
+        convergence=not args.no_convergence,
+    )
+    started = time.perf_counter()
+    result = reduce_samples(args.samples, config)
+    for path in result.write(args.out):
+        print(f"wrote {path}")
+    prompts = len(set(result.frontier["prompt_id"].to_pylist()))
+    print(f"reduced {prompts} prompt(s) over {len(config.betas)} beta(s) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    path = Path(args.results) / "frontier_mean.parquet"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: point query at the --out directory of a reduce or a run")
+    table = pq.read_table(path)
+    pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
+    aligns, evals = set(args.align or [a for a, _ in pairs]), set(args.eval or [e for _, e in pairs])
+    print(f"{'align':<24} {'eval':<24} {'KL':>10} {'beta':>12} {'gain':>12}")
+    for align, evaluation in pairs:
+        if align in aligns and evaluation in evals:
+            for budget in args.kl:
+                point = point_at_kl(table, budget, align, evaluation)
+                print(f"{align:<24} {evaluation:<24} {point.kl:>10.4g} {point.beta:>12.5g} {point.gain:>12.5g}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="limits-ray", description="KL-reward frontiers of LM alignment.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    reduce = commands.add_parser("reduce", help="scored samples (Parquet) -> frontier, best-of-n, convergence")
+    reduce.add_argument("--samples", required=True, type=Path, help="Parquet file or directory of them")
+    reduce.add_argument("--out", required=True, type=Path, help="output directory")
+    reduce.add_argument("--rewards", help="comma list of reward columns (default: every float column)")
+    reduce.add_argument("--betas", default="0.01:100:41", help="comma list or start:stop:count (log-spaced)")
+    reduce.add_argument("--align", action="append", help="alignment reward: COLUMN or mean(a,b,...); repeatable")
+    reduce.add_argument("--eval", action="append", help="evaluation reward (default: the align reward); repeatable")
+    reduce.add_argument("--no-bon", action="store_true", help="skip best-of-n (it holds each prompt's rewards)")
+    reduce.add_argument("--no-convergence", action="store_true", help="skip the convergence table")
+    reduce.set_defaults(handler=_reduce)
+
+    query = commands.add_parser("query", help="the gain reachable at given KL budgets, and the beta for it")
+    query.add_argument("results", type=Path, help="a directory holding frontier_mean.parquet")
+    query.add_argument("--kl", required=True, type=lambda text: [float(v) for v in text.split(",")],
+                       help="comma list of KL budgets (nats)")
+    query.add_argument("--align", action="append", help="only this alignment reward; repeatable")
+    query.add_argument("--eval", action="append", help="only this evaluation reward; repeatable")
+    query.set_defaults(handler=_query)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for bad input, with the reason on stderr)."""
+    args = _parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (InputError, ConfigError, ValueError) as error:
+        print(f"limits-ray {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Reading scored samples and writing results: the Parquet contract of ``limits-ray reduce``.
+
+Input: a Parquet file or a directory of them with ``prompt_id`` (string), ``sample_idx`` (int64)
+and one float column per reward model; other columns are ignored. Output: the four tables whose
+schemas are defined here (``frontier``, ``frontier_mean``, ``bon``, ``convergence``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+__all__ = [
+    "InputError",
+    "PromptSamples",
+    "SCHEMAS",
+    "iter_prompts",
+    "read_samples",
+    "write_table",
+]
+
+KEY_COLUMNS = ("prompt_id", "sample_idx")
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "frontier": pa.schema([
+        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
+        ("n", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
+        ("kl_se", pa.float64()), ("ess", pa.float64()),
+    ]),
+    "frontier_mean": pa.schema([
+        ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
+        ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()), ("kl_se", pa.float64()),
+    ]),
+    "bon": pa.schema([
+        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("n", pa.int64()),
+        ("reward", pa.float64()), ("gain", pa.float64()), ("kl", pa.float64()),
+    ]),
+    "convergence": pa.schema([
+        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
+        ("n_samples", pa.int64()), ("gain", pa.float64()), ("kl", pa.float64()),
+    ]),
+}
+
+
+class InputError(ValueError):
+    """Input that cannot be reduced; the message names the input and the fix."""
+
+
+def _open_dataset(path: Path) -> ds.Dataset:
+    if not path.exists():
+        raise InputError(f"--samples {path}: no such file or directory")
+    try:
+        dataset = ds.dataset(str(path), format="parquet", exclude_invalid_files=False)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"--samples {path}: not readable as Parquet ({error})") from None
+    if not dataset.files:
+        raise InputError(f"--samples {path}: the directory holds no Parquet files")
+    return dataset
+
+
+def _reward_columns(schema: pa.Schema, requested: tuple[str, ...], path: Path) -> list[str]:
+    names = schema.names
+    missing = [name for name in (*KEY_COLUMNS, *requested) if name not in names]
+    if missing:
+        raise InputError(f"--samples {path}: missing column(s) {missing}; the file has {names}")
+    floats = [field.name for field in schema if pa.types.is_floating(field.type)]
+    not_float = [name for name in requested if name not in floats]
+    if not_float:
+        raise InputError(f"--samples {path}: reward column(s) {not_float} are not float; float columns: {floats}")
+    columns = list(requested) or floats
+    if not columns:
+        raise InputError(f"--samples {path}: no float reward column; the file has {names}")
+    return columns
+
+
+def read_samples(path: str | Path, rewards: tuple[str, ...] = ()) -> tuple[pa.Table, list[str]]:
+    """Read and validate scored samples; returns the table sorted by (prompt_id, sample_idx).
+
+    Raises :class:`InputError` for a missing path or column, an empty input, NaN or infinite
+    rewards (naming the prompt and the column), negative or duplicated (prompt_id, sample_idx).
+    """
+    path = Path(path)
+    dataset = _open_dataset(path)
+    columns = _reward_columns(dataset.schema, tuple(rewards), path)
+    try:
+        table = dataset.to_table(columns=[*KEY_COLUMNS, *columns])
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"--samples {path}: a file could not be read ({error}); remove or rewrite it") from None
+    if table.num_rows == 0:
+        raise InputError(f"--samples {path}: no rows; nothing to reduce")
+    table = table.set_column(0, "prompt_id", pc.cast(table["prompt_id"], pa.string()))
+    table = table.set_column(1, "sample_idx", pc.cast(table["sample_idx"], pa.int64()))
+    for name in columns:
+        table = table.set_column(table.schema.get_field_index(name), name, pc.cast(table[name], pa.float64()))
+    _check_keys(table, path)
+    table = table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])
+    _check_finite(table, columns, path)
+    _check_unique(table, path)
+    return table, columns
+
+
+def _check_keys(table: pa.Table, path: Path) -> None:
+    for name in KEY_COLUMNS:
+        if table[name].null_count:
+            raise InputError(f"--samples {path}: column {name} has {table[name].null_count} null value(s)")
+    if pc.min(table["sample_idx"]).as_py() < 0:
+        raise InputError(f"--samples {path}: sample_idx must be >= 0")
+
+
+def _check_finite(table: pa.Table, columns: list[str], path: Path) -> None:
+    for name in columns:
+        values = table[name].to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            row = int(bad[0])
+            raise InputError(
+                f"--samples {path}: reward column {name!r} has {bad.size} NaN/infinite value(s), first at "
+                f"prompt_id={table['prompt_id'][row].as_py()!r} sample_idx={table['sample_idx'][row].as_py()}; "
+                "fix or drop those rows (or leave the column out with --rewards)"
+            )
+
+
+def _check_unique(table: pa.Table, path: Path) -> None:
+    if table.num_rows < 2:
+        return
+    prompt_ids, sample_idx = table["prompt_id"], table["sample_idx"]
+    same = pc.and_(
+        pc.equal(prompt_ids.slice(1), prompt_ids.slice(0, table.num_rows - 1)),
+        pc.equal(sample_idx.slice(1), sample_idx.slice(0, table.num_rows - 1)),
+    )
+    duplicates = np.flatnonzero(same.to_numpy(zero_copy_only=False))
+    if duplicates.size:
+        row = int(duplicates[0])
+        raise InputError(
+            f"--samples {path}: {duplicates.size} duplicated (prompt_id, sample_idx), first "
+            f"({prompt_ids[row].as_py()!r}, {sample_idx[row].as_py()}); each sample must appear once"
+        )
+
+
+@dataclass
+class PromptSamples:
+    """One prompt's samples: ``sample_idx`` ``[N]`` and reward columns ``{name: [N]}``."""
+
+    prompt_id: str
+    sample_idx: np.ndarray
+    rewards: dict[str, np.ndarray]
+
+
+def iter_prompts(table: pa.Table, columns: list[str]) -> Iterator[PromptSamples]:
+    """Split a table sorted by prompt_id into per-prompt numpy arrays."""
+    prompt_ids = table["prompt_id"].combine_chunks()
+    changes = pc.not_equal(prompt_ids.slice(1), prompt_ids.slice(0, len(prompt_ids) - 1))
+    starts = np.concatenate([[0], np.flatnonzero(changes.to_numpy(zero_copy_only=False)) + 1, [len(prompt_ids)]])
+    sample_idx = table["sample_idx"].to_numpy()
+    rewards = {name: table[name].to_numpy() for name in columns}
+    for start, stop in zip(starts[:-1], starts[1:]):
+        yield PromptSamples(
+            prompt_id=prompt_ids[int(start)].as_py(),
+            sample_idx=sample_idx[start:stop],
+            rewards={name: values[start:stop] for name, values in rewards.items()},
+        )
+
+
+def write_table(table: pa.Table, path: str | Path) -> None:
+    """Write Parquet atomically: a reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
