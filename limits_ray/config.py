@@ -18,7 +18,10 @@ import yaml
 
 from limits_ray.reward_spec import RewardSpec
 
-__all__ = ["AnalysisConfig", "ConfigError", "from_mapping", "load_yaml", "parse_betas"]
+__all__ = [
+    "AnalysisConfig", "ConfigError", "GenerationConfig", "JobConfig", "PromptsConfig", "RewardModelConfig",
+    "StoreConfig", "from_mapping", "load_yaml", "parse_betas",
+]
 
 T = TypeVar("T")
 
@@ -54,7 +57,7 @@ def parse_betas(text: str | float | list | tuple) -> tuple[float, ...]:
     bad = [value for value in values if not (np.isfinite(value) and value > 0)]
     if bad:
         raise ConfigError(f"betas must be positive and finite (KL penalty beta > 0); got {bad}")
-    return tuple(sorted(set(values)))
+    return tuple(sorted({float(value) for value in values}))
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,175 @@ class AnalysisConfig:
                     f"available: {reward_columns}"
                 )
         return [(align, evals or [align]) for align in aligns]
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """Where prompts come from and how they are rendered.
+
+    Exactly one source: ``dataset`` (a Hugging Face dataset name, with ``split``), ``path`` (a local
+    JSONL or Parquet file) or ``inline`` (prompts written in the config).
+
+    Attributes:
+        dataset: Hugging Face dataset name (``datasets.load_dataset(dataset, split=split)``).
+        split: the dataset split.
+        path: a local ``.jsonl`` or ``.parquet`` file.
+        inline: prompt texts given directly.
+        column: the column holding the prompt text.
+        id_column: a column with stable ids; empty means ``sha1(text)[:16]``.
+        template: a ``str.format`` template with ``{prompt}``, applied unless ``chat_template``.
+        chat_template: render with the tokenizer's chat template (one user turn, generation prompt).
+        limit: keep only the first ``limit`` prompts (0: all).
+    """
+
+    dataset: str = ""
+    split: str = "train"
+    path: str = ""
+    inline: tuple[str, ...] = ()
+    column: str = "prompt"
+    id_column: str = ""
+    template: str = "{prompt}"
+    chat_template: bool = False
+    limit: int = 0
+
+    def __post_init__(self) -> None:
+        sources = [name for name in ("dataset", "path", "inline") if getattr(self, name)]
+        if len(sources) != 1:
+            raise ConfigError(f"prompts: give exactly one of dataset, path or inline (got {sources or 'none'})")
+        if "{prompt}" not in self.template:
+            raise ConfigError(f"prompts.template {self.template!r} must contain {{prompt}}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling from the base model with vLLM (one engine per actor).
+
+    Attributes:
+        model: a local model directory or hub name vLLM can load.
+        samples_per_prompt: N, the base samples drawn per prompt; a multiple of ``n``.
+        n: samples per request: one request is one *round*, seeded by (prompt_id, round).
+        seed: the run's base seed; round seeds derive from (seed, prompt_id, round).
+        temperature, top_p, max_tokens, stop: vLLM sampling parameters.
+        concurrency: number of generation actors.
+        num_gpus, num_cpus: resources per actor; ``tensor_parallel_size`` GPUs per engine.
+        batch_size: requests per actor call.
+        max_model_len: the engine's context length (0: the model's).
+        engine_kwargs: further ``vllm.LLM`` arguments.
+    """
+
+    model: str
+    samples_per_prompt: int = 64
+    n: int = 16
+    seed: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    tensor_parallel_size: int = 1
+    batch_size: int = 8
+    max_model_len: int = 0
+    engine_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.samples_per_prompt < 1 or self.samples_per_prompt % self.n:
+            raise ConfigError(
+                f"generation.samples_per_prompt ({self.samples_per_prompt}) must be a positive multiple "
+                f"of generation.n ({self.n})"
+            )
+
+    @property
+    def rounds(self) -> int:
+        """Requests per prompt: ``samples_per_prompt / n``."""
+        return self.samples_per_prompt // self.n
+
+
+REWARD_KINDS = ("vllm", "transformers", "function")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """One reward: a sequence classifier (vLLM pooling or transformers) or a Python function.
+
+    Attributes:
+        name: the reward column it fills.
+        kind: ``vllm`` (pooling runner, raw logit), ``transformers`` or ``function``.
+        model: the model directory (``vllm``, ``transformers``).
+        function: ``module:function`` taking ``(prompts, responses)`` lists, returning floats.
+        input_template: ``str.format`` template with ``{prompt}`` and ``{response}``.
+        chat_template: render ``[user: prompt, assistant: response]`` with the RM tokenizer's template.
+        concurrency, num_gpus, num_cpus, batch_size: actors, resources per actor, samples per call.
+        engine_kwargs: further ``vllm.LLM`` arguments.
+    """
+
+    name: str
+    kind: str
+    model: str = ""
+    function: str = ""
+    input_template: str = "{prompt}{response}"
+    chat_template: bool = False
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    batch_size: int = 64
+    engine_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in REWARD_KINDS:
+            raise ConfigError(f"rewards[{self.name}].kind {self.kind!r}: valid kinds are {list(REWARD_KINDS)}")
+        if self.kind == "function" and ":" not in self.function:
+            raise ConfigError(f"rewards[{self.name}].function must be 'module:function', got {self.function!r}")
+        if self.kind != "function" and not self.model:
+            raise ConfigError(f"rewards[{self.name}]: kind {self.kind!r} needs a model path")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The sample store: every scored sample as Parquet, so results can be recomputed and extended.
+
+    Attributes:
+        enabled: write the store (default on).
+        path: its directory (empty: ``<output_dir>/store``).
+        keep_text: also store prompt and response texts.
+    """
+
+    enabled: bool = True
+    path: str = ""
+    keep_text: bool = False
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole run: prompts, generation, rewards, analysis, store and output.
+
+    Attributes:
+        name: the run's name (used in reports).
+        output_dir: where results, plots and the report go.
+        ray_address: ``ray.init`` address; empty: join a running cluster if any, else start a local one.
+    """
+
+    name: str
+    output_dir: str
+    prompts: PromptsConfig
+    generation: GenerationConfig
+    rewards: tuple[RewardModelConfig, ...]
+    analysis: AnalysisConfig = AnalysisConfig()
+    store: StoreConfig = StoreConfig()
+    ray_address: str = ""
+
+    def __post_init__(self) -> None:
+        names = [reward.name for reward in self.rewards]
+        if not names:
+            raise ConfigError("rewards: give at least one reward model or function")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"rewards: names must be unique, got {names}")
+
+    @property
+    def store_path(self) -> Path:
+        """The sample store directory."""
+        return Path(self.store.path or Path(self.output_dir) / "store")
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:
