@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["TiltStats", "TiltEstimate"]
 
-_CHUNK_ROWS = 4096  # rows per update chunk: keeps the [rows, betas] weight block in cache
+_CHUNK_ROWS = 4096  # rows per update chunk: bounds the [2B + 1, rows] work buffers (about 4 MiB at B = 64)
 
 
 @dataclass
@@ -63,10 +63,17 @@ class TiltEstimate:
     ess: np.ndarray
 
 
-def _polynomial(centred: np.ndarray) -> np.ndarray:
-    """``[N, Y] -> [N, 1 + 2Y]``: the columns ``[1, y, y^2]`` whose weighted sums are kept."""
-    ones = np.ones((centred.shape[0], 1))
-    return np.concatenate([ones, centred, centred * centred], axis=1)
+def _polynomial(centred: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``[N, Y] -> [1 + 2Y, N]``: the rows ``[1, y, y^2]`` whose weighted sums are kept.
+
+    Written into ``out`` (at least ``[1 + 2Y, N]``, C-ordered), whose first ``N`` columns are returned.
+    """
+    y_count, rows = centred.shape[1], centred.shape[0]
+    poly = out[:, :rows]
+    poly[0] = 1.0
+    poly[1 : 1 + y_count] = centred.T
+    np.multiply(poly[1 : 1 + y_count], poly[1 : 1 + y_count], out=poly[1 + y_count :])
+    return poly
 
 
 def _recentre_matrix(delta: np.ndarray) -> np.ndarray:
@@ -136,20 +143,36 @@ class TiltStats:
         state.r_max = float(targets[:, 0].max())
         state.shift = targets.mean(axis=0)
         inverse_betas = 1.0 / state.betas
+        rows = min(state.n, _CHUNK_ROWS)
+        # Work buffers reused by every chunk: the weights u (rows 0..B-1), u^2 (rows B..2B-1) and a
+        # row of ones (row 2B, for the plain sums), then the polynomial rows [1, y-c, (y-c)^2].
+        weights = np.empty((2 * state.betas.size + 1, rows))
+        weights[-1] = 1.0
+        poly = np.empty((1 + 2 * targets.shape[1], rows))
         for start in range(0, state.n, _CHUNK_ROWS):
             block = targets[start : start + _CHUNK_ROWS]
-            state._absorb(block, inverse_betas)
+            state._absorb(block, inverse_betas, weights, poly)
         return state
 
-    def _absorb(self, block: np.ndarray, inverse_betas: np.ndarray) -> None:
-        """Add one block's sums in place (shift and r_max already cover the block)."""
-        poly = _polynomial(block - self.shift)
-        weights = np.multiply.outer(block[:, 0] - self.r_max, inverse_betas)
-        np.exp(weights, out=weights)
-        self.moments[0] += poly.sum(axis=0)
-        self.moments[1] += weights.T @ poly
-        np.multiply(weights, weights, out=weights)
-        self.moments[2] += weights.T @ poly
+    def _absorb(self, block: np.ndarray, inverse_betas: np.ndarray, weights: np.ndarray, poly: np.ndarray) -> None:
+        """Add one block's sums in place (shift and r_max already cover the block).
+
+        ``weights`` (``[2B + 1, >= rows]``, last row all ones) and ``poly`` (``[1 + 2Y, >= rows]``) are
+        scratch buffers. One matrix product gives every sum at once: ``poly @ weights.T`` holds
+        ``sum u^p [1, y-c, (y-c)^2]`` for ``p = 1`` (columns ``0..B-1``), ``p = 2`` (``B..2B-1``) and
+        ``p = 0`` (column ``2B``).
+        """
+        rows, beta_count = block.shape[0], inverse_betas.size
+        poly = _polynomial(block - self.shift, poly)
+        work = weights[:, :rows]
+        tilt = work[:beta_count]
+        np.multiply(inverse_betas[:, None], (block[:, 0] - self.r_max)[None, :], out=tilt)
+        np.exp(tilt, out=tilt)
+        np.multiply(tilt, tilt, out=work[beta_count : 2 * beta_count])
+        sums = poly @ work.T  # [1 + 2Y, 2B + 1]
+        self.moments[0] += sums[:, 2 * beta_count]
+        self.moments[1] += sums[:, :beta_count].T
+        self.moments[2] += sums[:, beta_count : 2 * beta_count].T
 
     def update(self, targets: np.ndarray) -> "TiltStats":
         """Return the merge of this state with a batch of samples (see :meth:`from_samples`)."""
