@@ -62,7 +62,8 @@ def _order_statistic_weights(n_samples: int, sizes: np.ndarray) -> np.ndarray:
         gammaln(safe_position) - gammaln(size) - gammaln(safe_position - size + 1)
         - (gammaln(n_samples + 1) - gammaln(size + 1) - gammaln(n_samples - size + 1))
     )
-    return np.where(valid, np.exp(log_weight), 0.0)
+    weights = np.where(valid, np.exp(log_weight), 0.0)
+    return weights / weights.sum(axis=1, keepdims=True)  # sum to 1 exactly, not to log-gamma's ~1e-10
 
 
 def level_kl(probs: np.ndarray, sizes: np.ndarray) -> np.ndarray:

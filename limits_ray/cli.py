@@ -53,6 +53,27 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from limits_ray.config import JobConfig, load_yaml
+    from limits_ray.job import run_job
+
+    config = load_yaml(JobConfig, args.config)
+    _, report = run_job(config)
+    for line in report.summary_lines():
+        print(line)
+    print(f"results, plots and report.json in {config.output_dir}")
+    return 0
+
+
+def _make_tiny_models(args: argparse.Namespace) -> int:
+    from limits_ray.tiny_models import build_tiny_models
+
+    models = build_tiny_models(args.directory, seed=args.seed)
+    for name, path in vars(models).items():
+        print(f"{name:<10} {path}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="limits-ray", description="KL-reward frontiers of LM alignment.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--align", action="append", help="only this alignment reward; repeatable")
     query.add_argument("--eval", action="append", help="only this evaluation reward; repeatable")
     query.set_defaults(handler=_query)
+
+    run = commands.add_parser("run", help="the distributed job: generate, score, reduce (same as jobs/frontier.py)")
+    run.add_argument("--config", required=True, type=Path, help="job config YAML (see configs/)")
+    run.set_defaults(handler=_run)
+
+    tiny = commands.add_parser("make-tiny-models", help="build the tiny tokenizer, causal LMs and reward models")
+    tiny.add_argument("directory", type=Path, help="where to write them")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_make_tiny_models)
     return parser
 
 

@@ -43,7 +43,10 @@ def parse_betas(text: str | float | list | tuple) -> tuple[float, ...]:
         parts = text.split(":")
         if len(parts) != 3:
             raise ConfigError(f"betas {text!r}: a log-spaced grid is written start:stop:count, e.g. 0.01:100:64")
-        start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+        try:
+            start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+        except ValueError:
+            raise ConfigError(f"betas {text!r}: start and stop must be numbers and count an integer") from None
         if start <= 0 or stop <= 0 or count < 1:
             raise ConfigError(f"betas {text!r}: start and stop must be > 0 and count >= 1")
         values = list(np.geomspace(start, stop, count))
@@ -283,11 +286,13 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         return None if value is None else _convert(value, options[0], where)
     if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        if isinstance(value, str) and item_type is float:
+            return value  # a grid such as "0.01:100:41": the dataclass parses it (parse_betas)
         if isinstance(value, (str, int, float)):
-            return value  # a scalar form (e.g. "0.01:100:41" for betas): the dataclass parses it
+            value = [value]  # one item where a list is expected
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item_type = typing.get_args(annotation)[0]
         return tuple(_convert(item, item_type, f"{where}[{index}]") for index, item in enumerate(value))
     if origin in (dict, Mapping) or annotation is dict:
         if not isinstance(value, Mapping):

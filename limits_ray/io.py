@@ -8,7 +8,7 @@ schemas are defined here (``frontier``, ``frontier_mean``, ``bon``, ``convergenc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -81,8 +81,13 @@ def _reward_columns(schema: pa.Schema, requested: tuple[str, ...], path: Path) -
     return columns
 
 
-def read_samples(path: str | Path, rewards: tuple[str, ...] = ()) -> tuple[pa.Table, list[str]]:
+def read_samples(
+    path: str | Path, rewards: tuple[str, ...] = (), extra: tuple[str, ...] = ()
+) -> tuple[pa.Table, list[str]]:
     """Read and validate scored samples; returns the table sorted by (prompt_id, sample_idx).
+
+    Returns the table (key columns, reward columns, then the ``extra`` columns asked for) and the
+    reward column names.
 
     Raises :class:`InputError` for a missing path or column, an empty input, NaN or infinite
     rewards (naming the prompt and the column), negative or duplicated (prompt_id, sample_idx).
@@ -90,8 +95,11 @@ def read_samples(path: str | Path, rewards: tuple[str, ...] = ()) -> tuple[pa.Ta
     path = Path(path)
     dataset = _open_dataset(path)
     columns = _reward_columns(dataset.schema, tuple(rewards), path)
+    missing_extra = [name for name in extra if name not in dataset.schema.names]
+    if missing_extra:
+        raise InputError(f"--samples {path}: missing column(s) {missing_extra}; the file has {dataset.schema.names}")
     try:
-        table = dataset.to_table(columns=[*KEY_COLUMNS, *columns])
+        table = dataset.to_table(columns=[*KEY_COLUMNS, *columns, *extra])
     except (pa.ArrowInvalid, OSError) as error:
         raise InputError(f"--samples {path}: a file could not be read ({error}); remove or rewrite it") from None
     if table.num_rows == 0:
@@ -147,25 +155,36 @@ def _check_unique(table: pa.Table, path: Path) -> None:
 
 @dataclass
 class PromptSamples:
-    """One prompt's samples: ``sample_idx`` ``[N]`` and reward columns ``{name: [N]}``."""
+    """One prompt's samples: ``sample_idx`` ``[N]``, reward columns and other columns ``{name: [N]}``."""
 
     prompt_id: str
     sample_idx: np.ndarray
     rewards: dict[str, np.ndarray]
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def subset(self, mask: np.ndarray) -> "PromptSamples":
+        """The samples where ``mask`` holds."""
+        return PromptSamples(
+            self.prompt_id, self.sample_idx[mask],
+            {name: values[mask] for name, values in self.rewards.items()},
+            {name: values[mask] for name, values in self.extra.items()},
+        )
 
 
-def iter_prompts(table: pa.Table, columns: list[str]) -> Iterator[PromptSamples]:
-    """Split a table sorted by prompt_id into per-prompt numpy arrays."""
+def iter_prompts(table: pa.Table, columns: list[str], extra: tuple[str, ...] = ()) -> Iterator[PromptSamples]:
+    """Split a table sorted by prompt_id into per-prompt numpy arrays (rewards, then ``extra``)."""
     prompt_ids = table["prompt_id"].combine_chunks()
     changes = pc.not_equal(prompt_ids.slice(1), prompt_ids.slice(0, len(prompt_ids) - 1))
     starts = np.concatenate([[0], np.flatnonzero(changes.to_numpy(zero_copy_only=False)) + 1, [len(prompt_ids)]])
     sample_idx = table["sample_idx"].to_numpy()
     rewards = {name: table[name].to_numpy() for name in columns}
+    others = {name: table[name].to_numpy(zero_copy_only=False) for name in extra}
     for start, stop in zip(starts[:-1], starts[1:]):
         yield PromptSamples(
             prompt_id=prompt_ids[int(start)].as_py(),
             sample_idx=sample_idx[start:stop],
             rewards={name: values[start:stop] for name, values in rewards.items()},
+            extra={name: values[start:stop] for name, values in others.items()},
         )
 
 

@@ -23,7 +23,7 @@ from limits_ray.io import SCHEMAS, PromptSamples, iter_prompts, read_samples, wr
 from limits_ray.reward_spec import RewardSpec
 
 __all__ = [
-    "Plan", "ReduceResult", "TableBuilder", "bon_rows", "convergence_rows", "frontier_rows",
+    "Plan", "ReduceResult", "StatisticsReducer", "TableBuilder", "bon_rows", "convergence_rows", "frontier_rows",
     "finish", "prompt_statistics", "reduce_prompts", "reduce_samples", "reduce_table", "target_specs",
 ]
 
@@ -135,6 +135,47 @@ def finish(frontier: TableBuilder, bon: TableBuilder, convergence: TableBuilder)
     """Assemble the result, averaging the per-prompt frontier over prompts."""
     frontier_table = frontier.table()
     return ReduceResult(frontier_table, mean_frontier(frontier_table), bon.table(), convergence.table())
+
+
+class StatisticsReducer:
+    """Merges per-round statistics as they stream in; memory grows with prompts x betas, not samples.
+
+    Each (prompt_id, round) is merged at most once, so a retried or replayed round never counts twice.
+    """
+
+    def __init__(self, plan: Plan, betas: np.ndarray) -> None:
+        self.plan = plan
+        self.betas = np.asarray(betas)
+        self.statistics: dict[str, dict[str, DyadicStats]] = {}
+        self.rounds: set[tuple[str, int]] = set()
+
+    def add(self, prompt_id: str, round_index: int, statistics: dict[str, DyadicStats]) -> bool:
+        """Merge one round's statistics; returns False (and merges nothing) for a round seen before."""
+        key = (prompt_id, int(round_index))
+        if key in self.rounds:
+            return False
+        self.rounds.add(key)
+        current = self.statistics.get(prompt_id)
+        self.statistics[prompt_id] = statistics if current is None else {
+            name: current[name].merge(statistics[name]) for name in current
+        }
+        return True
+
+    @property
+    def samples(self) -> int:
+        """Samples merged so far."""
+        return sum(next(iter(by_align.values())).n for by_align in self.statistics.values())
+
+    def result(self, bon_samples: Iterable[PromptSamples], convergence: bool = True) -> ReduceResult:
+        """The result tables; best-of-n comes from ``bon_samples`` (it needs each prompt's rewards)."""
+        frontier, bon, convergence_table = TableBuilder("frontier"), TableBuilder("bon"), TableBuilder("convergence")
+        for prompt_id in sorted(self.statistics):
+            frontier_rows(frontier, prompt_id, self.plan, self.statistics[prompt_id])
+            if convergence:
+                convergence_rows(convergence_table, prompt_id, self.plan, self.statistics[prompt_id])
+        for samples in bon_samples:
+            bon_rows(bon, samples, self.plan)
+        return finish(frontier, bon, convergence_table)
 
 
 def reduce_prompts(prompts: Iterable[PromptSamples], plan: Plan, config: AnalysisConfig) -> ReduceResult:

@@ -1,0 +1,124 @@
+"""Tests of limits_ray.frontier: the prompt-averaged frontier and the KL-budget query."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from limits_ray.frontier import FrontierPoint, mean_frontier, point_at_kl
+from limits_ray.io import SCHEMAS
+
+
+def per_prompt_table(rows: list[dict]) -> pa.Table:
+    columns = {name: [row[name] for row in rows] for name in SCHEMAS["frontier"].names}
+    return pa.table(columns, schema=SCHEMAS["frontier"])
+
+
+def random_frontier(seed: int, prompts: int, betas: list[float], pairs: list[tuple[str, str]]):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for prompt in range(prompts):
+        for align, evaluation in pairs:
+            for beta in betas:
+                rows.append({
+                    "prompt_id": f"p{prompt}", "align": align, "eval": evaluation, "beta": beta, "n": 64,
+                    "gain": rng.normal(1 / beta, 0.3), "gain_se": rng.uniform(0.01, 0.2),
+                    "kl": rng.uniform(0, 2) / beta**2, "kl_se": rng.uniform(0.001, 0.1), "ess": rng.uniform(1, 64),
+                })
+    rng.shuffle(rows)  # input order must not matter
+    return rows
+
+
+def test_mean_frontier_averages_over_prompts():
+    betas = [0.5, 1.0, 4.0]
+    pairs = [("gold", "gold"), ("proxy", "gold"), ("mean(a,b)", "gold")]
+    rows = random_frontier(0, 7, betas, pairs)
+    result = mean_frontier(per_prompt_table(rows))
+    assert result.schema == SCHEMAS["frontier_mean"]
+    assert result.num_rows == len(betas) * len(pairs)
+    keys = list(zip(result["align"].to_pylist(), result["eval"].to_pylist(), result["beta"].to_pylist()))
+    assert keys == sorted(keys)  # sorted by align, eval, beta
+    for row in result.to_pylist():
+        group = [r for r in rows if (r["align"], r["eval"], r["beta"]) == (row["align"], row["eval"], row["beta"])]
+        assert row["prompts"] == len(group) == 7
+        assert row["gain"] == pytest.approx(np.mean([r["gain"] for r in group]), rel=1e-13)
+        assert row["kl"] == pytest.approx(np.mean([r["kl"] for r in group]), rel=1e-13)
+        assert row["gain_se"] == pytest.approx(math.sqrt(sum(r["gain_se"] ** 2 for r in group)) / 7, rel=1e-13)
+        assert row["kl_se"] == pytest.approx(math.sqrt(sum(r["kl_se"] ** 2 for r in group)) / 7, rel=1e-13)
+
+
+def test_mean_frontier_counts_prompts_per_group():
+    rows = random_frontier(1, 3, [1.0, 2.0], [("a", "a")])
+    rows = [r for r in rows if not (r["prompt_id"] == "p0" and r["beta"] == 2.0)]  # one missing point
+    result = mean_frontier(per_prompt_table(rows)).to_pylist()
+    assert [row["prompts"] for row in result] == [3, 2]
+    group = [r for r in rows if r["beta"] == 2.0]
+    assert result[1]["gain_se"] == pytest.approx(math.sqrt(sum(r["gain_se"] ** 2 for r in group)) / 2, rel=1e-13)
+
+
+def test_mean_frontier_of_a_single_prompt_is_that_prompt():
+    rows = random_frontier(2, 1, [0.1, 1.0, 10.0], [("r", "r")])
+    result = mean_frontier(per_prompt_table(rows))
+    by_beta = {r["beta"]: r for r in rows}
+    for row in result.to_pylist():
+        source = by_beta[row["beta"]]
+        assert (row["gain"], row["gain_se"], row["kl"], row["kl_se"]) == pytest.approx(
+            (source["gain"], source["gain_se"], source["kl"], source["kl_se"]), rel=1e-15)
+
+
+def test_mean_frontier_of_an_empty_table_is_empty():
+    result = mean_frontier(SCHEMAS["frontier"].empty_table())
+    assert result.num_rows == 0
+    assert result.schema == SCHEMAS["frontier_mean"]
+
+
+def gaussian_frontier_mean(betas, align="r", evaluation="r", sigma=1.0) -> pa.Table:
+    betas = np.asarray(betas, float)
+    return pa.table({
+        "align": [align] * betas.size, "eval": [evaluation] * betas.size, "beta": betas,
+        "prompts": np.full(betas.size, 5, dtype=np.int64), "gain": sigma**2 / betas,
+        "gain_se": np.full(betas.size, 0.01), "kl": sigma**2 / (2 * betas**2), "kl_se": np.full(betas.size, 0.01),
+    }, schema=SCHEMAS["frontier_mean"])
+
+
+def test_point_at_kl_on_grid_points_and_between():
+    table = gaussian_frontier_mean([1.0, 2.0, 4.0, 8.0])  # kl = 0.5, 0.125, 0.03125, 0.0078125
+    point = point_at_kl(table, 0.125, "r", "r")
+    assert isinstance(point, FrontierPoint)
+    assert (point.align, point.eval, point.kl) == ("r", "r", 0.125)
+    assert point.beta == pytest.approx(2.0, rel=1e-14)
+    assert point.gain == pytest.approx(0.5, rel=1e-14)
+    # between grid points: gain and log beta linear in KL
+    budget = 0.3
+    t = (budget - 0.125) / (0.5 - 0.125)
+    point = point_at_kl(table, budget, "r", "r")
+    assert point.gain == pytest.approx(0.5 + t * (1.0 - 0.5), rel=1e-13)
+    assert point.beta == pytest.approx(math.exp((1 - t) * math.log(2.0) + t * math.log(1.0)), rel=1e-13)
+    assert 1.0 < point.beta < 2.0
+    # the range ends are included
+    assert point_at_kl(table, 0.5, "r", "r").beta == pytest.approx(1.0, rel=1e-14)
+    assert point_at_kl(table, 0.0078125, "r", "r").gain == pytest.approx(1 / 8, rel=1e-14)
+
+
+def test_point_at_kl_picks_the_requested_pair():
+    table = pa.concat_tables([
+        gaussian_frontier_mean([1.0, 2.0, 4.0], "a", "a", sigma=1.0),
+        gaussian_frontier_mean([1.0, 2.0, 4.0], "b", "gold", sigma=2.0),
+    ])
+    point = point_at_kl(table, 0.5, "b", "gold")  # sigma = 2: kl = 2 / beta^2 = 0.5 at beta = 2
+    assert point.beta == pytest.approx(2.0, rel=1e-14)
+    assert point.gain == pytest.approx(2.0, rel=1e-14)
+
+
+def test_point_at_kl_outside_the_range_raises():
+    table = gaussian_frontier_mean([1.0, 2.0, 4.0])  # KL in [0.03125, 0.5]
+    for budget in (0.6, 0.01, -1.0):
+        with pytest.raises(ValueError, match="outside") as error:
+            point_at_kl(table, budget, "r", "r")
+        assert "0.03125" in str(error.value) and "0.5" in str(error.value)
+    with pytest.raises(ValueError, match="no frontier") as error:
+        point_at_kl(table, 0.1, "r", "gold")
+    assert "('r', 'r')" in str(error.value)
