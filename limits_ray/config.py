@@ -252,7 +252,8 @@ class JobConfig:
     Attributes:
         name: the run's name (used in reports).
         output_dir: where results, plots and the report go.
-        ray_address: ``ray.init`` address; empty: join a running cluster if any, else start a local one.
+        ray_address: ``ray.init`` address; empty: ``RAY_ADDRESS`` if set (as under ``ray job submit``),
+            else a new local instance; ``auto``: the cluster already running on this machine.
     """
 
     name: str

@@ -1,0 +1,192 @@
+"""The distributed job: Ray Data stages around vLLM, streaming statistics to a reducer.
+
+    prompts -> requests (prompt_id, round) -> Generator actors (vLLM, n samples per request)
+            -> one scorer actor pool per reward model -> round statistics (+ sample store)
+            -> driver-side StatisticsReducer -> frontier, frontier_mean, bon, convergence
+
+A row is one *round*: one request of ``n`` samples of one prompt, seeded by (prompt_id, round).
+Rounds stay whole through every stage, so a round is the unit of storage, retry and merging:
+no text reaches the reducer, and a round is merged at most once.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
+from limits_ray.io import PromptSamples
+from limits_ray.prompts import PromptSet
+from limits_ray.reduce import Plan, StatisticsReducer, prompt_statistics
+from limits_ray.rounds import per_sample, round_lengths
+from limits_ray.store import SampleStore, flatten_rounds
+
+__all__ = ["RoundRequest", "Timed", "build_requests", "round_statistics", "run_stages", "StageTimes"]
+
+def build_requests(prompts: PromptSet, generation: GenerationConfig, skip: set[tuple[str, int]]) -> list[dict]:
+    """One request row per (prompt, round) not in ``skip`` (rounds already in the sample store)."""
+    return [
+        {"prompt_id": prompt.prompt_id, "prompt": prompt.rendered, "round": round_index}
+        for prompt in prompts.prompts
+        for round_index in range(generation.rounds)
+        if (prompt.prompt_id, round_index) not in skip
+    ]
+
+
+class Timed:
+    """Wraps a stage class for ``map_batches`` and records its busy seconds per row.
+
+    Adds the column ``seconds_<name>``: the call's wall time divided among the batch's rows,
+    so summing it over the output gives the stage's busy time.
+    """
+
+    def __init__(self, stage: type, name: str, **kwargs: Any) -> None:
+        self.name = name
+        self.stage = stage(**kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        output = self.stage(batch)
+        rows = len(output["prompt_id"])
+        output[f"seconds_{self.name}"] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
+        return output
+
+
+def round_statistics(
+    batch: dict[str, np.ndarray], *, plan: Plan, betas: np.ndarray, rewards: list[str],
+    store_root: str, keep_text: bool,
+) -> dict[str, np.ndarray]:
+    """Scored rounds -> the sample store (if on) and one row of pickled statistics per round.
+
+    Output columns: prompt_id, round, samples, payload (pickled ``{align: DyadicStats}``) and the
+    ``seconds_*`` columns of earlier stages summed per round.
+    """
+    started = time.perf_counter()
+    if store_root:
+        SampleStore(store_root).write_rounds(flatten_rounds(batch, rewards, keep_text))
+    lengths = round_lengths(batch)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    sample_idx = per_sample(batch["sample_idx"])
+    reward_values = {name: per_sample(batch[name]) for name in rewards}
+    payloads = []
+    for row, prompt_id in enumerate(batch["prompt_id"]):
+        rows = slice(bounds[row], bounds[row + 1])
+        samples = PromptSamples(str(prompt_id), sample_idx[rows], {name: values[rows] for name, values in reward_values.items()})
+        payloads.append(pickle.dumps(prompt_statistics(samples, plan, betas)))
+    rows = len(payloads)
+    output = {
+        "prompt_id": np.asarray(batch["prompt_id"]),
+        "round": np.asarray(batch["round"]),
+        "samples": lengths,
+        "payload": np.array(payloads, dtype=object),
+    }
+    for name in batch:
+        if name.startswith("seconds_"):
+            output[name] = np.asarray(batch[name])
+    output["seconds_statistics"] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
+    return output
+
+
+def _engine_remote_args(num_gpus: float, num_cpus: float, tensor_parallel_size: int) -> dict[str, Any]:
+    """Ray remote arguments for an actor owning one vLLM engine.
+
+    Without GPUs the engine runs in the actor's process (the stage sets vLLM's CPU variables). With
+    tensor parallelism, the
+    actor takes no GPU itself and a PACK placement group of one ``{GPU: 1, CPU: 1}`` bundle per
+    shard is created for vLLM's Ray executor (as ``ray.data.llm`` does).
+    """
+    args: dict[str, Any] = {"num_cpus": num_cpus}
+    if tensor_parallel_size == 1:
+        args["num_gpus"] = num_gpus
+        return args
+    args["num_gpus"] = 0
+    args["ray_remote_args_fn"] = _placement_group_strategy(tensor_parallel_size)
+    return args
+
+
+def _placement_group_strategy(bundles: int):
+    def strategy() -> dict[str, Any]:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * bundles, strategy="PACK")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+    return strategy
+
+
+@dataclass
+class StageTimes:
+    """Busy seconds per stage (summed over actors) and wall time of the whole stream."""
+
+    busy: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for name, values in batch.items():
+            if name.startswith("seconds_"):
+                stage = name.removeprefix("seconds_")
+                self.busy[stage] = self.busy.get(stage, 0.0) + float(np.sum(values))
+
+
+def _scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int):
+    """One actor pool scoring whole rounds; ``reward.batch_size`` samples per call, rounded to rounds."""
+    from ray.data import ActorPoolStrategy
+
+    from limits_ray.scoring import make_scorer_class
+
+    return dataset.map_batches(
+        Timed,
+        fn_constructor_kwargs={"stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward},
+        compute=ActorPoolStrategy(size=reward.concurrency),
+        batch_size=max(1, reward.batch_size // samples_per_round),
+        num_cpus=reward.num_cpus,
+        num_gpus=reward.num_gpus,
+    )
+
+
+def run_stages(config: JobConfig, plan: Plan, requests: list[dict], reducer: StatisticsReducer) -> StageTimes:
+    """Run generation, scoring and statistics on Ray Data, merging each round into ``reducer``."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from limits_ray.generation import Generator
+
+    generation = config.generation
+    reward_names = [reward.name for reward in config.rewards]
+    times = StageTimes()
+    if not requests:
+        return times
+    started = time.perf_counter()
+    dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
+    dataset = dataset.map_batches(
+        Timed,
+        fn_constructor_kwargs={
+            "stage": Generator, "name": "generate", "config": generation,
+            "add_special_tokens": not config.prompts.chat_template,
+        },
+        compute=ActorPoolStrategy(size=generation.concurrency),
+        batch_size=generation.batch_size,
+        **_engine_remote_args(generation.num_gpus, generation.num_cpus, generation.tensor_parallel_size),
+    )
+    for reward in config.rewards:
+        dataset = _scorer_stage(dataset, reward, generation.n)
+    dataset = dataset.map_batches(
+        round_statistics,
+        fn_kwargs={
+            "plan": plan, "betas": np.asarray(config.analysis.betas), "rewards": reward_names,
+            "store_root": str(config.store_path) if config.store.enabled else "",
+            "keep_text": config.store.keep_text,
+        },
+        num_cpus=0.25,
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        times.add(batch)
+        for prompt_id, round_index, payload in zip(batch["prompt_id"], batch["round"], batch["payload"]):
+            reducer.add(str(prompt_id), int(round_index), pickle.loads(payload))
+    times.wall = time.perf_counter() - started
+    return times

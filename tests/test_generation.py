@@ -1,0 +1,153 @@
+"""Generation with a real vLLM engine on the tiny policy: seeding, layout, log-probabilities."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from _tiny import ENGINE_KWARGS, session_tiny_models
+from limits_ray.config import GenerationConfig
+from limits_ray.generation import (
+    OUTPUT_COLUMNS, Generator, has_gpu, prompt_token_count, round_seed, set_cpu_env_defaults,
+)
+from limits_ray.rounds import ROUND_COLUMNS, per_round, per_sample, round_lengths
+from limits_ray.tiny_models import TinyModels
+
+N = 4
+MAX_TOKENS = 12
+PROMPTS = {"p0": "The river ran", "p1": "Please write a short poem about the sea.", "p2": "Numbers help"}
+
+
+def requests(pairs: list[tuple[str, int]]) -> dict[str, np.ndarray]:
+    """A request batch for (prompt_id, round) pairs."""
+    return {
+        "prompt_id": np.array([pid for pid, _ in pairs], dtype=object),
+        "prompt": np.array([PROMPTS[pid] for pid, _ in pairs], dtype=object),
+        "round": np.array([rnd for _, rnd in pairs], dtype=np.int64),
+    }
+
+
+def flat(output: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One value per sample for every column (the output has one row per round)."""
+    lengths = round_lengths(output)
+    return {
+        column: per_round(output[column], lengths) if column in ROUND_COLUMNS else per_sample(output[column])
+        for column in OUTPUT_COLUMNS
+    }
+
+
+def rows_of(output: dict[str, np.ndarray], prompt_id: str, round: int) -> dict[str, list]:
+    """The samples of one request, as column lists."""
+    samples = flat(output)
+    mask = (samples["prompt_id"] == prompt_id) & (samples["round"] == round)
+    return {column: samples[column][mask].tolist() for column in OUTPUT_COLUMNS}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    return session_tiny_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny: TinyModels) -> Generator:
+    config = GenerationConfig(
+        model=str(tiny.policy), samples_per_prompt=2 * N, n=N, seed=7, max_tokens=MAX_TOKENS,
+        engine_kwargs=ENGINE_KWARGS,
+    )
+    return Generator(config)
+
+
+@pytest.fixture(scope="module")
+def first(generator: Generator) -> dict[str, np.ndarray]:
+    return generator(requests([("p0", 0), ("p1", 0), ("p0", 1), ("p2", 3)]))
+
+
+def test_round_seed_is_stable_and_bounded() -> None:
+    assert round_seed(0, "abc", 0) == round_seed(0, "abc", 0) == 1645918737
+    assert round_seed(0, "abc", np.int64(2)) == round_seed(0, "abc", 2)
+    seeds = {round_seed(base, pid, rnd) for base in (0, 1) for pid in ("a", "b") for rnd in range(5)}
+    assert len(seeds) == 20
+    assert all(0 <= seed < 2**31 for seed in seeds)
+
+
+@pytest.mark.skipif(has_gpu(), reason="the CPU defaults apply only without a GPU")
+def test_cpu_env_defaults_keep_existing_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    set_cpu_env_defaults()
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+@pytest.mark.slow
+def test_schema_and_layout(first: dict[str, np.ndarray]) -> None:
+    assert set(first) == set(OUTPUT_COLUMNS)
+    assert all(len(column) == 4 for column in first.values())  # one row per round
+    assert all(len(row) == N for column in OUTPUT_COLUMNS if column not in ROUND_COLUMNS for row in first[column])
+    for name in ("round", "seed", "sample_idx", "response_tokens"):
+        assert first[name].dtype == np.int64
+    assert first["logprob"].dtype == np.float64
+    for pid, rnd in (("p0", 0), ("p1", 0), ("p0", 1), ("p2", 3)):
+        rows = rows_of(first, pid, rnd)
+        assert rows["sample_idx"] == [rnd * N + j for j in range(N)]
+        assert set(rows["seed"]) == {round_seed(7, pid, rnd)}
+        assert set(rows["prompt"]) == {PROMPTS[pid]}
+
+
+@pytest.mark.slow
+def test_values(first: dict[str, np.ndarray]) -> None:
+    samples = flat(first)
+    assert np.isfinite(samples["logprob"]).all() and (samples["logprob"] <= 0).all()
+    assert (samples["response_tokens"] > 0).all() and (samples["response_tokens"] <= MAX_TOKENS).all()
+    assert set(samples["finish_reason"]) <= {"length", "stop"}
+    assert all(isinstance(text, str) for text in samples["response"])
+
+
+@pytest.mark.slow
+def test_reproducible_across_batches(generator: Generator, first: dict[str, np.ndarray]) -> None:
+    again = generator(requests([("p2", 3), ("p0", 1), ("p1", 5)]))
+    for pid, rnd in (("p2", 3), ("p0", 1)):
+        assert rows_of(again, pid, rnd) == rows_of(first, pid, rnd)  # bit-for-bit, logprobs included
+
+
+@pytest.mark.slow
+def test_rounds_differ(first: dict[str, np.ndarray]) -> None:
+    round0, round1 = rows_of(first, "p0", 0), rows_of(first, "p0", 1)
+    assert round0["response"] != round1["response"]
+    assert len(set(round0["response"])) > 1  # the n samples of one request differ too
+
+
+@pytest.mark.slow
+def test_logprob_matches_transformers(tiny: TinyModels, generator: Generator, first: dict[str, np.ndarray]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.policy)
+    model = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()
+    row = rows_of(first, "p1", 0)
+    params = generator.sampling_params("p1", 0)
+    completions = generator.llm.generate([PROMPTS["p1"]], params, use_tqdm=False)[0].outputs
+    prompt_ids = tokenizer(PROMPTS["p1"]).input_ids
+    for completion, response, logprob in zip(completions, row["response"], row["logprob"]):
+        assert (completion.text, completion.cumulative_logprob) == (response, logprob)
+        ids = torch.tensor([prompt_ids + list(completion.token_ids)])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        start = len(prompt_ids) - 1
+        expected = sum(logprobs[start + i, token].item() for i, token in enumerate(completion.token_ids))
+        assert math.isclose(logprob, expected, abs_tol=1e-3)
+
+
+@pytest.mark.slow
+def test_empty_batch(generator: Generator) -> None:
+    output = generator(requests([]))
+    assert set(output) == set(OUTPUT_COLUMNS) and all(len(column) == 0 for column in output.values())
+
+
+@pytest.mark.slow
+def test_prompt_token_count(generator: Generator) -> None:
+    tokenizer = generator.llm.get_tokenizer()
+    assert prompt_token_count(tokenizer, PROMPTS["p1"]) == len(tokenizer(PROMPTS["p1"]).input_ids) > 0

@@ -1,0 +1,97 @@
+"""`ray job submit` of the tiny job to a local Ray head started by the test (and stopped by it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from limits_ray.io import SCHEMAS
+from _tiny import tiny_job_mapping
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the dashboard at {url} did not answer in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head of our own (token auth disabled, as the CLI must match), killed with its process group."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard_port = _free_port()
+    log = tmp_path / "head.log"
+    # A temp dir of its own (short: Unix socket paths are limited) keeps this head's address file out
+    # of /tmp/ray, where a later plain ray.init() would find it after the head is gone.
+    temp_dir = tempfile.mkdtemp(prefix="lr-", dir="/tmp")
+    command = [
+        str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--temp-dir={temp_dir}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        "--num-cpus=4", "--disable-usage-stats",
+    ]
+    with log.open("w") as output:
+        head = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_dashboard(url, head, log)
+        yield url, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_tiny_job(ray_head, tiny_models, tmp_path):
+    url, env = ray_head
+    out_dir = tmp_path / "out"
+    mapping = tiny_job_mapping(tiny_models, out_dir, ray_address="", prompts={"inline": ["The cat sat on the", "Once upon a time"]})
+    mapping["generation"]["samples_per_prompt"] = 32
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(mapping))
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", f"--address={url}", f"--working-dir={REPO}", "--",
+         "python", "jobs/frontier.py", "--config", str(config_path)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert submit.returncode == 0, submit.stdout[-6000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout.lower()
+    for name, schema in SCHEMAS.items():
+        table = pq.read_table(out_dir / f"{name}.parquet")
+        assert table.schema.equals(schema) and table.num_rows > 0
+    assert set(pq.read_table(out_dir / "frontier.parquet")["n"].to_pylist()) == {32}
+    assert (out_dir / "frontier.png").stat().st_size > 10_000

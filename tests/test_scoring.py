@@ -1,0 +1,172 @@
+"""Reward scorers on the tiny reward models: vLLM pooling vs transformers, functions, rendering, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _tiny import ENGINE_KWARGS, session_tiny_models
+from limits_ray.config import RewardModelConfig
+from limits_ray.scoring import (
+    FunctionRewardScorer, TransformersRewardScorer, VllmRewardScorer, make_scorer_class, render_reward_inputs,
+)
+from limits_ray.tiny_models import TinyModels
+
+PROMPTS = ["The river ran", "Please write a short poem about the sea.", "Why?", "Numbers help us reason"]
+RESPONSES = [" quietly past the old mill.", " The sea is wide and blue, and the wind", "", " one, two, three"]
+
+
+def samples(prompts: list[str] = PROMPTS, responses: list[str] = RESPONSES) -> dict[str, np.ndarray]:
+    """A scored-sample batch: prompt_id, sample_idx, prompt, response."""
+    return {
+        "prompt_id": np.array([f"id{i}" for i in range(len(prompts))], dtype=object),
+        "sample_idx": np.arange(len(prompts), dtype=np.int64),
+        "prompt": np.array(prompts, dtype=object),
+        "response": np.array(responses, dtype=object),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    return session_tiny_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def two_label_model(tiny: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny reward model re-headed with num_labels=2."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("two_labels")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny.reward, num_labels=2, ignore_mismatched_sizes=True)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny.reward).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vllm_scorer(tiny: TinyModels) -> VllmRewardScorer:
+    config = RewardModelConfig(name="rm", kind="vllm", model=str(tiny.reward), engine_kwargs=ENGINE_KWARGS)
+    return VllmRewardScorer(config)
+
+
+def test_make_scorer_class() -> None:
+    assert make_scorer_class(RewardModelConfig(name="a", kind="vllm", model="m")) is VllmRewardScorer
+    assert make_scorer_class(RewardModelConfig(name="a", kind="transformers", model="m")) is TransformersRewardScorer
+    assert make_scorer_class(RewardModelConfig(name="a", kind="function", function="m:f")) is FunctionRewardScorer
+
+
+def test_render_input_template() -> None:
+    config = RewardModelConfig(name="rm", kind="vllm", model="m", input_template="Q: {prompt}\nA:{response}")
+    assert render_reward_inputs(config, ["hi"], [" there"]) == ["Q: hi\nA: there"]
+
+
+def test_render_chat_template(tiny: TinyModels) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.reward)
+    config = RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward), chat_template=True)
+    assert render_reward_inputs(config, ["hi"], ["hello"], tokenizer) == ["<|user|>\nhi\n<|assistant|>\nhello\n"]
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        render_reward_inputs(config, ["hi"], ["hello"], tokenizer)
+
+
+def test_transformers_scorer(tiny: TinyModels) -> None:
+    scorer = TransformersRewardScorer(RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward)))
+    batch = samples()
+    out = scorer(batch)
+    assert out["rm"].dtype == np.float64 and out["rm"].shape == (len(PROMPTS),)
+    assert np.isfinite(out["rm"]).all() and np.unique(out["rm"]).size == len(PROMPTS)
+    assert all(np.array_equal(out[key], batch[key]) for key in batch)
+    single = [scorer(samples([p], [r]))["rm"][0] for p, r in zip(PROMPTS, RESPONSES)]
+    np.testing.assert_allclose(out["rm"], single, atol=1e-5)  # padding does not change the scores
+
+
+def test_transformers_chat_template(tiny: TinyModels) -> None:
+    config = RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward), chat_template=True)
+    template = "<|user|>\n{prompt}\n<|assistant|>\n{response}\n"
+    plain = RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward), input_template=template)
+    np.testing.assert_allclose(
+        TransformersRewardScorer(config)(samples())["rm"], TransformersRewardScorer(plain)(samples())["rm"], atol=1e-6
+    )
+
+
+def test_proxy_and_gold_differ(tiny: TinyModels) -> None:
+    proxy = TransformersRewardScorer(RewardModelConfig(name="proxy", kind="transformers", model=str(tiny.reward)))
+    gold = TransformersRewardScorer(RewardModelConfig(name="gold", kind="transformers", model=str(tiny.reward_b)))
+    out = gold(proxy(samples()))
+    assert not np.allclose(out["proxy"], out["gold"])
+
+
+@pytest.mark.parametrize("kind", ["transformers", "vllm"])
+def test_wrong_num_labels_raises(kind: str, two_label_model: Path) -> None:
+    config = RewardModelConfig(name="rm", kind=kind, model=str(two_label_model))
+    with pytest.raises(ValueError, match=r"num_labels=2.*num_labels=1"):
+        make_scorer_class(config)(config)
+
+
+def test_function_scorer() -> None:
+    config = RewardModelConfig(name="len", kind="function", function="limits_ray.reward_functions:response_length")
+    out = FunctionRewardScorer(config)(samples())
+    np.testing.assert_array_equal(out["len"], [len(r) / 10 for r in RESPONSES])
+    config = RewardModelConfig(name="the", kind="function", function="limits_ray.reward_functions:contains_word")
+    np.testing.assert_array_equal(FunctionRewardScorer(config)(samples())["the"], [1, 1, 0, 0])
+
+
+def test_function_scorer_rejects_templates() -> None:
+    config = RewardModelConfig(
+        name="len", kind="function", function="limits_ray.reward_functions:response_length", chat_template=True
+    )
+    with pytest.raises(ValueError, match="remove input_template/chat_template"):
+        FunctionRewardScorer(config)
+
+
+def test_function_import_error() -> None:
+    config = RewardModelConfig(name="x", kind="function", function="limits_ray.reward_functions:missing")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        FunctionRewardScorer(config)
+
+
+def test_nan_reward_names_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "nan_reward_module.py").write_text(
+        "def reward(prompts, responses):\n"
+        "    return [float('nan') if r == '' else 1.0 for r in responses]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = RewardModelConfig(name="bad", kind="function", function="nan_reward_module:reward")
+    with pytest.raises(ValueError, match=r"reward 'bad' is nan for prompt_id 'id2' sample_idx 2"):
+        FunctionRewardScorer(config)(samples())
+
+
+def test_wrong_length_raises() -> None:
+    config = RewardModelConfig(name="len", kind="function", function="limits_ray.reward_functions:response_length")
+    scorer = FunctionRewardScorer(config)
+    scorer.function = lambda prompts, responses: [1.0]
+    with pytest.raises(ValueError, match="shape"):
+        scorer(samples())
+
+
+def test_empty_batch() -> None:
+    config = RewardModelConfig(name="len", kind="function", function="limits_ray.reward_functions:response_length")
+    out = FunctionRewardScorer(config)(samples([], []))
+    assert out["len"].dtype == np.float64 and out["len"].shape == (0,)
+
+
+@pytest.mark.slow
+def test_vllm_matches_transformers(tiny: TinyModels, vllm_scorer: VllmRewardScorer) -> None:
+    transformers_scorer = TransformersRewardScorer(dataclasses.replace(vllm_scorer.config, kind="transformers"))
+    batch = samples()
+    from_vllm, from_transformers = vllm_scorer(batch)["rm"], transformers_scorer(batch)["rm"]
+    assert from_vllm.dtype == np.float64
+    np.testing.assert_allclose(from_vllm, from_transformers, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_vllm_raw_logit_not_sigmoid(vllm_scorer: VllmRewardScorer) -> None:
+    raw = vllm_scorer(samples())["rm"]
+    texts = render_reward_inputs(vllm_scorer.config, PROMPTS, RESPONSES)
+    default = [output.outputs.probs[0] for output in vllm_scorer.llm.classify(texts, use_tqdm=False)]
+    np.testing.assert_allclose(default, 1 / (1 + np.exp(-raw)), atol=1e-6)  # vLLM's default is the sigmoid
