@@ -19,8 +19,8 @@ import yaml
 from limits_ray.reward_spec import RewardSpec
 
 __all__ = [
-    "AnalysisConfig", "ConfigError", "GenerationConfig", "JobConfig", "PromptsConfig", "RewardModelConfig",
-    "StoreConfig", "from_mapping", "load_yaml", "parse_betas",
+    "AdaptiveConfig", "AnalysisConfig", "ConfigError", "GenerationConfig", "JobConfig", "NightlyConfig",
+    "PolicyConfig", "PromptsConfig", "RewardModelConfig", "StoreConfig", "from_mapping", "load_yaml", "parse_betas",
 ]
 
 T = TypeVar("T")
@@ -246,8 +246,63 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """An aligned policy (PPO/GRPO checkpoint, ...) to place against the frontier.
+
+    Sampled with the base run's sampling parameters (temperature, top_p, max_tokens, stop) on the
+    same prompts and scored by the same rewards.
+
+    Attributes:
+        name: its label in outputs and plots.
+        model: a vLLM-loadable checkpoint using the base model's tokenizer.
+        samples_per_prompt: samples drawn per prompt (a multiple of ``n``).
+        n: samples per request.
+        engine_kwargs: further ``vllm.LLM`` arguments.
+    """
+
+    name: str
+    model: str
+    samples_per_prompt: int = 64
+    n: int = 16
+    engine_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """Nightly recomputation: each night adds rounds to the stored series and recomputes.
+
+    Attributes:
+        rounds_per_night: rounds (of ``generation.n`` samples) added per prompt each night.
+        root: where dated results and ``latest`` go (empty: ``<output_dir>/nightly``).
+    """
+
+    rounds_per_night: int = 1
+    root: str = ""
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Adaptive sampling: stop sampling a prompt once its standard errors are under tolerance.
+
+    Attributes:
+        enabled: sample adaptively instead of ``samples_per_prompt`` for every prompt.
+        gain_se: tolerance on ``gain_se`` at every beta of the grid.
+        kl_se: tolerance on ``kl_se`` at every beta of the grid.
+        max_samples_per_prompt: the budget per prompt.
+        rounds_per_wave: rounds added to each still-wide prompt per wave.
+    """
+
+    enabled: bool = False
+    gain_se: float = 0.05
+    kl_se: float = 0.05
+    max_samples_per_prompt: int = 4096
+    rounds_per_wave: int = 1
+
+
+@dataclass(frozen=True)
 class JobConfig:
-    """A whole run: prompts, generation, rewards, analysis, store and output.
+    """A whole run: prompts, generation, rewards, analysis, store, output, and the optional studies
+    (policies to place against the frontier, nightly recomputation, adaptive sampling).
 
     Attributes:
         name: the run's name (used in reports).
@@ -263,6 +318,9 @@ class JobConfig:
     rewards: tuple[RewardModelConfig, ...]
     analysis: AnalysisConfig = AnalysisConfig()
     store: StoreConfig = StoreConfig()
+    policies: tuple[PolicyConfig, ...] = ()
+    nightly: NightlyConfig = NightlyConfig()
+    adaptive: AdaptiveConfig = AdaptiveConfig()
     ray_address: str = ""
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -120,21 +120,21 @@ def _max_prompt_tokens(config: JobConfig, tokenizer: Any) -> int:
     return room
 
 
-def _stored_prompt_samples(store: SampleStore, config: JobConfig, prompt_ids: set[str]) -> Iterator[PromptSamples]:
-    """This run's stored samples per prompt (its prompts, rounds below ``generation.rounds``)."""
+def _stored_prompt_samples(store: SampleStore, config: JobConfig, targets: Mapping[str, int]) -> Iterator[PromptSamples]:
+    """This run's stored samples per prompt: its prompts, rounds below each prompt's target."""
     if not store.stored_rounds():
         return
     rewards = [reward.name for reward in config.rewards]
     table, _ = read_samples(store.samples_dir, tuple(rewards), extra=("round",))
     for samples in iter_prompts(table, rewards, extra=("round",)):
-        if samples.prompt_id in prompt_ids:
-            yield samples.subset(samples.extra["round"] < config.generation.rounds)
+        if samples.prompt_id in targets:
+            yield samples.subset(samples.extra["round"] < targets[samples.prompt_id])
 
 
-def _seed_from_store(reducer: StatisticsReducer, store: SampleStore, config: JobConfig, prompt_ids: set[str]) -> int:
+def _seed_from_store(reducer: StatisticsReducer, store: SampleStore, config: JobConfig, targets: Mapping[str, int]) -> int:
     """Merge stored rounds into the reducer exactly as streamed ones would be; returns their count."""
     merged = 0
-    for samples in _stored_prompt_samples(store, config, prompt_ids):
+    for samples in _stored_prompt_samples(store, config, targets):
         for round_index in np.unique(samples.extra["round"]):
             round_samples = samples.subset(samples.extra["round"] == round_index)
             statistics = prompt_statistics(round_samples, reducer.plan, reducer.betas)
@@ -155,8 +155,12 @@ def _init_ray(address: str) -> None:
         ray.init(address=target, include_dashboard=False, log_to_driver=True)
 
 
-def run_job(config: JobConfig) -> tuple[ReduceResult, RunReport]:
-    """Run the whole job and write ``output_dir``; returns the results and the report."""
+def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -> tuple[ReduceResult, RunReport]:
+    """Run the whole job and write ``output_dir``; returns the results and the report.
+
+    Each prompt gets rounds ``0 .. target - 1`` (``generation.rounds`` unless ``round_targets``
+    names its prompt_id); rounds already in the sample store are merged from there, not generated.
+    """
     from transformers import AutoTokenizer
 
     from limits_ray.pipeline import build_requests, run_stages
@@ -170,7 +174,8 @@ def run_job(config: JobConfig) -> tuple[ReduceResult, RunReport]:
             check_model_path(reward.model, f"rewards[{reward.name}].model")
     tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
     prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
-    prompt_ids = {prompt.prompt_id for prompt in prompt_set.prompts}
+    targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
+    targets.update({key: value for key, value in (round_targets or {}).items() if key in targets})
     reward_names = [reward.name for reward in config.rewards]
     plan = config.analysis.plan(reward_names)
     reducer = StatisticsReducer(plan, np.asarray(config.analysis.betas))
@@ -179,12 +184,12 @@ def run_job(config: JobConfig) -> tuple[ReduceResult, RunReport]:
     from_store = 0
     if config.store.enabled:
         store.check_manifest(setup_identity(config))
-        from_store = _seed_from_store(reducer, store, config, prompt_ids)
-    requests = build_requests(prompt_set, config.generation, reducer.rounds)
+        from_store = _seed_from_store(reducer, store, config, targets)
+    requests = build_requests(prompt_set, targets, reducer.rounds)
     _init_ray(config.ray_address)
     times = run_stages(config, plan, requests, reducer)
 
-    bon_samples = _stored_prompt_samples(store, config, prompt_ids) if config.store.enabled else iter(())
+    bon_samples = _stored_prompt_samples(store, config, targets) if config.store.enabled else iter(())
     result = reducer.result(bon_samples, convergence=config.analysis.convergence)
     output = Path(config.output_dir)
     result.write(output)

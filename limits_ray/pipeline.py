@@ -14,11 +14,11 @@ from __future__ import annotations
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
+from limits_ray.config import JobConfig, RewardModelConfig
 from limits_ray.io import PromptSamples
 from limits_ray.prompts import PromptSet
 from limits_ray.reduce import Plan, StatisticsReducer, prompt_statistics
@@ -27,12 +27,12 @@ from limits_ray.store import SampleStore, flatten_rounds
 
 __all__ = ["RoundRequest", "Timed", "build_requests", "round_statistics", "run_stages", "StageTimes"]
 
-def build_requests(prompts: PromptSet, generation: GenerationConfig, skip: set[tuple[str, int]]) -> list[dict]:
-    """One request row per (prompt, round) not in ``skip`` (rounds already in the sample store)."""
+def build_requests(prompts: PromptSet, round_targets: Mapping[str, int], skip: set[tuple[str, int]]) -> list[dict]:
+    """One request row per (prompt, round < its target) not in ``skip`` (rounds already merged)."""
     return [
         {"prompt_id": prompt.prompt_id, "prompt": prompt.rendered, "round": round_index}
         for prompt in prompts.prompts
-        for round_index in range(generation.rounds)
+        for round_index in range(round_targets[prompt.prompt_id])
         if (prompt.prompt_id, round_index) not in skip
     ]
 
