@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from limits_ray.config import AnalysisConfig, ConfigError
 from limits_ray.frontier import point_at_kl
 from limits_ray.io import InputError
+from limits_ray.pipeline import PipelineError
 
 __all__ = ["main"]
 
@@ -65,6 +67,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from limits_ray.config import JobConfig, load_yaml
+    from limits_ray.policy import CompareOptions, compare
+
+    config = load_yaml(JobConfig, args.config)
+    options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta)
+    result = compare(config, options)
+    shown = result.policies.filter(pc.equal(result.policies["align"], result.policies["eval"]))
+    for row in shown.to_pylist():
+        print(f"{row['policy']:<16} eval {row['eval']:<12} KL {row['kl']:8.4g} ± {row['kl_se']:<8.2g} gain {row['gain']:8.4g} "
+              f"± {row['gain_se']:<8.2g} frontier {row['frontier_gain']:8.4g}  gap {row['gap']:8.4g}")
+    for path in result.paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from limits_ray.report import write_report
+
+    for path in write_report(args.results, args.out, title=args.title, tolerance=args.tolerance):
+        print(f"wrote {path}")
+    return 0
+
+
 def _make_tiny_models(args: argparse.Namespace) -> int:
     from limits_ray.tiny_models import build_tiny_models
 
@@ -101,6 +127,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, type=Path, help="job config YAML (see configs/)")
     run.set_defaults(handler=_run)
 
+    comp = commands.add_parser("compare", help="place config.policies, best-of-n, proxy/gold and ensembles against the frontier")
+    comp.add_argument("--config", required=True, type=Path, help="job config YAML with a policies section")
+    comp.add_argument("--gold", help="gold reward (default: the last analysis.evals)")
+    comp.add_argument("--proxy", help="proxy reward (default: the first other reward)")
+    comp.add_argument("--members", type=int, default=8, help="largest ensemble size M (0: skip the ensemble study)")
+    comp.add_argument("--noise", type=float, default=1.0, help="synthetic proxy noise, in gold within-prompt sds")
+    comp.add_argument("--beta", type=float, default=0.0, help="beta of the ensemble study (0: where gold KL ~ 1 nat)")
+    comp.set_defaults(handler=_compare)
+
+    report = commands.add_parser("report", help="figures (PNG) and a one-page report.md of a results directory")
+    report.add_argument("results", type=Path, help="a directory holding frontier.parquet, frontier_mean.parquet, ...")
+    report.add_argument("--out", type=Path, help="where to write (default: the results directory)")
+    report.add_argument("--title", help="title of the figures (default: the run's name)")
+    report.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance for 'settled' (default 0.05)")
+    report.set_defaults(handler=_report)
+
     tiny = commands.add_parser("make-tiny-models", help="build the tiny tokenizer, causal LMs and reward models")
     tiny.add_argument("directory", type=Path, help="where to write them")
     tiny.add_argument("--seed", type=int, default=0)
@@ -114,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (InputError, ConfigError, ValueError) as error:
+    except (InputError, ConfigError, ValueError, PipelineError) as error:
         print(f"limits-ray {args.command}: error: {error}", file=sys.stderr)
         return 2
 

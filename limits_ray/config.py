@@ -250,21 +250,34 @@ class PolicyConfig:
     """An aligned policy (PPO/GRPO checkpoint, ...) to place against the frontier.
 
     Sampled with the base run's sampling parameters (temperature, top_p, max_tokens, stop) on the
-    same prompts and scored by the same rewards.
+    same prompts and scored by the same rewards (``limits-ray compare``, :mod:`limits_ray.policy`).
+    Its KL is ``E_pi[log pi - log pi0]`` with both log-probabilities those of the raw models
+    (before temperature and top-p), so it is the KL of the sampling distribution only at
+    temperature 1 and top_p 1 (a warning says so otherwise).
 
     Attributes:
         name: its label in outputs and plots.
         model: a vLLM-loadable checkpoint using the base model's tokenizer.
         samples_per_prompt: samples drawn per prompt (a multiple of ``n``).
         n: samples per request.
-        engine_kwargs: further ``vllm.LLM`` arguments.
+        seed: sampling seed; -1 derives one from the base seed and ``name`` (so the policy's samples
+            are independent of the base samples even when ``model`` is the base model).
+        engine_kwargs: further ``vllm.LLM`` arguments, over the base generation's ``engine_kwargs``.
     """
 
     name: str
     model: str
     samples_per_prompt: int = 64
     n: int = 16
+    seed: int = -1
     engine_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.samples_per_prompt < 1 or self.samples_per_prompt % self.n:
+            raise ConfigError(
+                f"policies[{self.name}].samples_per_prompt ({self.samples_per_prompt}) must be a positive "
+                f"multiple of n ({self.n})"
+            )
 
 
 @dataclass(frozen=True)
@@ -289,7 +302,11 @@ class AdaptiveConfig:
         gain_se: tolerance on ``gain_se`` at every beta of the grid.
         kl_se: tolerance on ``kl_se`` at every beta of the grid.
         max_samples_per_prompt: the budget per prompt.
-        rounds_per_wave: rounds added to each still-wide prompt per wave.
+        rounds_per_wave: the least number of rounds added to a still-wide prompt per wave (it gets
+            more when its standard errors project to need more, up to ``growth`` times its samples).
+        total_samples: the budget of all prompts together (0: only the per-prompt cap); once it
+            runs short, the prompts with the widest errors relative to the tolerance go first.
+        growth: the most a prompt's sample count may grow in one wave (a factor).
     """
 
     enabled: bool = False
@@ -297,6 +314,8 @@ class AdaptiveConfig:
     kl_se: float = 0.05
     max_samples_per_prompt: int = 4096
     rounds_per_wave: int = 1
+    total_samples: int = 0
+    growth: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -307,6 +326,10 @@ class JobConfig:
     Attributes:
         name: the run's name (used in reports).
         output_dir: where results, plots and the report go.
+        fail_fast: stop the run at the first round that fails; by default such a round is retried
+            alone (``attempts`` tries in all) and then quarantined: its prompt is left out of the
+            results and named in the report.
+        attempts: tries per round before it is quarantined (at least 2: the batch, then the round alone).
         ray_address: ``ray.init`` address; empty: ``RAY_ADDRESS`` if set (as under ``ray job submit``),
             else a new local instance; ``auto``: the cluster already running on this machine.
     """
@@ -322,8 +345,12 @@ class JobConfig:
     nightly: NightlyConfig = NightlyConfig()
     adaptive: AdaptiveConfig = AdaptiveConfig()
     ray_address: str = ""
+    fail_fast: bool = False
+    attempts: int = 2
 
     def __post_init__(self) -> None:
+        if self.attempts < 2:
+            raise ConfigError(f"attempts must be >= 2 (the batch, then the round alone), got {self.attempts}")
         names = [reward.name for reward in self.rewards]
         if not names:
             raise ConfigError("rewards: give at least one reward model or function")

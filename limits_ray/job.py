@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -20,6 +21,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from limits_ray.config import ConfigError, JobConfig
+from limits_ray.faults import Quarantine
 from limits_ray.io import PromptSamples, iter_prompts, read_samples
 from limits_ray.reduce import ReduceResult, StatisticsReducer, prompt_statistics
 from limits_ray.store import SampleStore
@@ -80,6 +82,8 @@ class RunReport:
     rounds_from_store: int
     samples_generated: int
     samples: int
+    quarantined: list[dict[str, Any]]
+    corrupt_store_files: list[str]
     wall_seconds: float
     stage_seconds: dict[str, float]
     versions: dict[str, str]
@@ -91,8 +95,13 @@ class RunReport:
         for stage, seconds in self.stage_seconds.items():
             rate = self.samples_generated / seconds if seconds > 0 else float("nan")
             lines.append(f"stage {stage:<24} busy {seconds:8.1f} s   {rate:10.1f} samples/s")
+        for record in self.quarantined:
+            lines.append(f"quarantined prompt {record['prompt_id']} round {record['round']} in {record['stage']}: {record['error']}")
+        for path in self.corrupt_store_files:
+            lines.append(f"set aside unreadable store file {path}; its rounds were generated again")
         lines.append(
-            f"run {self.name}: {self.prompts} prompts ({len(self.skipped_prompts)} skipped), "
+            f"run {self.name}: {self.prompts} prompts ({len(self.skipped_prompts)} skipped, "
+            f"{len({record['prompt_id'] for record in self.quarantined})} quarantined), "
             f"{self.rounds_generated} rounds generated, {self.rounds_from_store} from the store, "
             f"{self.samples} samples, {self.wall_seconds:.1f} s"
         )
@@ -163,7 +172,7 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     """
     from transformers import AutoTokenizer
 
-    from limits_ray.pipeline import build_requests, run_stages
+    from limits_ray.pipeline import PipelineError, build_requests, run_stages
     from limits_ray.plots import write_plots
     from limits_ray.prompts import load_prompts
 
@@ -181,13 +190,23 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     reducer = StatisticsReducer(plan, np.asarray(config.analysis.betas))
 
     store = SampleStore(config.store_path)
-    from_store = 0
+    from_store, corrupt = 0, []
     if config.store.enabled:
         store.check_manifest(setup_identity(config))
+        corrupt = store.recover()
         from_store = _seed_from_store(reducer, store, config, targets)
     requests = build_requests(prompt_set, targets, reducer.rounds)
+    quarantine_dir = store.root / "quarantine" if config.store.enabled else Path(config.output_dir) / "quarantine"
+    quarantine = Quarantine(quarantine_dir, uuid.uuid4().hex)
     _init_ray(config.ray_address)
-    times = run_stages(config, plan, requests, reducer)
+    times = run_stages(config, plan, requests, reducer, quarantine)
+    quarantined = quarantine.records()
+    for prompt_id in {record.prompt_id for record in quarantined}:
+        reducer.statistics.pop(prompt_id, None)
+        targets.pop(prompt_id, None)
+    if not reducer.statistics:
+        reasons = "; ".join(f"{r.prompt_id} round {r.round} in {r.stage}: {r.error}" for r in quarantined[:3])
+        raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")
 
     bon_samples = _stored_prompt_samples(store, config, targets) if config.store.enabled else iter(())
     result = reducer.result(bon_samples, convergence=config.analysis.convergence)
@@ -201,6 +220,8 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
         rounds_from_store=from_store,
         samples_generated=len(requests) * config.generation.n,
         samples=reducer.samples,
+        quarantined=[dataclasses.asdict(record) for record in quarantined],
+        corrupt_store_files=[str(path) for path in corrupt],
         wall_seconds=time.perf_counter() - started,
         stage_seconds=times.busy,
         versions=_versions(),

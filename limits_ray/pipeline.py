@@ -14,18 +14,48 @@ from __future__ import annotations
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from limits_ray.config import JobConfig, RewardModelConfig
+from limits_ray.faults import Quarantine, run_with_quarantine
 from limits_ray.io import PromptSamples
 from limits_ray.prompts import PromptSet
 from limits_ray.reduce import Plan, StatisticsReducer, prompt_statistics
 from limits_ray.rounds import per_sample, round_lengths
 from limits_ray.store import SampleStore, flatten_rounds
 
-__all__ = ["RoundRequest", "Timed", "build_requests", "round_statistics", "run_stages", "StageTimes"]
+__all__ = ["PipelineError", "StageTimes", "Timed", "build_requests", "root_cause", "round_statistics", "run_stages"]
+
+class PipelineError(RuntimeError):
+    """A stage failed and the run stopped (``fail_fast``, or an error outside any round)."""
+
+
+def root_cause(error: BaseException) -> str:
+    """The user-code error inside a Ray-wrapped exception, as ``Type: first line``.
+
+    Ray chains its own wrappers (task errors, stream ends, system exceptions) around the error a
+    stage raised; the first exception in the chain that is not Ray's own and has a message is it.
+    """
+    chain, seen = [], set()
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        chain.append(current)
+        for attribute in ("cause", "__cause__", "__context__"):
+            inner = getattr(current, attribute, None)
+            if isinstance(inner, BaseException):
+                pending.append(inner)
+    for candidate in chain:
+        message = str(candidate).strip()
+        if message and not type(candidate).__module__.startswith("ray") and not isinstance(candidate, StopIteration):
+            return f"{type(candidate).__name__}: {message.splitlines()[0]}"
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
 
 def build_requests(prompts: PromptSet, round_targets: Mapping[str, int], skip: set[tuple[str, int]]) -> list[dict]:
     """One request row per (prompt, round < its target) not in ``skip`` (rounds already merged)."""
@@ -38,22 +68,35 @@ def build_requests(prompts: PromptSet, round_targets: Mapping[str, int], skip: s
 
 
 class Timed:
-    """Wraps a stage class for ``map_batches`` and records its busy seconds per row.
+    """Wraps a stage class for ``map_batches``: records busy time and quarantines failing rounds.
 
-    Adds the column ``seconds_<name>``: the call's wall time divided among the batch's rows,
-    so summing it over the output gives the stage's busy time.
+    Adds the column ``seconds_<name>``: the call's wall time divided among the batch's rows, so
+    summing it over the output gives the stage's busy time. With ``quarantine_dir`` set and
+    ``fail_fast`` off, a batch that raises is retried round by round and rounds that still fail
+    are quarantined (:mod:`limits_ray.faults`) instead of failing the run.
     """
 
-    def __init__(self, stage: type, name: str, **kwargs: Any) -> None:
+    def __init__(
+        self, stage: type, name: str, quarantine_dir: str = "", run_id: str = "", fail_fast: bool = True,
+        attempts: int = 2, **kwargs: Any,
+    ) -> None:
         self.name = name
         self.stage = stage(**kwargs)
+        self.quarantine = None if fail_fast or not quarantine_dir else Quarantine(quarantine_dir, run_id)
+        self.attempts = attempts
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the stage's output for ``batch`` (nothing when every round was quarantined)."""
         started = time.perf_counter()
-        output = self.stage(batch)
+        if self.quarantine is None:
+            output = self.stage(batch)
+        else:
+            output = run_with_quarantine(self.stage, batch, self.name, self.quarantine, self.attempts)
+        if output is None or len(output["prompt_id"]) == 0:
+            return
         rows = len(output["prompt_id"])
-        output[f"seconds_{self.name}"] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
-        return output
+        output[f"seconds_{self.name}"] = np.full(rows, (time.perf_counter() - started) / rows)
+        yield output
 
 
 def round_statistics(
@@ -133,7 +176,7 @@ class StageTimes:
                 self.busy[stage] = self.busy.get(stage, 0.0) + float(np.sum(values))
 
 
-def _scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int):
+def _scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, faults: dict[str, Any]):
     """One actor pool scoring whole rounds; ``reward.batch_size`` samples per call, rounded to rounds."""
     from ray.data import ActorPoolStrategy
 
@@ -141,7 +184,9 @@ def _scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int):
 
     return dataset.map_batches(
         Timed,
-        fn_constructor_kwargs={"stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward},
+        fn_constructor_kwargs={
+            "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward, **faults,
+        },
         compute=ActorPoolStrategy(size=reward.concurrency),
         batch_size=max(1, reward.batch_size // samples_per_round),
         num_cpus=reward.num_cpus,
@@ -149,8 +194,13 @@ def _scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int):
     )
 
 
-def run_stages(config: JobConfig, plan: Plan, requests: list[dict], reducer: StatisticsReducer) -> StageTimes:
-    """Run generation, scoring and statistics on Ray Data, merging each round into ``reducer``."""
+def run_stages(
+    config: JobConfig, plan: Plan, requests: list[dict], reducer: StatisticsReducer, quarantine: Quarantine,
+) -> StageTimes:
+    """Run generation, scoring and statistics on Ray Data, merging each round into ``reducer``.
+
+    Rounds that keep failing in generation or scoring go to ``quarantine`` unless ``config.fail_fast``.
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -161,20 +211,24 @@ def run_stages(config: JobConfig, plan: Plan, requests: list[dict], reducer: Sta
     times = StageTimes()
     if not requests:
         return times
+    faults = {
+        "quarantine_dir": str(quarantine.directory), "run_id": quarantine.run_id,
+        "fail_fast": config.fail_fast, "attempts": config.attempts,
+    }
     started = time.perf_counter()
     dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
     dataset = dataset.map_batches(
         Timed,
         fn_constructor_kwargs={
             "stage": Generator, "name": "generate", "config": generation,
-            "add_special_tokens": not config.prompts.chat_template,
+            "add_special_tokens": not config.prompts.chat_template, **faults,
         },
         compute=ActorPoolStrategy(size=generation.concurrency),
         batch_size=generation.batch_size,
         **_engine_remote_args(generation.num_gpus, generation.num_cpus, generation.tensor_parallel_size),
     )
     for reward in config.rewards:
-        dataset = _scorer_stage(dataset, reward, generation.n)
+        dataset = _scorer_stage(dataset, reward, generation.n, faults)
     dataset = dataset.map_batches(
         round_statistics,
         fn_kwargs={
@@ -184,9 +238,15 @@ def run_stages(config: JobConfig, plan: Plan, requests: list[dict], reducer: Sta
         },
         num_cpus=0.25,
     )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        times.add(batch)
-        for prompt_id, round_index, payload in zip(batch["prompt_id"], batch["round"], batch["payload"]):
-            reducer.add(str(prompt_id), int(round_index), pickle.loads(payload))
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            times.add(batch)
+            for prompt_id, round_index, payload in zip(batch["prompt_id"], batch["round"], batch["payload"]):
+                reducer.add(str(prompt_id), int(round_index), pickle.loads(payload))
+    except Exception as error:  # noqa: BLE001 - Ray wraps user errors; name the root cause instead
+        raise PipelineError(
+            f"the pipeline stopped: {root_cause(error)} ({len(reducer.rounds)} rounds had finished and are "
+            "kept in the sample store; a rerun resumes from there)"
+        ) from error
     times.wall = time.perf_counter() - started
     return times

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from limits_ray.io import write_table
 from limits_ray.rounds import per_round, per_sample, round_lengths
@@ -90,6 +91,28 @@ class SampleStore:
         path = self.samples_dir / f"part-{digest}.parquet"
         write_table(table, path)
         return path
+
+    def recover(self) -> list[Path]:
+        """Make the store readable after a crash; returns the part files set aside as corrupt.
+
+        Deletes the hidden ``.partial`` files of writes that never finished, and moves part files
+        whose Parquet footer cannot be read to ``<store>/corrupt/``: their rounds count as missing
+        and are generated again, and the files stay there for inspection.
+        """
+        if not self.samples_dir.is_dir():
+            return []
+        for partial in self.samples_dir.glob(".*.partial"):
+            partial.unlink(missing_ok=True)
+        corrupt = []
+        for path in sorted(self.samples_dir.glob("*.parquet")):
+            try:
+                pq.ParquetFile(path).close()
+            except (pa.ArrowInvalid, OSError):
+                target = self.root / "corrupt" / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                path.replace(target)
+                corrupt.append(target)
+        return corrupt
 
     def stored_rounds(self) -> set[tuple[str, int]]:
         """The (prompt_id, round) pairs already in the store."""

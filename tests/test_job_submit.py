@@ -83,11 +83,13 @@ def test_ray_job_submit_runs_the_tiny_job(ray_head, tiny_models, tmp_path):
     mapping["generation"]["samples_per_prompt"] = 32
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(mapping))
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", f"--address={url}", f"--working-dir={REPO}", "--",
-         "python", "jobs/frontier.py", "--config", str(config_path)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    command = [str(BIN / "ray"), "job", "submit", f"--address={url}", f"--working-dir={REPO}", "--",
+               "python", "jobs/frontier.py", "--config", str(config_path)]
+    for _ in range(30):  # the head's job agent can start well after its dashboard answers
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in submit.stdout + submit.stderr:
+            break
+        time.sleep(5)
     assert submit.returncode == 0, submit.stdout[-6000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower()
     for name, schema in SCHEMAS.items():

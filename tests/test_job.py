@@ -1,0 +1,32 @@
+"""The job shell: checks that fail before any actor starts, and the store identity."""
+
+from __future__ import annotations
+
+import pytest
+
+from _tiny import tiny_job
+from limits_ray.config import ConfigError
+from limits_ray.job import check_model_path, run_job, setup_identity
+
+
+def test_a_missing_local_model_path_fails_fast(tmp_path):
+    with pytest.raises(ConfigError, match="generation.model: model path .* does not exist"):
+        check_model_path(str(tmp_path / "nowhere"), "generation.model")
+    check_model_path("EleutherAI/pythia-1b", "generation.model")  # a hub name passes through
+
+
+def test_run_job_names_a_missing_reward_model_before_starting_ray(tiny_models, tmp_path):
+    config = tiny_job(tiny_models, tmp_path)
+    broken = config.__class__(**{**config.__dict__, "rewards": (
+        config.rewards[0].__class__(**{**config.rewards[0].__dict__, "model": str(tmp_path / "missing-rm")}),
+    )})
+    with pytest.raises(ConfigError, match=r"rewards\[rm\].model"):
+        run_job(broken)
+
+
+def test_identity_changes_with_the_sampling_setup_but_not_with_the_sample_count(tiny_models, tmp_path):
+    base = tiny_job(tiny_models, tmp_path)
+    more = tiny_job(tiny_models, tmp_path, generation={"samples_per_prompt": 128})
+    hotter = tiny_job(tiny_models, tmp_path, generation={"temperature": 0.5})
+    assert setup_identity(base) == setup_identity(more)
+    assert setup_identity(base)["sampling"] != setup_identity(hotter)["sampling"]

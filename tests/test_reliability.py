@@ -1,0 +1,190 @@
+"""Reliability on the real pipeline: killed actors, killed drivers, failing rewards, a broken store."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from _tiny import tiny_job_mapping
+from limits_ray.config import JobConfig, from_mapping
+from limits_ray.job import run_job
+from limits_ray.pipeline import PipelineError
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["The cat sat on the", "Once upon a time", "The river ran quietly past"]
+FAULTY_REWARDS = '''
+import math
+import pathlib
+import time
+
+
+def nan_for_river(prompts, responses):
+    return [math.nan if "river" in prompt else len(response) / 10.0 for prompt, response in zip(prompts, responses)]
+
+
+def raise_for_river(prompts, responses):
+    if any("river" in prompt for prompt in prompts):
+        # Fail only once some rounds of the other prompts have reached the store (path left by the test).
+        samples = pathlib.Path(pathlib.Path(__file__).with_name("store_to_wait_for.txt").read_text())
+        deadline = time.monotonic() + 300
+        while not any(samples.glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        raise RuntimeError("the river reward is broken")
+    return [len(response) / 10.0 for response in responses]
+'''
+
+
+@pytest.fixture(scope="module")
+def ray_with_faulty_rewards(tmp_path_factory):
+    """Local Ray whose workers can import the test's reward module (through PYTHONPATH)."""
+    import ray
+
+    module_dir = tmp_path_factory.mktemp("faulty_rewards")
+    (module_dir / "faulty_rewards.py").write_text(FAULTY_REWARDS)
+    (module_dir / "store_to_wait_for.txt").write_text(str(module_dir / "no-store"))
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(module_dir), previous]))
+    sys.path.insert(0, str(module_dir))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield module_dir
+    ray.shutdown()
+    sys.path.remove(str(module_dir))
+    if previous is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = previous
+
+
+def _mapping(models, out_dir: Path, **overrides) -> dict:
+    mapping = tiny_job_mapping(models, out_dir, prompts={"inline": PROMPTS}, **overrides)
+    mapping["generation"]["samples_per_prompt"] = 128
+    mapping["rewards"] = [reward for reward in mapping["rewards"] if reward["name"] in ("rm_b", "length")]
+    mapping["analysis"]["align"] = ["rm_b", "length"]
+    return mapping
+
+
+def _frontier(out_dir: Path):
+    return pq.read_table(out_dir / "frontier.parquet").sort_by(
+        [("prompt_id", "ascending"), ("align", "ascending"), ("beta", "ascending")])
+
+
+def _assert_same_frontier(left: Path, right: Path) -> None:
+    a, b = _frontier(left), _frontier(right)
+    assert a["prompt_id"].to_pylist() == b["prompt_id"].to_pylist()
+    assert a["n"].to_pylist() == b["n"].to_pylist()
+    for column in ("gain", "gain_se", "kl", "kl_se", "ess"):
+        np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=column)
+
+
+def _assert_store_has_each_sample_once(store: Path, expected: int) -> None:
+    table = ds.dataset(str(store / "samples"), format="parquet").to_table(columns=["prompt_id", "sample_idx"])
+    keys = set(zip(table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()))
+    assert table.num_rows == len(keys) == expected
+
+
+def _parts(store: Path) -> int:
+    return len(list((store / "samples").glob("*.parquet"))) if (store / "samples").is_dir() else 0
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, tmp_path_factory, ray_with_faulty_rewards) -> Path:
+    """An uninterrupted run to compare every interrupted one with."""
+    out_dir = tmp_path_factory.mktemp("reference")
+    run_job(from_mapping(JobConfig, _mapping(tiny_models, out_dir)))
+    return out_dir
+
+
+def test_killed_actors_are_restarted_and_nothing_is_counted_twice(reference, tiny_models, tmp_path):
+    config = from_mapping(JobConfig, _mapping(tiny_models, tmp_path))
+    killed: list[int] = []
+
+    def kill_workers_mid_run() -> None:
+        deadline = time.monotonic() + 300
+        while _parts(config.store_path) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for process in psutil.process_iter(["cmdline"]):
+            if process.info["cmdline"] and process.info["cmdline"][0].startswith("ray::MapWorker"):
+                process.kill()
+                killed.append(process.pid)
+
+    killer = threading.Thread(target=kill_workers_mid_run)
+    killer.start()
+    _, report = run_job(config)
+    killer.join()
+    assert killed, "no actor process was found to kill"
+    assert _parts(config.store_path) > 0 and report.quarantined == []
+    _assert_store_has_each_sample_once(config.store_path, 3 * 128)
+    _assert_same_frontier(reference, tmp_path)
+
+
+def test_driver_killed_three_times_gives_the_same_frontier(reference, tiny_models, tmp_path):
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(_mapping(tiny_models, tmp_path / "out", ray_address="")))
+    store = tmp_path / "out" / "store"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, str(REPO / "jobs" / "frontier.py"), "--config", str(config_path)]
+    chance = random.Random(3)
+    for _ in range(3):
+        before = _parts(store)
+        driver = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while _parts(store) == before and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(chance.uniform(0.0, 2.0))
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert "from the store" in finished.stdout
+    _assert_store_has_each_sample_once(store, 3 * 128)
+    _assert_same_frontier(reference, tmp_path / "out")
+
+
+def test_a_nan_reward_quarantines_its_prompt_and_names_it(tiny_models, tmp_path, ray_with_faulty_rewards):
+    mapping = _mapping(tiny_models, tmp_path)
+    mapping["rewards"].append({"name": "bad", "kind": "function", "function": "faulty_rewards:nan_for_river",
+                               "num_cpus": 0.25})
+    _, report = run_job(from_mapping(JobConfig, mapping))
+    river = {record["prompt_id"] for record in report.quarantined}
+    assert len(river) == 1
+    assert all("'bad' is nan" in record["error"] and record["stage"] == "score_bad" for record in report.quarantined)
+    frontier_prompts = set(_frontier(tmp_path)["prompt_id"].to_pylist())
+    assert len(frontier_prompts) == 2 and not frontier_prompts & river
+
+
+def test_fail_fast_stops_at_a_raising_reward_and_keeps_finished_rounds(tiny_models, tmp_path, ray_with_faulty_rewards):
+    mapping = _mapping(tiny_models, tmp_path, fail_fast=True)
+    mapping["rewards"].append({"name": "bad", "kind": "function", "function": "faulty_rewards:raise_for_river",
+                               "num_cpus": 0.25})
+    (ray_with_faulty_rewards / "store_to_wait_for.txt").write_text(str(tmp_path / "store" / "samples"))
+    with pytest.raises(PipelineError, match="the river reward is broken"):
+        run_job(from_mapping(JobConfig, mapping))
+    # The river prompt's rounds come last; what finished before them stays in the store, in whole rounds.
+    stored = ds.dataset(str(tmp_path / "store" / "samples"), format="parquet").to_table()
+    assert stored.num_rows > 0 and stored.num_rows % 16 == 0
+    assert len(set(stored["prompt_id"].to_pylist())) <= 2  # never a round of the failing prompt
+
+
+def test_a_store_written_by_another_setup_is_refused(tiny_models, tmp_path, reference):
+    mapping = _mapping(tiny_models, tmp_path)
+    mapping["store"] = {"path": str(reference / "store")}
+    mapping["generation"]["temperature"] = 0.7
+    with pytest.raises(ValueError, match="different setup.*sampling"):
+        run_job(from_mapping(JobConfig, mapping))
+
