@@ -159,8 +159,15 @@ def _init_ray(address: str) -> None:
     """
     import ray
 
-    if not ray.is_initialized():
-        target = address or os.environ.get("RAY_ADDRESS") or "local"
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    try:
+        ray.init(address=target, include_dashboard=False, log_to_driver=True)
+    except Exception as error:  # noqa: BLE001 - a loaded machine can miss Ray's fixed 30 s node start-up
+        if "timed out during startup" not in str(error):
+            raise
+        ray.shutdown()
         ray.init(address=target, include_dashboard=False, log_to_driver=True)
 
 

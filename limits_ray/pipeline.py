@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from limits_ray.config import JobConfig, RewardModelConfig
+from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import Quarantine, run_with_quarantine
 from limits_ray.io import PromptSamples
 from limits_ray.prompts import PromptSet
@@ -26,7 +26,10 @@ from limits_ray.reduce import Plan, StatisticsReducer, prompt_statistics
 from limits_ray.rounds import per_sample, round_lengths
 from limits_ray.store import SampleStore, flatten_rounds
 
-__all__ = ["PipelineError", "StageTimes", "Timed", "build_requests", "root_cause", "round_statistics", "run_stages"]
+__all__ = [
+    "PipelineError", "StageTimes", "Timed", "build_requests", "engine_remote_args", "generation_stage", "root_cause",
+    "round_statistics", "run_stages", "scorer_stage",
+]
 
 class PipelineError(RuntimeError):
     """A stage failed and the run stopped (``fail_fast``, or an error outside any round)."""
@@ -134,20 +137,19 @@ def round_statistics(
     return output
 
 
-def _engine_remote_args(num_gpus: float, num_cpus: float, tensor_parallel_size: int) -> dict[str, Any]:
-    """Ray remote arguments for an actor owning one vLLM engine.
+def engine_remote_args(generation: GenerationConfig) -> dict[str, Any]:
+    """Ray remote arguments for an actor owning one vLLM engine of ``generation.model``.
 
     Without GPUs the engine runs in the actor's process (the stage sets vLLM's CPU variables). With
-    tensor parallelism, the
-    actor takes no GPU itself and a PACK placement group of one ``{GPU: 1, CPU: 1}`` bundle per
-    shard is created for vLLM's Ray executor (as ``ray.data.llm`` does).
+    tensor parallelism, the actor takes no GPU itself and a PACK placement group of one
+    ``{GPU: 1, CPU: 1}`` bundle per shard is created for vLLM's Ray executor (as ``ray.data.llm``).
     """
-    args: dict[str, Any] = {"num_cpus": num_cpus}
-    if tensor_parallel_size == 1:
-        args["num_gpus"] = num_gpus
+    args: dict[str, Any] = {"num_cpus": generation.num_cpus}
+    if generation.tensor_parallel_size == 1:
+        args["num_gpus"] = generation.num_gpus
         return args
     args["num_gpus"] = 0
-    args["ray_remote_args_fn"] = _placement_group_strategy(tensor_parallel_size)
+    args["ray_remote_args_fn"] = _placement_group_strategy(generation.tensor_parallel_size)
     return args
 
 
@@ -176,7 +178,26 @@ class StageTimes:
                 self.busy[stage] = self.busy.get(stage, 0.0) + float(np.sum(values))
 
 
-def _scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, faults: dict[str, Any]):
+def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: bool, faults: dict[str, Any] | None = None,
+                     stage: type | None = None, name: str = "generate"):
+    """The actor pool sampling rounds with ``stage`` (default :class:`~limits_ray.generation.Generator`)."""
+    from ray.data import ActorPoolStrategy
+
+    from limits_ray.generation import Generator
+
+    return dataset.map_batches(
+        Timed,
+        fn_constructor_kwargs={
+            "stage": stage or Generator, "name": name, "config": generation,
+            "add_special_tokens": add_special_tokens, **(faults or {}),
+        },
+        compute=ActorPoolStrategy(size=generation.concurrency),
+        batch_size=generation.batch_size,
+        **engine_remote_args(generation),
+    )
+
+
+def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, faults: dict[str, Any] | None = None):
     """One actor pool scoring whole rounds; ``reward.batch_size`` samples per call, rounded to rounds."""
     from ray.data import ActorPoolStrategy
 
@@ -185,7 +206,7 @@ def _scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, fa
     return dataset.map_batches(
         Timed,
         fn_constructor_kwargs={
-            "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward, **faults,
+            "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward, **(faults or {}),
         },
         compute=ActorPoolStrategy(size=reward.concurrency),
         batch_size=max(1, reward.batch_size // samples_per_round),
@@ -202,9 +223,6 @@ def run_stages(
     Rounds that keep failing in generation or scoring go to ``quarantine`` unless ``config.fail_fast``.
     """
     import ray
-    from ray.data import ActorPoolStrategy
-
-    from limits_ray.generation import Generator
 
     generation = config.generation
     reward_names = [reward.name for reward in config.rewards]
@@ -217,18 +235,9 @@ def run_stages(
     }
     started = time.perf_counter()
     dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
-    dataset = dataset.map_batches(
-        Timed,
-        fn_constructor_kwargs={
-            "stage": Generator, "name": "generate", "config": generation,
-            "add_special_tokens": not config.prompts.chat_template, **faults,
-        },
-        compute=ActorPoolStrategy(size=generation.concurrency),
-        batch_size=generation.batch_size,
-        **_engine_remote_args(generation.num_gpus, generation.num_cpus, generation.tensor_parallel_size),
-    )
+    dataset = generation_stage(dataset, generation, not config.prompts.chat_template, faults)
     for reward in config.rewards:
-        dataset = _scorer_stage(dataset, reward, generation.n, faults)
+        dataset = scorer_stage(dataset, reward, generation.n, faults)
     dataset = dataset.map_batches(
         round_statistics,
         fn_kwargs={

@@ -1,0 +1,24 @@
+"""Policies against the frontier in one command (``limits-ray compare``), for `python` and `ray job submit`.
+
+    python jobs/policy.py --config configs/tiny_policies.yaml \
+        --blend runs/tiny-models/policy_blend=runs/tiny-models/policy,runs/tiny-models/policy_b,0.1
+
+``--blend OUT=BASE,OTHER,WEIGHT`` (repeatable) first saves the weight blend ``(1-w) BASE + w OTHER`` to
+OUT unless it exists (a stand-in for a mildly aligned checkpoint); every other flag goes to compare.
+"""
+
+import argparse
+import sys
+
+from limits_ray.cli import main
+from limits_ray.policy import blend_checkpoint
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--blend", action="append", default=[])
+    known, rest = parser.parse_known_args()
+    for spec in known.blend:
+        out, _, sources = spec.partition("=")
+        base, other, weight = sources.split(",")
+        print(f"blend {blend_checkpoint(base, other, float(weight), out)}")
+    sys.exit(main(["compare", *rest]))
