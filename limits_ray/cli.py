@@ -60,6 +60,14 @@ def _run(args: argparse.Namespace) -> int:
     from limits_ray.job import run_job
 
     config = load_yaml(JobConfig, args.config)
+    if config.adaptive.enabled:
+        from limits_ray.adaptive import run_adaptive
+
+        summary = run_adaptive(config)
+        for index, wave in enumerate(summary["waves"]):
+            print(f"wave {index}: {wave['samples']} samples, {wave['done']} of {summary['prompts']} prompts within tolerance")
+        print(f"results, plots, report.json and adaptive.json in {config.output_dir}")
+        return 0
     _, report = run_job(config)
     for line in report.summary_lines():
         print(line)

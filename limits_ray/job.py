@@ -26,7 +26,7 @@ from limits_ray.io import PromptSamples, iter_prompts, read_samples
 from limits_ray.reduce import ReduceResult, StatisticsReducer, prompt_statistics
 from limits_ray.store import SampleStore
 
-__all__ = ["RunReport", "check_model_path", "run_job", "setup_identity"]
+__all__ = ["RunReport", "check_model_path", "model_fingerprint", "run_job", "setup_identity"]
 
 
 def check_model_path(model: str, where: str) -> None:
@@ -38,16 +38,24 @@ def check_model_path(model: str, where: str) -> None:
         raise ConfigError(f"{where}: model path {model!r} does not exist; build it (limits-ray make-tiny-models) or fix the path")
 
 
-def _fingerprint(model: str) -> str:
-    """A content fingerprint of a local model directory (config and weight file sizes), else its name."""
+def model_fingerprint(model: str) -> str:
+    """A cheap content hash of a local model directory: each weight/config file's name, size, first
+    and last 64 KiB, so a retrained model of the same shape (a new revision) differs without reading
+    gigabytes. Hub names (not local directories) hash as themselves.
+    """
     path = Path(model).expanduser()
     if not path.is_dir():
         return model
-    digest = hashlib.sha1()
-    for file in sorted(path.iterdir()):
-        if file.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"}:
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes() if file.suffix == ".json" else str(file.stat().st_size).encode())
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.suffix in {".safetensors", ".bin", ".pt", ".gguf", ".json", ".model"}:
+            size = file.stat().st_size
+            digest.update(f"{file.relative_to(path)}:{size}".encode())
+            with file.open("rb") as handle:
+                digest.update(handle.read(1 << 16))
+                if size > 1 << 17:
+                    handle.seek(-(1 << 16), os.SEEK_END)
+                    digest.update(handle.read(1 << 16))
     return digest.hexdigest()[:16]
 
 
@@ -55,7 +63,7 @@ def setup_identity(config: JobConfig) -> dict[str, Any]:
     """What must stay the same for samples to belong to one series (the store's manifest)."""
     generation = config.generation
     return {
-        "base_model": _fingerprint(generation.model),
+        "base_model": model_fingerprint(generation.model),
         "sampling": {
             "n": generation.n, "seed": generation.seed, "temperature": generation.temperature,
             "top_p": generation.top_p, "max_tokens": generation.max_tokens, "stop": list(generation.stop),
@@ -63,7 +71,7 @@ def setup_identity(config: JobConfig) -> dict[str, Any]:
         "prompt_rendering": {"template": config.prompts.template, "chat_template": config.prompts.chat_template},
         "rewards": {
             reward.name: {
-                "kind": reward.kind, "model": _fingerprint(reward.model) if reward.model else reward.function,
+                "kind": reward.kind, "model": model_fingerprint(reward.model) if reward.model else reward.function,
                 "input_template": reward.input_template, "chat_template": reward.chat_template,
             }
             for reward in config.rewards

@@ -14,7 +14,10 @@ import pyarrow.compute as pc  # noqa: E402
 
 from limits_ray.reduce import ReduceResult  # noqa: E402
 
-__all__ = ["write_plots", "plot_frontier", "plot_convergence", "plot_ess"]
+__all__ = [
+    "write_plots", "plot_frontier", "plot_convergence", "plot_ess", "plot_convergence_bands", "plot_frontier_by_n",
+    "plot_ess_prompts", "ess_source",
+]
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str]]:
@@ -39,7 +42,7 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
     pairs = _pairs(result.frontier_mean)
     columns = min(2, len(pairs))
     rows = -(-len(pairs) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 4.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows), squeeze=False)
     for axis in axes.flat[len(pairs):]:
         axis.set_visible(False)
     for axis, (align, evaluation) in zip(axes.flat, pairs):
@@ -47,6 +50,7 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
         for prompt_id in sorted(set(per_prompt["prompt_id"].to_pylist()))[:50]:
             rows = per_prompt.filter(pc.equal(per_prompt["prompt_id"], prompt_id))
             axis.plot(rows["kl"].to_numpy(), rows["gain"].to_numpy(), color="0.75", lw=0.5, zorder=1)
+        axis.plot([], [], color="0.75", lw=0.5, label="one prompt")
         mean = _select(result.frontier_mean, align, evaluation)
         kl, gain, band = mean["kl"].to_numpy(), mean["gain"].to_numpy(), 1.96 * mean["gain_se"].to_numpy()
         axis.fill_between(kl, gain - band, gain + band, color="C0", alpha=0.3, zorder=2, label="95% band")
@@ -62,7 +66,7 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
         axis.set_title(f"align {align}, eval {evaluation}", fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="upper left")
-    figure.suptitle(f"{title}: KL-reward frontier ({prompts} prompts, N = {samples} samples per prompt)")
+    figure.suptitle(f"{title}: KL-reward frontier ({prompts} prompts, N = {samples} samples per prompt)", fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -118,12 +122,188 @@ def plot_ess(result: ReduceResult, path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def _shown_betas(betas: np.ndarray, count: int = 5) -> np.ndarray:
+    """Up to ``count`` betas spread evenly (in index) over the grid."""
+    betas = np.unique(betas)
+    return betas[np.unique(np.linspace(0, betas.size - 1, min(count, betas.size)).round().astype(int))]
+
+
+def _self_pairs(table: pa.Table, limit: int = 4) -> list[tuple[str, str]]:
+    """(align, eval) pairs, those evaluating the alignment reward itself first, at most ``limit``."""
+    pairs = _pairs(table)
+    return sorted(pairs, key=lambda pair: (pair[0] != pair[1], pair))[:limit]
+
+
+def _complete(table: pa.Table) -> pa.Table:
+    """Rows of a summary that every prompt reached (``prompts`` at its maximum)."""
+    prompts = table["prompts"].to_numpy()
+    return table.filter(pa.array(prompts == prompts.max())) if table.num_rows else table
+
+
+def plot_convergence_bands(summary: pa.Table, path: Path, title: str, settle: pa.Table | None = None) -> bool:
+    """Prompt-mean gain and KL against N for a few betas of the first (align, eval) pair, with bands.
+
+    ``summary`` is :func:`limits_ray.study.summarize` output. Dark band: 95% Monte Carlo interval
+    of the prompt mean (when the summary has ``*_mc_se``); light band: 95% interval from the spread
+    across prompts. A vertical tick marks the N where the series settles (``settle``). Returns
+    whether a figure was written.
+    """
+    if summary.num_rows == 0:
+        return False
+    summary = _complete(summary)
+    align, evaluation = _self_pairs(summary, 1)[0]
+    table = _select(summary, align, evaluation)
+    if np.unique(table["n_samples"].to_numpy()).size > 2:  # N = 1: gain and KL are 0 by construction
+        table = table.filter(pc.greater(table["n_samples"], 1))
+    shown = _shown_betas(table["beta"].to_numpy())
+    prompts = int(table["prompts"].to_numpy().max())
+    n_max = int(table["n_samples"].to_numpy().max())
+    figure, axes = plt.subplots(1, 2, figsize=(14.0, 4.6))
+    lowest = np.inf
+    for color, beta in enumerate(shown):
+        rows = table.filter(pc.equal(table["beta"], beta)).sort_by("n_samples")
+        n = rows["n_samples"].to_numpy()
+        match = None
+        if settle is not None and settle.num_rows:
+            match = _select(settle, align, evaluation)
+            match = match.filter(pc.equal(match["beta"], beta))
+            match = match if match.num_rows else None
+        label = f"β = {beta:.3g}" + ("" if match is None or match["settled"][0].as_py() else " (not settled)")
+        for axis, name in zip(axes, ("gain", "kl")):
+            mean = rows[name].to_numpy()
+            lowest = min(lowest, float(np.min(mean)))
+            axis.plot(n, mean, "o-", color=f"C{color}", ms=3, lw=1.5, label=label)
+            floor = np.abs(mean) / 20  # log axis: clip bands that reach below zero
+            spread = 1.96 * np.nan_to_num(rows[f"{name}_spread_se"].to_numpy())
+            axis.fill_between(n, np.maximum(mean - spread, floor), mean + spread, color=f"C{color}", alpha=0.12, lw=0)
+            if f"{name}_mc_se" in rows.column_names:
+                band = 1.96 * np.nan_to_num(rows[f"{name}_mc_se"].to_numpy())
+                axis.fill_between(n, np.maximum(mean - band, floor), mean + band, color=f"C{color}", alpha=0.3, lw=0)
+            if match is not None and match["settled"][0].as_py():
+                at = max(int(match[f"settle_n_{name}"][0].as_py()), int(n[0]))
+                axis.plot([at], [mean[np.searchsorted(n, at)]], marker="v", ms=9, color=f"C{color}",
+                          markeredgecolor="k", zorder=5)
+    labels = (f"gain in {evaluation}  [reward units]", "KL(π_β ‖ π₀)  [nats]")
+    for axis, label in zip(axes, labels):
+        axis.set_xscale("log", base=2)
+        if lowest > 0:
+            axis.set_yscale("log")
+        else:
+            axis.set_yscale("symlog", linthresh=1e-3)
+        axis.set_xlabel("samples per prompt N")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    has_mc = "gain_mc_se" in table.column_names
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                   title_fontsize=8, title="prompt mean; 95% bands: "
+                   + ("dark Monte Carlo,\nlight spread across prompts" if has_mc else "spread across prompts"))
+    note = "\n▼: N from which the mean stays within tolerance of its largest-N value" if settle is not None else ""
+    figure.suptitle(f"{title}: convergence of gain and KL, align {align} ({prompts} prompts, N ≤ {n_max}){note}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def plot_frontier_by_n(summary: pa.Table, path: Path, title: str) -> bool:
+    """The prompt-averaged frontier estimated from the first N samples, for several N (the paper's Fig. 4)."""
+    if summary.num_rows == 0:
+        return False
+    summary = _complete(summary)
+    pairs = _self_pairs(summary)
+    prompts = int(summary["prompts"].to_numpy().max())
+    all_n = np.unique(summary["n_samples"].to_numpy())
+    shown_n = all_n[all_n >= min(4, all_n.max())]
+    shown_n = shown_n[np.unique(np.linspace(0, shown_n.size - 1, min(6, shown_n.size)).round().astype(int))]
+    colors = plt.cm.viridis(np.linspace(0.0, 0.9, shown_n.size))
+    columns = min(2, len(pairs))
+    rows_count = -(-len(pairs) // columns)
+    figure, axes = plt.subplots(rows_count, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows_count), squeeze=False)
+    for axis in axes.flat[len(pairs):]:
+        axis.set_visible(False)
+    for axis, (align, evaluation) in zip(axes.flat, pairs):
+        table = _select(summary, align, evaluation)
+        for color, n in zip(colors, shown_n):
+            rows = table.filter(pc.equal(table["n_samples"], int(n))).sort_by("beta")
+            axis.plot(rows["kl"].to_numpy(), rows["gain"].to_numpy(), "o-", ms=2.5, lw=1.4, color=color, label=f"N = {n}")
+        axis.set_xscale("symlog", linthresh=0.01)
+        axis.set_xlabel("KL(π_β ‖ π₀)  [nats]")
+        axis.set_ylabel(f"gain in {evaluation}  [reward units]")
+        axis.set_title(f"align {align}, eval {evaluation}", fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper left")
+    figure.suptitle(f"{title}: frontier estimated from N samples per prompt ({prompts} prompts, N ≤ {shown_n.max()})",
+                    fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def ess_source(frontier: pa.Table) -> pa.Table:
+    """ESS rows (align, prompt_id, beta, n_samples, ess) from a frontier table (one eval per align)."""
+    rows = frontier.filter(pc.equal(frontier["align"], frontier["eval"]))
+    if rows.num_rows == 0:
+        rows = frontier
+    table = pa.table({"align": rows["align"], "prompt_id": rows["prompt_id"], "beta": rows["beta"],
+                      "n_samples": rows["n"], "ess": rows["ess"]})
+    _, keep = np.unique(np.stack([np.asarray(table["align"].to_pylist(), dtype=object).astype(str),
+                                  np.asarray(table["prompt_id"].to_pylist(), dtype=object).astype(str),
+                                  table["beta"].to_numpy().astype(str)]), axis=1, return_index=True)
+    return table.take(pa.array(np.sort(keep)))
+
+
+def plot_ess_prompts(ess: pa.Table, path: Path, title: str) -> bool:
+    """Kish ESS against beta: one thin line per prompt, the median over prompts bold, N dashed; per align."""
+    if ess.num_rows == 0:
+        return False
+    aligns = sorted(set(ess["align"].to_pylist()))[:4]
+    columns = min(2, len(aligns))
+    rows_count = -(-len(aligns) // columns)
+    figure, axes = plt.subplots(rows_count, columns, figsize=(max(5.8 * columns, 8.5), 4.3 * rows_count), squeeze=False)
+    for axis in axes.flat[len(aligns):]:
+        axis.set_visible(False)
+    prompts = len(set(ess["prompt_id"].to_pylist()))
+    n_values = ess["n_samples"].to_numpy()
+    for axis, align in zip(axes.flat, aligns):
+        table = ess.filter(pc.equal(ess["align"], align))
+        for prompt_id in sorted(set(table["prompt_id"].to_pylist()))[:100]:
+            rows = table.filter(pc.equal(table["prompt_id"], prompt_id)).sort_by("beta")
+            axis.plot(rows["beta"].to_numpy(), rows["ess"].to_numpy(), color="0.6", lw=0.6, zorder=1)
+        betas = np.unique(table["beta"].to_numpy())
+        all_betas, values = table["beta"].to_numpy(), table["ess"].to_numpy()
+        median = [np.median(values[all_betas == beta]) for beta in betas]
+        axis.plot(betas, median, "o-", color="C0", ms=3, lw=2, zorder=3, label="median over prompts")
+        axis.plot([], [], color="0.6", lw=0.6, label="one prompt")
+        n = int(np.median(table["n_samples"].to_numpy()))
+        axis.axhline(n, color="C3", ls="--", lw=1, label=f"N = {n} samples")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_ylim(0.8, n * 1.6)
+        axis.set_xlabel("β (KL penalty)  [reward units]")
+        axis.set_ylabel("effective sample size (Kish)  [samples]")
+        axis.set_title(f"align {align}", fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="lower right")
+    figure.suptitle(f"{title}: ESS against β ({prompts} prompts, N = {int(np.median(n_values))} per prompt)", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def write_plots(result: ReduceResult, out_dir: str | Path, title: str) -> list[Path]:
-    """Write frontier.png, convergence.png and ess.png into ``out_dir``; returns the paths written."""
+    """Write frontier.png, convergence.png, ess.png and frontier_by_n.png into ``out_dir``; returns the paths."""
+    from limits_ray.study import summarize
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "frontier.png", out_dir / "convergence.png", out_dir / "ess.png"]
+    paths = [out_dir / "frontier.png", out_dir / "convergence.png", out_dir / "ess.png", out_dir / "frontier_by_n.png"]
     plot_frontier(result, paths[0], title)
-    plot_convergence(result, paths[1], title)
-    plot_ess(result, paths[2], title)
+    if result.convergence.num_rows:
+        summary = summarize(result.convergence)
+        plot_convergence_bands(summary, paths[1], title)
+        plot_frontier_by_n(summary, paths[3], title)
+    if result.frontier.num_rows:
+        plot_ess_prompts(ess_source(result.frontier), paths[2], title)
     return [path for path in paths if path.exists()]

@@ -1,0 +1,41 @@
+"""Nightly incremental recomputation (see limits_ray/nightly.py).
+
+    python jobs/nightly.py --config configs/tiny_nightly.yaml [--date 2026-11-28]
+    ray job submit --working-dir . -- python jobs/nightly.py --config configs/pythia_tldr.yaml
+
+Adds ``nightly.rounds_per_night`` new rounds per prompt to the series' sample store, recomputes
+every result from the stored statistics, and writes ``<root>/<date>/`` and ``<root>/latest/``.
+Rerunning a completed date does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from limits_ray.config import ConfigError, JobConfig, load_yaml
+from limits_ray.nightly import run_night, today
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="job config YAML (its nightly: section)")
+    parser.add_argument("--date", default=None, help="the night, YYYY-MM-DD (default: today, UTC)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_yaml(JobConfig, args.config)
+        night = run_night(config, args.date or today())
+    except (ConfigError, ValueError) as error:
+        print(f"nightly: error: {error}", file=sys.stderr)
+        return 2
+    if not night.ran:
+        print(f"night {night.date} (series {night.series}) is already complete: nothing to do ({night.results_dir})")
+    else:
+        print(f"night {night.date} (series {night.series}): {night.rounds_generated} rounds generated, "
+              f"{night.samples} samples in all; results in {night.results_dir}"
+              + (" and latest/" if night.latest_updated else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

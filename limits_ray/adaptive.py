@@ -1,0 +1,143 @@
+"""Adaptive sampling: stop sampling a prompt once its estimates are tight, spend the rest on wide ones.
+
+:func:`plan_wave` is the pure decision: given each prompt's ``gain_se`` and ``kl_se`` over the beta
+grid (the worst over its (align, eval) pairs) and its current sample count, it returns the sample
+count each prompt should reach next. A prompt is *done* when ``gain_se <= gain_tol`` and
+``kl_se <= kl_tol`` at every beta (NaN counts as wide). A wide prompt is projected to need
+``n * max_b (se_b / tol)^2`` samples (``se ~ 1/sqrt(n)``); it gets that, at least one step and at
+most ``growth`` times what it has (the projection is noisy while the ESS is small), capped by the
+per-prompt maximum. When a total budget is left for fewer samples than asked for, the widest
+prompts (largest ``se / tol``) are served first.
+
+:func:`run_adaptive` drives :func:`limits_ray.job.run_job` in waves with per-prompt round
+targets (all rounds stay in the sample store, so each wave only generates its new rounds).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from limits_ray.config import JobConfig
+
+__all__ = ["WavePlan", "plan_wave", "prompt_errors", "run_adaptive", "worst_ratio"]
+
+
+def worst_ratio(gain_se: np.ndarray, kl_se: np.ndarray, gain_tol: float, kl_tol: float) -> np.ndarray:
+    """``[P]``: ``max_b max(gain_se / gain_tol, kl_se / kl_tol)``; ``inf`` where any se is NaN."""
+    gain_se, kl_se = np.atleast_2d(np.asarray(gain_se, float)), np.atleast_2d(np.asarray(kl_se, float))
+    ratio = np.maximum(gain_se / gain_tol, kl_se / kl_tol)
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)
+    return ratio.max(axis=1)
+
+
+@dataclass
+class WavePlan:
+    """One wave's decision: per prompt the samples to reach, and why."""
+
+    targets: np.ndarray  # [P] samples each prompt should have after the wave
+    done: np.ndarray  # [P] bool: under tolerance at every beta
+    capped: np.ndarray  # [P] bool: wide but at the per-prompt maximum (or out of total budget)
+    ratio: np.ndarray  # [P] worst se / tol
+    samples: np.ndarray  # [P] samples before the wave
+
+    @property
+    def finished(self) -> bool:
+        """No prompt gets more samples."""
+        return bool(np.all(self.targets <= self.samples))
+
+
+def plan_wave(gain_se: np.ndarray, kl_se: np.ndarray, samples: np.ndarray, gain_tol: float, kl_tol: float,
+              max_samples: int, step: int, growth: float = 4.0, budget_left: float = np.inf) -> WavePlan:
+    """The sample count each prompt should reach next (pure numpy; see the module doc).
+
+    Args:
+        gain_se, kl_se: ``[P, B]`` standard errors at the current sample counts.
+        samples: ``[P]`` current samples per prompt.
+        gain_tol, kl_tol: the tolerances on every beta's standard errors.
+        max_samples: the per-prompt cap.
+        step: the granularity (samples of one round); targets are multiples of it.
+        growth: at most this factor over the current count per wave.
+        budget_left: total new samples this and later waves may still use.
+    """
+    samples = np.asarray(samples, dtype=np.int64)
+    ratio = worst_ratio(gain_se, kl_se, gain_tol, kl_tol)
+    done = ratio <= 1.0
+    projected = np.where(np.isfinite(ratio), samples * np.square(np.minimum(ratio, 1e6)), np.inf)
+    wanted = np.minimum(np.maximum(projected, samples + step), samples * growth)
+    wanted = np.ceil(np.minimum(wanted, max_samples) / step) * step
+    wanted = np.minimum(wanted, (max_samples // step) * step).astype(np.int64)
+    targets = np.where(done, samples, np.maximum(wanted, samples))
+    # Spend a limited budget on the widest prompts first.
+    extra = targets - samples
+    if extra.sum() > budget_left:
+        left = int(budget_left // step) * step
+        granted = np.zeros_like(extra)
+        for index in np.argsort(-ratio, kind="stable"):
+            give = min(int(extra[index]), left)
+            granted[index] = give
+            left -= give
+        targets = samples + granted
+    capped = ~done & (targets <= samples)
+    return WavePlan(targets=targets, done=done, capped=capped, ratio=ratio, samples=samples)
+
+
+def prompt_errors(frontier: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """``(prompt_ids, gain_se [P, B], kl_se [P, B], n [P])`` from a frontier table, worst over (align, eval)."""
+    prompt_ids = sorted(set(frontier["prompt_id"].to_pylist()))
+    betas = np.unique(frontier["beta"].to_numpy())
+    row_of = {prompt_id: index for index, prompt_id in enumerate(prompt_ids)}
+    rows = np.array([row_of[p] for p in frontier["prompt_id"].to_pylist()])
+    columns = np.searchsorted(betas, frontier["beta"].to_numpy())
+    gain_se = np.full((len(prompt_ids), betas.size), -np.inf)
+    kl_se = np.full((len(prompt_ids), betas.size), -np.inf)
+    gain, kl = frontier["gain_se"].to_numpy(), frontier["kl_se"].to_numpy()
+    np.fmax.at(gain_se, (rows, columns), np.where(np.isnan(gain), np.inf, gain))
+    np.fmax.at(kl_se, (rows, columns), np.where(np.isnan(kl), np.inf, kl))
+    n = np.zeros(len(prompt_ids), dtype=np.int64)
+    np.maximum.at(n, rows, frontier["n"].to_numpy())
+    return prompt_ids, gain_se, kl_se, n
+
+
+def run_adaptive(config: JobConfig, total_samples: int = 0) -> dict[str, Any]:
+    """Sample adaptively (``config.adaptive``): waves of :func:`run_job` until every prompt is tight.
+
+    The first wave draws ``generation.samples_per_prompt`` per prompt; each later wave brings the
+    still-wide prompts to :func:`plan_wave`'s targets. ``total_samples`` (0: ``adaptive.total_samples``,
+    and if that is 0 too, no total cap) bounds the samples of all prompts together. The final
+    results are those of the last wave, in ``output_dir``; ``adaptive.json`` there records each wave.
+    """
+    from limits_ray.job import run_job
+
+    adaptive = config.adaptive
+    n = config.generation.n
+    total = total_samples or adaptive.total_samples
+    max_samples = max(adaptive.max_samples_per_prompt, config.generation.samples_per_prompt)
+    targets: dict[str, int] | None = None
+    waves = []
+    while True:
+        result, report = run_job(config, round_targets=targets)
+        prompt_ids, gain_se, kl_se, samples = prompt_errors(result.frontier)
+        used = int(samples.sum())
+        plan = plan_wave(gain_se, kl_se, samples, adaptive.gain_se, adaptive.kl_se, max_samples,
+                         step=n * max(1, adaptive.rounds_per_wave), growth=adaptive.growth, budget_left=(total - used) if total else np.inf)
+        waves.append({
+            "samples": used, "rounds_generated": report.rounds_generated, "done": int(plan.done.sum()),
+            "capped": int(plan.capped.sum()), "worst_ratio": float(np.max(plan.ratio)),
+        })
+        if plan.finished or len(waves) >= 64:
+            break
+        targets = {prompt_id: int(target // n) for prompt_id, target in zip(prompt_ids, plan.targets)}
+    summary = {
+        "waves": waves, "samples": used, "prompts": len(prompt_ids),
+        "samples_per_prompt": {prompt_id: int(value) for prompt_id, value in zip(prompt_ids, samples)},
+        "done": [prompt_id for prompt_id, flag in zip(prompt_ids, plan.done) if flag],
+        "gain_tol": adaptive.gain_se, "kl_tol": adaptive.kl_se,
+    }
+    Path(config.output_dir, "adaptive.json").write_text(json.dumps(summary, indent=2))
+    return summary

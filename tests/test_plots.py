@@ -1,0 +1,36 @@
+"""The figures: every plot writes a legible PNG from small tables, with counts in its title."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from limits_ray.plots import ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier_by_n, write_plots
+from limits_ray.reduce import reduce_table
+from limits_ray.config import AnalysisConfig
+from limits_ray.study import settle_table, summarize
+
+
+def _result():
+    rng = np.random.default_rng(0)
+    n = 128
+    table = pa.table({"prompt_id": np.repeat(["a", "b", "c"], n), "sample_idx": np.tile(np.arange(n), 3),
+                      "r": rng.normal(0, 1, 3 * n)})
+    return reduce_table(table, ["r"], AnalysisConfig(betas="0.3:10:6"))
+
+
+def test_write_plots_keeps_its_signature_and_writes_four_figures(tmp_path):
+    paths = write_plots(_result(), tmp_path, title="plots")
+    assert sorted(p.name for p in paths) == ["convergence.png", "ess.png", "frontier.png", "frontier_by_n.png"]
+    assert all(p.stat().st_size > 20_000 for p in paths)
+
+
+def test_each_plot_reports_whether_it_drew(tmp_path):
+    result = _result()
+    summary = summarize(result.convergence)
+    assert plot_convergence_bands(summary, tmp_path / "c.png", "t", settle=settle_table(summary))
+    assert plot_frontier_by_n(summary, tmp_path / "f.png", "t")
+    ess = ess_source(result.frontier)
+    assert ess.num_rows == 3 * 6 and plot_ess_prompts(ess, tmp_path / "e.png", "t")
+    assert not plot_convergence_bands(summary.slice(0, 0), tmp_path / "none.png", "t")
+    assert not (tmp_path / "none.png").exists()

@@ -1,0 +1,43 @@
+"""`limits-ray report` on a reduced result: the figures and the one-page summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from limits_ray.cli import main
+from limits_ray.config import AnalysisConfig
+from limits_ray.reduce import reduce_samples
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    prompts, n = 4, 256
+    table = pa.table({
+        "prompt_id": np.repeat([f"p{i}" for i in range(prompts)], n), "sample_idx": np.tile(np.arange(n), prompts),
+        "gold": rng.normal(0, 1, prompts * n), "proxy": rng.normal(0, 1, prompts * n),
+    })
+    root = tmp_path_factory.mktemp("report")
+    pq.write_table(table, root / "samples.parquet")
+    result = reduce_samples(root / "samples.parquet", AnalysisConfig(betas="0.1:10:9", align=("gold", "proxy"), evals=("gold",)))
+    result.write(root / "results")
+    return root / "results"
+
+
+def test_report_writes_figures_and_summary(results, tmp_path, capsys):
+    assert main(["report", str(results), "--out", str(tmp_path), "--title", "synthetic"]) == 0
+    for name in ("frontier.png", "convergence.png", "frontier_by_n.png", "ess.png"):
+        assert (tmp_path / name).stat().st_size > 20_000, name
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# synthetic") and "4 prompts, N = 256 samples per prompt, 9 betas" in text
+    assert "![" in text and "(frontier.png)" in text and "## Convergence" in text
+    assert "| gold | gold | 0.5 |" in text  # the frontier at a KL budget
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_report_of_a_directory_without_results_fails_cleanly(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "frontier.parquet does not exist" in capsys.readouterr().err
