@@ -512,7 +512,8 @@ def compare(config: JobConfig, options: CompareOptions = CompareOptions()) -> Co
         ensembles = ensemble_table(base, options.gold, options.members, options.noise, beta)
         write_table(ensembles, output / "ensembles.parquet")
     paths = write_compare_report(
-        output, title=config.name, result=result, policies=policies, proxy_gold=proxy_gold, ensembles=ensembles,
+        output, title=f"{config.name} ({len(prompt_ids)} prompts, N = {config.generation.samples_per_prompt} base samples per prompt)",
+        result=result, policies=policies, proxy_gold=proxy_gold, ensembles=ensembles,
         gold=options.gold, proxy=options.proxy, seconds=time.perf_counter() - started,
     )
     return CompareResult(policies, proxy_gold, ensembles, paths)
