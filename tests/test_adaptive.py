@@ -78,12 +78,10 @@ def test_adaptive_loop_reaches_the_tolerance_with_fewer_samples_than_uniform():
 
 
 @pytest.mark.slow
-def test_run_adaptive_on_the_tiny_models(tiny_models, tmp_path):
+def test_run_adaptive_on_the_tiny_models(tiny_models, tmp_path, ray_local):
     import json
 
     import pyarrow.parquet as pq
-    import ray
-
     from limits_ray.adaptive import run_adaptive
     from _tiny import tiny_job
 
@@ -95,11 +93,7 @@ def test_run_adaptive_on_the_tiny_models(tiny_models, tmp_path):
         analysis={"betas": "1:10:3", "align": ["length"]},
         adaptive={"enabled": True, "gain_se": tol, "kl_se": tol, "max_samples_per_prompt": 64},
     )
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = run_adaptive(config)
-    finally:
-        ray.shutdown()
+    summary = run_adaptive(config)
     frontier = pq.read_table(tmp_path / "frontier.parquet")
     ids, gain_se, kl_se, n = prompt_errors(frontier)
     assert json.loads((tmp_path / "adaptive.json").read_text())["samples"] == int(n.sum()) == summary["samples"]

@@ -51,16 +51,10 @@ def test_next_targets_continue_after_the_largest_stored_round(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_nights_then_a_noop_rerun(tiny_models, tmp_path):
-    import ray
-
+def test_two_nights_then_a_noop_rerun(tiny_models, tmp_path, ray_local):
     config = _config(tiny_models, tmp_path)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        first = run_night(config, "2026-01-01")
-        second = run_night(config, "2026-01-02")
-    finally:
-        ray.shutdown()
+    first = run_night(config, "2026-01-01")
+    second = run_night(config, "2026-01-02")
     root = tmp_path / "nightly"
     assert first.ran and first.rounds_generated == 3 * 2 and first.samples == 3 * 32
     assert second.ran and second.rounds_generated == 3 * 1 and second.samples == 3 * 48

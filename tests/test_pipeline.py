@@ -20,15 +20,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_run(tiny_models, tmp_path_factory, ray_local):
     config = tiny_job(tiny_models, tmp_path_factory.mktemp("run"))
     result, report = run_job(config)

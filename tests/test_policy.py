@@ -19,15 +19,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def compared(tiny_models, tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("compare")
     blend = blend_checkpoint(tiny_models.policy, tiny_models.policy_b, 0.1, out / "policy_blend")

@@ -66,9 +66,7 @@ def test_prefix_table_has_errors_and_ess_on_known_gaussian_rewards(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_generates_only_missing_rounds(tiny_models, tmp_path):
-    import ray
-
+def test_study_generates_only_missing_rounds(tiny_models, tmp_path, ray_local):
     from limits_ray.job import run_job
     from limits_ray.study import run_study
 
@@ -78,12 +76,8 @@ def test_study_generates_only_missing_rounds(tiny_models, tmp_path):
                   "num_cpus": 0.25}],
         analysis={"betas": "0.1:10:5", "align": ["length"]},
     )
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        run_job(config)  # 2 rounds per prompt in the store
-        result = run_study(config, max_n=64)
-    finally:
-        ray.shutdown()
+    run_job(config)  # 2 rounds per prompt in the store
+    result = run_study(config, max_n=64)
     out = Path(config.output_dir) / "study-N64"
     saved = json.loads((out / "study.json").read_text())
     assert saved["rounds_generated"] == 3 * 2 and saved["rounds_from_store"] == 3 * 2
