@@ -39,7 +39,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -49,8 +48,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import DOCS, cpu_description, update_docs  # noqa: E402
+
 SECTION = "## Pipeline overhead (bench/bench_pipeline.py)"
-DOCS = ROOT / "docs" / "benchmarks.md"
 TARGET_OVERHEAD = 0.15
 
 PROMPTS = (
@@ -461,18 +461,9 @@ def fixed_costs(side: str, result: dict) -> float:
 
 
 def machine() -> dict[str, str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or "unknown"
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": f"{model}, {os.cpu_count()} logical ({affinity} usable)",
+        "cpu": cpu_description(),
         "python": platform.python_version(),
         "load": " / ".join(f"{value:.2f}" for value in os.getloadavg()),
         "memory": "",
@@ -568,21 +559,6 @@ def render(args, info: dict, runs: list[tuple[str, dict]], summary: dict, params
 
 
 READING_PLACEHOLDER = "<!-- reading -->"
-
-
-def update_docs(section: str, path: Path = DOCS) -> None:
-    """Replace this benchmark's section of ``path`` (or append it), leaving other sections alone."""
-    text = path.read_text() if path.exists() else (
-        "# Benchmarks\n\nOne section per benchmark script; each script rewrites only its own section.\n")
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION), None)
-    if start is None:
-        new_text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if re.match(r"## (?!#)", lines[i])), len(lines))
-        before, after = "".join(lines[:start]), "".join(lines[end:])
-        new_text = before + section + ("\n" + after if after else "")
-    path.write_text(new_text.rstrip("\n") + "\n")
 
 
 def reading(args, summary: dict) -> str:
@@ -690,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "summary.json").write_text(json.dumps({"runs": runs, "summary": summary, "info": info}, indent=2,
                                                   default=str))
     if not args.no_docs:
-        update_docs(section.replace(READING_PLACEHOLDER, text))
+        update_docs(SECTION, section.replace(READING_PLACEHOLDER, text))
         print(f"updated {DOCS.relative_to(ROOT)}")
     return 0
 

@@ -39,7 +39,6 @@ for _variable in (
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
@@ -50,12 +49,12 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import DOCS, cpu_description, cpu_model, update_docs  # noqa: E402
 from limits_ray.bon import best_of_n  # noqa: E402
 from limits_ray.convergence import DyadicStats  # noqa: E402
 from limits_ray.stats import TiltStats  # noqa: E402
 
 SECTION = "## Statistics core (bench/bench_stats.py)"
-DOCS = ROOT / "docs" / "benchmarks.md"
 N_BETAS = 64
 N_COLUMNS = 4
 STREAM_CHUNK = 1000  # samples per arriving batch in the streamed measurements
@@ -192,14 +191,6 @@ def memory_rows(sizes: list[int]) -> list[tuple[int, float, float, float, float,
 
 def machine() -> dict[str, str]:
     """CPU model, cores, numpy and BLAS versions."""
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or "unknown"
     blas = "unknown"
     try:
         config = np.show_config(mode="dicts")
@@ -207,11 +198,10 @@ def machine() -> dict[str, str]:
         blas = f"{info.get('name', '?')} {info.get('version', '')}".strip()
     except Exception:  # noqa: BLE001 - informational only
         pass
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": model,
-        "cores": f"{os.cpu_count()} logical ({affinity} usable); benchmark pinned to 1 thread",
+        "cpu": cpu_model(),
+        "cores": cpu_description().split(", ", 1)[-1] + "; benchmark pinned to 1 thread",
         "python": platform.python_version(),
         "numpy": f"{np.__version__} (BLAS: {blas})",
         "load": " / ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
@@ -276,26 +266,6 @@ def render(info: dict[str, str], rows, updates: float, n_samples: int, repeats: 
     return "\n".join(lines)
 
 
-def update_docs(section: str, path: Path = DOCS) -> None:
-    """Replace this benchmark's section of ``path`` (or append it), leaving other sections alone."""
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = "# Benchmarks\n\nOne section per benchmark script; each script rewrites only its own section.\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION), None)
-    if start is None:
-        new_text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if re.match(r"## (?!#)", lines[i])), len(lines)
-        )
-        before, after = "".join(lines[:start]), "".join(lines[end:])
-        new_text = before + section + ("\n" + after if after else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new_text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100_000, help="N of the throughput measurement")
@@ -314,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     print(section)
     print(f"(benchmark took {time.perf_counter() - began:.1f} s)")
     if not args.no_docs:
-        update_docs(section)
+        update_docs(SECTION, section)
         print(f"updated {DOCS.relative_to(ROOT)}")
     return 0
 

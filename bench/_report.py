@@ -1,0 +1,43 @@
+"""What every benchmark script shares: the machine's description and its section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = "# Benchmarks\n\nOne section per benchmark script; each script rewrites only its own section.\n"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_description() -> str:
+    """``<model>, <n> logical (<m> usable)``."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()}, {os.cpu_count()} logical ({usable} usable)"
+
+
+def update_docs(title: str, section: str, path: Path = DOCS) -> None:
+    """Replace the section headed ``title`` in ``path`` by ``section`` (or append it); others stay."""
+    text = path.read_text() if path.exists() else HEADER
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == title), None)
+    if start is None:
+        new_text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if re.match(r"## (?!#)", lines[i])), len(lines))
+        before, after = "".join(lines[:start]), "".join(lines[end:])
+        new_text = before + section.rstrip("\n") + "\n" + ("\n" + after if after else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new_text.rstrip("\n") + "\n")
