@@ -20,7 +20,7 @@ from limits_ray.reward_spec import RewardSpec
 
 __all__ = [
     "AdaptiveConfig", "AnalysisConfig", "ConfigError", "GenerationConfig", "JobConfig", "NightlyConfig",
-    "PolicyConfig", "PromptsConfig", "RewardModelConfig", "StoreConfig", "from_mapping", "load_yaml", "parse_betas",
+    "PolicyConfig", "PromptsConfig", "RewardModelConfig", "StorageConfig", "StoreConfig", "from_mapping", "load_yaml", "parse_betas",
 ]
 
 T = TypeVar("T")
@@ -235,14 +235,38 @@ class StoreConfig:
     """The sample store: every scored sample as Parquet, so results can be recomputed and extended.
 
     Attributes:
-        enabled: write the store (default on).
-        path: its directory (empty: ``<output_dir>/store``).
+        enabled: keep the store after the run (default on); off, the run uses a scratch store under
+            ``<output_dir>/.work`` and deletes it at the end.
+        path: its directory or URI (``s3://bucket/prefix``, ``gs://...``, ``file://...``; empty:
+            ``<output_dir>/store``); a relative path is taken from ``$LIMITS_RAY_ROOT`` if set, else
+            from the current directory.
         keep_text: also store prompt and response texts.
+        buckets: prompt buckets of a new store (an existing store keeps its own): one per-bucket
+            task reads one bucket, so aim at about 1e6 stored samples per bucket.
     """
 
     enabled: bool = True
     path: str = ""
     keep_text: bool = False
+    buckets: int = 256
+
+    def __post_init__(self) -> None:
+        if self.buckets < 1:
+            raise ConfigError(f"store.buckets must be >= 1 (about total samples / 1e6), got {self.buckets}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How ``s3://`` URIs in ``output_dir`` and ``store.path`` are reached (credentials come from the
+    usual AWS variables, files or instance role; ``gs://`` from Google's default credentials).
+
+    Attributes:
+        endpoint_override: ``host:port`` or ``http://host:port`` of an S3-compatible server (MinIO, Ceph, moto).
+        region: the bucket's region (empty: the client's default).
+    """
+
+    endpoint_override: str = ""
+    region: str = ""
 
 
 @dataclass(frozen=True)
@@ -325,7 +349,8 @@ class JobConfig:
 
     Attributes:
         name: the run's name (used in reports).
-        output_dir: where results, plots and the report go.
+        output_dir: where results, plots and the report go: a local directory or a URI
+            (``s3://``, ``gs://``, ``file://``); relative paths as for ``store.path``.
         fail_fast: stop the run at the first round that fails; by default such a round is retried
             alone (``attempts`` tries in all) and then quarantined: its prompt is left out of the
             results and named in the report.
@@ -341,6 +366,7 @@ class JobConfig:
     rewards: tuple[RewardModelConfig, ...]
     analysis: AnalysisConfig = AnalysisConfig()
     store: StoreConfig = StoreConfig()
+    storage: StorageConfig = StorageConfig()
     policies: tuple[PolicyConfig, ...] = ()
     nightly: NightlyConfig = NightlyConfig()
     adaptive: AdaptiveConfig = AdaptiveConfig()
@@ -358,9 +384,9 @@ class JobConfig:
             raise ConfigError(f"rewards: names must be unique, got {names}")
 
     @property
-    def store_path(self) -> Path:
-        """The sample store directory."""
-        return Path(self.store.path or Path(self.output_dir) / "store")
+    def store_uri(self) -> str:
+        """The sample store's path or URI (``store.path``, else ``<output_dir>/store``)."""
+        return self.store.path or f"{self.output_dir.rstrip('/')}/store"
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:

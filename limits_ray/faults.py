@@ -1,7 +1,7 @@
 """Quarantine: rounds that keep failing are set aside and named, instead of failing the whole run.
 
 A stage that raises on a batch is retried round by round; a round that fails ``attempts`` times
-is written as a JSON record into the quarantine directory (beside the sample store, so every node
+is written as a JSON record into the quarantine directory (in the sample store, so every node
 of a cluster can reach it) and dropped from the stream. The driver reads the records of its run
 at the end, leaves the affected prompts out of the results and names them in the report. A later
 run retries them (they are not in the sample store).
@@ -13,10 +13,11 @@ import hashlib
 import json
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from limits_ray.storage import Location
 
 __all__ = ["Quarantine", "QuarantinedRound", "run_with_quarantine"]
 
@@ -32,30 +33,24 @@ class QuarantinedRound:
 
 
 class Quarantine:
-    """A directory of quarantine records for one run (``run_id`` tells this run's from older ones)."""
+    """Quarantine records of one run: one JSON object each under ``<directory>/<run_id>/``."""
 
-    def __init__(self, directory: str | Path, run_id: str) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: Location, run_id: str) -> None:
+        self.directory = directory
         self.run_id = run_id
 
     def add(self, record: QuarantinedRound) -> None:
-        """Write one record atomically."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha1(f"{self.run_id}:{record.stage}:{record.prompt_id}:{record.round}".encode()).hexdigest()[:20]
-        path = self.directory / f"{key}.json"
-        partial = self.directory / f".{key}.partial"
-        partial.write_text(json.dumps({"run_id": self.run_id, **record.__dict__}))
-        partial.replace(path)
+        """Write one record (whole; a retried write rewrites the same name)."""
+        key = hashlib.sha1(f"{record.stage}:{record.prompt_id}:{record.round}".encode()).hexdigest()[:20]
+        self.directory.join(self.run_id, f"{key}.json").write_text(json.dumps({"run_id": self.run_id, **record.__dict__}))
 
     def records(self) -> list[QuarantinedRound]:
         """This run's records, sorted by prompt and round."""
-        if not self.directory.is_dir():
-            return []
         found = []
-        for path in self.directory.glob("*.json"):
-            data = json.loads(path.read_text())
-            if data.pop("run_id") == self.run_id:
-                found.append(QuarantinedRound(**data))
+        for location in self.directory.join(self.run_id).files(suffix=".json"):
+            data = json.loads(location.read_text())
+            data.pop("run_id")
+            found.append(QuarantinedRound(**data))
         return sorted(found, key=lambda record: (record.prompt_id, record.round, record.stage))
 
 

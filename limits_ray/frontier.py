@@ -15,27 +15,50 @@ import pyarrow.compute as pc
 
 from limits_ray.io import SCHEMAS
 
-__all__ = ["FrontierPoint", "mean_frontier", "point_at_kl"]
+__all__ = ["FrontierPoint", "frontier_sums", "mean_from_sums", "mean_frontier", "point_at_kl"]
 
 
-def mean_frontier(frontier: pa.Table) -> pa.Table:
-    """Average a per-prompt ``frontier`` table over prompts for each (align, eval, beta)."""
+def frontier_sums(frontier: pa.Table) -> pa.Table:
+    """Per-(align, eval, beta) sums over the prompts of a per-prompt ``frontier`` table.
+
+    Columns: align, eval, beta, prompts, gain_sum, kl_sum, gain_var_sum, kl_var_sum. Sums of
+    disjoint prompt sets add, so partial sums from prompt buckets concatenate into
+    :func:`mean_from_sums`.
+    """
     squared = frontier.append_column("gain_var", pc.multiply(frontier["gain_se"], frontier["gain_se"]))
     squared = squared.append_column("kl_var", pc.multiply(frontier["kl_se"], frontier["kl_se"]))
     grouped = squared.group_by(["align", "eval", "beta"], use_threads=False).aggregate([
-        ("prompt_id", "count"), ("gain", "mean"), ("kl", "mean"), ("gain_var", "sum"), ("kl_var", "sum"),
+        ("prompt_id", "count"), ("gain", "sum"), ("kl", "sum"), ("gain_var", "sum"), ("kl_var", "sum"),
+    ])
+    return pa.table({
+        "align": grouped["align"], "eval": grouped["eval"], "beta": grouped["beta"],
+        "prompts": pc.cast(grouped["prompt_id_count"], pa.int64()),
+        "gain_sum": grouped["gain_sum"], "kl_sum": grouped["kl_sum"],
+        "gain_var_sum": grouped["gain_var_sum"], "kl_var_sum": grouped["kl_var_sum"],
+    })
+
+
+def mean_from_sums(sums: pa.Table) -> pa.Table:
+    """The ``frontier_mean`` table from (possibly concatenated partial) :func:`frontier_sums` tables."""
+    grouped = sums.group_by(["align", "eval", "beta"], use_threads=False).aggregate([
+        (name, "sum") for name in ("prompts", "gain_sum", "kl_sum", "gain_var_sum", "kl_var_sum")
     ]).sort_by([("align", "ascending"), ("eval", "ascending"), ("beta", "ascending")])
-    prompts = grouped["prompt_id_count"].to_numpy()
+    prompts = grouped["prompts_sum"].to_numpy()
     return pa.table({
         "align": grouped["align"],
         "eval": grouped["eval"],
         "beta": grouped["beta"],
         "prompts": pa.array(prompts, pa.int64()),
-        "gain": grouped["gain_mean"],
-        "gain_se": np.sqrt(grouped["gain_var_sum"].to_numpy()) / prompts,
-        "kl": grouped["kl_mean"],
-        "kl_se": np.sqrt(grouped["kl_var_sum"].to_numpy()) / prompts,
+        "gain": grouped["gain_sum_sum"].to_numpy() / prompts,
+        "gain_se": np.sqrt(grouped["gain_var_sum_sum"].to_numpy()) / prompts,
+        "kl": grouped["kl_sum_sum"].to_numpy() / prompts,
+        "kl_se": np.sqrt(grouped["kl_var_sum_sum"].to_numpy()) / prompts,
     }, schema=SCHEMAS["frontier_mean"])
+
+
+def mean_frontier(frontier: pa.Table) -> pa.Table:
+    """Average a per-prompt ``frontier`` table over prompts for each (align, eval, beta)."""
+    return mean_from_sums(frontier_sums(frontier))
 
 
 @dataclass

@@ -1,8 +1,12 @@
 """One run end to end: config -> prompts -> Ray Data stages -> results, plots and a run report.
 
-The shell around :mod:`limits_ray.pipeline`: it checks inputs before any actor starts, seeds the
-reducer with rounds already in the sample store (so a stopped run resumes where it stopped),
-and writes the four result tables, the plots and ``report.json``.
+The shell around :mod:`limits_ray.pipeline` and :mod:`limits_ray.bucket_work`: it checks inputs and
+storage before any actor starts, writes the run's prompts by bucket, lets per-bucket tasks decide
+what is still to generate (rounds already stored are merged, not generated, so a stopped run
+resumes where it stopped), streams the missing rounds through the stages into the store, lets
+per-bucket tasks write the per-prompt tables, and writes ``frontier_mean``, the plots and
+``report.json``. The driver holds the prompt list while it writes it, and otherwise only counts
+and per-beta sums: nothing on it grows with samples.
 """
 
 from __future__ import annotations
@@ -12,21 +16,31 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from limits_ray.bucket_work import PROMPTS_SCHEMA, BucketContext, BucketSummary, finalize_bucket, prepare_bucket
+from limits_ray.buckets import bucket_name, bucket_of
 from limits_ray.config import ConfigError, JobConfig
 from limits_ray.faults import Quarantine
-from limits_ray.io import PromptSamples, iter_prompts, read_samples
-from limits_ray.reduce import ReduceResult, StatisticsReducer, prompt_statistics
+from limits_ray.frontier import mean_from_sums
+from limits_ray.io import SCHEMAS
+from limits_ray.reduce import Plan, ReduceResult
+from limits_ray.storage import Location, check_writable, open_location
 from limits_ray.store import SampleStore
 
-__all__ = ["RunReport", "check_model_path", "model_fingerprint", "run_job", "setup_identity"]
+STATISTICS_FORMAT = 2  # bump when the serialised statistics change: stored statistics of another format are recomputed
+
+__all__ = ["RunReport", "StoredResult", "analysis_key", "check_model_path", "model_fingerprint", "run_job", "setup_identity"]
 
 
 def check_model_path(model: str, where: str) -> None:
@@ -137,28 +151,6 @@ def _max_prompt_tokens(config: JobConfig, tokenizer: Any) -> int:
     return room
 
 
-def _stored_prompt_samples(store: SampleStore, config: JobConfig, targets: Mapping[str, int]) -> Iterator[PromptSamples]:
-    """This run's stored samples per prompt: its prompts, rounds below each prompt's target."""
-    if not store.stored_rounds():
-        return
-    rewards = [reward.name for reward in config.rewards]
-    table, _ = read_samples(store.samples_dir, tuple(rewards), extra=("round",))
-    for samples in iter_prompts(table, rewards, extra=("round",)):
-        if samples.prompt_id in targets:
-            yield samples.subset(samples.extra["round"] < targets[samples.prompt_id])
-
-
-def _seed_from_store(reducer: StatisticsReducer, store: SampleStore, config: JobConfig, targets: Mapping[str, int]) -> int:
-    """Merge stored rounds into the reducer exactly as streamed ones would be; returns their count."""
-    merged = 0
-    for samples in _stored_prompt_samples(store, config, targets):
-        for round_index in np.unique(samples.extra["round"]):
-            round_samples = samples.subset(samples.extra["round"] == round_index)
-            statistics = prompt_statistics(round_samples, reducer.plan, reducer.betas)
-            merged += reducer.add(samples.prompt_id, int(round_index), statistics)
-    return merged
-
-
 def _init_ray(address: str) -> None:
     """Connect to ``address``; empty means ``RAY_ADDRESS`` (set by ``ray job submit``) or a new local instance.
 
@@ -179,7 +171,105 @@ def _init_ray(address: str) -> None:
         ray.init(address=target, include_dashboard=False, log_to_driver=True)
 
 
-def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -> tuple[ReduceResult, RunReport]:
+def analysis_key(plan: Plan, betas: np.ndarray) -> str:
+    """Names the store's statistics tree of one analysis: a hash of the beta grid, the alignment and
+    evaluation rewards and the statistics format."""
+    text = json.dumps({
+        "format": STATISTICS_FORMAT, "betas": [float(beta).hex() for beta in np.asarray(betas)],
+        "plan": [[align.name, [spec.name for spec in evals]] for align, evals in plan],
+    })
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class StoredResult:
+    """A run's results as written to ``output``: ``frontier_mean`` in memory, the per-prompt tables
+    read from their shards on first access (callers that need them pay for reading them)."""
+
+    def __init__(self, output: Location, frontier_mean: pa.Table) -> None:
+        self.output = output
+        self.frontier_mean = frontier_mean
+        self._tables: dict[str, pa.Table] = {}
+
+    def _table(self, name: str) -> pa.Table:
+        if name not in self._tables:
+            location = self.output.join(f"{name}.parquet")
+            self._tables[name] = location.read_table() if location.exists() else SCHEMAS[name].empty_table()
+            self._tables[name] = self._tables[name].select(SCHEMAS[name].names).cast(SCHEMAS[name])
+        return self._tables[name]
+
+    @property
+    def frontier(self) -> pa.Table:
+        """Per-prompt frontier rows (all shards)."""
+        return self._table("frontier")
+
+    @property
+    def bon(self) -> pa.Table:
+        """Per-prompt best-of-n rows (all shards)."""
+        return self._table("bon")
+
+    @property
+    def convergence(self) -> pa.Table:
+        """Per-prompt convergence rows (all shards)."""
+        return self._table("convergence")
+
+
+def _run_buckets(function, context: BucketContext, buckets: list[int], *args: Any) -> list[Any]:
+    """``function(context, bucket, *args)`` for every bucket as Ray tasks; results in bucket order."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=3)(function)
+    shared = ray.put(context)
+    return ray.get([task.remote(shared, bucket, *args) for bucket in buckets])
+
+
+def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], buckets: int) -> list[int]:
+    """This run's prompts as one table per bucket under ``work/prompts``; returns the buckets used."""
+    prompt_ids = [prompt.prompt_id for prompt in prompt_set.prompts]
+    bucket_ids = bucket_of(prompt_ids, buckets)
+    used = sorted({int(bucket) for bucket in bucket_ids})
+    for bucket in used:
+        rows = [prompt for prompt, owner in zip(prompt_set.prompts, bucket_ids) if owner == bucket]
+        work.join("prompts", f"{bucket_name(bucket)}.parquet").write_table(pa.table({
+            "prompt_id": [prompt.prompt_id for prompt in rows], "prompt": [prompt.rendered for prompt in rows],
+            "target": [int(targets[prompt.prompt_id]) for prompt in rows],
+        }, schema=PROMPTS_SCHEMA))
+    return used
+
+
+def _plot_sample(summaries: list[BucketSummary], frontier_mean: pa.Table, limit: int = 200) -> ReduceResult:
+    """A bounded result for the figures: every prompt's mean, and the rows of at most ``limit`` prompts."""
+    tables = {}
+    for name in ("frontier", "bon", "convergence"):
+        parts = [summary.plot_rows[name] for summary in summaries if summary.plot_rows[name].num_rows]
+        table = pa.concat_tables(parts) if parts else SCHEMAS[name].empty_table()
+        keep = sorted(set(table["prompt_id"].to_pylist()))[:limit]
+        tables[name] = table.filter(pc.is_in(table["prompt_id"], pa.array(keep, pa.string())))
+    return ReduceResult(tables["frontier"], frontier_mean, tables["bon"], tables["convergence"])
+
+
+def _open_locations(config: JobConfig) -> tuple[Location, Location]:
+    """The output and store locations, each checked writable before anything starts."""
+    storage = config.storage
+    output = open_location(config.output_dir, storage.endpoint_override, storage.region, where="output_dir")
+    check_writable(output, "output_dir")
+    if not config.store.enabled:
+        return output, output.join(".work", "store")
+    store = open_location(config.store_uri, storage.endpoint_override, storage.region, where="store.path")
+    check_writable(store, "store.path")
+    return output, store
+
+
+def _clear_tables(output: Location) -> None:
+    """Remove the per-prompt tables of an earlier run in ``output`` (they are rewritten whole)."""
+    for name in ("frontier", "bon", "convergence"):
+        location = output.join(f"{name}.parquet")
+        if location.is_file():
+            location.delete()
+        else:
+            location.delete_tree()
+
+
+def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -> tuple[StoredResult, RunReport]:
     """Run the whole job and write ``output_dir``; returns the results and the report.
 
     Each prompt gets rounds ``0 .. target - 1`` (``generation.rounds`` unless ``round_targets``
@@ -187,8 +277,7 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     """
     from transformers import AutoTokenizer
 
-    from limits_ray.pipeline import PipelineError, build_requests, run_stages
-    from limits_ray.plots import write_plots
+    from limits_ray.pipeline import PipelineError, run_stages
     from limits_ray.prompts import load_prompts
 
     started = time.perf_counter()
@@ -196,52 +285,77 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     for reward in config.rewards:
         if reward.model:
             check_model_path(reward.model, f"rewards[{reward.name}].model")
+    output, store_root = _open_locations(config)
     tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
     prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
     targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
     targets.update({key: value for key, value in (round_targets or {}).items() if key in targets})
     reward_names = [reward.name for reward in config.rewards]
     plan = config.analysis.plan(reward_names)
-    reducer = StatisticsReducer(plan, np.asarray(config.analysis.betas))
+    betas = np.asarray(config.analysis.betas)
 
-    store = SampleStore(config.store_path)
-    from_store, corrupt = 0, []
-    if config.store.enabled:
-        store.check_manifest(setup_identity(config))
-        corrupt = store.recover()
-        from_store = _seed_from_store(reducer, store, config, targets)
-    requests = build_requests(prompt_set, targets, reducer.rounds)
-    quarantine_dir = store.root / "quarantine" if config.store.enabled else Path(config.output_dir) / "quarantine"
-    quarantine = Quarantine(quarantine_dir, uuid.uuid4().hex)
+    store = SampleStore(store_root, config.store.buckets)
+    store.check_manifest(setup_identity(config))
+    run_id = uuid.uuid4().hex[:16]
+    work = store_root.join(".runs", run_id)
+    context = BucketContext(store, analysis_key(plan, betas), plan, betas, reward_names, work)
+    buckets = _write_prompts(work, prompt_set, targets, store.buckets)
+    quarantine = Quarantine(store.quarantine, run_id)
     _init_ray(config.ray_address)
-    times = run_stages(config, plan, requests, reducer, quarantine)
+    prepared = _run_buckets(prepare_bucket, context, buckets)
+    todo = sum(int(counts["todo"]) for counts in prepared)
+    requests = _read_todo(work, config) if todo else None
+    times = run_stages(config, requests, todo, context, quarantine)
     quarantined = quarantine.records()
-    for prompt_id in {record.prompt_id for record in quarantined}:
-        reducer.statistics.pop(prompt_id, None)
-        targets.pop(prompt_id, None)
-    if not reducer.statistics:
+    _clear_tables(output)
+    summaries = _run_buckets(finalize_bucket, context, buckets, output, {record.prompt_id for record in quarantined},
+                             config.analysis.best_of_n, config.analysis.convergence)
+    if not sum(summary.prompts for summary in summaries):
         reasons = "; ".join(f"{r.prompt_id} round {r.round} in {r.stage}: {r.error}" for r in quarantined[:3])
         raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")
-
-    bon_samples = _stored_prompt_samples(store, config, targets) if config.store.enabled else iter(())
-    result = reducer.result(bon_samples, convergence=config.analysis.convergence)
-    output = Path(config.output_dir)
-    result.write(output)
+    sums = pa.concat_tables([summary.sums for summary in summaries if summary.sums.num_rows])
+    frontier_mean = mean_from_sums(sums)
+    output.join("frontier_mean.parquet").write_table(frontier_mean)
     report = RunReport(
         name=config.name,
         prompts=len(prompt_set.prompts),
         skipped_prompts=[dataclasses.asdict(skipped) for skipped in prompt_set.skipped],
-        rounds_generated=len(requests),
-        rounds_from_store=from_store,
-        samples_generated=len(requests) * config.generation.n,
-        samples=reducer.samples,
+        rounds_generated=times.rounds,
+        rounds_from_store=sum(int(counts["stored"]) for counts in prepared),
+        samples_generated=times.rounds * config.generation.n,
+        samples=sum(summary.samples for summary in summaries),
         quarantined=[dataclasses.asdict(record) for record in quarantined],
-        corrupt_store_files=[str(path) for path in corrupt],
+        corrupt_store_files=[path for counts in prepared for path in counts["corrupt"]]
+        + [path for summary in summaries for path in summary.corrupt],
         wall_seconds=time.perf_counter() - started,
         stage_seconds=times.busy,
         versions=_versions(),
         config=dataclasses.asdict(config),
     )
-    write_plots(result, output, title=config.name)
-    (output / "report.json").write_text(json.dumps(dataclasses.asdict(report), indent=2, default=str))
-    return result, report
+    _write_figures(_plot_sample(summaries, frontier_mean), output, config.name)
+    output.join("report.json").write_json(dataclasses.asdict(report))
+    work.delete_tree()
+    if not config.store.enabled:
+        store_root.delete_tree()
+    return StoredResult(output, frontier_mean), report
+
+
+def _write_figures(result: ReduceResult, output: Location, title: str) -> None:
+    """The figures into ``output`` (drawn in a temporary directory first when it is an object store)."""
+    from limits_ray.plots import write_plots
+
+    if output.local:
+        write_plots(result, output.local_path, title=title)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        for path in write_plots(result, scratch, title=title):
+            output.join(path.name).write_bytes(path.read_bytes())
+
+
+def _read_todo(work: Location, config: JobConfig):
+    """The todo rounds as a lazily read Ray dataset, a few batches per block."""
+    import ray
+
+    files = [location.path for location in work.join("todo").files(suffix=".parquet")]
+    dataset = ray.data.read_parquet(files, filesystem=work.filesystem)
+    return dataset.repartition(target_num_rows_per_block=config.generation.batch_size)

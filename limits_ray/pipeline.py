@@ -11,23 +11,23 @@ no text reaches the reducer, and a round is merged at most once.
 
 from __future__ import annotations
 
-import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import Quarantine, run_with_quarantine
-from limits_ray.io import PromptSamples
-from limits_ray.prompts import PromptSet
-from limits_ray.reduce import Plan, StatisticsReducer, prompt_statistics
-from limits_ray.rounds import per_sample, round_lengths
-from limits_ray.store import SampleStore, flatten_rounds
+from limits_ray.rounds import round_lengths
+from limits_ray.storage import Location
+from limits_ray.store import flatten_rounds
+
+if TYPE_CHECKING:
+    from limits_ray.bucket_work import BucketContext
 
 __all__ = [
-    "PipelineError", "StageTimes", "Timed", "build_requests", "engine_remote_args", "generation_stage", "root_cause",
+    "PipelineError", "StageTimes", "Timed", "engine_remote_args", "generation_stage", "root_cause",
     "round_statistics", "run_stages", "scorer_stage",
 ]
 
@@ -60,16 +60,6 @@ def root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
-def build_requests(prompts: PromptSet, round_targets: Mapping[str, int], skip: set[tuple[str, int]]) -> list[dict]:
-    """One request row per (prompt, round < its target) not in ``skip`` (rounds already merged)."""
-    return [
-        {"prompt_id": prompt.prompt_id, "prompt": prompt.rendered, "round": round_index}
-        for prompt in prompts.prompts
-        for round_index in range(round_targets[prompt.prompt_id])
-        if (prompt.prompt_id, round_index) not in skip
-    ]
-
-
 class Timed:
     """Wraps a stage class for ``map_batches``: records busy time and quarantines failing rounds.
 
@@ -80,7 +70,7 @@ class Timed:
     """
 
     def __init__(
-        self, stage: type, name: str, quarantine_dir: str = "", run_id: str = "", fail_fast: bool = True,
+        self, stage: type, name: str, quarantine_dir: Location | None = None, run_id: str = "", fail_fast: bool = True,
         attempts: int = 2, **kwargs: Any,
     ) -> None:
         self.name = name
@@ -102,37 +92,28 @@ class Timed:
         yield output
 
 
-def round_statistics(
-    batch: dict[str, np.ndarray], *, plan: Plan, betas: np.ndarray, rewards: list[str],
-    store_root: str, keep_text: bool,
-) -> dict[str, np.ndarray]:
-    """Scored rounds -> the sample store (if on) and one row of pickled statistics per round.
+def round_statistics(batch: dict[str, np.ndarray], *, context: "BucketContext", keep_text: bool) -> dict[str, np.ndarray]:
+    """Scored rounds -> the sample store (samples, then their per-round statistics) and one small row per round.
 
-    Output columns: prompt_id, round, samples, payload (pickled ``{align: DyadicStats}``) and the
-    ``seconds_*`` columns of earlier stages summed per round.
+    Output columns: prompt_id, round, samples and the ``seconds_*`` columns of earlier stages summed
+    per round. Neither samples nor statistics travel to the driver: the bucket tasks merge them
+    from the store (:mod:`limits_ray.bucket_work`).
     """
+    from limits_ray.bucket_work import round_statistics_table
+
     started = time.perf_counter()
-    if store_root:
-        SampleStore(store_root).write_rounds(flatten_rounds(batch, rewards, keep_text))
-    lengths = round_lengths(batch)
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    sample_idx = per_sample(batch["sample_idx"])
-    reward_values = {name: per_sample(batch[name]) for name in rewards}
-    payloads = []
-    for row, prompt_id in enumerate(batch["prompt_id"]):
-        rows = slice(bounds[row], bounds[row + 1])
-        samples = PromptSamples(str(prompt_id), sample_idx[rows], {name: values[rows] for name, values in reward_values.items()})
-        payloads.append(pickle.dumps(prompt_statistics(samples, plan, betas)))
-    rows = len(payloads)
+    table = flatten_rounds(batch, context.rewards, keep_text)
+    statistics = round_statistics_table(table, context.plan, context.betas, context.rewards)
+    context.store.write_rounds(table, context.analysis, statistics)
+    rows = len(batch["prompt_id"])
     output = {
-        "prompt_id": np.asarray(batch["prompt_id"]),
-        "round": np.asarray(batch["round"]),
-        "samples": lengths,
-        "payload": np.array(payloads, dtype=object),
+        "prompt_id": np.asarray(batch["prompt_id"]).astype(str),
+        "round": np.asarray(batch["round"], dtype=np.int64),
+        "samples": round_lengths(batch),
     }
     for name in batch:
         if name.startswith("seconds_"):
-            output[name] = np.asarray(batch[name])
+            output[name] = np.asarray(batch[name], dtype=np.float64)
     output["seconds_statistics"] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
     return output
 
@@ -170,6 +151,7 @@ class StageTimes:
 
     busy: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
+    rounds: int = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         for name, values in batch.items():
@@ -215,47 +197,38 @@ def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, fau
     )
 
 
-def run_stages(
-    config: JobConfig, plan: Plan, requests: list[dict], reducer: StatisticsReducer, quarantine: Quarantine,
-) -> StageTimes:
-    """Run generation, scoring and statistics on Ray Data, merging each round into ``reducer``.
+def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketContext", quarantine: Quarantine) -> StageTimes:
+    """Run generation, scoring and statistics on Ray Data over ``requests`` (a dataset of todo rounds).
 
-    Rounds that keep failing in generation or scoring go to ``quarantine`` unless ``config.fail_fast``.
+    Every scored round goes to the sample store with its statistics; the driver only counts the
+    small rows that come back. Rounds that keep failing in generation or scoring go to
+    ``quarantine`` unless ``config.fail_fast``.
     """
-    import ray
-
     generation = config.generation
-    reward_names = [reward.name for reward in config.rewards]
     times = StageTimes()
-    if not requests:
+    if total_rounds == 0:
         return times
     faults = {
-        "quarantine_dir": str(quarantine.directory), "run_id": quarantine.run_id,
+        "quarantine_dir": quarantine.directory, "run_id": quarantine.run_id,
         "fail_fast": config.fail_fast, "attempts": config.attempts,
     }
     started = time.perf_counter()
-    dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
-    dataset = generation_stage(dataset, generation, not config.prompts.chat_template, faults)
+    dataset = generation_stage(requests, generation, not config.prompts.chat_template, faults)
     for reward in config.rewards:
         dataset = scorer_stage(dataset, reward, generation.n, faults)
     dataset = dataset.map_batches(
-        round_statistics,
-        fn_kwargs={
-            "plan": plan, "betas": np.asarray(config.analysis.betas), "rewards": reward_names,
-            "store_root": str(config.store_path) if config.store.enabled else "",
-            "keep_text": config.store.keep_text,
-        },
-        num_cpus=0.25,
+        round_statistics, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
     )
+    done = 0
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             times.add(batch)
-            for prompt_id, round_index, payload in zip(batch["prompt_id"], batch["round"], batch["payload"]):
-                reducer.add(str(prompt_id), int(round_index), pickle.loads(payload))
+            done += len(batch["prompt_id"])
     except Exception as error:  # noqa: BLE001 - Ray wraps user errors; name the root cause instead
         raise PipelineError(
-            f"the pipeline stopped: {root_cause(error)} ({len(reducer.rounds)} rounds had finished and are "
+            f"the pipeline stopped: {root_cause(error)} ({done} of {total_rounds} rounds had finished and are "
             "kept in the sample store; a rerun resumes from there)"
         ) from error
+    times.rounds = done
     times.wall = time.perf_counter() - started
     return times

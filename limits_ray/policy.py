@@ -464,7 +464,7 @@ def _base_samples(config: JobConfig, prompt_ids: set[str]) -> pa.Table:
     from limits_ray.io import read_samples
 
     rewards = tuple(reward.name for reward in config.rewards)
-    table, _ = read_samples(config.store_path / "samples", rewards, extra=("round",))
+    table, _ = read_samples(Path(config.store_uri) / "samples", rewards, extra=("round",))
     keep = pc.and_(pc.is_in(table["prompt_id"], pa.array(sorted(prompt_ids), pa.string())),
                    pc.less(table["round"], config.generation.rounds))
     return table.filter(keep)

@@ -1,38 +1,79 @@
-"""The sample store: every scored sample as Parquet, one file per batch of complete rounds.
+"""The sample store: every scored sample, and the merged statistics of every stored round, by bucket.
 
-Layout of a store directory::
+Layout of a store (a local directory or an object-store prefix, see :mod:`limits_ray.storage`)::
 
-    manifest.json          what produced the samples (models, sampling, reward models)
-    samples/part-<key>.parquet
+    manifest.json                                   what produced the samples; the bucket count
+    samples/bucket=00042/part-<key>.parquet          whole rounds of the bucket's prompts
+    stats/<analysis>/bucket=00042/rounds-<key>.parquet   per-round statistics of samples/.../part-<key>
+    stats/<analysis>/bucket=00042/merged-<gen>-<key>.parquet  per-prompt merged statistics (compacted)
+    quarantine/<run id>/<key>.json                  rounds a run set aside
 
-Each file holds whole rounds (all ``n`` samples of a (prompt_id, round)), written atomically and
-named by a hash of the rounds it holds, so a retried batch rewrites the same file and a reader
-never sees half a round. ``limits-ray reduce --samples <store>/samples`` recomputes every result.
+Prompts are partitioned into buckets by :func:`limits_ray.buckets.bucket_of`; every per-prompt task
+reads one bucket only. Every object is written once, whole, and named by what it holds: a sample part
+by a hash of its (prompt_id, round) keys, so a retried batch writes the same name with the same
+content; nothing is renamed, which makes the store safe on S3 and GCS. Statistics depend on the
+analysis (betas, alignment and evaluation rewards), so each analysis has its own ``stats/<analysis>``
+tree; a new analysis computes its statistics once from the stored rewards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import pickle
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from limits_ray.io import write_table
+from limits_ray.buckets import bucket_name, bucket_of
+from limits_ray.convergence import DyadicStats
 from limits_ray.rounds import per_round, per_sample, round_lengths
+from limits_ray.storage import Location
 
-__all__ = ["SampleStore", "StoreMismatchError", "flatten_rounds"]
+__all__ = [
+    "DEFAULT_BUCKETS", "MergedBucket", "SampleStore", "StoreMismatchError", "decode_statistics", "encode_statistics",
+    "flatten_rounds", "merge_statistics", "rounds_key",
+]
 
+DEFAULT_BUCKETS = 256
 STORED_ROUND_COLUMNS = ("prompt_id", "round", "seed")
 STORED_SAMPLE_COLUMNS = ("sample_idx", "response_tokens", "logprob", "finish_reason")
+ROUND_STATS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("round", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary()),
+])
+MERGED_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("rounds", pa.list_(pa.int64())), ("samples", pa.int64()), ("payload", pa.binary()),
+])
 
 
 class StoreMismatchError(ValueError):
     """The store was written by a different model, sampling setup or reward model."""
+
+
+def encode_statistics(statistics: dict[str, DyadicStats]) -> bytes:
+    """One prompt's statistics per alignment reward as bytes (see :func:`decode_statistics`)."""
+    return pickle.dumps({name: dyadic.to_bytes() for name, dyadic in statistics.items()}, protocol=5)
+
+
+def decode_statistics(payload: bytes) -> dict[str, DyadicStats]:
+    """The inverse of :func:`encode_statistics`."""
+    return {name: DyadicStats.from_bytes(data) for name, data in pickle.loads(payload).items()}
+
+
+def merge_statistics(current: dict[str, DyadicStats] | None, other: dict[str, DyadicStats]) -> dict[str, DyadicStats]:
+    """The statistics of the union of two disjoint sample sets of one prompt."""
+    if current is None:
+        return other
+    return {name: current[name].merge(other[name]) for name in current}
+
+
+def rounds_key(keys: list[tuple[str, int]]) -> str:
+    """The name key of a set of (prompt_id, round) pairs: 24 hex digits of sha1 of the sorted pairs."""
+    return hashlib.sha1(json.dumps(sorted(set(keys))).encode()).hexdigest()[:24]
 
 
 def flatten_rounds(batch: dict[str, np.ndarray], rewards: list[str], keep_text: bool) -> pa.Table:
@@ -53,70 +94,176 @@ def flatten_rounds(batch: dict[str, np.ndarray], rewards: list[str], keep_text: 
     return table.cast(pa.schema([(name, casts[name]) for name in table.column_names]))
 
 
-class SampleStore:
-    """A directory of scored samples with a manifest of what produced them."""
+@dataclass
+class MergedBucket:
+    """One bucket's merged statistics: per prompt the rounds merged and their statistics.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.samples_dir = self.root / "samples"
-        self.manifest_path = self.root / "manifest.json"
+    ``parts`` names the sample parts whose rounds are included, so the next compaction reads only
+    parts written since.
+    """
+
+    rounds: dict[str, set[int]]
+    statistics: dict[str, dict[str, DyadicStats]]
+    parts: set[str]
+    generation: int = 0
+
+    def add(self, prompt_id: str, round_index: int, statistics: dict[str, DyadicStats]) -> bool:
+        """Merge one round unless it is merged already; returns whether it was new."""
+        seen = self.rounds.setdefault(prompt_id, set())
+        if round_index in seen:
+            return False
+        seen.add(round_index)
+        self.statistics[prompt_id] = merge_statistics(self.statistics.get(prompt_id), statistics)
+        return True
+
+
+class SampleStore:
+    """A store of scored samples and their statistics (see the module doc for the layout)."""
+
+    def __init__(self, root: Location, buckets: int = DEFAULT_BUCKETS) -> None:
+        self.root = root
+        self.buckets = buckets
+        self.samples = root.join("samples")
+        self.manifest = root.join("manifest.json")
+        self.quarantine = root.join("quarantine")
 
     def check_manifest(self, identity: dict[str, Any]) -> None:
         """Create the manifest, or fail if the store was written under another identity.
 
         ``identity`` names what must not change within one series of samples (models, their
         revisions, sampling parameters, reward models). A mismatch raises
-        :class:`StoreMismatchError` naming the keys that differ.
+        :class:`StoreMismatchError` naming the keys that differ. An existing store keeps the
+        bucket count it was created with (``self.buckets`` is set from it).
         """
         identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
-        if self.manifest_path.exists():
-            stored = json.loads(self.manifest_path.read_text())
-            differing = sorted(key for key in set(stored) | set(identity) if stored.get(key) != identity.get(key))
-            if differing:
-                details = "; ".join(f"{key}: stored {stored.get(key)!r}, now {identity.get(key)!r}" for key in differing)
-                raise StoreMismatchError(
-                    f"sample store {self.root} was written by a different setup ({details}); "
-                    "use another store.path (a new series) or restore the original settings"
-                )
+        if not self.manifest.is_file():
+            self.manifest.write_json({"identity": identity, "layout": 2, "buckets": self.buckets})
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        partial = self.manifest_path.with_suffix(".partial")
-        partial.write_text(json.dumps(identity, indent=2, sort_keys=True))
-        partial.replace(self.manifest_path)
+        manifest = self.manifest.read_json()
+        if manifest.get("layout") != 2:
+            raise StoreMismatchError(
+                f"sample store {self.root.uri} has the layout of limits-ray 0.1 (one directory of parts); "
+                "regenerate it into a new store.path, or reduce it offline with limits-ray reduce --samples"
+            )
+        stored = manifest["identity"]
+        differing = sorted(key for key in set(stored) | set(identity) if stored.get(key) != identity.get(key))
+        if differing:
+            details = "; ".join(f"{key}: stored {stored.get(key)!r}, now {identity.get(key)!r}" for key in differing)
+            raise StoreMismatchError(
+                f"sample store {self.root.uri} was written by a different setup ({details}); "
+                "use another store.path (a new series) or restore the original settings"
+            )
+        self.buckets = int(manifest["buckets"])
 
-    def write_rounds(self, table: pa.Table) -> Path:
-        """Write a table of complete rounds atomically; the file name hashes its (prompt_id, round) keys."""
-        keys = sorted(set(zip(table["prompt_id"].to_pylist(), table["round"].to_pylist())))
-        digest = hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:24]
-        path = self.samples_dir / f"part-{digest}.parquet"
-        write_table(table, path)
-        return path
+    def bucket_samples(self, bucket: int) -> Location:
+        """The directory of one bucket's sample parts."""
+        return self.samples.join(bucket_name(bucket))
 
-    def recover(self) -> list[Path]:
-        """Make the store readable after a crash; returns the part files set aside as corrupt.
+    def bucket_stats(self, analysis: str, bucket: int) -> Location:
+        """The directory of one bucket's statistics under analysis key ``analysis``."""
+        return self.root.join("stats", analysis, bucket_name(bucket))
 
-        Deletes the hidden ``.partial`` files of writes that never finished, and moves part files
-        whose Parquet footer cannot be read to ``<store>/corrupt/``: their rounds count as missing
-        and are generated again, and the files stay there for inspection.
+    def write_rounds(self, table: pa.Table, analysis: str = "", statistics: pa.Table | None = None) -> list[str]:
+        """Write complete rounds, one part per bucket; with ``statistics`` (rows of
+        :data:`ROUND_STATS_SCHEMA` for the same rounds) also each part's round statistics.
+
+        A part is named by :func:`rounds_key` of its (prompt_id, round) pairs, so a retried batch
+        writes the same names. Samples are written before their statistics: a round whose
+        statistics exist always has its samples. Returns the part keys written.
         """
-        if not self.samples_dir.is_dir():
-            return []
-        for partial in self.samples_dir.glob(".*.partial"):
-            partial.unlink(missing_ok=True)
-        corrupt = []
-        for path in sorted(self.samples_dir.glob("*.parquet")):
-            try:
-                pq.ParquetFile(path).close()
-            except (pa.ArrowInvalid, OSError):
-                target = self.root / "corrupt" / path.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                path.replace(target)
-                corrupt.append(target)
-        return corrupt
+        prompt_ids = table["prompt_id"].to_pylist()
+        rounds = table["round"].to_numpy()
+        buckets = bucket_of(prompt_ids, self.buckets)
+        stat_buckets = bucket_of(statistics["prompt_id"].to_pylist(), self.buckets) if statistics is not None else None
+        keys = []
+        for bucket in np.unique(buckets):
+            rows = np.flatnonzero(buckets == bucket)
+            key = rounds_key(list(zip([prompt_ids[row] for row in rows], rounds[rows].tolist())))
+            self.bucket_samples(int(bucket)).join(f"part-{key}.parquet").write_table(table.take(pa.array(rows)))
+            if statistics is not None:
+                stat_rows = pa.array(np.flatnonzero(stat_buckets == bucket))
+                self.bucket_stats(analysis, int(bucket)).join(f"rounds-{key}.parquet").write_table(statistics.take(stat_rows))
+            keys.append(key)
+        return keys
 
-    def stored_rounds(self) -> set[tuple[str, int]]:
-        """The (prompt_id, round) pairs already in the store."""
-        if not self.samples_dir.is_dir() or not any(self.samples_dir.glob("*.parquet")):
-            return set()
-        table = ds.dataset(str(self.samples_dir), format="parquet").to_table(columns=["prompt_id", "round"])
-        return set(zip(table["prompt_id"].to_pylist(), table["round"].to_pylist()))
+    def sample_parts(self, bucket: int) -> dict[str, Location]:
+        """The bucket's sample parts by key."""
+        parts = self.bucket_samples(bucket).files(suffix=".parquet")
+        return {part.name.removeprefix("part-").removesuffix(".parquet"): part for part in parts if part.name.startswith("part-")}
+
+    def read_merged(self, analysis: str, bucket: int) -> MergedBucket:
+        """The newest compacted statistics of a bucket (empty when there are none)."""
+        files = [f for f in self.bucket_stats(analysis, bucket).files(suffix=".parquet") if f.name.startswith("merged-")]
+        if not files:
+            return MergedBucket({}, {}, set())
+        newest = max(files, key=lambda location: location.name)
+        table = newest.read_table()
+        metadata = json.loads(table.schema.metadata[b"limits_ray"])
+        rounds = {prompt_id: set(values) for prompt_id, values in zip(table["prompt_id"].to_pylist(), table["rounds"].to_pylist())}
+        statistics = {
+            prompt_id: decode_statistics(payload)
+            for prompt_id, payload in zip(table["prompt_id"].to_pylist(), table["payload"].to_pylist())
+        }
+        return MergedBucket(rounds, statistics, set(metadata["parts"]), int(metadata["generation"]))
+
+    def write_merged(self, analysis: str, bucket: int, merged: MergedBucket) -> None:
+        """Write a new compacted statistics object, then delete the older ones and the round parts it absorbed."""
+        directory = self.bucket_stats(analysis, bucket)
+        generation = merged.generation + 1
+        prompt_ids = sorted(merged.statistics)
+        table = pa.table({
+            "prompt_id": pa.array(prompt_ids, pa.string()),
+            "rounds": pa.array([sorted(merged.rounds[p]) for p in prompt_ids], pa.list_(pa.int64())),
+            "samples": pa.array([next(iter(merged.statistics[p].values())).n for p in prompt_ids], pa.int64()),
+            "payload": pa.array([encode_statistics(merged.statistics[p]) for p in prompt_ids], pa.binary()),
+        }, schema=MERGED_SCHEMA)
+        metadata = {"parts": sorted(merged.parts), "generation": generation}
+        table = table.replace_schema_metadata({b"limits_ray": json.dumps(metadata).encode()})
+        name = f"merged-{generation:08d}-{rounds_key([(p, len(merged.rounds[p])) for p in prompt_ids])}.parquet"
+        directory.join(name).write_table(table)
+        merged.generation = generation
+        for old in directory.files(suffix=".parquet"):
+            absorbed = old.name.startswith("rounds-") and old.name.removeprefix("rounds-").removesuffix(".parquet") in merged.parts
+            if (old.name.startswith("merged-") and old.name != name) or absorbed:
+                old.delete()
+
+    def read_part_statistics(self, analysis: str, bucket: int, key: str) -> pa.Table | None:
+        """The round statistics written with sample part ``key``, or None if there are none (or unreadable)."""
+        location = self.bucket_stats(analysis, bucket).join(f"rounds-{key}.parquet")
+        try:
+            return location.read_table() if location.is_file() else None
+        except (pa.ArrowInvalid, OSError):
+            return None
+
+    def read_part(self, part: Location, rewards: list[str]) -> pa.Table | None:
+        """A sample part's keys and rewards, or None if it cannot be read (it is then set aside)."""
+        try:
+            return pq.read_table(part.path, filesystem=part.filesystem, columns=["prompt_id", "round", "sample_idx", *rewards])
+        except (pa.ArrowInvalid, OSError):
+            return None
+
+    def set_aside(self, part: Location) -> Location:
+        """Copy an unreadable part to ``corrupt/`` and delete it; its rounds count as missing."""
+        target = self.root.join("corrupt", part.name)
+        try:
+            target.write_bytes(part.read_bytes())
+        except OSError:
+            pass
+        part.delete()
+        return target
+
+    def bucket_rounds(self, bucket: int, rewards: list[str], prompt_ids: set[str]) -> pa.Table:
+        """The stored samples (keys and rewards) of ``prompt_ids`` in one bucket, each (prompt_id, round) once."""
+        tables = []
+        for part in self.sample_parts(bucket).values():
+            table = self.read_part(part, rewards)
+            if table is not None:
+                tables.append(table.filter(pc.is_in(table["prompt_id"], pa.array(sorted(prompt_ids), pa.string()))))
+        if not tables:
+            return pa.table({"prompt_id": pa.array([], pa.string()), "round": pa.array([], pa.int64()),
+                             "sample_idx": pa.array([], pa.int64()), **{name: pa.array([], pa.float64()) for name in rewards}})
+        table = pa.concat_tables(tables, promote_options="permissive")
+        # A round written twice (a batch retried round by round) is kept once: its samples are identical.
+        keyed = table.append_column("row", pa.array(np.arange(table.num_rows)))
+        first = keyed.group_by(["prompt_id", "sample_idx"], use_threads=False).aggregate([("row", "min")])
+        return table.take(pc.sort_indices(first["row_min"]))

@@ -226,7 +226,7 @@ def study_config(config: JobConfig, max_n: int, out_dir: str | Path) -> JobConfi
     return dataclasses.replace(
         config,
         output_dir=str(out_dir),
-        store=dataclasses.replace(config.store, enabled=True, path=str(config.store_path)),
+        store=dataclasses.replace(config.store, enabled=True, path=str(Path(config.store_uri))),
         generation=dataclasses.replace(config.generation, samples_per_prompt=rounds * n),
     )
 
@@ -293,7 +293,7 @@ def run_study(config: JobConfig, max_n: int, out_dir: str | Path | None = None, 
     out_dir = Path(out_dir or Path(config.output_dir) / f"study-N{max_n}")
     job = study_config(config, max_n, out_dir)
     result, report = run_job(job)
-    prefixes = prefix_table(job.store_path / "samples", job.analysis, [reward.name for reward in job.rewards],
+    prefixes = prefix_table(Path(job.store_uri) / "samples", job.analysis, [reward.name for reward in job.rewards],
                             max_n=job.generation.samples_per_prompt)
     # The store may hold prompts this config no longer has: study only the config's prompts.
     prompt_ids = pa.array(sorted(set(result.frontier["prompt_id"].to_pylist())), pa.string())

@@ -126,8 +126,8 @@ def test_from_mapping_builds_nested_dataclasses():
     assert job.analysis.betas == pytest.approx((0.1, 1.0, 10.0))
     assert job.analysis.rewards == ("gold",) and job.analysis.best_of_n is False
     assert job.store == StoreConfig()
-    assert str(job.store_path) == "/tmp/limits-ray-out/store"
-    assert str(from_mapping(JobConfig, job_mapping(store={"path": "/data/s"})).store_path) == "/data/s"
+    assert str(Path(job.store_uri)) == "/tmp/limits-ray-out/store"
+    assert str(from_mapping(JobConfig, job_mapping(store={"path": "/data/s"})).store_uri) == "/data/s"
     assert from_mapping(AnalysisConfig, None) == AnalysisConfig()
 
 

@@ -44,7 +44,7 @@ def test_outputs_follow_the_contract(tiny_run):
 
 def test_store_holds_every_sample_once(tiny_run):
     config, _, _ = tiny_run
-    table = ds.dataset(str(config.store_path / "samples"), format="parquet").to_table()
+    table = ds.dataset(str(Path(config.store_uri) / "samples"), format="parquet").to_table()
     keys = set(zip(table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()))
     assert table.num_rows == len(keys) == 3 * 64
     assert np.all(np.asarray(table["logprob"]) <= 0) and np.all(np.asarray(table["response_tokens"]) > 0)
@@ -54,7 +54,7 @@ def test_store_holds_every_sample_once(tiny_run):
 
 def test_offline_reduce_of_the_store_reproduces_the_stream(tiny_run):
     config, streamed, _ = tiny_run
-    offline = reduce_samples(config.store_path / "samples", AnalysisConfig(
+    offline = reduce_samples(Path(config.store_uri) / "samples", AnalysisConfig(
         betas=config.analysis.betas, rewards=("rm", "rm_b", "length"), align=config.analysis.align,
     ))
     for name in SCHEMAS:

@@ -115,7 +115,7 @@ def test_killed_actors_are_restarted_and_nothing_is_counted_twice(reference, tin
 
     def kill_workers_mid_run() -> None:
         deadline = time.monotonic() + 300
-        while _parts(config.store_path) == 0 and time.monotonic() < deadline:
+        while _parts(Path(config.store_uri)) == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         for process in psutil.process_iter(["cmdline"]):
             if process.info["cmdline"] and process.info["cmdline"][0].startswith("ray::MapWorker"):
@@ -127,8 +127,8 @@ def test_killed_actors_are_restarted_and_nothing_is_counted_twice(reference, tin
     _, report = run_job(config)
     killer.join()
     assert killed, "no actor process was found to kill"
-    assert _parts(config.store_path) > 0 and report.quarantined == []
-    _assert_store_has_each_sample_once(config.store_path, 3 * 128)
+    assert _parts(Path(config.store_uri)) > 0 and report.quarantined == []
+    _assert_store_has_each_sample_once(Path(config.store_uri), 3 * 128)
     _assert_same_frontier(reference, tmp_path)
 
 

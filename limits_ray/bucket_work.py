@@ -1,0 +1,220 @@
+"""Per-bucket work of a run, off the driver: what to generate, and the per-prompt result tables.
+
+A run's prompts are split by :func:`limits_ray.buckets.bucket_of`. For each bucket, one task
+
+- :func:`prepare_bucket`: brings the bucket's merged statistics up to date with the sample parts
+  written since the last compaction (:func:`compact`), and writes the rounds this run still has to
+  generate (``todo``) for the bucket's prompts;
+- :func:`finalize_bucket`: compacts again (now with this run's rounds), writes the bucket's shard of
+  ``frontier``, ``convergence`` and ``bon``, and returns only per-(align, eval, beta) sums and a few
+  prompts' rows for the figures.
+
+Each task reads one bucket of the store; the driver sees counts and sums whose size does not grow
+with samples or prompts. The functions are plain Python: the job runs them as Ray tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from limits_ray.buckets import bucket_name
+from limits_ray.frontier import frontier_sums
+from limits_ray.io import PromptSamples, iter_prompts
+from limits_ray.reduce import Plan, TableBuilder, bon_rows, convergence_rows, frontier_rows, prompt_statistics
+from limits_ray.storage import Location
+from limits_ray.store import ROUND_STATS_SCHEMA, MergedBucket, SampleStore, decode_statistics, encode_statistics
+
+__all__ = [
+    "BucketContext", "BucketSummary", "PROMPTS_SCHEMA", "TODO_SCHEMA", "compact", "finalize_bucket", "prepare_bucket",
+    "round_statistics_table",
+]
+
+PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("target", pa.int64())])
+TODO_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("round", pa.int64())])
+PLOT_PROMPTS = 8  # prompts per bucket whose rows come back for the figures (the driver keeps at most 200)
+
+
+@dataclass(frozen=True)
+class BucketContext:
+    """What every bucket task of one run needs (picklable).
+
+    Attributes:
+        store: the sample store.
+        analysis: the analysis key naming the store's statistics tree (see :func:`limits_ray.job.analysis_key`).
+        plan: alignment and evaluation rewards.
+        betas: the beta grid.
+        rewards: the reward columns.
+        work: the run's scratch location (``prompts/`` and ``todo/`` tables).
+    """
+
+    store: SampleStore
+    analysis: str
+    plan: Plan
+    betas: np.ndarray
+    rewards: list[str]
+    work: Location
+
+    def prompts(self, bucket: int) -> pa.Table:
+        """This run's prompts of ``bucket`` (prompt_id, prompt, target rounds)."""
+        return self.work.join("prompts", f"{bucket_name(bucket)}.parquet").read_table()
+
+
+@dataclass
+class BucketSummary:
+    """What a finished bucket tells the driver: small, whatever the bucket's size."""
+
+    bucket: int
+    prompts: int
+    samples: int
+    sums: pa.Table
+    plot_rows: dict[str, pa.Table] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+
+
+def round_statistics_table(samples: pa.Table, plan: Plan, betas: np.ndarray, rewards: list[str]) -> pa.Table:
+    """Per-(prompt_id, round) statistics of scored samples, as rows of the store's round-statistics schema."""
+    if samples.num_rows == 0:
+        return ROUND_STATS_SCHEMA.empty_table()
+    ordered = samples.sort_by([("prompt_id", "ascending"), ("round", "ascending"), ("sample_idx", "ascending")])
+    prompt_ids, rounds_column = [], []
+    counts, payloads = [], []
+    for prompt in iter_prompts(ordered, rewards, extra=("round",)):
+        rounds = prompt.extra["round"]
+        for round_index in np.unique(rounds):
+            round_samples = prompt.subset(rounds == round_index)
+            prompt_ids.append(prompt.prompt_id)
+            rounds_column.append(int(round_index))
+            counts.append(int(round_samples.sample_idx.size))
+            payloads.append(encode_statistics(prompt_statistics(round_samples, plan, betas)))
+    return pa.table({
+        "prompt_id": pa.array(prompt_ids, pa.string()), "round": pa.array(rounds_column, pa.int64()),
+        "samples": pa.array(counts, pa.int64()), "payload": pa.array(payloads, pa.binary()),
+    }, schema=ROUND_STATS_SCHEMA)
+
+
+def compact(context: BucketContext, bucket: int) -> tuple[MergedBucket, list[str]]:
+    """Merge the sample parts written since the bucket's last compaction; returns it and the parts set aside.
+
+    Each new part's statistics come from its ``rounds-<key>`` object when the pipeline wrote one,
+    else from its stored rewards (a new analysis, or a part whose statistics were never written).
+    A part that cannot be read is copied to ``corrupt/`` and deleted: its rounds are generated
+    again. Costs O(new parts + prompts of the bucket), not O(stored samples).
+    """
+    store = context.store
+    merged = store.read_merged(context.analysis, bucket)
+    corrupt = []
+    new_parts = {key: part for key, part in store.sample_parts(bucket).items() if key not in merged.parts}
+    for key, part in sorted(new_parts.items()):
+        statistics = store.read_part_statistics(context.analysis, bucket, key)
+        if statistics is None:
+            samples = store.read_part(part, context.rewards)
+            if samples is None:
+                corrupt.append(store.set_aside(part).uri)
+                continue
+            statistics = round_statistics_table(samples, context.plan, context.betas, context.rewards)
+        for prompt_id, round_index, payload in zip(
+            statistics["prompt_id"].to_pylist(), statistics["round"].to_pylist(), statistics["payload"].to_pylist(),
+        ):
+            merged.add(prompt_id, int(round_index), decode_statistics(payload))
+        merged.parts.add(key)
+    if new_parts:
+        store.write_merged(context.analysis, bucket, merged)
+    return merged, corrupt
+
+
+def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[str]]:
+    """Compact the bucket and write this run's missing rounds to ``todo/``; returns counts.
+
+    Returns ``{"todo": rounds to generate, "stored": rounds of this run already stored, "corrupt": [...]}``.
+    """
+    merged, corrupt = compact(context, bucket)
+    prompts = context.prompts(bucket)
+    todo: dict[str, list] = {"prompt_id": [], "prompt": [], "round": []}
+    stored = 0
+    for prompt_id, text, target in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(),
+                                       prompts["target"].to_pylist()):
+        have = merged.rounds.get(prompt_id, set())
+        for round_index in range(int(target)):
+            if round_index in have:
+                stored += 1
+            else:
+                todo["prompt_id"].append(prompt_id)
+                todo["prompt"].append(text)
+                todo["round"].append(round_index)
+    if todo["round"]:
+        context.work.join("todo", f"{bucket_name(bucket)}.parquet").write_table(pa.table(todo, schema=TODO_SCHEMA))
+    return {"todo": len(todo["round"]), "stored": stored, "corrupt": corrupt}
+
+
+def _prompt_statistics(merged: MergedBucket, samples: dict[str, PromptSamples], prompt_id: str, target: int,
+                       context: BucketContext):
+    """The statistics of rounds ``0 .. target - 1`` of one prompt (None when some are missing)."""
+    have = merged.rounds.get(prompt_id, set())
+    if not set(range(target)) <= have:
+        return None
+    if max(have) < target:
+        return merged.statistics[prompt_id]
+    # The store holds more rounds than this run asks for: recompute from the stored rewards.
+    prompt = samples[prompt_id]
+    return prompt_statistics(prompt.subset(prompt.extra["round"] < target), context.plan, context.betas)
+
+
+def _bucket_samples(context: BucketContext, bucket: int, prompt_ids: set[str]) -> dict[str, PromptSamples]:
+    if not prompt_ids:
+        return {}
+    table = context.store.bucket_rounds(bucket, context.rewards, prompt_ids)
+    table = table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])
+    if table.num_rows == 0:
+        return {}
+    return {prompt.prompt_id: prompt for prompt in iter_prompts(table, context.rewards, extra=("round",))}
+
+
+def _write_shards(output: Location, bucket: int, tables: dict[str, pa.Table]) -> None:
+    for name, table in tables.items():
+        if table.num_rows:
+            output.join(f"{name}.parquet", f"part-{bucket:05d}.parquet").write_table(table)
+
+
+def _plot_rows(table: pa.Table, prompt_ids: list[str]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_in(table["prompt_id"], pa.array(prompt_ids, pa.string())))
+
+
+def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip: set[str], best_of_n: bool,
+                    convergence: bool) -> BucketSummary:
+    """Write the bucket's shard of the per-prompt tables into ``output``; returns sums and counts.
+
+    Prompts in ``skip`` (quarantined by this run) and prompts missing a round below their target
+    are left out (the latter are listed as ``incomplete``). Best-of-n reads the bucket's stored
+    rewards, one bucket in memory at a time.
+    """
+    merged, corrupt = compact(context, bucket)
+    prompts = context.prompts(bucket)
+    targets = {p: int(t) for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["target"].to_pylist()) if p not in skip}
+    wanted = {p for p, t in targets.items() if set(range(t)) <= merged.rounds.get(p, set())}
+    needs_samples = {p for p in wanted if best_of_n or max(merged.rounds[p]) >= targets[p]}
+    samples = _bucket_samples(context, bucket, needs_samples)
+    frontier, bon, convergence_table = TableBuilder("frontier"), TableBuilder("bon"), TableBuilder("convergence")
+    total = 0
+    for prompt_id in sorted(wanted):
+        statistics = _prompt_statistics(merged, samples, prompt_id, targets[prompt_id], context)
+        total += next(iter(statistics.values())).n
+        frontier_rows(frontier, prompt_id, context.plan, statistics)
+        if convergence:
+            convergence_rows(convergence_table, prompt_id, context.plan, statistics)
+        if best_of_n:
+            prompt = samples[prompt_id]
+            bon_rows(bon, prompt.subset(prompt.extra["round"] < targets[prompt_id]), context.plan)
+    tables = {"frontier": frontier.table(), "convergence": convergence_table.table(), "bon": bon.table()}
+    _write_shards(output, bucket, tables)
+    shown = sorted(wanted)[:PLOT_PROMPTS]
+    return BucketSummary(
+        bucket=bucket, prompts=len(wanted), samples=total, sums=frontier_sums(tables["frontier"]),
+        plot_rows={name: _plot_rows(table, shown) for name, table in tables.items()},
+        incomplete=sorted(set(targets) - wanted), corrupt=corrupt,
+    )
