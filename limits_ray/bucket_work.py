@@ -28,7 +28,7 @@ from limits_ray.storage import Location
 from limits_ray.store import ROUND_STATS_SCHEMA, MergedBucket, SampleStore, decode_statistics, encode_statistics
 
 __all__ = [
-    "BucketContext", "BucketSummary", "PROMPTS_SCHEMA", "TODO_SCHEMA", "compact", "finalize_bucket", "prepare_bucket",
+    "BucketContext", "BucketSummary", "PROMPTS_SCHEMA", "TODO_SCHEMA", "bucket_round_counts", "compact", "finalize_bucket", "prepare_bucket",
     "round_statistics_table",
 ]
 
@@ -148,6 +148,12 @@ def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[
     if todo["round"]:
         context.work.join("todo", f"{bucket_name(bucket)}.parquet").write_table(pa.table(todo, schema=TODO_SCHEMA))
     return {"todo": len(todo["round"]), "stored": stored, "corrupt": corrupt}
+
+
+def bucket_round_counts(context: BucketContext, bucket: int) -> dict[str, int]:
+    """Per prompt of the bucket: its stored rounds (largest round + 1), after compaction."""
+    merged, _ = compact(context, bucket)
+    return {prompt_id: max(rounds) + 1 for prompt_id, rounds in merged.rounds.items() if rounds}
 
 
 def _prompt_statistics(merged: MergedBucket, samples: dict[str, PromptSamples], prompt_id: str, target: int,

@@ -28,7 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from limits_ray.bucket_work import PROMPTS_SCHEMA, BucketContext, BucketSummary, finalize_bucket, prepare_bucket
+from limits_ray.bucket_work import (
+    PROMPTS_SCHEMA, BucketContext, BucketSummary, bucket_round_counts, finalize_bucket, prepare_bucket,
+)
 from limits_ray.buckets import bucket_name, bucket_of
 from limits_ray.config import ConfigError, JobConfig
 from limits_ray.faults import Quarantine
@@ -40,7 +42,8 @@ from limits_ray.store import SampleStore
 
 STATISTICS_FORMAT = 2  # bump when the serialised statistics change: stored statistics of another format are recomputed
 
-__all__ = ["RunReport", "StoredResult", "analysis_key", "check_model_path", "model_fingerprint", "run_job", "setup_identity"]
+__all__ = ["RunReport", "StoredResult", "analysis_key", "check_model_path", "model_fingerprint", "run_job", "setup_identity",
+           "stored_round_counts"]
 
 
 def check_model_path(model: str, where: str) -> None:
@@ -338,6 +341,30 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     if not config.store.enabled:
         store_root.delete_tree()
     return StoredResult(output, frontier_mean), report
+
+
+def stored_round_counts(config: JobConfig) -> dict[str, int]:
+    """Per prompt in the config's store: its stored rounds (largest round + 1), from the merged statistics.
+
+    Compacts every bucket first (Ray tasks), so rounds of an interrupted run count too.
+    """
+    _, store_root = _open_locations(config)
+    store = SampleStore(store_root, config.store.buckets)
+    if not store.manifest.is_file():
+        return {}
+    store.check_manifest(setup_identity(config))
+    reward_names = [reward.name for reward in config.rewards]
+    plan = config.analysis.plan(reward_names)
+    betas = np.asarray(config.analysis.betas)
+    context = BucketContext(store, analysis_key(plan, betas), plan, betas, reward_names, store_root.join(".runs", "counts"))
+    buckets = [int(location.name.removeprefix("bucket=")) for location in store.samples.subdirectories()]
+    if not buckets:
+        return {}
+    _init_ray(config.ray_address)
+    counts: dict[str, int] = {}
+    for bucket_counts in _run_buckets(bucket_round_counts, context, buckets):
+        counts.update(bucket_counts)
+    return counts
 
 
 def _write_figures(result: ReduceResult, output: Location, title: str) -> None:

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from limits_ray.config import JobConfig
-from limits_ray.store import SampleStore
+from limits_ray.config import ConfigError, JobConfig
 
 __all__ = ["NightResult", "nightly_root", "run_night", "series_id", "today"]
 
@@ -50,8 +49,18 @@ def series_id(config: JobConfig) -> str:
 
 
 def nightly_root(config: JobConfig) -> Path:
-    """``nightly.root`` or ``<output_dir>/nightly``."""
-    return Path(config.nightly.root or Path(config.output_dir) / "nightly")
+    """``nightly.root`` or ``<output_dir>/nightly``: a local (or mounted) directory.
+
+    The dated results are staged and swapped in with renames, which object stores lack; the series'
+    sample store lives below the root too.
+    """
+    root = config.nightly.root or f"{config.output_dir.rstrip('/')}/nightly"
+    if "://" in root and not root.startswith("file://"):
+        raise ConfigError(
+            f"nightly.root {root!r}: nightly runs need a local or mounted directory (they swap results in with "
+            "renames); mount the bucket or give a path"
+        )
+    return Path(root.removeprefix("file://"))
 
 
 def _read_ledger(path: Path) -> dict[str, Any]:
@@ -77,12 +86,13 @@ def _replace_dir(source: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def _next_targets(store: SampleStore, rounds_per_night: int) -> dict[str, int]:
-    """Per stored prompt: its largest stored round + 1 + ``rounds_per_night``."""
-    largest: dict[str, int] = {}
-    for prompt_id, round_index in store.stored_rounds():
-        largest[prompt_id] = max(largest.get(prompt_id, -1), int(round_index))
-    return {prompt_id: top + 1 + rounds_per_night for prompt_id, top in sorted(largest.items())}
+def next_targets(stored_rounds: dict[str, int], rounds_per_night: int) -> dict[str, int]:
+    """Per stored prompt: its stored rounds (largest round + 1) + ``rounds_per_night``."""
+    return {prompt_id: count + rounds_per_night for prompt_id, count in sorted(stored_rounds.items())}
+
+
+def _store_config(config: JobConfig, store_dir: Path) -> JobConfig:
+    return dataclasses.replace(config, store=dataclasses.replace(config.store, enabled=True, path=str(store_dir)))
 
 
 @dataclass
@@ -100,7 +110,7 @@ class NightResult:
 
 def run_night(config: JobConfig, date: str | None = None) -> NightResult:
     """Run (or skip, if already complete) the night of ``date`` (``YYYY-MM-DD``, default today in UTC)."""
-    from limits_ray.job import run_job
+    from limits_ray.job import run_job, stored_round_counts
     from limits_ray.report import write_report
 
     date = date or today()
@@ -115,11 +125,10 @@ def run_night(config: JobConfig, date: str | None = None) -> NightResult:
         return NightResult(date, series, False, 0, int(entry.get("samples", 0)), dated, False)
 
     store_dir = root / f"series-{series}" / "store"
-    store = SampleStore(store_dir)
     if entry and entry.get("series") == series:
         targets = {key: int(value) for key, value in entry["targets"].items()}
     else:
-        targets = _next_targets(store, config.nightly.rounds_per_night)
+        targets = next_targets(stored_round_counts(_store_config(config, store_dir)), config.nightly.rounds_per_night)
         entry = {"series": series, "targets": targets, "completed": False,
                  "default_rounds": config.generation.rounds, "rounds_per_night": config.nightly.rounds_per_night}
         ledger[date] = entry
@@ -128,12 +137,7 @@ def run_night(config: JobConfig, date: str | None = None) -> NightResult:
     work = root / f".{date}.partial"
     if work.exists():
         shutil.rmtree(work)
-    job = dataclasses.replace(
-        config,
-        name=f"{config.name} nightly {date}",
-        output_dir=str(work),
-        store=dataclasses.replace(config.store, enabled=True, path=str(store_dir)),
-    )
+    job = dataclasses.replace(_store_config(config, store_dir), name=f"{config.name} nightly {date}", output_dir=str(work))
     _, report = run_job(job, round_targets=targets)
     _write_json(work / "nightly.json", {
         "date": date, "series": series, "store": str(store_dir), "targets": targets,

@@ -22,3 +22,36 @@ def ray_local():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-protocol server (moto) on loopback for the session; yields ``endpoint`` (host:port).
+
+    Credentials are dummies set in the environment, as a real deployment would set real ones.
+    """
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the session's S3 server; yields ``(uri, endpoint)``."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(name)
+    yield f"s3://{name}", s3_server

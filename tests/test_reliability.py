@@ -42,7 +42,7 @@ def raise_for_river(prompts, responses):
         # Fail only once some rounds of the other prompts have reached the store (path left by the test).
         samples = pathlib.Path(pathlib.Path(__file__).with_name("store_to_wait_for.txt").read_text())
         deadline = time.monotonic() + 300
-        while not any(samples.glob("*.parquet")) and time.monotonic() < deadline:
+        while not any(samples.rglob("*.parquet")) and time.monotonic() < deadline:
             time.sleep(0.5)
         raise RuntimeError("the river reward is broken")
     return [len(response) / 10.0 for response in responses]
@@ -98,7 +98,7 @@ def _assert_store_has_each_sample_once(store: Path, expected: int) -> None:
 
 
 def _parts(store: Path) -> int:
-    return len(list((store / "samples").glob("*.parquet"))) if (store / "samples").is_dir() else 0
+    return len(list((store / "samples").rglob("part-*.parquet"))) if (store / "samples").is_dir() else 0
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The sample store: whole rounds per file, atomic writes, manifest checks, crash recovery."""
+"""The sample store: bucketed parts named by their rounds, compacted statistics, manifest, corrupt parts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
+from limits_ray.bucket_work import BucketContext, compact, round_statistics_table
+from limits_ray.buckets import bucket_of
+from limits_ray.config import AnalysisConfig
+from limits_ray.reduce import prompt_statistics
+from limits_ray.io import PromptSamples
+from limits_ray.storage import open_location
 from limits_ray.store import SampleStore, StoreMismatchError, flatten_rounds
+
+BETAS = np.array([0.1, 1.0, 10.0])
+PLAN = AnalysisConfig(betas=tuple(BETAS)).plan(["rm"])
 
 
 def _rounds(prompt_id: str, rounds: list[int], n: int = 4) -> dict[str, np.ndarray]:
@@ -23,8 +32,21 @@ def _rounds(prompt_id: str, rounds: list[int], n: int = 4) -> dict[str, np.ndarr
         "response_tokens": np.ones((count, n), dtype=np.int64),
         "logprob": -np.ones((count, n)),
         "finish_reason": np.array([["length"] * n] * count, dtype=object),
-        "rm": sample_idx / 10.0,
+        "rm": np.sin(sample_idx + len(prompt_id)),
     }
+
+
+def _store(uri, buckets: int = 4, endpoint: str = "") -> SampleStore:
+    return SampleStore(open_location(uri, endpoint_override=endpoint), buckets)
+
+
+def _write(store: SampleStore, prompt_id: str, rounds: list[int], analysis: str = "a") -> list[str]:
+    table = flatten_rounds(_rounds(prompt_id, rounds), ["rm"], False)
+    return store.write_rounds(table, analysis, round_statistics_table(table, PLAN, BETAS, ["rm"]))
+
+
+def _context(store: SampleStore, tmp_path, analysis: str = "a") -> BucketContext:
+    return BucketContext(store, analysis, PLAN, BETAS, ["rm"], open_location(tmp_path / "work"))
 
 
 def test_flatten_rounds_gives_one_row_per_sample_in_order():
@@ -36,33 +58,87 @@ def test_flatten_rounds_gives_one_row_per_sample_in_order():
     assert "response" not in flatten_rounds(_rounds("p", [0]), ["rm"], keep_text=False).column_names
 
 
-def test_a_rewritten_batch_replaces_its_own_file(tmp_path):
-    store = SampleStore(tmp_path)
-    first = store.write_rounds(flatten_rounds(_rounds("p", [0, 1]), ["rm"], False))
-    again = store.write_rounds(flatten_rounds(_rounds("p", [1, 0]), ["rm"], False))
-    other = store.write_rounds(flatten_rounds(_rounds("q", [0]), ["rm"], False))
+def test_a_rewritten_batch_writes_the_same_part_into_its_bucket(tmp_path):
+    store = _store(tmp_path)
+    first = _write(store, "p", [0, 1])
+    again = _write(store, "p", [1, 0])
+    other = _write(store, "q", [0])
     assert first == again != other
-    assert store.stored_rounds() == {("p", 0), ("p", 1), ("q", 0)}
-    assert ds.dataset(str(store.samples_dir), format="parquet").count_rows() == 12
+    buckets = bucket_of(["p", "q"], 4)
+    parts = {key for bucket in set(buckets.tolist()) for key in store.sample_parts(int(bucket))}
+    assert parts == {*first, *other}
+    assert set(store.sample_parts(int(buckets[0]))) >= set(first)
+    assert ds.dataset(str(tmp_path / "samples"), format="parquet").count_rows() == 12
 
 
-def test_recover_sets_aside_unreadable_files_and_drops_partial_writes(tmp_path):
-    store = SampleStore(tmp_path)
-    store.write_rounds(flatten_rounds(_rounds("p", [0]), ["rm"], False))
-    broken = store.samples_dir / "part-broken.parquet"
+def test_compaction_merges_only_new_parts_and_equals_statistics_of_all_samples(tmp_path):
+    store = _store(tmp_path, buckets=1)
+    context = _context(store, tmp_path)
+    _write(store, "p", [0, 1])
+    merged, _ = compact(context, 0)
+    assert merged.rounds == {"p": {0, 1}} and merged.generation == 1
+    _write(store, "p", [2])
+    _write(store, "p", [1])  # a round written again (a retried round) counts once
+    merged, _ = compact(context, 0)
+    assert merged.rounds == {"p": {0, 1, 2}} and merged.generation == 2
+    samples = _rounds("p", [0, 1, 2])
+    expected = prompt_statistics(PromptSamples("p", samples["sample_idx"].ravel(), {"rm": samples["rm"].ravel()}), PLAN, BETAS)
+    got = merged.statistics["p"]["rm"].total().finalize()
+    want = expected["rm"].total().finalize()
+    np.testing.assert_allclose(got.gain, want.gain, rtol=1e-12)
+    np.testing.assert_allclose(got.kl, want.kl, rtol=1e-10, atol=1e-15)
+    # Nothing new: reading back changes nothing and writes nothing.
+    again, _ = compact(context, 0)
+    assert again.generation == 2 and again.rounds == merged.rounds
+    names = [location.name for location in store.bucket_stats("a", 0).files()]
+    assert len([name for name in names if name.startswith("merged-")]) == 1
+    assert not [name for name in names if name.startswith("rounds-")]  # absorbed round statistics are removed
+
+
+def test_a_new_analysis_computes_its_statistics_from_the_stored_rewards(tmp_path):
+    store = _store(tmp_path, buckets=1)
+    _write(store, "p", [0, 1], analysis="a")
+    merged_a, _ = compact(_context(store, tmp_path, "a"), 0)
+    merged_b, _ = compact(_context(store, tmp_path, "b"), 0)
+    assert merged_b.rounds == merged_a.rounds
+    np.testing.assert_allclose(merged_b.statistics["p"]["rm"].total().finalize().gain,
+                               merged_a.statistics["p"]["rm"].total().finalize().gain, rtol=1e-12)
+
+
+def test_an_unreadable_part_is_set_aside_and_its_rounds_count_as_missing(tmp_path):
+    store = _store(tmp_path, buckets=1)
+    _write(store, "p", [0], analysis="other")  # no statistics for analysis "a": read from the samples
+    broken = store.bucket_samples(0).join("part-broken.parquet")
     broken.write_bytes(b"PAR1 this is not a parquet file")
-    partial = store.samples_dir / ".part-x.parquet.partial"
-    partial.write_bytes(b"half a file")
-    moved = store.recover()
-    assert moved == [tmp_path / "corrupt" / "part-broken.parquet"] and moved[0].exists()
-    assert not partial.exists() and not broken.exists()
-    assert store.stored_rounds() == {("p", 0)}
+    merged, corrupt = compact(_context(store, tmp_path), 0)
+    assert merged.rounds == {"p": {0}}
+    assert corrupt == [str(tmp_path / "corrupt" / "part-broken.parquet")]
+    assert not broken.exists() and (tmp_path / "corrupt" / "part-broken.parquet").exists()
 
 
-def test_a_store_refuses_samples_of_another_setup(tmp_path):
-    store = SampleStore(tmp_path)
+def test_a_store_refuses_samples_of_another_setup_and_keeps_its_bucket_count(tmp_path):
+    store = _store(tmp_path, buckets=4)
     identity = {"base_model": "abc", "sampling": {"temperature": 1.0}}
     store.check_manifest(identity)
-    store.check_manifest(dict(identity))  # same setup: fine
+    reopened = _store(tmp_path, buckets=64)
+    reopened.check_manifest(dict(identity))  # same setup: fine, and the store's own bucket count wins
+    assert reopened.buckets == 4
     with pytest.raises(StoreMismatchError, match=r"base_model: stored 'abc', now 'def'"):
-        store.check_manifest({**identity, "base_model": "def"})
+        reopened.check_manifest({**identity, "base_model": "def"})
+
+
+def test_the_store_works_the_same_on_an_s3_server(s3_bucket, tmp_path):
+    uri, endpoint = s3_bucket
+    remote, local = _store(f"{uri}/store", buckets=2, endpoint=endpoint), _store(tmp_path / "store", buckets=2)
+    for store in (remote, local):
+        store.check_manifest({"base_model": "abc"})
+        _write(store, "p", [0, 1])
+        _write(store, "q", [0])
+    for bucket in range(2):
+        got, _ = compact(_context(remote, tmp_path, "a"), bucket)
+        want, _ = compact(_context(local, tmp_path, "a"), bucket)
+        assert got.rounds == want.rounds
+        for prompt_id in want.statistics:
+            np.testing.assert_array_equal(got.statistics[prompt_id]["rm"].total().moments,
+                                          want.statistics[prompt_id]["rm"].total().moments)
+    assert not [location for location in remote.root.files(recursive=True) if ".partial" in location.path]
