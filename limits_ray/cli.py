@@ -99,6 +99,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from limits_ray.status import format_status, store_status
+    from limits_ray.storage import open_location
+
+    location = open_location(args.path, endpoint_override=args.endpoint_override, where="status")
+    for line in format_status(store_status(location)):
+        print(line)
+    return 0
+
+
 def _make_tiny_models(args: argparse.Namespace) -> int:
     from limits_ray.tiny_models import build_tiny_models
 
@@ -150,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--title", help="title of the figures (default: the run's name)")
     report.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance for 'settled' (default 0.05)")
     report.set_defaults(handler=_report)
+
+    status = commands.add_parser("status", help="what a sample store holds (also while a job writes to it)")
+    status.add_argument("path", help="a store path or URI, a run's output_dir, or a nightly root")
+    status.add_argument("--endpoint-override", default="", help="host:port of an S3-compatible server")
+    status.set_defaults(handler=_status)
 
     tiny = commands.add_parser("make-tiny-models", help="build the tiny tokenizer, causal LMs and reward models")
     tiny.add_argument("directory", type=Path, help="where to write them")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -76,15 +77,20 @@ def ray_head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_tiny_job(ray_head, tiny_models, tmp_path):
+def test_ray_job_submit_runs_the_tiny_job_with_outputs_below_limits_ray_root(ray_head, tiny_models, tmp_path):
+    """The README's rule: under ``ray job submit --working-dir``, a relative output_dir resolves below
+    ``$LIMITS_RAY_ROOT`` (a path or bucket URI every node reaches), not in the job's working-dir copy."""
     url, env = ray_head
-    out_dir = tmp_path / "out"
-    mapping = tiny_job_mapping(tiny_models, out_dir, ray_address="", prompts={"inline": ["The cat sat on the", "Once upon a time"]})
+    root = tmp_path / "root"
+    out_dir = root / "runs" / "submitted"
+    mapping = tiny_job_mapping(tiny_models, Path("runs/submitted"), ray_address="",
+                               prompts={"inline": ["The cat sat on the", "Once upon a time"]})
     mapping["generation"]["samples_per_prompt"] = 32
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(mapping))
-    command = [str(BIN / "ray"), "job", "submit", f"--address={url}", f"--working-dir={REPO}", "--",
-               "python", "jobs/frontier.py", "--config", str(config_path)]
+    runtime_env = json.dumps({"env_vars": {"LIMITS_RAY_ROOT": str(root)}})
+    command = [str(BIN / "ray"), "job", "submit", f"--address={url}", f"--working-dir={REPO}",
+               f"--runtime-env-json={runtime_env}", "--", "python", "jobs/frontier.py", "--config", str(config_path)]
     for _ in range(30):  # the head's job agent can start well after its dashboard answers
         submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in submit.stdout + submit.stderr:
@@ -97,3 +103,4 @@ def test_ray_job_submit_runs_the_tiny_job(ray_head, tiny_models, tmp_path):
         assert table.schema.equals(schema) and table.num_rows > 0
     assert set(pq.read_table(out_dir / "frontier.parquet")["n"].to_pylist()) == {32}
     assert (out_dir / "frontier.png").stat().st_size > 10_000
+    assert (root / "runs" / "submitted" / "store" / "manifest.json").is_file()
