@@ -227,16 +227,17 @@ def _run_buckets(function, context: BucketContext, buckets: list[int], *args: An
 
 def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], buckets: int) -> list[int]:
     """This run's prompts as one table per bucket under ``work/prompts``; returns the buckets used."""
-    prompt_ids = [prompt.prompt_id for prompt in prompt_set.prompts]
-    bucket_ids = bucket_of(prompt_ids, buckets)
-    used = sorted({int(bucket) for bucket in bucket_ids})
-    for bucket in used:
-        rows = [prompt for prompt, owner in zip(prompt_set.prompts, bucket_ids) if owner == bucket]
-        work.join("prompts", f"{bucket_name(bucket)}.parquet").write_table(pa.table({
-            "prompt_id": [prompt.prompt_id for prompt in rows], "prompt": [prompt.rendered for prompt in rows],
-            "target": [int(targets[prompt.prompt_id]) for prompt in rows],
+    prompts = prompt_set.prompts
+    owners = bucket_of([prompt.prompt_id for prompt in prompts], buckets)
+    order = np.argsort(owners, kind="stable")
+    used, starts = np.unique(owners[order], return_index=True)
+    for bucket, rows in zip(used, np.split(order, starts[1:])):
+        chosen = [prompts[row] for row in rows]
+        work.join("prompts", f"{bucket_name(int(bucket))}.parquet").write_table(pa.table({
+            "prompt_id": [prompt.prompt_id for prompt in chosen], "prompt": [prompt.rendered for prompt in chosen],
+            "target": [int(targets[prompt.prompt_id]) for prompt in chosen],
         }, schema=PROMPTS_SCHEMA))
-    return used
+    return [int(bucket) for bucket in used]
 
 
 def _plot_sample(summaries: list[BucketSummary], frontier_mean: pa.Table, limit: int = 200) -> ReduceResult:
