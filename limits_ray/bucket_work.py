@@ -15,7 +15,9 @@ with samples or prompts. The functions are plain Python: the job runs them as Ra
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +27,11 @@ from limits_ray.frontier import frontier_sums
 from limits_ray.io import PromptSamples, iter_prompts
 from limits_ray.reduce import Plan, TableBuilder, bon_rows, convergence_rows, frontier_rows, prompt_statistics
 from limits_ray.storage import Location
-from limits_ray.store import ROUND_STATS_SCHEMA, MergedBucket, SampleStore, decode_statistics, encode_statistics
+from limits_ray.store import MergedBucket, SampleStore
 
 __all__ = [
     "BucketContext", "BucketSummary", "PROMPTS_SCHEMA", "TODO_SCHEMA", "bucket_round_counts", "compact", "finalize_bucket", "prepare_bucket",
-    "round_statistics_table",
+    "round_statistics",
 ]
 
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("target", pa.int64())])
@@ -73,64 +75,63 @@ class BucketSummary:
     plot_rows: dict[str, pa.Table] = field(default_factory=dict)
     incomplete: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
-def round_statistics_table(samples: pa.Table, plan: Plan, betas: np.ndarray, rewards: list[str]) -> pa.Table:
-    """Per-(prompt_id, round) statistics of scored samples, as rows of the store's round-statistics schema."""
+def round_statistics(samples: pa.Table, plan: Plan, betas: np.ndarray, rewards: list[str]) -> Iterator[tuple[str, int, dict]]:
+    """``(prompt_id, round, statistics)`` for every round of scored samples (keys and reward columns)."""
     if samples.num_rows == 0:
-        return ROUND_STATS_SCHEMA.empty_table()
+        return
     ordered = samples.sort_by([("prompt_id", "ascending"), ("round", "ascending"), ("sample_idx", "ascending")])
-    prompt_ids, rounds_column = [], []
-    counts, payloads = [], []
     for prompt in iter_prompts(ordered, rewards, extra=("round",)):
         rounds = prompt.extra["round"]
-        for round_index in np.unique(rounds):
-            round_samples = prompt.subset(rounds == round_index)
-            prompt_ids.append(prompt.prompt_id)
-            rounds_column.append(int(round_index))
-            counts.append(int(round_samples.sample_idx.size))
-            payloads.append(encode_statistics(prompt_statistics(round_samples, plan, betas)))
-    return pa.table({
-        "prompt_id": pa.array(prompt_ids, pa.string()), "round": pa.array(rounds_column, pa.int64()),
-        "samples": pa.array(counts, pa.int64()), "payload": pa.array(payloads, pa.binary()),
-    }, schema=ROUND_STATS_SCHEMA)
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(rounds)) + 1, [rounds.size]])
+        for start, stop in zip(starts[:-1], starts[1:]):
+            round_samples = PromptSamples(prompt.prompt_id, prompt.sample_idx[start:stop],
+                                          {name: values[start:stop] for name, values in prompt.rewards.items()})
+            yield prompt.prompt_id, int(rounds[start]), prompt_statistics(round_samples, plan, betas)
 
 
 def compact(context: BucketContext, bucket: int) -> tuple[MergedBucket, list[str]]:
     """Merge the sample parts written since the bucket's last compaction; returns it and the parts set aside.
 
-    Each new part's statistics come from its ``rounds-<key>`` object when the pipeline wrote one,
-    else from its stored rewards (a new analysis, or a part whose statistics were never written).
-    A part that cannot be read is copied to ``corrupt/`` and deleted: its rounds are generated
-    again. Costs O(new parts + prompts of the bucket), not O(stored samples).
+    Each new part's rewards are read and turned into per-round statistics (a round already merged,
+    written again by a retried batch, is skipped). A part that cannot be read is copied to
+    ``corrupt/`` and deleted: its rounds are generated again. Costs O(new samples + prompts of the
+    bucket), not O(stored samples).
     """
     store = context.store
     merged = store.read_merged(context.analysis, bucket)
     corrupt = []
     new_parts = {key: part for key, part in store.sample_parts(bucket).items() if key not in merged.parts}
     for key, part in sorted(new_parts.items()):
-        statistics = store.read_part_statistics(context.analysis, bucket, key)
-        if statistics is None:
-            samples = store.read_part(part, context.rewards)
-            if samples is None:
-                corrupt.append(store.set_aside(part).uri)
-                continue
-            statistics = round_statistics_table(samples, context.plan, context.betas, context.rewards)
-        for prompt_id, round_index, payload in zip(
-            statistics["prompt_id"].to_pylist(), statistics["round"].to_pylist(), statistics["payload"].to_pylist(),
-        ):
-            merged.add(prompt_id, int(round_index), decode_statistics(payload))
+        samples = store.read_part(part, context.rewards)
+        if samples is None:
+            corrupt.append(store.set_aside(part).uri)
+            continue
+        fresh = _unmerged_rounds(samples, merged)
+        for prompt_id, round_index, statistics in round_statistics(fresh, context.plan, context.betas, context.rewards):
+            merged.add(prompt_id, round_index, statistics)
         merged.parts.add(key)
     if new_parts:
         store.write_merged(context.analysis, bucket, merged)
     return merged, corrupt
 
 
+def _unmerged_rounds(samples: pa.Table, merged: MergedBucket) -> pa.Table:
+    """The rows of ``samples`` whose (prompt_id, round) is not merged yet."""
+    keys = zip(samples["prompt_id"].to_pylist(), samples["round"].to_pylist())
+    keep = [round_index not in merged.rounds.get(prompt_id, ()) for prompt_id, round_index in keys]
+    return samples if all(keep) else samples.filter(pa.array(keep))
+
+
 def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[str]]:
     """Compact the bucket and write this run's missing rounds to ``todo/``; returns counts.
 
-    Returns ``{"todo": rounds to generate, "stored": rounds of this run already stored, "corrupt": [...]}``.
+    Returns ``{"todo": rounds to generate, "stored": rounds of this run already stored, "corrupt": [...],
+    "seconds": busy time}``.
     """
+    started = time.perf_counter()
     merged, corrupt = compact(context, bucket)
     prompts = context.prompts(bucket)
     todo: dict[str, list] = {"prompt_id": [], "prompt": [], "round": []}
@@ -147,7 +148,7 @@ def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[
                 todo["round"].append(round_index)
     if todo["round"]:
         context.work.join("todo", f"{bucket_name(bucket)}.parquet").write_table(pa.table(todo, schema=TODO_SCHEMA))
-    return {"todo": len(todo["round"]), "stored": stored, "corrupt": corrupt}
+    return {"todo": len(todo["round"]), "stored": stored, "corrupt": corrupt, "seconds": time.perf_counter() - started}
 
 
 def bucket_round_counts(context: BucketContext, bucket: int) -> dict[str, int]:
@@ -199,6 +200,7 @@ def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip:
     are left out (the latter are listed as ``incomplete``). Best-of-n reads the bucket's stored
     rewards, one bucket in memory at a time.
     """
+    started = time.perf_counter()
     merged, corrupt = compact(context, bucket)
     prompts = context.prompts(bucket)
     targets = {p: int(t) for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["target"].to_pylist()) if p not in skip}
@@ -222,5 +224,5 @@ def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip:
     return BucketSummary(
         bucket=bucket, prompts=len(wanted), samples=total, sums=frontier_sums(tables["frontier"]),
         plot_rows={name: _plot_rows(table, shown) for name, table in tables.items()},
-        incomplete=sorted(set(targets) - wanted), corrupt=corrupt,
+        incomplete=sorted(set(targets) - wanted), corrupt=corrupt, seconds=time.perf_counter() - started,
     )

@@ -242,17 +242,18 @@ class StoreConfig:
             from the current directory.
         keep_text: also store prompt and response texts.
         buckets: prompt buckets of a new store (an existing store keeps its own): one per-bucket
-            task reads one bucket, so aim at about 1e6 stored samples per bucket.
+            task reads one bucket, so aim at about 1e6 stored samples per bucket; 0 (default) picks
+            one bucket per 1e6 samples of the run that creates the store (at least 1, at most 4096).
     """
 
     enabled: bool = True
     path: str = ""
     keep_text: bool = False
-    buckets: int = 256
+    buckets: int = 0
 
     def __post_init__(self) -> None:
-        if self.buckets < 1:
-            raise ConfigError(f"store.buckets must be >= 1 (about total samples / 1e6), got {self.buckets}")
+        if self.buckets < 0:
+            raise ConfigError(f"store.buckets must be >= 0 (0: about one per 1e6 samples of the first run), got {self.buckets}")
 
 
 @dataclass(frozen=True)

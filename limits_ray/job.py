@@ -38,7 +38,7 @@ from limits_ray.frontier import mean_from_sums
 from limits_ray.io import SCHEMAS
 from limits_ray.reduce import Plan, ReduceResult
 from limits_ray.storage import Location, check_writable, open_location
-from limits_ray.store import SampleStore
+from limits_ray.store import SampleStore, auto_buckets
 
 STATISTICS_FORMAT = 2  # bump when the serialised statistics change: stored statistics of another format are recomputed
 
@@ -298,7 +298,8 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     plan = config.analysis.plan(reward_names)
     betas = np.asarray(config.analysis.betas)
 
-    store = SampleStore(store_root, config.store.buckets)
+    planned = sum(targets.values()) * config.generation.n
+    store = SampleStore(store_root, config.store.buckets or auto_buckets(planned))
     store.check_manifest(setup_identity(config))
     run_id = uuid.uuid4().hex[:16]
     work = store_root.join(".runs", run_id)
@@ -332,7 +333,8 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
         corrupt_store_files=[path for counts in prepared for path in counts["corrupt"]]
         + [path for summary in summaries for path in summary.corrupt],
         wall_seconds=time.perf_counter() - started,
-        stage_seconds=times.busy,
+        stage_seconds={**times.busy, "statistics": sum(float(counts["seconds"]) for counts in prepared)
+                       + sum(summary.seconds for summary in summaries)},
         versions=_versions(),
         config=dataclasses.asdict(config),
     )
@@ -350,7 +352,7 @@ def stored_round_counts(config: JobConfig) -> dict[str, int]:
     Compacts every bucket first (Ray tasks), so rounds of an interrupted run count too.
     """
     _, store_root = _open_locations(config)
-    store = SampleStore(store_root, config.store.buckets)
+    store = SampleStore(store_root, config.store.buckets or 1)
     if not store.manifest.is_file():
         return {}
     store.check_manifest(setup_identity(config))

@@ -1,12 +1,12 @@
 """The distributed job: Ray Data stages around vLLM, streaming statistics to a reducer.
 
     prompts -> requests (prompt_id, round) -> Generator actors (vLLM, n samples per request)
-            -> one scorer actor pool per reward model -> round statistics (+ sample store)
-            -> driver-side StatisticsReducer -> frontier, frontier_mean, bon, convergence
+            -> one scorer actor pool per reward model -> the sample store (one part per bucket and batch)
+            -> per-bucket tasks (limits_ray.bucket_work): statistics, frontier, bon, convergence shards
 
 A row is one *round*: one request of ``n`` samples of one prompt, seeded by (prompt_id, round).
 Rounds stay whole through every stage, so a round is the unit of storage, retry and merging:
-no text reaches the reducer, and a round is merged at most once.
+nothing but counts reaches the driver, and a round is merged at most once.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PipelineError", "StageTimes", "Timed", "engine_remote_args", "generation_stage", "root_cause",
-    "round_statistics", "run_stages", "scorer_stage",
+    "run_stages", "scorer_stage", "store_rounds",
 ]
+
+STORE_BATCH_SAMPLES = 65536  # samples per store write: one part per bucket per batch, so few and large parts
+
 
 class PipelineError(RuntimeError):
     """A stage failed and the run stopped (``fail_fast``, or an error outside any round)."""
@@ -92,19 +95,15 @@ class Timed:
         yield output
 
 
-def round_statistics(batch: dict[str, np.ndarray], *, context: "BucketContext", keep_text: bool) -> dict[str, np.ndarray]:
-    """Scored rounds -> the sample store (samples, then their per-round statistics) and one small row per round.
+def store_rounds(batch: dict[str, np.ndarray], *, context: "BucketContext", keep_text: bool) -> dict[str, np.ndarray]:
+    """Scored rounds -> the sample store, one part per bucket; one small row per round comes out.
 
-    Output columns: prompt_id, round, samples and the ``seconds_*`` columns of earlier stages summed
-    per round. Neither samples nor statistics travel to the driver: the bucket tasks merge them
-    from the store (:mod:`limits_ray.bucket_work`).
+    Output columns: prompt_id, round, samples and the ``seconds_*`` columns of earlier stages. Neither
+    samples nor statistics travel to the driver: bucket tasks compute and merge the statistics from
+    the store (:mod:`limits_ray.bucket_work`).
     """
-    from limits_ray.bucket_work import round_statistics_table
-
     started = time.perf_counter()
-    table = flatten_rounds(batch, context.rewards, keep_text)
-    statistics = round_statistics_table(table, context.plan, context.betas, context.rewards)
-    context.store.write_rounds(table, context.analysis, statistics)
+    context.store.write_rounds(flatten_rounds(batch, context.rewards, keep_text))
     rows = len(batch["prompt_id"])
     output = {
         "prompt_id": np.asarray(batch["prompt_id"]).astype(str),
@@ -114,7 +113,7 @@ def round_statistics(batch: dict[str, np.ndarray], *, context: "BucketContext", 
     for name in batch:
         if name.startswith("seconds_"):
             output[name] = np.asarray(batch[name], dtype=np.float64)
-    output["seconds_statistics"] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
+    output["seconds_store"] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
     return output
 
 
@@ -217,7 +216,8 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
     for reward in config.rewards:
         dataset = scorer_stage(dataset, reward, generation.n, faults)
     dataset = dataset.map_batches(
-        round_statistics, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
+        store_rounds, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
+        batch_size=max(1, STORE_BATCH_SAMPLES // generation.n),
     )
     done = 0
     try:

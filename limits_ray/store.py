@@ -4,7 +4,6 @@ Layout of a store (a local directory or an object-store prefix, see :mod:`limits
 
     manifest.json                                   what produced the samples; the bucket count
     samples/bucket=00042/part-<key>.parquet          whole rounds of the bucket's prompts
-    stats/<analysis>/bucket=00042/rounds-<key>.parquet   per-round statistics of samples/.../part-<key>
     stats/<analysis>/bucket=00042/merged-<gen>-<key>.parquet  per-prompt merged statistics (compacted)
     quarantine/<run id>/<key>.json                  rounds a run set aside
 
@@ -13,7 +12,9 @@ reads one bucket only. Every object is written once, whole, and named by what it
 by a hash of its (prompt_id, round) keys, so a retried batch writes the same name with the same
 content; nothing is renamed, which makes the store safe on S3 and GCS. Statistics depend on the
 analysis (betas, alignment and evaluation rewards), so each analysis has its own ``stats/<analysis>``
-tree; a new analysis computes its statistics once from the stored rewards.
+tree. Statistics are computed from the stored rewards by the bucket task that first merges a part
+(:func:`limits_ray.bucket_work.compact`), then kept merged per prompt; the part's key is recorded so
+it is never read again for that analysis.
 """
 
 from __future__ import annotations
@@ -35,16 +36,14 @@ from limits_ray.rounds import per_round, per_sample, round_lengths
 from limits_ray.storage import Location
 
 __all__ = [
-    "DEFAULT_BUCKETS", "MergedBucket", "SampleStore", "StoreMismatchError", "decode_statistics", "encode_statistics",
-    "flatten_rounds", "merge_statistics", "rounds_key",
+    "MergedBucket", "SampleStore", "StoreMismatchError", "decode_statistics", "encode_statistics",
+    "auto_buckets", "flatten_rounds", "merge_statistics", "rounds_key",
 ]
 
-DEFAULT_BUCKETS = 256
+SAMPLES_PER_BUCKET = 1_000_000  # the aim of automatic bucket counts
+MAX_BUCKETS = 4096
 STORED_ROUND_COLUMNS = ("prompt_id", "round", "seed")
 STORED_SAMPLE_COLUMNS = ("sample_idx", "response_tokens", "logprob", "finish_reason")
-ROUND_STATS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("round", pa.int64()), ("samples", pa.int64()), ("payload", pa.binary()),
-])
 MERGED_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("rounds", pa.list_(pa.int64())), ("samples", pa.int64()), ("payload", pa.binary()),
 ])
@@ -69,6 +68,11 @@ def merge_statistics(current: dict[str, DyadicStats] | None, other: dict[str, Dy
     if current is None:
         return other
     return {name: current[name].merge(other[name]) for name in current}
+
+
+def auto_buckets(samples: int) -> int:
+    """Buckets for a new store expected to hold ``samples``: one per :data:`SAMPLES_PER_BUCKET`, 1 to 4096."""
+    return int(min(MAX_BUCKETS, max(1, -(-int(samples) // SAMPLES_PER_BUCKET))))
 
 
 def rounds_key(keys: list[tuple[str, int]]) -> str:
@@ -120,7 +124,7 @@ class MergedBucket:
 class SampleStore:
     """A store of scored samples and their statistics (see the module doc for the layout)."""
 
-    def __init__(self, root: Location, buckets: int = DEFAULT_BUCKETS) -> None:
+    def __init__(self, root: Location, buckets: int) -> None:
         self.root = root
         self.buckets = buckets
         self.samples = root.join("samples")
@@ -163,26 +167,20 @@ class SampleStore:
         """The directory of one bucket's statistics under analysis key ``analysis``."""
         return self.root.join("stats", analysis, bucket_name(bucket))
 
-    def write_rounds(self, table: pa.Table, analysis: str = "", statistics: pa.Table | None = None) -> list[str]:
-        """Write complete rounds, one part per bucket; with ``statistics`` (rows of
-        :data:`ROUND_STATS_SCHEMA` for the same rounds) also each part's round statistics.
+    def write_rounds(self, table: pa.Table) -> list[str]:
+        """Write complete rounds, one part per bucket; returns the part keys.
 
         A part is named by :func:`rounds_key` of its (prompt_id, round) pairs, so a retried batch
-        writes the same names. Samples are written before their statistics: a round whose
-        statistics exist always has its samples. Returns the part keys written.
+        writes the same names with the same content.
         """
         prompt_ids = table["prompt_id"].to_pylist()
         rounds = table["round"].to_numpy()
         buckets = bucket_of(prompt_ids, self.buckets)
-        stat_buckets = bucket_of(statistics["prompt_id"].to_pylist(), self.buckets) if statistics is not None else None
         keys = []
         for bucket in np.unique(buckets):
             rows = np.flatnonzero(buckets == bucket)
             key = rounds_key(list(zip([prompt_ids[row] for row in rows], rounds[rows].tolist())))
             self.bucket_samples(int(bucket)).join(f"part-{key}.parquet").write_table(table.take(pa.array(rows)))
-            if statistics is not None:
-                stat_rows = pa.array(np.flatnonzero(stat_buckets == bucket))
-                self.bucket_stats(analysis, int(bucket)).join(f"rounds-{key}.parquet").write_table(statistics.take(stat_rows))
             keys.append(key)
         return keys
 
@@ -207,7 +205,7 @@ class SampleStore:
         return MergedBucket(rounds, statistics, set(metadata["parts"]), int(metadata["generation"]))
 
     def write_merged(self, analysis: str, bucket: int, merged: MergedBucket) -> None:
-        """Write a new compacted statistics object, then delete the older ones and the round parts it absorbed."""
+        """Write a new compacted statistics object, then delete the older ones."""
         directory = self.bucket_stats(analysis, bucket)
         generation = merged.generation + 1
         prompt_ids = sorted(merged.statistics)
@@ -223,17 +221,8 @@ class SampleStore:
         directory.join(name).write_table(table)
         merged.generation = generation
         for old in directory.files(suffix=".parquet"):
-            absorbed = old.name.startswith("rounds-") and old.name.removeprefix("rounds-").removesuffix(".parquet") in merged.parts
-            if (old.name.startswith("merged-") and old.name != name) or absorbed:
+            if old.name.startswith("merged-") and old.name != name:
                 old.delete()
-
-    def read_part_statistics(self, analysis: str, bucket: int, key: str) -> pa.Table | None:
-        """The round statistics written with sample part ``key``, or None if there are none (or unreadable)."""
-        location = self.bucket_stats(analysis, bucket).join(f"rounds-{key}.parquet")
-        try:
-            return location.read_table() if location.is_file() else None
-        except (pa.ArrowInvalid, OSError):
-            return None
 
     def read_part(self, part: Location, rewards: list[str]) -> pa.Table | None:
         """A sample part's keys and rewards, or None if it cannot be read (it is then set aside)."""

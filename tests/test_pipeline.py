@@ -39,7 +39,7 @@ def test_outputs_follow_the_contract(tiny_run):
         assert (Path(config.output_dir) / picture).stat().st_size > 10_000
     saved = json.loads((Path(config.output_dir) / "report.json").read_text())
     assert saved["samples"] == prompts * 64 and saved["rounds_generated"] == prompts * 4
-    assert {"generate", "score_rm", "score_rm_b", "score_length", "statistics"} <= set(saved["stage_seconds"])
+    assert {"generate", "score_rm", "score_rm_b", "score_length", "store", "statistics"} <= set(saved["stage_seconds"])
 
 
 def test_store_holds_every_sample_once(tiny_run):

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from limits_ray.bucket_work import BucketContext, compact, round_statistics_table
+from limits_ray.bucket_work import BucketContext, compact
 from limits_ray.buckets import bucket_of
 from limits_ray.config import AnalysisConfig
 from limits_ray.reduce import prompt_statistics
@@ -40,9 +40,8 @@ def _store(uri, buckets: int = 4, endpoint: str = "") -> SampleStore:
     return SampleStore(open_location(uri, endpoint_override=endpoint), buckets)
 
 
-def _write(store: SampleStore, prompt_id: str, rounds: list[int], analysis: str = "a") -> list[str]:
-    table = flatten_rounds(_rounds(prompt_id, rounds), ["rm"], False)
-    return store.write_rounds(table, analysis, round_statistics_table(table, PLAN, BETAS, ["rm"]))
+def _write(store: SampleStore, prompt_id: str, rounds: list[int]) -> list[str]:
+    return store.write_rounds(flatten_rounds(_rounds(prompt_id, rounds), ["rm"], False))
 
 
 def _context(store: SampleStore, tmp_path, analysis: str = "a") -> BucketContext:
@@ -91,13 +90,12 @@ def test_compaction_merges_only_new_parts_and_equals_statistics_of_all_samples(t
     again, _ = compact(context, 0)
     assert again.generation == 2 and again.rounds == merged.rounds
     names = [location.name for location in store.bucket_stats("a", 0).files()]
-    assert len([name for name in names if name.startswith("merged-")]) == 1
-    assert not [name for name in names if name.startswith("rounds-")]  # absorbed round statistics are removed
+    assert len(names) == 1 and names[0].startswith("merged-00000002-")  # older compactions are removed
 
 
 def test_a_new_analysis_computes_its_statistics_from_the_stored_rewards(tmp_path):
     store = _store(tmp_path, buckets=1)
-    _write(store, "p", [0, 1], analysis="a")
+    _write(store, "p", [0, 1])
     merged_a, _ = compact(_context(store, tmp_path, "a"), 0)
     merged_b, _ = compact(_context(store, tmp_path, "b"), 0)
     assert merged_b.rounds == merged_a.rounds
@@ -107,7 +105,7 @@ def test_a_new_analysis_computes_its_statistics_from_the_stored_rewards(tmp_path
 
 def test_an_unreadable_part_is_set_aside_and_its_rounds_count_as_missing(tmp_path):
     store = _store(tmp_path, buckets=1)
-    _write(store, "p", [0], analysis="other")  # no statistics for analysis "a": read from the samples
+    _write(store, "p", [0])
     broken = store.bucket_samples(0).join("part-broken.parquet")
     broken.write_bytes(b"PAR1 this is not a parquet file")
     merged, corrupt = compact(_context(store, tmp_path), 0)
