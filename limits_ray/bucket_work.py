@@ -204,7 +204,7 @@ def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip:
     merged, corrupt = compact(context, bucket)
     prompts = context.prompts(bucket)
     targets = {p: int(t) for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["target"].to_pylist()) if p not in skip}
-    wanted = {p for p, t in targets.items() if set(range(t)) <= merged.rounds.get(p, set())}
+    wanted = {p for p, t in targets.items() if t > 0 and set(range(t)) <= merged.rounds.get(p, set())}
     needs_samples = {p for p in wanted if best_of_n or max(merged.rounds[p]) >= targets[p]}
     samples = _bucket_samples(context, bucket, needs_samples)
     frontier, bon, convergence_table = TableBuilder("frontier"), TableBuilder("bon"), TableBuilder("convergence")

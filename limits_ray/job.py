@@ -273,37 +273,12 @@ def _clear_tables(output: Location) -> None:
             location.delete_tree()
 
 
-def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -> tuple[StoredResult, RunReport]:
-    """Run the whole job and write ``output_dir``; returns the results and the report.
-
-    Each prompt gets rounds ``0 .. target - 1`` (``generation.rounds`` unless ``round_targets``
-    names its prompt_id); rounds already in the sample store are merged from there, not generated.
-    """
-    from transformers import AutoTokenizer
-
+def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: dict[str, int], output: Location,
+         run_id: str, started: float) -> tuple[pa.Table, RunReport]:
+    """The run after its checks: plan buckets, stream the missing rounds, finalize buckets, write the results."""
     from limits_ray.pipeline import PipelineError, run_stages
-    from limits_ray.prompts import load_prompts
 
-    started = time.perf_counter()
-    check_model_path(config.generation.model, "generation.model")
-    for reward in config.rewards:
-        if reward.model:
-            check_model_path(reward.model, f"rewards[{reward.name}].model")
-    output, store_root = _open_locations(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
-    prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
-    targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
-    targets.update({key: value for key, value in (round_targets or {}).items() if key in targets})
-    reward_names = [reward.name for reward in config.rewards]
-    plan = config.analysis.plan(reward_names)
-    betas = np.asarray(config.analysis.betas)
-
-    planned = sum(targets.values()) * config.generation.n
-    store = SampleStore(store_root, config.store.buckets or auto_buckets(planned))
-    store.check_manifest(setup_identity(config))
-    run_id = uuid.uuid4().hex[:16]
-    work = store_root.join(".runs", run_id)
-    context = BucketContext(store, analysis_key(plan, betas), plan, betas, reward_names, work)
+    store, work = context.store, context.work
     buckets = _write_prompts(work, prompt_set, targets, store.buckets)
     quarantine = Quarantine(store.quarantine, run_id)
     _init_ray(config.ray_address)
@@ -340,9 +315,45 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     )
     _write_figures(_plot_sample(summaries, frontier_mean), output, config.name)
     output.join("report.json").write_json(dataclasses.asdict(report))
-    work.delete_tree()
-    if not config.store.enabled:
-        store_root.delete_tree()
+    return frontier_mean, report
+
+
+def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -> tuple[StoredResult, RunReport]:
+    """Run the whole job and write ``output_dir``; returns the results and the report.
+
+    Each prompt gets rounds ``0 .. target - 1`` (``generation.rounds`` unless ``round_targets``
+    names its prompt_id); rounds already in the sample store are merged from there, not generated.
+    """
+    from transformers import AutoTokenizer
+
+    from limits_ray.prompts import load_prompts
+
+    started = time.perf_counter()
+    check_model_path(config.generation.model, "generation.model")
+    for reward in config.rewards:
+        if reward.model:
+            check_model_path(reward.model, f"rewards[{reward.name}].model")
+    output, store_root = _open_locations(config)
+    tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
+    prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
+    targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
+    targets.update({key: value for key, value in (round_targets or {}).items() if key in targets})
+    reward_names = [reward.name for reward in config.rewards]
+    plan = config.analysis.plan(reward_names)
+    betas = np.asarray(config.analysis.betas)
+
+    planned = sum(targets.values()) * config.generation.n
+    store = SampleStore(store_root, config.store.buckets or auto_buckets(planned))
+    store.check_manifest(setup_identity(config))
+    run_id = uuid.uuid4().hex[:16]
+    work = store_root.join(".runs", run_id)
+    context = BucketContext(store, analysis_key(plan, betas), plan, betas, reward_names, work)
+    try:
+        frontier_mean, report = _run(config, context, prompt_set, targets, output, run_id, started)
+    finally:
+        work.delete_tree()
+        if not config.store.enabled:
+            store_root.delete_tree()
     return StoredResult(output, frontier_mean), report
 
 
