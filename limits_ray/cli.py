@@ -36,8 +36,9 @@ def _reduce(args: argparse.Namespace) -> int:
     for path in result.paths:
         shards = f" ({len(list(path.glob('*.parquet')))} shard(s))" if path.is_dir() else ""
         print(f"wrote {path}{shards}")
-    how = "spilled into" if result.spilled else "read as"
-    print(f"reduced {result.prompts} prompt(s), {result.rows} sample(s) ({how} {result.buckets} bucket(s)"
+    how = "bucket= director(ies)" if result.partitioned else "bucket(s)"
+    how = f"{'spilled into' if result.spilled else 'read as'} {result.buckets} {how}"
+    print(f"reduced {result.prompts} prompt(s), {result.rows} sample(s) ({how}"
           f"{', on Ray' if args.ray else ''}) over {len(config.betas)} beta(s) in {time.perf_counter() - started:.1f} s")
     return 0
 

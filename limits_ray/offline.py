@@ -63,12 +63,17 @@ class BucketResult:
 
 @dataclass
 class OfflineResult:
-    """What :func:`reduce_dataset` did: the paths written, counts, and the frontier_mean table."""
+    """What :func:`reduce_dataset` did: the paths written, counts, and the frontier_mean table.
+
+    ``partitioned``: the input's own ``bucket=`` directories were the buckets; ``spilled``: the input
+    was spilled into buckets (else it was small enough to be one bucket).
+    """
 
     paths: list[Path]
     rows: int
     prompts: int
     buckets: int
+    partitioned: bool
     spilled: bool
     frontier_mean: pa.Table
 
@@ -233,12 +238,12 @@ def reduce_dataset(samples_path: str | Path, out_dir: str | Path, config: Analys
     try:
         slots = _ray_slots(max_in_flight) if use_ray else None
         buckets = input_buckets(dataset)
-        spilled = buckets is None
+        partitioned, count = buckets is not None, bucket_count(rows, bucket_rows)
         if buckets is None:
-            buckets = _spill(list(dataset.files), columns, bucket_count(rows, bucket_rows), staging, source, slots)
-        calls = [(bucket, columns, config, str(source), str(staging), not spilled) for bucket in buckets]
+            buckets = _spill(list(dataset.files), columns, count, staging, source, slots)
+        calls = [(bucket, columns, config, str(source), str(staging), partitioned) for bucket in buckets]
         results = _map(reduce_bucket, calls, slots)
-        if not spilled:
+        if partitioned:
             _check_whole_prompts(results, source)
         frontier_mean = mean_from_sums(merge_sums([r.sums for r in results]))
         write_table(frontier_mean, staging / "frontier_mean.parquet")
@@ -246,7 +251,7 @@ def reduce_dataset(samples_path: str | Path, out_dir: str | Path, config: Analys
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return OfflineResult(paths, sum(r.rows for r in results), sum(r.prompts for r in results), len(results),
-                         spilled, frontier_mean)
+                         partitioned, not partitioned and count > 1, frontier_mean)
 
 
 def _spill(files: list[str], columns: list[str], buckets: int, staging: Path, source: Path,

@@ -58,7 +58,8 @@ def test_one_file_in_any_order_equals_the_in_memory_reduce(tmp_path, bucket_rows
     assert_same_result(tmp_path / "out", reduce_samples(tmp_path / "s.parquet", CONFIG))
     assert (result.rows, result.prompts) == (40 * 24 - 8 * (1 + 2 + 3 + 4), 40)
     spilled_into = 1 if bucket_rows > 1000 else len(set(bucket_of([f"q{p:03d}" for p in range(40)], 10).tolist()))
-    assert result.spilled and result.buckets == spilled_into > (1 if bucket_rows < 1000 else 0)
+    assert result.buckets == spilled_into > (1 if bucket_rows < 1000 else 0)
+    assert result.spilled == (result.buckets > 1) and not result.partitioned
     assert [path.name for path in result.paths] == ["frontier.parquet", "bon.parquet", "convergence.parquet",
                                                     "frontier_mean.parquet"]
     assert (tmp_path / "out" / "frontier_mean.parquet").is_file()
@@ -111,7 +112,7 @@ def test_bucket_directories_are_reduced_as_they_are(tmp_path):
     pq.write_table(table, tmp_path / "one.parquet")
     write_store(table, tmp_path / "store", buckets=7)
     result = reduce_dataset(tmp_path / "store", tmp_path / "out", CONFIG, bucket_rows=10)
-    assert not result.spilled and result.buckets == len(list((tmp_path / "store").iterdir()))
+    assert result.partitioned and not result.spilled and result.buckets == len(list((tmp_path / "store").iterdir()))
     assert_same_result(tmp_path / "out", reduce_samples(tmp_path / "one.parquet", CONFIG))
     shards = sorted(path.name for path in (tmp_path / "out" / "bon.parquet").iterdir())
     assert shards == sorted(f"part-{d.name.split('=')[1]}.parquet" for d in (tmp_path / "store").iterdir())
