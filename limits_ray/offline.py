@@ -207,10 +207,12 @@ def _publish(staging: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in (*PER_PROMPT, "frontier_mean"):
-        target = out_dir / f"{name}.parquet"
+        source, target = staging / f"{name}.parquet", out_dir / f"{name}.parquet"
         if target.is_dir():
             shutil.rmtree(target)
-        os.replace(staging / f"{name}.parquet", target)
+        elif target.exists() and source.is_dir():
+            target.unlink()  # a single-file table of an earlier run
+        os.replace(source, target)
         paths.append(target)
     return paths
 

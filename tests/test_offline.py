@@ -143,6 +143,17 @@ def test_bad_rows_in_a_later_bucket_leave_the_previous_results(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "s.parquet"]
 
 
+def test_an_earlier_result_of_single_files_is_replaced(tmp_path):
+    pq.write_table(samples(prompts=8), tmp_path / "s.parquet")
+    expected = reduce_samples(tmp_path / "s.parquet", CONFIG)
+    other = reduce_samples(tmp_path / "s.parquet", AnalysisConfig(betas=(1.0,)))
+    other.write(tmp_path / "out")
+    assert (tmp_path / "out" / "frontier.parquet").is_file()
+    reduce_dataset(tmp_path / "s.parquet", tmp_path / "out", CONFIG, bucket_rows=40)
+    assert (tmp_path / "out" / "frontier.parquet").is_dir()
+    assert_same_result(tmp_path / "out", expected)
+
+
 def test_bad_input_in_the_spill_names_the_input(tmp_path):
     table = samples(prompts=4)
     pq.write_table(table.set_column(0, "prompt_id", pa.array([None] + table["prompt_id"].to_pylist()[1:])),
