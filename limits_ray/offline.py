@@ -78,10 +78,6 @@ class OfflineResult:
     frontier_mean: pa.Table
 
 
-def _rows(builder: TableBuilder) -> int:
-    return sum(len(block[builder.schema.names[0]]) for block in builder.blocks)
-
-
 class _ShardWriter:
     """Writes one bucket's shard of each per-prompt table, flushing the row builders as they fill."""
 
@@ -93,9 +89,15 @@ class _ShardWriter:
             directory.mkdir(parents=True, exist_ok=True)
             self.writers[name] = pq.ParquetWriter(directory / f"part-{bucket:05d}.parquet", SCHEMAS[name])
         self.sums: list[pa.Table] = [frontier_sums(SCHEMAS["frontier"].empty_table())]
+        self.rows, self.counted = 0, dict.fromkeys(PER_PROMPT, 0)
 
     def maybe_flush(self) -> None:
-        if sum(_rows(builder) for builder in self.builders.values()) >= FLUSH_ROWS:
+        """Flush once the builders hold ``FLUSH_ROWS`` rows (counting only the blocks added since the last call)."""
+        for name, builder in self.builders.items():
+            first = builder.schema.names[0]
+            self.rows += sum(len(block[first]) for block in builder.blocks[self.counted[name]:])
+            self.counted[name] = len(builder.blocks)
+        if self.rows >= FLUSH_ROWS:
             self.flush()
 
     def flush(self) -> None:
@@ -106,6 +108,7 @@ class _ShardWriter:
                 if name == "frontier":
                     self.sums.append(frontier_sums(table))
             self.builders[name] = TableBuilder(name)
+        self.rows, self.counted = 0, dict.fromkeys(PER_PROMPT, 0)
 
     def close(self) -> pa.Table:
         self.flush()

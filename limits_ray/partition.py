@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from limits_ray.buckets import bucket_name, bucket_of
 from limits_ray.io import KEY_COLUMNS, InputError, cast_samples, check_keys
@@ -27,6 +30,9 @@ __all__ = ["Bucket", "bucket_count", "input_buckets", "spill", "spilled_buckets"
 
 BUCKET_DIR = re.compile(r"bucket=(\d+)")
 SPILL_BATCH_ROWS = 65_536
+MAX_OPEN_FILES = 256
+STREAMING = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
+"""Parquet read one row group at a time (pre-buffering would read a whole file ahead)."""
 
 
 @dataclass(frozen=True)
@@ -68,33 +74,69 @@ def spill(files: list[str], columns: list[str], buckets: int, spill_dir: Path, t
     """Stream ``files`` (key and reward ``columns`` only) into per-bucket files under ``spill_dir``.
 
     Keys and rewards are cast as :func:`limits_ray.io.cast_samples` does; a null key or a negative
-    ``sample_idx`` raises :class:`InputError` naming ``source``. Memory: one record batch plus the
-    writer's buffer of at most about ``max(buckets x 1024, 2^20)`` rows.
+    ``sample_idx`` raises :class:`InputError` naming ``source``. Memory: one record batch (and the
+    input row group it comes from) plus the buffered rows, at most ``buckets x`` :func:`group_rows`.
     """
-    schema = pa.schema([
-        ("prompt_id", pa.string()), ("sample_idx", pa.int64()), *[(name, pa.float64()) for name in columns],
-        ("bucket", pa.string()),
-    ])
-    ds.write_dataset(
-        _bucketed_batches(ds.dataset(files, format="parquet"), columns, buckets, source), str(spill_dir),
-        schema=schema, format="parquet", partitioning=ds.partitioning(pa.schema([("bucket", pa.string())]), flavor="hive"),
-        basename_template=f"part-{tag}-{{i}}.parquet", existing_data_behavior="overwrite_or_ignore",
-        max_partitions=max(buckets, 1024), min_rows_per_group=max(1024, min(2**20 // buckets, 65_536)),
-    )
+    writer = _SpillWriter(Path(spill_dir), tag, group_rows(buckets))
+    try:
+        for batch in _batches(ds.dataset(files, format=STREAMING), [*KEY_COLUMNS, *columns], source):
+            table = cast_samples(pa.Table.from_batches([batch]), columns)
+            check_keys(table, source)
+            encoded = pc.dictionary_encode(table["prompt_id"]).combine_chunks()
+            codes = bucket_of(encoded.dictionary.to_pylist(), buckets)[encoded.indices.to_numpy()]
+            order = np.argsort(codes, kind="stable")
+            table, codes = table.take(pa.array(order)), codes[order]
+            present, starts = np.unique(codes, return_index=True)
+            for bucket, start, stop in zip(present, starts, [*starts[1:], codes.size]):
+                writer.add(int(bucket), table.slice(int(start), int(stop - start)))
+    finally:
+        writer.close()
 
 
-def _bucketed_batches(dataset: ds.Dataset, columns: list[str], buckets: int, source: Path) -> Iterator[pa.RecordBatch]:
-    names = pa.array([bucket_name(b).split("=", 1)[1] for b in range(buckets)], pa.string())
-    for batch in _batches(dataset, [*KEY_COLUMNS, *columns], source):
-        table = cast_samples(pa.Table.from_batches([batch]), columns)
-        check_keys(table, source)
-        encoded = pc.dictionary_encode(table["prompt_id"]).combine_chunks()
-        codes = bucket_of(encoded.dictionary.to_pylist(), buckets)[encoded.indices.to_numpy()]
-        yield from table.append_column("bucket", names.take(pa.array(codes, pa.int64()))).to_batches()
+def group_rows(buckets: int) -> int:
+    """Rows a spilled bucket buffers before writing them as one row group: ``2^18 / buckets`` in [1024, 16384]."""
+    return max(1024, min(2**18 // buckets, 16_384))
+
+
+class _SpillWriter:
+    """Per-bucket row buffers written as row groups; at most ``MAX_OPEN_FILES`` files open at once."""
+
+    def __init__(self, spill_dir: Path, tag: str, rows: int) -> None:
+        self.spill_dir, self.tag, self.rows = spill_dir, tag, rows
+        self.buffers: dict[int, list[pa.Table]] = {}
+        self.writers: OrderedDict[int, pq.ParquetWriter] = OrderedDict()
+        self.files: dict[int, int] = {}
+
+    def add(self, bucket: int, rows: pa.Table) -> None:
+        buffer = self.buffers.setdefault(bucket, [])
+        buffer.append(rows)
+        if sum(part.num_rows for part in buffer) >= self.rows:
+            self._write(bucket)
+
+    def _write(self, bucket: int) -> None:
+        table = pa.concat_tables(self.buffers.pop(bucket))
+        if bucket in self.writers:
+            self.writers.move_to_end(bucket)
+        else:
+            if len(self.writers) >= MAX_OPEN_FILES:
+                self.writers.popitem(last=False)[1].close()
+            number = self.files[bucket] = self.files.get(bucket, -1) + 1
+            path = self.spill_dir / bucket_name(bucket) / f"part-{self.tag}-{number:05d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[bucket] = pq.ParquetWriter(path, table.schema)
+        self.writers[bucket].write_table(table)
+
+    def close(self) -> None:
+        try:
+            for bucket in sorted(self.buffers):
+                self._write(bucket)
+        finally:
+            for writer in self.writers.values():
+                writer.close()
 
 
 def _batches(dataset: ds.Dataset, columns: list[str], source: Path) -> Iterator[pa.RecordBatch]:
-    batches = dataset.scanner(columns=columns, batch_size=SPILL_BATCH_ROWS).to_batches()
+    batches = dataset.scanner(columns=columns, batch_size=SPILL_BATCH_ROWS, batch_readahead=1, fragment_readahead=1).to_batches()
     while True:
         try:
             batch = next(batches)

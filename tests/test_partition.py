@@ -12,7 +12,8 @@ import pytest
 
 from limits_ray.buckets import bucket_name, bucket_of
 from limits_ray.io import InputError
-from limits_ray.partition import Bucket, bucket_count, input_buckets, spill, spilled_buckets
+from limits_ray import partition
+from limits_ray.partition import Bucket, bucket_count, group_rows, input_buckets, spill, spilled_buckets
 
 
 def table(prompts: int = 20, n: int = 6) -> pa.Table:
@@ -47,7 +48,11 @@ def test_input_buckets_only_for_a_full_bucket_layout(tmp_path):
     assert input_buckets(ds.dataset(str(tmp_path / "one.parquet"), format="parquet")) is None
 
 
-def test_spill_puts_each_prompt_whole_into_its_bucket(tmp_path):
+@pytest.mark.parametrize("max_open, rows", [(256, None), (2, 7)])
+def test_spill_puts_each_prompt_whole_into_its_bucket(tmp_path, monkeypatch, max_open, rows):
+    monkeypatch.setattr(partition, "MAX_OPEN_FILES", max_open)
+    if rows:  # tiny row groups and 2 open files: buckets are written in many row groups and files
+        monkeypatch.setattr(partition, "group_rows", lambda buckets: rows)
     source = table()
     for k in range(3):
         pq.write_table(source.slice(40 * k, 40), tmp_path / f"in-{k}.parquet")
@@ -67,6 +72,12 @@ def test_spill_puts_each_prompt_whole_into_its_bucket(tmp_path):
     want = zip([str(p) for p in source["prompt_id"].to_pylist()], source["sample_idx"].to_pylist(),
                source["r"].to_numpy().astype(np.float64).tolist())
     assert sorted(seen) == sorted(want)
+    files = sum(len(bucket.files) for bucket in buckets)
+    assert files == 2 * len(buckets) if rows is None else files > 2 * len(buckets)
+
+
+def test_group_rows_bound_the_buffered_rows():
+    assert group_rows(1) == 16_384 and group_rows(64) == 4096 and group_rows(10**4) == 1024
 
 
 def test_spill_rejects_bad_keys_naming_the_input(tmp_path):
