@@ -2,7 +2,8 @@
 
 Input: a Parquet file or a directory of them with ``prompt_id`` (string), ``sample_idx`` (int64)
 and one float column per reward model; other columns are ignored. Output: the four tables whose
-schemas are defined here (``frontier``, ``frontier_mean``, ``bon``, ``convergence``).
+schemas are defined here (``frontier``, ``frontier_mean``, ``bon``, ``convergence``); ``limits-ray
+reduce`` writes the three per-prompt ones as directories of shards (:mod:`limits_ray.offline`).
 """
 
 from __future__ import annotations
