@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 from limits_ray.config import AnalysisConfig, ConfigError
 from limits_ray.frontier import point_at_kl
 from limits_ray.io import InputError
+from limits_ray.offline import DEFAULT_BUCKET_ROWS
 from limits_ray.pipeline import PipelineError
 
 __all__ = ["main"]
 
 
 def _reduce(args: argparse.Namespace) -> int:
-    from limits_ray.reduce import reduce_samples
+    from limits_ray.offline import reduce_dataset
 
     config = AnalysisConfig(
         betas=args.betas,
@@ -31,17 +32,20 @@ def _reduce(args: argparse.Namespace) -> int:
         convergence=not args.no_convergence,
     )
     started = time.perf_counter()
-    result = reduce_samples(args.samples, config)
-    for path in result.write(args.out):
-        print(f"wrote {path}")
-    prompts = len(set(result.frontier["prompt_id"].to_pylist()))
-    print(f"reduced {prompts} prompt(s) over {len(config.betas)} beta(s) in {time.perf_counter() - started:.1f} s")
+    result = reduce_dataset(args.samples, args.out, config, use_ray=args.ray, bucket_rows=args.bucket_rows)
+    for path in result.paths:
+        shards = f" ({len(list(path.glob('*.parquet')))} shard(s))" if path.is_dir() else ""
+        print(f"wrote {path}{shards}")
+    how = "bucket= director(ies)" if result.partitioned else "bucket(s)"
+    how = f"{'spilled into' if result.spilled else 'read as'} {result.buckets} {how}"
+    print(f"reduced {result.prompts} prompt(s), {result.rows} sample(s) ({how}"
+          f"{', on Ray' if args.ray else ''}) over {len(config.betas)} beta(s) in {time.perf_counter() - started:.1f} s")
     return 0
 
 
 def _query(args: argparse.Namespace) -> int:
     path = Path(args.results) / "frontier_mean.parquet"
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path} does not exist: point query at the --out directory of a reduce or a run")
     table = pq.read_table(path)
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
@@ -118,6 +122,13 @@ def _make_tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="limits-ray", description="KL-reward frontiers of LM alignment.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     reduce.add_argument("--eval", action="append", help="evaluation reward (default: the align reward); repeatable")
     reduce.add_argument("--no-bon", action="store_true", help="skip best-of-n (it holds each prompt's rewards)")
     reduce.add_argument("--no-convergence", action="store_true", help="skip the convergence table")
+    reduce.add_argument("--ray", action="store_true",
+                        help="reduce the buckets as Ray tasks (RAY_ADDRESS or a local Ray; input and --out on shared storage)")
+    reduce.add_argument("--bucket-rows", type=_positive_int, default=DEFAULT_BUCKET_ROWS,
+                        help="rows per bucket when the input is not in bucket= directories; peak memory grows with it")
     reduce.set_defaults(handler=_reduce)
 
     query = commands.add_parser("query", help="the gain reachable at given KL budgets, and the beta for it")

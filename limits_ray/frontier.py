@@ -15,44 +15,60 @@ import pyarrow.compute as pc
 
 from limits_ray.io import SCHEMAS
 
-__all__ = ["FrontierPoint", "frontier_sums", "mean_from_sums", "mean_frontier", "point_at_kl"]
+__all__ = ["FrontierPoint", "frontier_sums", "mean_frontier", "mean_from_sums", "merge_sums", "point_at_kl"]
+
+
+SUM_KEYS = ("align", "eval", "beta")
+SUM_COLUMNS = ("prompts", "gain_sum", "kl_sum", "gain_var_sum", "kl_var_sum")
 
 
 def frontier_sums(frontier: pa.Table) -> pa.Table:
-    """Per-(align, eval, beta) sums over the prompts of a per-prompt ``frontier`` table.
+    """Per (align, eval, beta) sums over the prompts of a per-prompt ``frontier`` table.
 
-    Columns: align, eval, beta, prompts, gain_sum, kl_sum, gain_var_sum, kl_var_sum. Sums of
-    disjoint prompt sets add, so partial sums from prompt buckets concatenate into
-    :func:`mean_from_sums`.
+    Columns: align, eval, beta, prompts (count), gain_sum, kl_sum, gain_var_sum (sum of gain_se^2),
+    kl_var_sum (sum of kl_se^2). Sums of disjoint prompt sets add, so shards of the frontier (buckets
+    of prompts) are summed one by one and only these small tables are combined (:func:`merge_sums`).
     """
     squared = frontier.append_column("gain_var", pc.multiply(frontier["gain_se"], frontier["gain_se"]))
     squared = squared.append_column("kl_var", pc.multiply(frontier["kl_se"], frontier["kl_se"]))
-    grouped = squared.group_by(["align", "eval", "beta"], use_threads=False).aggregate([
+    grouped = squared.group_by(list(SUM_KEYS), use_threads=False).aggregate([
         ("prompt_id", "count"), ("gain", "sum"), ("kl", "sum"), ("gain_var", "sum"), ("kl_var", "sum"),
     ])
-    return pa.table({
-        "align": grouped["align"], "eval": grouped["eval"], "beta": grouped["beta"],
-        "prompts": pc.cast(grouped["prompt_id_count"], pa.int64()),
-        "gain_sum": grouped["gain_sum"], "kl_sum": grouped["kl_sum"],
-        "gain_var_sum": grouped["gain_var_sum"], "kl_var_sum": grouped["kl_var_sum"],
-    })
+    return _sums_table(grouped, ["prompt_id_count", "gain_sum", "kl_sum", "gain_var_sum", "kl_var_sum"])
+
+
+def merge_sums(sums: list[pa.Table]) -> pa.Table:
+    """Add tables of :func:`frontier_sums` (of disjoint prompt sets), sorted by (align, eval, beta)."""
+    grouped = pa.concat_tables(sums).group_by(list(SUM_KEYS), use_threads=False).aggregate(
+        [(name, "sum") for name in SUM_COLUMNS]
+    )
+    return _sums_table(grouped, [f"{name}_sum" for name in SUM_COLUMNS])
+
+
+def _sums_table(grouped: pa.Table, columns: list[str]) -> pa.Table:
+    table = pa.table(
+        {**{key: grouped[key] for key in SUM_KEYS}, **{name: grouped[column] for name, column in zip(SUM_COLUMNS, columns)}}
+    )
+    table = table.set_column(3, "prompts", table["prompts"].cast(pa.int64()))
+    return table.sort_by([(key, "ascending") for key in SUM_KEYS])
 
 
 def mean_from_sums(sums: pa.Table) -> pa.Table:
-    """The ``frontier_mean`` table from (possibly concatenated partial) :func:`frontier_sums` tables."""
-    grouped = sums.group_by(["align", "eval", "beta"], use_threads=False).aggregate([
-        (name, "sum") for name in ("prompts", "gain_sum", "kl_sum", "gain_var_sum", "kl_var_sum")
-    ]).sort_by([("align", "ascending"), ("eval", "ascending"), ("beta", "ascending")])
-    prompts = grouped["prompts_sum"].to_numpy()
+    """The ``frontier_mean`` table from (possibly several concatenated) :func:`frontier_sums` tables.
+
+    ``mean = sum / P`` and ``se(mean) = sqrt(sum_x se_x^2) / P`` for each (align, eval, beta).
+    """
+    merged = merge_sums([sums])
+    prompts = merged["prompts"].to_numpy()
     return pa.table({
-        "align": grouped["align"],
-        "eval": grouped["eval"],
-        "beta": grouped["beta"],
-        "prompts": pa.array(prompts, pa.int64()),
-        "gain": grouped["gain_sum_sum"].to_numpy() / prompts,
-        "gain_se": np.sqrt(grouped["gain_var_sum_sum"].to_numpy()) / prompts,
-        "kl": grouped["kl_sum_sum"].to_numpy() / prompts,
-        "kl_se": np.sqrt(grouped["kl_var_sum_sum"].to_numpy()) / prompts,
+        "align": merged["align"],
+        "eval": merged["eval"],
+        "beta": merged["beta"],
+        "prompts": merged["prompts"],
+        "gain": merged["gain_sum"].to_numpy() / prompts,
+        "gain_se": np.sqrt(merged["gain_var_sum"].to_numpy()) / prompts,
+        "kl": merged["kl_sum"].to_numpy() / prompts,
+        "kl_se": np.sqrt(merged["kl_var_sum"].to_numpy()) / prompts,
     }, schema=SCHEMAS["frontier_mean"])
 
 

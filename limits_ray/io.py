@@ -2,7 +2,8 @@
 
 Input: a Parquet file or a directory of them with ``prompt_id`` (string), ``sample_idx`` (int64)
 and one float column per reward model; other columns are ignored. Output: the four tables whose
-schemas are defined here (``frontier``, ``frontier_mean``, ``bon``, ``convergence``).
+schemas are defined here (``frontier``, ``frontier_mean``, ``bon``, ``convergence``); ``limits-ray
+reduce`` writes the three per-prompt ones as directories of shards (:mod:`limits_ray.offline`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ __all__ = [
     "InputError",
     "PromptSamples",
     "SCHEMAS",
+    "cast_samples",
+    "check_keys",
     "iter_prompts",
+    "open_samples",
+    "read_columns",
     "read_samples",
+    "validate_samples",
     "write_table",
 ]
 
@@ -81,41 +87,69 @@ def _reward_columns(schema: pa.Schema, requested: tuple[str, ...], path: Path) -
     return columns
 
 
+def open_samples(path: str | Path, rewards: tuple[str, ...] = ()) -> tuple[ds.Dataset, list[str]]:
+    """Open scored samples without reading them; returns the dataset and the reward column names.
+
+    Raises :class:`InputError` for a missing path, an empty directory, unreadable Parquet or a
+    missing or non-float reward column.
+    """
+    path = Path(path)
+    dataset = _open_dataset(path)
+    return dataset, _reward_columns(dataset.schema, tuple(rewards), path)
+
+
 def read_samples(
     path: str | Path, rewards: tuple[str, ...] = (), extra: tuple[str, ...] = ()
 ) -> tuple[pa.Table, list[str]]:
     """Read and validate scored samples; returns the table sorted by (prompt_id, sample_idx).
 
     Returns the table (key columns, reward columns, then the ``extra`` columns asked for) and the
-    reward column names.
+    reward column names. The whole input is read into memory: ``limits-ray reduce`` streams it
+    instead (:mod:`limits_ray.offline`).
 
     Raises :class:`InputError` for a missing path or column, an empty input, NaN or infinite
     rewards (naming the prompt and the column), negative or duplicated (prompt_id, sample_idx).
     """
     path = Path(path)
-    dataset = _open_dataset(path)
-    columns = _reward_columns(dataset.schema, tuple(rewards), path)
+    dataset, columns = open_samples(path, rewards)
     missing_extra = [name for name in extra if name not in dataset.schema.names]
     if missing_extra:
         raise InputError(f"--samples {path}: missing column(s) {missing_extra}; the file has {dataset.schema.names}")
-    try:
-        table = dataset.to_table(columns=[*KEY_COLUMNS, *columns, *extra])
-    except (pa.ArrowInvalid, OSError) as error:
-        raise InputError(f"--samples {path}: a file could not be read ({error}); remove or rewrite it") from None
+    table = read_columns(dataset, [*KEY_COLUMNS, *columns, *extra], path)
     if table.num_rows == 0:
         raise InputError(f"--samples {path}: no rows; nothing to reduce")
-    table = table.set_column(0, "prompt_id", pc.cast(table["prompt_id"], pa.string()))
-    table = table.set_column(1, "sample_idx", pc.cast(table["sample_idx"], pa.int64()))
+    return validate_samples(table, columns, path), columns
+
+
+def read_columns(dataset: ds.Dataset, columns: list[str], path: Path) -> pa.Table:
+    """``dataset.to_table(columns)``, an unreadable file reported as :class:`InputError` naming ``path``."""
+    try:
+        return dataset.to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"--samples {path}: a file could not be read ({error}); remove or rewrite it") from None
+
+
+def cast_samples(table: pa.Table, columns: list[str]) -> pa.Table:
+    """Cast the key columns to (string, int64) and the reward ``columns`` to float64."""
+    table = table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", pc.cast(table["prompt_id"], pa.string()))
+    table = table.set_column(table.schema.get_field_index("sample_idx"), "sample_idx", pc.cast(table["sample_idx"], pa.int64()))
     for name in columns:
         table = table.set_column(table.schema.get_field_index(name), name, pc.cast(table[name], pa.float64()))
-    _check_keys(table, path)
+    return table
+
+
+def validate_samples(table: pa.Table, columns: list[str], path: Path) -> pa.Table:
+    """Cast, check and sort samples read from ``path`` (the messages name it); see :func:`read_samples`."""
+    table = cast_samples(table, columns)
+    check_keys(table, path)
     table = table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])
     _check_finite(table, columns, path)
     _check_unique(table, path)
-    return table, columns
+    return table
 
 
-def _check_keys(table: pa.Table, path: Path) -> None:
+def check_keys(table: pa.Table, path: Path) -> None:
+    """Raise :class:`InputError` for a null key or a negative ``sample_idx``."""
     for name in KEY_COLUMNS:
         if table[name].null_count:
             raise InputError(f"--samples {path}: column {name} has {table[name].null_count} null value(s)")

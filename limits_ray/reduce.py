@@ -199,6 +199,10 @@ def reduce_table(table: pa.Table, reward_columns: list[str], config: AnalysisCon
 
 
 def reduce_samples(samples_path: str | Path, config: AnalysisConfig) -> ReduceResult:
-    """Read, validate and reduce a Parquet file or directory of scored samples."""
+    """Read, validate and reduce a Parquet file or directory of scored samples, all in memory.
+
+    For inputs that fit in memory (studies, tests); ``limits-ray reduce`` streams the input bucket by
+    bucket instead (:func:`limits_ray.offline.reduce_dataset`), with the same values.
+    """
     table, reward_columns = read_samples(samples_path, config.rewards)
     return reduce_table(table, reward_columns, config)

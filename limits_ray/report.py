@@ -1,6 +1,7 @@
 """``limits-ray report DIR``: the figures and a one-page Markdown summary of a results directory.
 
 Reads ``frontier.parquet``, ``frontier_mean.parquet``, ``bon.parquet`` and ``convergence.parquet``
+(each a file or, from ``limits-ray reduce``, a directory of shards)
 (a run, a ``reduce --out``, a nightly ``latest`` or a study directory) and writes
 
 - ``frontier.png``: the prompt-averaged frontier with its 95% band, best-of-n points on it and
@@ -34,7 +35,7 @@ def load_result(results_dir: str | Path) -> ReduceResult:
     tables = {}
     for name, schema in SCHEMAS.items():
         path = results_dir / f"{name}.parquet"
-        if path.is_file():
+        if path.exists():  # a file, or a directory of shards (limits-ray reduce)
             tables[name] = pq.read_table(path)
         elif name in ("frontier", "frontier_mean"):
             raise InputError(f"{path} does not exist: point report at the output directory of a run or a reduce")

@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from limits_ray.frontier import FrontierPoint, mean_frontier, point_at_kl
+from limits_ray.frontier import FrontierPoint, frontier_sums, mean_frontier, mean_from_sums, merge_sums, point_at_kl
 from limits_ray.io import SCHEMAS
 
 
@@ -122,3 +123,20 @@ def test_point_at_kl_outside_the_range_raises():
     with pytest.raises(ValueError, match="no frontier") as error:
         point_at_kl(table, 0.1, "r", "gold")
     assert "('r', 'r')" in str(error.value)
+
+
+def test_sums_of_prompt_shards_add_up_to_the_mean_of_all():
+    rows = random_frontier(4, 9, [0.5, 2.0], [("a", "a"), ("b", "a")])
+    shards = [[r for r in rows if int(r["prompt_id"][1:]) % 3 == k] for k in range(3)]
+    sums = [frontier_sums(per_prompt_table(shard)) for shard in shards]
+    assert sums[0].column_names == ["align", "eval", "beta", "prompts", "gain_sum", "kl_sum", "gain_var_sum", "kl_var_sum"]
+    assert sums[0]["prompts"].to_pylist() == [3] * 4
+    whole = mean_frontier(per_prompt_table(rows))
+    for combined in (mean_from_sums(merge_sums(sums)), mean_from_sums(pa.concat_tables(sums))):
+        assert combined.schema == SCHEMAS["frontier_mean"]
+        assert combined.select(["align", "eval", "beta", "prompts"]).equals(whole.select(["align", "eval", "beta", "prompts"]))
+        for name in ("gain", "gain_se", "kl", "kl_se"):
+            np.testing.assert_allclose(combined[name].to_numpy(), whole[name].to_numpy(), rtol=1e-14)
+    group = [r for r in rows if (r["align"], r["beta"]) == ("b", 2.0)]
+    assert merge_sums(sums).filter(pc.equal(merge_sums(sums)["align"], "b"))["gain_sum"][1].as_py() == pytest.approx(
+        sum(r["gain"] for r in group), rel=1e-14)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.io import SCHEMAS, InputError, iter_prompts, read_samples, write_table
+from limits_ray.io import SCHEMAS, InputError, iter_prompts, open_samples, read_samples, validate_samples, write_table
 
 
 def samples_table(prompts=("p0", "p1"), n=5, seed=0, **extra) -> pa.Table:
@@ -147,6 +147,26 @@ def test_missing_path_and_empty_directory(tmp_path):
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(InputError, match="junk|Parquet|read"):
         read_samples(tmp_path / "junk.parquet")
+
+
+def test_open_samples_checks_the_schema_without_reading_rows(tmp_path):
+    gold = np.arange(10, dtype=float)
+    gold[3] = np.nan  # a bad value is not seen until the rows are read
+    pq.write_table(samples_table().set_column(2, "gold", pa.array(gold)), tmp_path / "s.parquet")
+    dataset, columns = open_samples(tmp_path / "s.parquet")
+    assert columns == ["gold", "proxy"] and dataset.count_rows() == 10
+    with pytest.raises(InputError, match="rm_zz"):
+        open_samples(tmp_path / "s.parquet", ("rm_zz",))
+
+
+def test_validate_samples_is_read_samples_on_a_table(tmp_path):
+    table = samples_table(prompts=("b", "a"), n=4)
+    shuffled = table.take(np.random.default_rng(2).permutation(table.num_rows))
+    pq.write_table(shuffled, tmp_path / "s.parquet")
+    read, columns = read_samples(tmp_path / "s.parquet")
+    assert validate_samples(shuffled, columns, tmp_path / "s.parquet").equals(read)
+    with pytest.raises(InputError, match=r"elsewhere\.parquet: .*duplicated"):
+        validate_samples(pa.concat_tables([shuffled, shuffled.slice(0, 1)]), columns, tmp_path / "elsewhere.parquet")
 
 
 def test_iter_prompts_splits_a_sorted_table():

@@ -133,6 +133,28 @@ def test_directory_of_files_gives_the_same_result_as_one_file(tmp_path, capsys):
                 assert a == b
 
 
+def test_small_buckets_give_the_same_tables_and_the_output_names_its_shards(tmp_path, capsys):
+    write_samples(tmp_path / "s.parquet", prompts=9, n=16, seed=3)
+    code, stdout, _ = run(capsys, "reduce", "--samples", tmp_path / "s.parquet", "--out", tmp_path / "o1", "--betas", "0.5,2")
+    assert code == 0 and "read as 1 bucket(s)" in stdout and "reduced 9 prompt(s), 144 sample(s)" in stdout
+    code, stdout, _ = run(capsys, "reduce", "--samples", tmp_path / "s.parquet", "--out", tmp_path / "o2", "--betas", "0.5,2",
+                          "--bucket-rows", "40")
+    assert code == 0 and "spilled into" in stdout
+    buckets = len(list((tmp_path / "o2" / "frontier.parquet").iterdir()))
+    assert buckets > 1 and f"wrote {tmp_path / 'o2' / 'frontier.parquet'} ({buckets} shard(s))" in stdout
+    assert f"wrote {tmp_path / 'o2' / 'frontier_mean.parquet'}\n" in stdout
+    one, two = read_outputs(tmp_path / "o1"), read_outputs(tmp_path / "o2")
+    for name in OUTPUTS:
+        keys = [(c, "ascending") for c in one[name].column_names[:5]]
+        left, right = one[name].sort_by(keys), two[name].sort_by(keys)
+        assert left.num_rows == right.num_rows > 0
+        for column in left.column_names:
+            if pa.types.is_floating(left[column].type):
+                np.testing.assert_allclose(left[column].to_numpy(), right[column].to_numpy(), rtol=1e-12, atol=0)
+            else:
+                assert left[column].to_pylist() == right[column].to_pylist()
+
+
 def test_non_float_columns_are_ignored_and_rewards_select(tmp_path, capsys):
     rows = 2 * 8
     write_samples(tmp_path / "s.parquet", prompts=2, n=8,

@@ -41,3 +41,17 @@ def test_report_writes_figures_and_summary(results, tmp_path, capsys):
 def test_report_of_a_directory_without_results_fails_cleanly(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "frontier.parquet does not exist" in capsys.readouterr().err
+
+
+def test_load_result_reads_the_sharded_tables_of_reduce(results, tmp_path):
+    from limits_ray.offline import reduce_dataset
+    from limits_ray.report import load_result
+
+    config = AnalysisConfig(betas="0.1:10:9", align=("gold", "proxy"), evals=("gold",))
+    reduce_dataset(results.parent / "samples.parquet", tmp_path / "sharded", config, bucket_rows=300)
+    assert (tmp_path / "sharded" / "frontier.parquet").is_dir()
+    sharded, single = load_result(tmp_path / "sharded"), load_result(results)
+    for name in ("frontier", "bon", "convergence"):
+        keys = [(column, "ascending") for column in getattr(single, name).column_names[:5]]
+        assert getattr(sharded, name).sort_by(keys).select([0, 1, 2, 3]).equals(getattr(single, name).sort_by(keys).select([0, 1, 2, 3]))
+    assert sharded.frontier_mean.num_rows == single.frontier_mean.num_rows == 2 * 9
