@@ -80,15 +80,21 @@ def test_reduce_writes_the_four_tables(tmp_path, capsys):
         est = TiltStats.from_samples(np.array([row["beta"]]), r[:, None]).finalize()
         assert row["gain"] == pytest.approx(est.gain[0, 0], rel=1e-12, abs=1e-14)
         assert row["kl"] == pytest.approx(est.kl[0], rel=1e-12, abs=1e-14)
-        assert row["gain_se"] == pytest.approx(est.gain_se[0, 0], rel=1e-10)
-        assert row["kl_se"] == pytest.approx(est.kl_se[0], rel=1e-10)
+        assert row["gain_se"] == pytest.approx(est.gain_se[0, 0], rel=1e-10, nan_ok=True)
+        assert row["kl_se"] == pytest.approx(est.kl_se[0], rel=1e-10, nan_ok=True)
         assert row["ess"] == pytest.approx(est.ess[0], rel=1e-12)
+        assert row["gain_bc"] == pytest.approx(est.gain_bc[0, 0], rel=1e-12, abs=1e-14)
+        assert row["kl_bc"] == pytest.approx(est.kl_bc[0], rel=1e-12, abs=1e-14)
+        assert row["khat"] == est.khat[0] == np.inf  # N = 20: a tail of M = 4 weights cannot be fitted
+        assert row["reliable"] is False and math.isnan(row["gain_se"])
     mean = tables["frontier_mean"]
     assert mean.num_rows == len(rewards) * 2 and set(mean["prompts"].to_pylist()) == {3}
     for row in mean.to_pylist():
         group = [r for r in frontier.to_pylist() if (r["align"], r["eval"], r["beta"]) == (row["align"], row["eval"], row["beta"])]
         assert row["gain"] == pytest.approx(np.mean([g["gain"] for g in group]), rel=1e-12)
-        assert row["kl_se"] == pytest.approx(math.sqrt(sum(g["kl_se"] ** 2 for g in group)) / 3, rel=1e-12)
+        assert row["kl_se"] == pytest.approx(math.sqrt(sum(g["kl_se"] ** 2 for g in group)) / 3, rel=1e-12, nan_ok=True)
+        assert row["gain_bc"] == pytest.approx(np.mean([g["gain_bc"] for g in group]), rel=1e-12)
+        assert row["reliable"] == 0.0
     # best-of-n: n = 1, 2, 4, 8, 16 for N = 20, the values of best_of_n
     bon = tables["bon"]
     assert sorted(set(bon["n"].to_pylist())) == [1, 2, 4, 8, 16]
@@ -283,3 +289,20 @@ def test_query_errors(tmp_path, capsys):
                "--rewards", "a", "--no-bon", "--no-convergence")[0] == 0
     code, _, err = run(capsys, "query", tmp_path / "o", "--kl", "1000")
     assert code == 2 and "outside" in err
+
+
+def test_query_warns_when_the_budget_lies_outside_the_trusted_range(tmp_path, capsys):
+    """Gaussian rewards, N = 400: beta = 0.05 sigma is unreliable for every prompt, beta >= 1 reliable."""
+    rng = np.random.default_rng(4)
+    prompts, n = 4, 400
+    pq.write_table(pa.table({
+        "prompt_id": np.repeat([f"p{i}" for i in range(prompts)], n), "sample_idx": np.tile(np.arange(n), prompts),
+        "a": rng.normal(size=prompts * n),
+    }), tmp_path / "s.parquet")
+    assert run(capsys, "reduce", "--samples", tmp_path / "s.parquet", "--out", tmp_path / "o", "--betas", "0.05,1,3",
+               "--no-bon", "--no-convergence")[0] == 0
+    code, stdout, err = run(capsys, "query", tmp_path / "o", "--kl", "0.1,3")
+    assert code == 0
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("a ")]
+    assert [line[-1] for line in lines] == ["yes", "NO"]
+    assert "warning" in err and "KL 3 lies outside the trusted KL range" in err and "sample more" in err
