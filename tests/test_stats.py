@@ -123,8 +123,8 @@ def reference(targets: np.ndarray, beta: float) -> dict:
         "gain_bc": tilted - base + ((u * u)[:, None] * (targets - tilted)).sum(axis=0) / u.sum() ** 2,
         "kl_bc": kl + ((u * u) * (r - tilted[0])).sum() / (beta * u.sum() ** 2)
         - ((u * u).sum() / u.sum() ** 2 - 1 / n) / 2,
-        "gain_nu": (influence_gain**2).sum(axis=0) ** 2 / (influence_gain**4).sum(axis=0) - 1,
-        "kl_nu": (influence_kl**2).sum() ** 2 / (influence_kl**4).sum() - 1,
+        "gain_df": (influence_gain**2).sum(axis=0) ** 2 / (influence_gain**4).sum(axis=0) / 2,
+        "kl_df": (influence_kl**2).sum() ** 2 / (influence_kl**4).sum() / 2,
     }
 
 
@@ -528,8 +528,8 @@ def test_bias_corrections_and_interval_ses_match_direct_sums():
         ref = reference(targets, beta)
         np.testing.assert_allclose(est.gain_bc[b], ref["gain_bc"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(est.kl_bc[b], ref["kl_bc"], rtol=1e-8, atol=1e-12)
-        t_gain = scipy_stats.t.ppf(0.975, np.maximum(ref["gain_nu"], 1)) / scipy_stats.norm.ppf(0.975)
-        t_kl = scipy_stats.t.ppf(0.975, max(ref["kl_nu"], 1)) / scipy_stats.norm.ppf(0.975)
+        t_gain = scipy_stats.t.ppf(0.975, np.maximum(ref["gain_df"], 1)) / scipy_stats.norm.ppf(0.975)
+        t_kl = scipy_stats.t.ppf(0.975, max(ref["kl_df"], 1)) / scipy_stats.norm.ppf(0.975)
         np.testing.assert_allclose(est.gain_se[b], ref["gain_se"] * t_gain, rtol=1e-6)
         np.testing.assert_allclose(est.kl_se[b], ref["kl_se"] * t_kl, rtol=kl_se_rtol(beta, 1.0))
         assert np.all(t_gain > 1) and t_kl > 1
