@@ -116,7 +116,11 @@ def markdown(rows: list[dict], args: argparse.Namespace, seconds: float, load: s
     def cover(row: dict) -> float:
         return min(row["gain_cover"], row["kl_cover"])
 
+    def plain(row: dict) -> float:
+        return min(row["gain_plain"], row["kl_plain"])
+
     trusted = [row for row in rows if row["reliable"] >= TRUSTED_FRACTION]
+    benign = [row for row in rows if row["khat"] <= 0.45]
     short = [row for row in rows if row["count"] >= 30 and cover(row) < 0.90]
     worst = min(trusted, key=cover)
     lines += [
@@ -130,9 +134,11 @@ def markdown(rows: list[dict], args: argparse.Namespace, seconds: float, load: s
         + (", ".join(f"{row['reward']} N = {row['n']:,} beta = {row['beta']:g} ({cover(row):.3f}, median k-hat "
                      f"{row['khat']:.2f}, {row['reliable']:.0%} reliable)" for row in short) or "none") + ".",
         "",
-        "Reading: where the weights are benign (median k-hat <= ~0.45) nearly every prompt is reliable and the "
-        "reported interval (bias-corrected centre, t-scaled SE) covers at 0.92-0.97 where the plain "
-        "delta-method interval gave 0.73-0.95. Where the median k-hat reaches ~0.5 and above (variance "
+        f"Reading: where the weights are benign (median k-hat <= 0.45: {len(benign)} cells) at least "
+        f"{min(row['reliable'] for row in benign):.0%} of prompts are reliable and the reported interval "
+        f"(bias-corrected centre, t-scaled SE) covers at {min(map(cover, benign)):.2f}-{max(map(cover, benign)):.2f} "
+        f"(worse of gain and KL) where the plain delta-method interval gave "
+        f"{min(map(plain, benign)):.2f}-{max(map(plain, benign)):.2f}. Where the median k-hat reaches ~0.5 and above (variance "
         "infinite or nearly so: exponential beta <= 2, Gaussian beta <= 0.5 sigma) the reliable prompts "
         "under-cover, and a lower k-hat threshold would make it worse, not better: within one cell the "
         "prompts with the smallest k-hat are those whose sample missed the upper tail, so their estimate "
