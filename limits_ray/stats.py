@@ -363,10 +363,13 @@ class TiltStats:
     def _tail_if4(self, mean_plain: np.ndarray, mean_tilt: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``sum_tail IF^4`` of the gain (``[B, Y]``) and of the KL (``[B]``), over the tail rows."""
         centred = self.tail - self.shift  # [T, Y]
-        u = np.exp((self.tail[None, :, 0] - self.r_max) / self.betas[:, None])  # [B, T]
-        gain_if = u[:, :, None] * (centred[None] - mean_tilt[:, None, :]) * ratio[:, None, None] - (centred - mean_plain)
-        kl_if = u * ((centred[None, :, 0] - mean_tilt[:, :1]) / self.betas[:, None] - 1.0) * ratio[:, None] + 1.0
-        return np.sum(gain_if**4, axis=1), np.sum(kl_if**4, axis=1)
+        u = np.exp((self.tail[None, :, 0] - self.r_max) / self.betas[:, None]) * ratio[:, None]  # [B, T], w/mean(w)
+        gain_if = u[:, :, None] * (centred[None] - mean_tilt[:, None, :])
+        gain_if -= centred - mean_plain
+        kl_if = u * ((centred[None, :, 0] - mean_tilt[:, :1]) / self.betas[:, None] - 1.0) + 1.0
+        np.multiply(gain_if, gain_if, out=gain_if)
+        np.multiply(kl_if, kl_if, out=kl_if)
+        return np.einsum("bty,bty->by", gain_if, gain_if), np.einsum("bt,bt->b", kl_if, kl_if)
 
 
 def _t_ratio(if2: np.ndarray, if4: np.ndarray) -> np.ndarray:
