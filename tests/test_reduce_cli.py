@@ -306,3 +306,39 @@ def test_query_warns_when_the_budget_lies_outside_the_trusted_range(tmp_path, ca
     lines = [line.split() for line in stdout.splitlines() if line.startswith("a ")]
     assert [line[-1] for line in lines] == ["yes", "NO"]
     assert "warning" in err and "KL 3 lies outside the trusted KL range" in err and "sample more" in err
+
+
+def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
+    """The job's path (per-round statistics, serialised, merged in any order by StatisticsReducer) and the
+    offline reduce give the same tables: khat and reliable exactly, the floats to rounding."""
+    from limits_ray.config import AnalysisConfig
+    from limits_ray.convergence import DyadicStats
+    from limits_ray.io import iter_prompts
+    from limits_ray.reduce import StatisticsReducer, prompt_statistics, reduce_table
+
+    rng = np.random.default_rng(12)
+    prompts, n = 3, 600
+    table = pa.table({
+        "prompt_id": np.repeat([f"p{i}" for i in range(prompts)], n), "sample_idx": np.tile(np.arange(n), prompts),
+        "a": rng.normal(size=prompts * n), "b": rng.exponential(size=prompts * n),
+    })
+    config = AnalysisConfig(betas="0.2:20:7", best_of_n=False)
+    offline = reduce_table(table, ["a", "b"], config)
+    plan, betas = config.plan(["a", "b"]), np.asarray(config.betas)
+    rounds = []
+    for samples in iter_prompts(table, ["a", "b"]):
+        for index, chunk in enumerate(np.array_split(rng.permutation(n), 5)):
+            statistics = prompt_statistics(samples.subset(np.isin(np.arange(n), chunk)), plan, betas)
+            rounds.append((samples.prompt_id, index, {k: DyadicStats.from_bytes(v.to_bytes()) for k, v in statistics.items()}))
+    reducer = StatisticsReducer(plan, betas)
+    for position in rng.permutation(len(rounds)):
+        reducer.add(*rounds[position])
+    streamed = reducer.result([])
+    for name in ("frontier", "convergence"):
+        got, want = getattr(streamed, name), getattr(offline, name)
+        assert got.schema == want.schema and got.num_rows == want.num_rows
+        for column in ("khat", "reliable", "n" if name == "frontier" else "n_samples"):
+            np.testing.assert_array_equal(got[column].to_numpy(), want[column].to_numpy())
+        for column in [f.name for f in SCHEMAS[name] if f.type == pa.float64()]:
+            np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=1e-9, atol=1e-12)
+    assert 0 < offline.frontier["reliable"].to_numpy().mean() < 1  # both kinds of cell are compared
