@@ -71,7 +71,8 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
         mean = _select(result.frontier_mean, align, evaluation)
         kl, gain, band = mean["kl"].to_numpy(), mean["gain"].to_numpy(), 1.96 * mean["gain_se"].to_numpy()
         axis.fill_between(kl, gain - band, gain + band, color="C0", alpha=0.3, zorder=2, label="95% band")
-        _draw_mean(axis, kl, gain, trusted_kl_range(result.frontier_mean, align, evaluation))
+        trusted = trusted_kl_range(result.frontier_mean, align, evaluation)
+        _draw_mean(axis, kl, gain, trusted)
         bon = _select(result.bon, align, evaluation)
         if bon.num_rows:
             grouped = bon.group_by("n").aggregate([("kl", "mean"), ("gain", "mean")]).sort_by("n")
@@ -80,7 +81,8 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
         axis.set_xscale("symlog", linthresh=0.01)
         axis.set_xlabel("KL(π_β ‖ π₀)  [nats]")
         axis.set_ylabel(f"gain in {evaluation}  [reward units]")
-        axis.set_title(f"align {align}, eval {evaluation}", fontsize=10)
+        trusted_text = "" if trusted is None else f"; trusted for KL {trusted[0]:.3g} to {trusted[1]:.3g} nats"
+        axis.set_title(f"align {align}, eval {evaluation}{trusted_text}", fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="upper left")
     figure.suptitle(f"{title}: KL-reward frontier ({prompts} prompts, N = {samples} samples per prompt)", fontsize=11)
