@@ -38,10 +38,10 @@ ESS_FLOOR = 20.0
 """Smallest Kish ESS at which an estimate is called reliable.
 
 The delta-method interval treats the ratio estimator as a mean of ``ESS`` comparable terms; with
-fewer than 20, one or two samples carry the estimate, its sampling distribution is far from normal
-and the variance behind the SE is itself a mean over a handful of weights. The floor matters where
-k-hat cannot be fitted (the largest rewards tied, or the tail underflows) and at small N; where
-k-hat is fitted, ``khat < min(1 - 1/log10 N, 0.7)`` almost always implies ``ESS > 20``.
+fewer than about 20, a few samples carry the estimate, its sampling distribution is far from normal
+and the variance behind the SE is itself a mean over a handful of weights (Student's 97.5% quantile
+with 19 degrees of freedom is already 2.09, and the weights are rarely that benign). The floor matters most
+where k-hat cannot be fitted (the largest rewards tied: bounded weights, k-hat NaN) and at small N.
 """
 _Z975 = 1.959963984540054
 
@@ -376,5 +376,5 @@ def _t_ratio(if2: np.ndarray, if4: np.ndarray) -> np.ndarray:
     """``t_df(0.975) / z(0.975)`` with ``df = max(if2^2 / (2 if4), 1)``; 1 (normal) where ``if4 = 0``."""
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(if4 > 0, np.clip(if2, 0, None) ** 2 / (2.0 * if4), np.inf)
-    df = np.maximum(np.nan_to_num(df, nan=np.inf), 1.0)
+    df = np.maximum(np.where(np.isnan(df), np.inf, df), 1.0)
     return np.where(np.isinf(df), 1.0, stdtrit(np.where(np.isinf(df), 1.0, df), 0.975) / _Z975)
