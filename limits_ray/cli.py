@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from limits_ray.config import AnalysisConfig, ConfigError
-from limits_ray.frontier import point_at_kl
+from limits_ray.frontier import TRUSTED_FRACTION, FrontierPoint, point_at_kl
 from limits_ray.io import InputError
 from limits_ray.offline import DEFAULT_BUCKET_ROWS
 from limits_ray.pipeline import PipelineError
@@ -50,13 +50,23 @@ def _query(args: argparse.Namespace) -> int:
     table = pq.read_table(path)
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
     aligns, evals = set(args.align or [a for a, _ in pairs]), set(args.eval or [e for _, e in pairs])
-    print(f"{'align':<24} {'eval':<24} {'KL':>10} {'beta':>12} {'gain':>12}")
+    print(f"{'align':<24} {'eval':<24} {'KL':>10} {'beta':>12} {'gain':>12} {'trusted':>8}")
     for align, evaluation in pairs:
         if align in aligns and evaluation in evals:
             for budget in args.kl:
                 point = point_at_kl(table, budget, align, evaluation)
-                print(f"{align:<24} {evaluation:<24} {point.kl:>10.4g} {point.beta:>12.5g} {point.gain:>12.5g}")
+                print(f"{align:<24} {evaluation:<24} {point.kl:>10.4g} {point.beta:>12.5g} {point.gain:>12.5g} "
+                      f"{'yes' if point.trusted else 'NO':>8}")
+                if not point.trusted:
+                    print(f"limits-ray query: warning: align {align}, eval {evaluation}: {_untrusted(point)}", file=sys.stderr)
     return 0
+
+
+def _untrusted(point: FrontierPoint) -> str:
+    why = (f"KL {point.kl:.4g} lies outside the trusted KL range [{point.trusted_kl[0]:.4g}, {point.trusted_kl[1]:.4g}]"
+           if point.trusted_kl else "no beta of this frontier is trusted")
+    return (f"{why} (betas where at least {TRUSTED_FRACTION:.0%} of prompts have reliable importance weights, "
+            "k-hat and ESS); the gain there is not to be believed: sample more per prompt (N) or ask for less KL")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
+from limits_ray.frontier import TRUSTED_FRACTION, trusted_kl_range  # noqa: E402
 from limits_ray.reduce import ReduceResult  # noqa: E402
 
 __all__ = [
@@ -36,8 +37,24 @@ def _counts(result: ReduceResult) -> tuple[int, int]:
     return len(set(frontier["prompt_id"].to_pylist())), int(np.median(frontier["n"].to_numpy()))
 
 
+def _draw_mean(axis, kl: np.ndarray, gain: np.ndarray, trusted: tuple[float, float] | None) -> None:
+    """The prompt-mean frontier: solid inside the trusted KL range, dashed outside it."""
+    inside = np.zeros(kl.size, bool) if trusted is None else (kl >= trusted[0]) & (kl <= trusted[1])
+    axis.plot(np.where(inside, kl, np.nan), gain, color="C0", lw=2, zorder=3, label="frontier (prompt mean)")
+    if not inside.all():
+        outside = ~inside
+        outside[1:] |= ~inside[:-1]  # join the dashed part to the last trusted point
+        outside[:-1] |= ~inside[1:]
+        axis.plot(np.where(outside, kl, np.nan), gain, color="C0", lw=1.5, ls="--", alpha=0.7, zorder=3,
+                  label=f"not trusted: < {TRUSTED_FRACTION:.0%} of prompts reliable (k-hat, ESS)")
+
+
 def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
-    """Prompt-averaged gain against KL per (align, eval), 95% band, per-prompt lines, best-of-n points."""
+    """Prompt-averaged gain against KL per (align, eval), 95% band, per-prompt lines, best-of-n points.
+
+    The mean is solid over the trusted KL range (:func:`limits_ray.frontier.trusted_kl_range`) and
+    dashed beyond; the band is drawn where it exists (no band where some prompt has no interval).
+    """
     prompts, samples = _counts(result)
     pairs = _pairs(result.frontier_mean)
     columns = min(2, len(pairs))
@@ -54,7 +71,8 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
         mean = _select(result.frontier_mean, align, evaluation)
         kl, gain, band = mean["kl"].to_numpy(), mean["gain"].to_numpy(), 1.96 * mean["gain_se"].to_numpy()
         axis.fill_between(kl, gain - band, gain + band, color="C0", alpha=0.3, zorder=2, label="95% band")
-        axis.plot(kl, gain, color="C0", lw=2, zorder=3, label="frontier (prompt mean)")
+        trusted = trusted_kl_range(result.frontier_mean, align, evaluation)
+        _draw_mean(axis, kl, gain, trusted)
         bon = _select(result.bon, align, evaluation)
         if bon.num_rows:
             grouped = bon.group_by("n").aggregate([("kl", "mean"), ("gain", "mean")]).sort_by("n")
@@ -63,7 +81,8 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
         axis.set_xscale("symlog", linthresh=0.01)
         axis.set_xlabel("KL(π_β ‖ π₀)  [nats]")
         axis.set_ylabel(f"gain in {evaluation}  [reward units]")
-        axis.set_title(f"align {align}, eval {evaluation}", fontsize=10)
+        trusted_text = "" if trusted is None else f"; trusted for KL {trusted[0]:.3g} to {trusted[1]:.3g} nats"
+        axis.set_title(f"align {align}, eval {evaluation}{trusted_text}", fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="upper left")
     figure.suptitle(f"{title}: KL-reward frontier ({prompts} prompts, N = {samples} samples per prompt)", fontsize=11)
@@ -146,7 +165,8 @@ def plot_convergence_bands(summary: pa.Table, path: Path, title: str, settle: pa
     ``summary`` is :func:`limits_ray.study.summarize` output. Dark band: 95% Monte Carlo interval
     of the prompt mean (when the summary has ``*_mc_se``); light band: 95% interval from the spread
     across prompts. A vertical tick marks the N where the series settles (``settle``). Returns
-    whether a figure was written.
+    whether a figure was written. Where the summary has ``reliable`` (fraction of reliable prompts),
+    points with fewer than 90% reliable prompts (k-hat, ESS) are drawn hollow.
     """
     if summary.num_rows == 0:
         return False
@@ -173,6 +193,9 @@ def plot_convergence_bands(summary: pa.Table, path: Path, title: str, settle: pa
             mean = rows[name].to_numpy()
             lowest = min(lowest, float(np.min(mean)))
             axis.plot(n, mean, "o-", color=f"C{color}", ms=3, lw=1.5, label=label)
+            if "reliable" in rows.column_names:
+                weak = rows["reliable"].to_numpy() < TRUSTED_FRACTION
+                axis.plot(n[weak], mean[weak], "o", ms=7, mfc="white", color=f"C{color}", zorder=4)
             floor = np.abs(mean) / 20  # log axis: clip bands that reach below zero
             spread = 1.96 * np.nan_to_num(rows[f"{name}_spread_se"].to_numpy())
             axis.fill_between(n, np.maximum(mean - spread, floor), mean + spread, color=f"C{color}", alpha=0.12, lw=0)
@@ -198,6 +221,8 @@ def plot_convergence_bands(summary: pa.Table, path: Path, title: str, settle: pa
                    title_fontsize=8, title="prompt mean; 95% bands: "
                    + ("dark Monte Carlo,\nlight spread across prompts" if has_mc else "spread across prompts"))
     note = "\n▼: N from which the mean stays within tolerance of its largest-N value" if settle is not None else ""
+    if "reliable" in table.column_names:
+        note += f"\n○: fewer than {TRUSTED_FRACTION:.0%} of prompts reliable (Pareto k-hat of the weights, ESS)"
     figure.suptitle(f"{title}: convergence of gain and KL, align {align} ({prompts} prompts, N ≤ {n_max}){note}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -77,19 +77,23 @@ def prompt_statistics(samples: PromptSamples, plan: Plan, betas: np.ndarray) -> 
 
 
 def frontier_rows(builder: TableBuilder, prompt_id: str, plan: Plan, statistics: dict[str, DyadicStats]) -> None:
-    """Add one prompt's frontier rows (every align, eval, beta)."""
+    """Add one prompt's frontier rows (every align, eval, beta); the columns are
+    :class:`limits_ray.stats.TiltEstimate`'s (``gain_se``/``kl_se`` its interval SEs, NaN where not
+    ``reliable``; ``khat``, ``ess`` and ``reliable`` depend on the align reward only)."""
     for align, evals in plan:
         estimate = statistics[align.name].total().finalize()
         for spec, column in zip(evals, _eval_index(align, evals)):
             builder.add(
                 estimate.betas.size, prompt_id=prompt_id, align=align.name, eval=spec.name, beta=estimate.betas,
                 n=estimate.n, gain=estimate.gain[:, column], gain_se=estimate.gain_se[:, column],
-                kl=estimate.kl, kl_se=estimate.kl_se, ess=estimate.ess,
+                kl=estimate.kl, kl_se=estimate.kl_se, ess=estimate.ess, gain_bc=estimate.gain_bc[:, column],
+                kl_bc=estimate.kl_bc, khat=estimate.khat, reliable=estimate.reliable,
             )
 
 
 def convergence_rows(builder: TableBuilder, prompt_id: str, plan: Plan, statistics: dict[str, DyadicStats]) -> None:
-    """Add the estimates on every dyadic prefix (N = 1, 2, 4, ... samples) of one prompt."""
+    """Add the estimates on every dyadic prefix (N = 1, 2, 4, ... samples) of one prompt, with the
+    prefix's ESS, k-hat and reliability flag."""
     for align, evals in plan:
         for prefix in statistics[align.name].prefixes():
             estimate = prefix.finalize()
@@ -97,6 +101,7 @@ def convergence_rows(builder: TableBuilder, prompt_id: str, plan: Plan, statisti
                 builder.add(
                     estimate.betas.size, prompt_id=prompt_id, align=align.name, eval=spec.name,
                     beta=estimate.betas, n_samples=estimate.n, gain=estimate.gain[:, column], kl=estimate.kl,
+                    ess=estimate.ess, khat=estimate.khat, reliable=estimate.reliable,
                 )
 
 

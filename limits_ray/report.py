@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from limits_ray.frontier import point_at_kl
+from limits_ray.frontier import TRUSTED_FRACTION, point_at_kl, trusted_kl_range
 from limits_ray.io import SCHEMAS, InputError
 from limits_ray.reduce import ReduceResult
 
@@ -44,8 +44,19 @@ def load_result(results_dir: str | Path) -> ReduceResult:
     return ReduceResult(**tables)
 
 
+def _trusted_ranges(result: ReduceResult) -> list[str]:
+    """Per (align, eval): the KL range where at least 90% of prompts are reliable (frontier.trusted_kl_range)."""
+    mean = result.frontier_mean
+    lines = [f"| align | eval | trusted KL range [nats] (>= {TRUSTED_FRACTION:.0%} of prompts reliable) |", "|---|---|---|"]
+    for align, evaluation in sorted(set(zip(mean["align"].to_pylist(), mean["eval"].to_pylist()))):
+        trusted = trusted_kl_range(mean, align, evaluation)
+        shown = "none" if trusted is None else f"{trusted[0]:.4g} to {trusted[1]:.4g}"
+        lines.append(f"| {align} | {evaluation} | {shown} |")
+    return lines
+
+
 def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
-    lines = ["| align | eval | KL budget [nats] | beta | gain [reward units] |", "|---|---|---:|---:|---:|"]
+    lines = ["| align | eval | KL budget [nats] | beta | gain [reward units] | trusted |", "|---|---|---:|---:|---:|---|"]
     mean = result.frontier_mean
     for align, evaluation in sorted(set(zip(mean["align"].to_pylist(), mean["eval"].to_pylist()))):
         for budget in budgets:
@@ -53,7 +64,8 @@ def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
                 point = point_at_kl(mean, budget, align, evaluation)
             except ValueError:
                 continue
-            lines.append(f"| {align} | {evaluation} | {budget:g} | {point.beta:.4g} | {point.gain:.4g} |")
+            trusted = ("yes" if point.trusted else "no") if "reliable" in mean.column_names else "-"
+            lines.append(f"| {align} | {evaluation} | {budget:g} | {point.beta:.4g} | {point.gain:.4g} | {trusted} |")
     return lines
 
 
@@ -109,6 +121,10 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
     for name, caption in figures:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     lines += ["## Gain at given KL budgets (prompt mean)", "", *_kl_points(result, (0.1, 0.5, 1.0, 2.0, 4.0)), ""]
+    if "reliable" in result.frontier_mean.column_names:
+        lines += ["## Where the estimates can be trusted", "",
+                  "Reliable: Pareto k-hat of the weights exp(r/beta) below min(1 - 1/log10 N, 0.7) and ESS >= 20.", "",
+                  *_trusted_ranges(result), ""]
     if settle is not None and settle.num_rows:
         unsettled = settle.filter(np.logical_not(settle["settled"].to_numpy(zero_copy_only=False)))
         lines += [

@@ -7,13 +7,19 @@ itself, the others are evaluation rewards), over a grid of betas, :class:`TiltSt
     u_ib = exp((r_i - r_max) / beta_b),
 
 where ``r_max`` is the running maximum of ``r`` and ``c`` a per-column shift (the "online
-softmax" of ../shared/MATH.md, "Numerics"). Everything is float64. Two states merge exactly
+softmax" of ../shared/MATH.md, "Numerics"), and the *tail*: the rows ``[r, y_2, ..., y_Y]`` of the
+``K`` largest ``r`` (``K = tail_cap``, default :data:`limits_ray.psis.TAIL_CAP` = 1024), from which
+the Pareto k-hat of the weights is fitted at every beta (the ranking by ``r`` is the same for every
+beta; the top ``K`` of a union is the top ``K`` of the merged tails). Everything is float64. Two states merge exactly
 (up to rounding) by rescaling with ``exp((r_max_old - r_max_new)/beta)`` and re-centring the
 polynomial moments; the merge is associative and commutative, so samples may arrive in any
-order, in any batches, on any number of machines.
+order, in any batches, on any number of machines. Memory of one state: ``3 B (1 + 2Y)`` sums plus
+at most ``K Y`` tail values, float64 (``K Y 8`` bytes = 32 KiB at ``Y = 4``).
 
 :meth:`TiltStats.finalize` turns the sums into the Monte Carlo estimators of Def. 1 and Def. 2
-of the paper, their delta-method standard errors and the Kish effective sample size.
+of the paper, their delta-method standard errors, the Kish effective sample size, the PSIS k-hat
+and the reliability flag, first-order bias-corrected estimates and the interval standard errors
+(../shared/MATH.md, "Reliability of the importance weights").
 No Ray or vLLM import here: this module is the functional core.
 """
 
@@ -22,8 +28,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import stdtrit
 
-__all__ = ["TiltStats", "TiltEstimate"]
+from limits_ray.psis import TAIL_CAP, khat, khat_threshold
+
+__all__ = ["ESS_FLOOR", "TiltStats", "TiltEstimate"]
+
+ESS_FLOOR = 20.0
+"""Smallest Kish ESS at which an estimate is called reliable.
+
+The delta-method interval treats the ratio estimator as a mean of ``ESS`` comparable terms; with
+fewer than about 20, a few samples carry the estimate, its sampling distribution is far from normal
+and the variance behind the SE is itself a mean over a handful of weights (Student's 97.5% quantile
+with 19 degrees of freedom is already 2.09, and the weights are rarely that benign). The floor matters most
+where k-hat cannot be fitted (the largest rewards tied: bounded weights, k-hat NaN) and at small N.
+"""
+_Z975 = 1.959963984540054
 
 _CHUNK_ROWS = 4096  # rows per update chunk: bounds the [2B + 1, rows] work buffers (about 4 MiB at B = 64)
 
@@ -41,12 +61,20 @@ class TiltEstimate:
         mean_base: ``[Y]`` ``mean_i y_i`` (the estimate of ``E_pi0[y]``).
         mean_tilted: ``[B, Y]`` ``sum_i w_i y_i / sum_i w_i`` (the estimate of ``E_pi_beta[y]``).
         gain: ``[B, Y]`` ``mean_tilted - mean_base`` (Theorem 2, Def. 1).
-        gain_se: ``[B, Y]`` delta-method standard error of ``gain``.
+        gain_se: ``[B, Y]`` interval standard error: ``gain_bc +- 1.96 gain_se`` is the 95% interval;
+            ``gain_se_delta * t_nu(0.975) / 1.96`` where reliable, NaN elsewhere (see :meth:`TiltStats.finalize`).
+        gain_se_delta: ``[B, Y]`` plain delta-method standard error of ``gain``.
+        gain_bc: ``[B, Y]`` first-order bias-corrected gain.
         kl: ``[B]`` ``KL(pi_beta||pi0) = E_pi_beta[r]/beta - log Z`` (Def. 2).
-        kl_se: ``[B]`` delta-method standard error of ``kl``.
+        kl_se: ``[B]`` interval standard error of ``kl_bc`` (as ``gain_se``; NaN where not reliable).
+        kl_se_delta: ``[B]`` plain delta-method standard error of ``kl``.
+        kl_bc: ``[B]`` first-order bias-corrected KL.
         reverse_kl: ``[B]`` ``KL(pi0||pi_beta) = log Z - E_pi0[r]/beta``.
         jeffreys: ``[B]`` ``kl + reverse_kl``; Theorem 1: ``gain[:, 0] == betas * jeffreys``.
         ess: ``[B]`` Kish effective sample size ``(sum w)^2 / sum w^2``.
+        khat: ``[B]`` Pareto k-hat of the weights (:func:`limits_ray.psis.khat`).
+        reliable: ``[B]`` ``khat < min(1 - 1/log10 N, 0.7)`` (or k-hat NaN: tied top rewards) and
+            ``ess >= ESS_FLOOR``.
     """
 
     betas: np.ndarray
@@ -56,11 +84,17 @@ class TiltEstimate:
     mean_tilted: np.ndarray
     gain: np.ndarray
     gain_se: np.ndarray
+    gain_se_delta: np.ndarray
+    gain_bc: np.ndarray
     kl: np.ndarray
     kl_se: np.ndarray
+    kl_se_delta: np.ndarray
+    kl_bc: np.ndarray
     reverse_kl: np.ndarray
     jeffreys: np.ndarray
     ess: np.ndarray
+    khat: np.ndarray
+    reliable: np.ndarray
 
 
 def _polynomial(centred: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -91,6 +125,19 @@ def _recentre_matrix(delta: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def _top_rows(rows: np.ndarray, cap: int) -> np.ndarray:
+    """The ``cap`` rows of largest column 0, descending; ties ordered by the next columns, descending.
+
+    The order is a total order on row values, so the top of a union does not depend on how the
+    rows were split or merged.
+    """
+    if rows.shape[0] > 2 * cap:  # cheap pre-selection: keep every row tied with the cap-th largest r
+        cut = np.partition(rows[:, 0], rows.shape[0] - cap)[rows.shape[0] - cap]
+        rows = rows[rows[:, 0] >= cut]
+    order = np.lexsort(tuple(-rows[:, column] for column in reversed(range(rows.shape[1]))))
+    return rows[order[:cap]].copy()
+
+
 @dataclass
 class TiltStats:
     """Mergeable sufficient statistics for one prompt and one alignment reward (see module doc).
@@ -101,6 +148,9 @@ class TiltStats:
         r_max: running maximum of the alignment reward (``-inf`` while empty).
         shift: ``[Y]`` centring constants ``c`` of the target columns.
         moments: ``[3, B, 1 + 2Y]`` the sums ``sum u^p [1, y-c, (y-c)^2]``, ``p = 0, 1, 2``.
+        tail: ``[T, Y]``, ``T <= tail_cap``: the rows of the ``T = min(n, tail_cap)`` largest ``r``
+            (uncentred), ordered by ``r`` descending, ties by the other columns descending.
+        tail_cap: ``K``, the most rows ``tail`` keeps.
     """
 
     betas: np.ndarray
@@ -108,37 +158,45 @@ class TiltStats:
     r_max: float
     shift: np.ndarray
     moments: np.ndarray
+    tail: np.ndarray
+    tail_cap: int = TAIL_CAP
 
     @classmethod
-    def empty(cls, betas: np.ndarray, n_targets: int) -> "TiltStats":
+    def empty(cls, betas: np.ndarray, n_targets: int, tail_cap: int = TAIL_CAP) -> "TiltStats":
         """A state with no samples, for ``n_targets`` columns (alignment reward included)."""
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0 or not np.all(betas > 0):
             raise ValueError(f"betas must be a non-empty 1-d array of positive numbers, got {betas!r}")
+        if tail_cap < 1:
+            raise ValueError(f"tail_cap must be a positive number of rows, got {tail_cap}")
         return cls(
             betas=betas,
             n=0,
             r_max=-np.inf,
             shift=np.zeros(n_targets),
             moments=np.zeros((3, betas.size, 1 + 2 * n_targets)),
+            tail=np.zeros((0, n_targets)),
+            tail_cap=int(tail_cap),
         )
 
     @classmethod
-    def from_samples(cls, betas: np.ndarray, targets: np.ndarray) -> "TiltStats":
+    def from_samples(cls, betas: np.ndarray, targets: np.ndarray, tail_cap: int = TAIL_CAP) -> "TiltStats":
         """Statistics of a batch; ``targets[:, 0]`` is the alignment reward ``r``.
 
         Args:
             betas: ``[B]`` positive KL penalties.
             targets: ``[N, Y]`` float rewards, finite; column 0 aligns, every column is evaluated.
+            tail_cap: rows of the largest ``r`` kept for k-hat (see the class).
         """
         targets = np.asarray(targets, dtype=np.float64)
         if targets.ndim != 2 or targets.shape[1] == 0:
             raise ValueError(f"targets must be a 2-d [samples, columns] array, got shape {targets.shape}")
-        state = cls.empty(betas, targets.shape[1])
+        state = cls.empty(betas, targets.shape[1], tail_cap)
         if targets.shape[0] == 0:
             return state
         if not np.all(np.isfinite(targets)):
             raise ValueError("targets contain NaN or infinite rewards")
+        state.tail = _top_rows(targets, state.tail_cap)
         state.n = targets.shape[0]
         state.r_max = float(targets[:, 0].max())
         state.shift = targets.mean(axis=0)
@@ -176,7 +234,7 @@ class TiltStats:
 
     def update(self, targets: np.ndarray) -> "TiltStats":
         """Return the merge of this state with a batch of samples (see :meth:`from_samples`)."""
-        return self.merge(TiltStats.from_samples(self.betas, targets))
+        return self.merge(TiltStats.from_samples(self.betas, targets, self.tail_cap))
 
     def _rebased(self, r_max: float, shift: np.ndarray) -> np.ndarray:
         """This state's moments expressed with another ``r_max`` and ``shift``."""
@@ -196,29 +254,51 @@ class TiltStats:
             raise ValueError("cannot merge statistics computed on different beta grids")
         if self.shift.shape != other.shift.shape:
             raise ValueError(f"cannot merge {self.shift.size} target columns with {other.shift.size}")
+        if self.tail_cap != other.tail_cap:
+            raise ValueError(f"cannot merge tails capped at {self.tail_cap} and {other.tail_cap} rows")
         if other.n == 0:
             return self.copy()
         if self.n == 0:
             return other.copy()
         r_max = max(self.r_max, other.r_max)
         moments = self._rebased(r_max, self.shift) + other._rebased(r_max, self.shift)
-        return TiltStats(self.betas, self.n + other.n, r_max, self.shift.copy(), moments)
+        tail = _top_rows(np.concatenate([self.tail, other.tail]), self.tail_cap)
+        return TiltStats(self.betas, self.n + other.n, r_max, self.shift.copy(), moments, tail, self.tail_cap)
 
     def copy(self) -> "TiltStats":
         """A deep copy."""
-        return TiltStats(self.betas.copy(), self.n, self.r_max, self.shift.copy(), self.moments.copy())
+        return TiltStats(
+            self.betas.copy(), self.n, self.r_max, self.shift.copy(), self.moments.copy(), self.tail.copy(), self.tail_cap
+        )
 
     def finalize(self) -> TiltEstimate:
-        """Estimates at every beta: Def. 1 (gain), Def. 2 (KL), Theorem 1 (Jeffreys) and errors.
+        """Estimates at every beta: Def. 1 (gain), Def. 2 (KL), Theorem 1 (Jeffreys), errors, reliability.
 
         With ``w_i = exp(r_i/beta)`` and ``R_y = sum w y / sum w``:
 
         - ``gain_y = R_y - mean(y)`` and ``KL = R_r/beta - log mean(w)``;
-        - standard errors by the delta method on the influence functions
+        - delta-method standard errors (``*_se_delta``) from the influence functions
           ``IF_gain,i = w_i (y_i - R_y)/mean(w) - (y_i - mean(y))`` and
           ``IF_KL,i = w_i ((r_i - R_r)/beta - 1)/mean(w) + 1``, with
           ``se^2 = sum_i IF_i^2 / (N (N - 1))``;
-        - ``ESS = (sum w)^2 / sum w^2`` (Kish).
+        - ``ESS = (sum w)^2 / sum w^2`` (Kish) and ``khat`` (:func:`limits_ray.psis.khat` on the tail);
+          ``reliable = (khat < min(1 - 1/log10 N, 0.7) or khat is NaN) and ESS >= ESS_FLOOR``;
+        - first-order bias corrections (second-order Taylor expansion of a ratio of means and of
+          ``log mean(w)``): ``E[R_y_hat] - R_y ~ -E[w^2 (y - R_y)] / (N E[w]^2)`` and
+          ``E[log mean(w)] - log E[w] ~ -Var(w) / (2 N E[w]^2)``, estimated by
+          ``gain_bc = gain + sum w^2 (y - R_y) / (sum w)^2`` and
+          ``kl_bc = kl + sum w^2 (r - R_r) / (beta (sum w)^2) - (1/ESS - 1/N) / 2``;
+        - interval standard errors ``gain_se = gain_se_delta t_df(0.975) / z(0.975)`` (likewise ``kl_se``),
+          so that ``gain_bc +- 1.96 gain_se`` is a 95% interval: ``t_df`` is Student's quantile with
+          ``df = max(nu / 2, 1)``, ``nu = (sum IF^2)^2 / sum_tail IF^4`` the effective number of terms
+          behind the variance estimate (``N/3`` for normal influence terms, a handful when a few
+          weights dominate). ``sum_tail`` runs over the tail rows (all samples while ``N <= tail_cap``;
+          beyond, the body's terms are left out, which can only raise ``nu``). The halving is an
+          empirical calibration (bench/bench_coverage.py): Satterthwaite's ``2 nu`` assumes the error
+          independent of the SE, but with heavy weights a sample that missed the upper tail has both a
+          low estimate and a small SE; ``nu/2`` restores the coverage there and stays at ~0.95 where
+          the weights are benign.
+          Where not ``reliable`` the variance may be infinite and ``gain_se``, ``kl_se`` are NaN.
 
         ``kl_se`` comes from a difference of nearly equal sums when ``beta`` is far above the spread
         of ``r``: it keeps ~4 digits at ``beta = 1e3 sigma_r`` and none beyond ``~1e4 sigma_r``, where
@@ -243,15 +323,22 @@ class TiltStats:
         reverse_kl = (self.r_max - r_base) / betas + log_mean_w
 
         # Second-order sums about the estimates (centred coordinates throughout).
+        tilt2_dev = tilt2[:, first] - mean_tilt * s2[:, None]  # sum u^2 (y - R_y)
         tilt2_dev2 = tilt2[:, second] - 2 * mean_tilt * tilt2[:, first] + mean_tilt**2 * s2[:, None]
         tilt_dev2 = tilt[:, second] - tilt[:, first] ** 2 / s0[:, None]
         plain_dev2 = plain[second] - plain[first] ** 2 / n
         ratio = n / s0
         gain_if2 = ratio[:, None] ** 2 * tilt2_dev2 - 2 * ratio[:, None] * tilt_dev2 + plain_dev2
-        tilt2_dev_r = tilt2[:, 1] - mean_tilt[:, 0] * s2
-        kl_weighted = tilt2_dev2[:, 0] / betas**2 - 2 * tilt2_dev_r / betas + s2
+        kl_weighted = tilt2_dev2[:, 0] / betas**2 - 2 * tilt2_dev[:, 0] / betas + s2
         kl_if2 = ratio**2 * kl_weighted - n
         denominator = n * (n - 1) if n > 1 else np.nan
+        gain_se_delta = np.sqrt(np.clip(gain_if2, 0, None) / denominator)
+        kl_se_delta = np.sqrt(np.clip(kl_if2, 0, None) / denominator)
+
+        ess = s0**2 / s2
+        k_hat = khat(self.tail[:, 0], n, betas)
+        reliable = ((k_hat < khat_threshold(n)) | np.isnan(k_hat)) & (ess >= ESS_FLOOR)
+        gain_if4, kl_if4 = self._tail_if4(mean_plain, mean_tilt, ratio)
         return TiltEstimate(
             betas=betas.copy(),
             n=n,
@@ -259,10 +346,35 @@ class TiltStats:
             mean_base=mean_plain + self.shift,
             mean_tilted=mean_tilt + self.shift,
             gain=gain,
-            gain_se=np.sqrt(np.clip(gain_if2, 0, None) / denominator),
+            gain_se=np.where(reliable[:, None], gain_se_delta * _t_ratio(gain_if2, gain_if4), np.nan),
+            gain_se_delta=gain_se_delta,
+            gain_bc=gain + tilt2_dev / s0[:, None] ** 2,
             kl=kl,
-            kl_se=np.sqrt(np.clip(kl_if2, 0, None) / denominator),
+            kl_se=np.where(reliable, kl_se_delta * _t_ratio(kl_if2, kl_if4), np.nan),
+            kl_se_delta=kl_se_delta,
+            kl_bc=kl + tilt2_dev[:, 0] / (betas * s0**2) - (s2 / s0**2 - 1.0 / n) / 2,
             reverse_kl=reverse_kl,
             jeffreys=kl + reverse_kl,
-            ess=s0**2 / s2,
+            ess=ess,
+            khat=k_hat,
+            reliable=reliable,
         )
+
+    def _tail_if4(self, mean_plain: np.ndarray, mean_tilt: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``sum_tail IF^4`` of the gain (``[B, Y]``) and of the KL (``[B]``), over the tail rows."""
+        centred = self.tail - self.shift  # [T, Y]
+        u = np.exp((self.tail[None, :, 0] - self.r_max) / self.betas[:, None]) * ratio[:, None]  # [B, T], w/mean(w)
+        gain_if = u[:, :, None] * (centred[None] - mean_tilt[:, None, :])
+        gain_if -= centred - mean_plain
+        kl_if = u * ((centred[None, :, 0] - mean_tilt[:, :1]) / self.betas[:, None] - 1.0) + 1.0
+        np.multiply(gain_if, gain_if, out=gain_if)
+        np.multiply(kl_if, kl_if, out=kl_if)
+        return np.einsum("bty,bty->by", gain_if, gain_if), np.einsum("bt,bt->b", kl_if, kl_if)
+
+
+def _t_ratio(if2: np.ndarray, if4: np.ndarray) -> np.ndarray:
+    """``t_df(0.975) / z(0.975)`` with ``df = max(if2^2 / (2 if4), 1)``; 1 (normal) where ``if4 = 0``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(if4 > 0, np.clip(if2, 0, None) ** 2 / (2.0 * if4), np.inf)
+    df = np.maximum(np.where(np.isnan(df), np.inf, df), 1.0)
+    return np.where(np.isinf(df), 1.0, stdtrit(np.where(np.isinf(df), 1.0, df), 0.975) / _Z975)

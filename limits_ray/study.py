@@ -40,7 +40,7 @@ __all__ = [
 PREFIX_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
     ("n_samples", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
-    ("kl_se", pa.float64()), ("ess", pa.float64()),
+    ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("reliable", pa.bool_()),
 ])
 
 
@@ -76,6 +76,7 @@ def prefix_table(samples_path: str | Path, analysis: AnalysisConfig, reward_name
                         "beta": estimate.betas, "n_samples": np.full(size, estimate.n, dtype=np.int64),
                         "gain": estimate.gain[:, column], "gain_se": estimate.gain_se[:, column],
                         "kl": estimate.kl, "kl_se": estimate.kl_se, "ess": estimate.ess,
+                        "khat": estimate.khat, "reliable": estimate.reliable,
                     })
     if not blocks:
         return PREFIX_SCHEMA.empty_table()
@@ -97,19 +98,24 @@ def summarize(table: pa.Table) -> pa.Table:
     """Prompt averages per (align, eval, beta, n_samples) of a prefix or convergence table.
 
     Columns: ``prompts``, ``gain``, ``gain_spread_se``, ``kl``, ``kl_spread_se`` and, when the input
-    has them, ``gain_mc_se``, ``kl_mc_se`` (Monte Carlo error of the mean), ``ess_median``,
-    ``ess_min``. A prompt that has fewer samples than N does not enter the row for N.
+    has them, ``gain_mc_se``, ``kl_mc_se`` (Monte Carlo error of the mean; NaN where a prompt has no
+    interval), ``ess_median``, ``ess_min``, ``reliable`` (the fraction of reliable prompts). A prompt
+    that has fewer samples than N does not enter the row for N.
     """
     keys = ["align", "eval", "beta", "n_samples"]
     has_se = "gain_se" in table.column_names
     has_ess = "ess" in table.column_names
-    values = {name: table[name].to_numpy() for name in ("gain", "kl", "gain_se", "kl_se", "ess") if name in table.column_names}
+    has_reliable = "reliable" in table.column_names
+    values = {name: table[name].to_numpy() for name in ("gain", "kl", "gain_se", "kl_se", "ess", "reliable")
+              if name in table.column_names}
     order, groups = _groups(table, keys)
     out: dict[str, list] = {name: [] for name in (*keys, "prompts", "gain", "gain_spread_se", "kl", "kl_spread_se")}
     if has_se:
         out.update(gain_mc_se=[], kl_mc_se=[])
     if has_ess:
         out.update(ess_median=[], ess_min=[])
+    if has_reliable:
+        out.update(reliable=[])
     for key, rows in zip(order, groups):
         for name, value in zip(keys, key):
             out[name].append(value)
@@ -124,6 +130,8 @@ def summarize(table: pa.Table) -> pa.Table:
         if has_ess:
             out["ess_median"].append(float(np.median(values["ess"][rows])))
             out["ess_min"].append(float(np.min(values["ess"][rows])))
+        if has_reliable:
+            out["reliable"].append(float(np.mean(values["reliable"][rows])))
     types = {"align": pa.string(), "eval": pa.string(), "n_samples": pa.int64(), "prompts": pa.int64()}
     return pa.table({name: pa.array(column, type=types.get(name, pa.float64())) for name, column in out.items()})
 

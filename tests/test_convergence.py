@@ -40,6 +40,11 @@ def assert_estimates_close(got: TiltEstimate, want: TiltEstimate, targets: np.nd
     close(got.ess, want.ess, 0.0, "ess")
     close(got.gain_se**2, want.gain_se**2, span[None, :] ** 2, "gain_se^2")
     close(got.kl_se**2, want.kl_se**2, (span[0] / got.betas + 1) ** 2, "kl_se^2")
+    close(got.gain_bc, want.gain_bc, span[None, :], "gain_bc")
+    np.testing.assert_array_equal(got.reliable, want.reliable)
+    finite = np.isfinite(want.khat)
+    np.testing.assert_array_equal(got.khat[~finite], want.khat[~finite])
+    close(got.khat[finite], want.khat[finite], 1.0, "khat")
 
 
 def finalize(stats: TiltStats) -> TiltEstimate:
@@ -138,3 +143,49 @@ def test_empty_dyadic_stats():
     assert empty.total().n == 0
     full = DyadicStats(BETAS, 2).update(np.arange(5), np.ones((5, 2)))
     assert empty.merge(full).n == 5 and full.merge(empty).n == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# serialisation
+# ----------------------------------------------------------------------------------------------
+
+def assert_same_dyadic(got: DyadicStats, want: DyadicStats) -> None:
+    np.testing.assert_array_equal(got.betas, want.betas)
+    assert got.n_targets == want.n_targets and got.tail_cap == want.tail_cap
+    assert sorted(got.shells) == sorted(want.shells)
+    for shell, state in want.shells.items():
+        other = got.shells[shell]
+        assert (other.n, other.r_max, other.tail_cap) == (state.n, state.r_max, state.tail_cap)
+        for name in ("betas", "shift", "moments", "tail"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(state, name))
+
+
+def test_to_bytes_round_trip_keeps_every_field_and_merges_like_the_original():
+    rng = np.random.default_rng(9)
+    targets = rng.normal(size=(700, 3))
+    a = DyadicStats(BETAS, 3, tail_cap=50).update(np.arange(400), targets[:400])
+    b = DyadicStats(BETAS, 3, tail_cap=50).update(np.arange(400, 700), targets[400:])
+    for state in (a, b, DyadicStats(BETAS, 3)):
+        data = state.to_bytes()
+        assert isinstance(data, bytes)
+        assert_same_dyadic(DyadicStats.from_bytes(data), state)
+    merged = DyadicStats.from_bytes(a.to_bytes()).merge(DyadicStats.from_bytes(b.to_bytes()))
+    assert_same_dyadic(merged, a.merge(b))
+    assert_estimates_close(finalize(merged.total()), finalize(a.merge(b).total()), targets, rtol=0)
+
+
+def test_from_bytes_refuses_another_format_version():
+    import io
+
+    buffer = io.BytesIO()
+    with np.load(io.BytesIO(DyadicStats(BETAS, 1).to_bytes())) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["version"] = np.array(99)
+    np.savez(buffer, **arrays)
+    with pytest.raises(ValueError, match="format version 99"):
+        DyadicStats.from_bytes(buffer.getvalue())
+
+
+def test_merge_refuses_different_tail_caps():
+    with pytest.raises(ValueError, match="tails capped"):
+        DyadicStats(BETAS, 1, tail_cap=8).merge(DyadicStats(BETAS, 1))

@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from limits_ray.frontier import FrontierPoint, frontier_sums, mean_frontier, mean_from_sums, merge_sums, point_at_kl
+from limits_ray.frontier import (
+    FrontierPoint, frontier_sums, mean_frontier, mean_from_sums, merge_sums, point_at_kl, trusted_kl_range,
+)
 from limits_ray.io import SCHEMAS
 
 
@@ -28,6 +30,8 @@ def random_frontier(seed: int, prompts: int, betas: list[float], pairs: list[tup
                     "prompt_id": f"p{prompt}", "align": align, "eval": evaluation, "beta": beta, "n": 64,
                     "gain": rng.normal(1 / beta, 0.3), "gain_se": rng.uniform(0.01, 0.2),
                     "kl": rng.uniform(0, 2) / beta**2, "kl_se": rng.uniform(0.001, 0.1), "ess": rng.uniform(1, 64),
+                    "gain_bc": rng.normal(1 / beta, 0.3), "kl_bc": rng.uniform(0, 2) / beta**2,
+                    "khat": rng.uniform(0, 1), "reliable": bool(rng.uniform() < 0.7),
                 })
     rng.shuffle(rows)  # input order must not matter
     return rows
@@ -49,6 +53,20 @@ def test_mean_frontier_averages_over_prompts():
         assert row["kl"] == pytest.approx(np.mean([r["kl"] for r in group]), rel=1e-13)
         assert row["gain_se"] == pytest.approx(math.sqrt(sum(r["gain_se"] ** 2 for r in group)) / 7, rel=1e-13)
         assert row["kl_se"] == pytest.approx(math.sqrt(sum(r["kl_se"] ** 2 for r in group)) / 7, rel=1e-13)
+        assert row["gain_bc"] == pytest.approx(np.mean([r["gain_bc"] for r in group]), rel=1e-13)
+        assert row["kl_bc"] == pytest.approx(np.mean([r["kl_bc"] for r in group]), rel=1e-13)
+        assert row["reliable"] == sum(r["reliable"] for r in group) / 7
+
+
+def test_mean_frontier_has_no_standard_error_where_a_prompt_has_none():
+    """A prompt without an interval (unreliable weights) leaves the mean without one: NaN, not a smaller SE."""
+    rows = random_frontier(4, 3, [1.0, 2.0], [("a", "a")])
+    for row in rows:
+        if row["prompt_id"] == "p1" and row["beta"] == 1.0:
+            row.update(gain_se=math.nan, kl_se=math.nan, reliable=False)
+    result = mean_frontier(per_prompt_table(rows)).to_pylist()
+    assert math.isnan(result[0]["gain_se"]) and math.isnan(result[0]["kl_se"])
+    assert math.isfinite(result[1]["gain_se"])
 
 
 def test_mean_frontier_counts_prompts_per_group():
@@ -76,13 +94,33 @@ def test_mean_frontier_of_an_empty_table_is_empty():
     assert result.schema == SCHEMAS["frontier_mean"]
 
 
-def gaussian_frontier_mean(betas, align="r", evaluation="r", sigma=1.0) -> pa.Table:
+def gaussian_frontier_mean(betas, align="r", evaluation="r", sigma=1.0, reliable=None) -> pa.Table:
     betas = np.asarray(betas, float)
     return pa.table({
         "align": [align] * betas.size, "eval": [evaluation] * betas.size, "beta": betas,
         "prompts": np.full(betas.size, 5, dtype=np.int64), "gain": sigma**2 / betas,
         "gain_se": np.full(betas.size, 0.01), "kl": sigma**2 / (2 * betas**2), "kl_se": np.full(betas.size, 0.01),
+        "gain_bc": sigma**2 / betas, "kl_bc": sigma**2 / (2 * betas**2),
+        "reliable": np.ones(betas.size) if reliable is None else np.asarray(reliable, float),
     }, schema=SCHEMAS["frontier_mean"])
+
+
+def test_trusted_kl_range_runs_down_from_the_largest_beta():
+    table = gaussian_frontier_mean([1.0, 2.0, 4.0, 8.0], reliable=[0.5, 0.95, 0.9, 1.0])  # KL 0.5 .. 0.0078
+    assert trusted_kl_range(table, "r", "r") == (0.0078125, 0.125)
+    assert trusted_kl_range(table, "r", "r", min_reliable=0.92) == (0.0078125, 0.0078125)
+    assert trusted_kl_range(gaussian_frontier_mean([1.0, 2.0], reliable=[1.0, 0.2]), "r", "r") is None
+    gappy = gaussian_frontier_mean([1.0, 2.0, 4.0], reliable=[1.0, 0.0, 1.0])  # a gap ends the trusted run
+    assert trusted_kl_range(gappy, "r", "r") == (0.03125, 0.03125)
+    assert trusted_kl_range(table.drop_columns(["reliable"]), "r", "r") is None
+
+
+def test_point_at_kl_says_whether_the_budget_is_trusted():
+    table = gaussian_frontier_mean([1.0, 2.0, 4.0, 8.0], reliable=[0.5, 0.95, 0.9, 1.0])
+    inside, outside = point_at_kl(table, 0.1, "r", "r"), point_at_kl(table, 0.3, "r", "r")
+    assert inside.trusted and inside.trusted_kl == (0.0078125, 0.125)
+    assert not outside.trusted and outside.trusted_kl == (0.0078125, 0.125)
+    assert outside.gain == pytest.approx(0.5 + (0.3 - 0.125) / (0.5 - 0.125) * 0.5, rel=1e-13)  # still answered
 
 
 def test_point_at_kl_on_grid_points_and_between():

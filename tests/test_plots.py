@@ -34,3 +34,15 @@ def test_each_plot_reports_whether_it_drew(tmp_path):
     assert ess.num_rows == 3 * 6 and plot_ess_prompts(ess, tmp_path / "e.png", "t")
     assert not plot_convergence_bands(summary.slice(0, 0), tmp_path / "none.png", "t")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_figures_mark_the_unreliable_betas(tmp_path):
+    """beta = 0.3 sigma at N = 128 is unreliable for every prompt: the summary says so and the figures draw."""
+    result = _result()
+    mean = result.frontier_mean.to_pylist()
+    assert mean[0]["beta"] == 0.3 and mean[0]["reliable"] == 0.0 and mean[-1]["reliable"] == 1.0
+    summary = summarize(result.convergence)
+    assert "reliable" in summary.column_names
+    assert set(summary["reliable"].to_pylist()) >= {0.0, 1.0}
+    paths = write_plots(result, tmp_path, title="marks")
+    assert {p.name for p in paths} >= {"frontier.png", "convergence.png"}

@@ -74,7 +74,8 @@ def test_second_model_is_placed_against_the_frontier_with_its_gap(compared):
             assert row["kl"] > 5 * row["kl_se"] > 0  # another model is measurably away from pi0
             assert np.isfinite(row["frontier_gain"]) and np.isfinite(row["gap"])
             assert row["gap"] == pytest.approx(row["frontier_gain"] - row["gain"])
-            assert row["gap_se"] >= row["gain_se"] > 0
+            # gap_se is NaN where the frontier has no interval (weights not reliable at N = 32)
+            assert row["gain_se"] > 0 and not row["gap_se"] < row["gain_se"]
     # policy_b (another random model, ~10 nats away) lies beyond what 32 samples per prompt reach
     # (about log 32 nats): its gap is a lower bound; the 0.1 blend lies inside the frontier's range
     assert all(row["beyond_grid"] and row["kl"] > np.log(32) for row in _rows(result.policies, policy="policy_b"))
@@ -82,7 +83,7 @@ def test_second_model_is_placed_against_the_frontier_with_its_gap(compared):
         assert not row["beyond_grid"] and 0 < row["kl"] < np.log(32)
         assert np.isfinite(row["frontier_beta"]) or row["kl"] < 0.05
         if row["align"] == row["eval"]:
-            assert row["gap"] > -3 * row["gap_se"]  # no policy beats the frontier beyond its errors
+            assert not row["gap"] < -3 * row["gap_se"]  # no policy beats the frontier beyond its errors
 
 
 def test_best_of_n_points_sit_on_or_under_the_frontier(compared):
@@ -97,7 +98,7 @@ def test_best_of_n_points_sit_on_or_under_the_frontier(compared):
         assert np.isfinite(row["frontier_gain"]), row
         # on or under, up to the frontier's standard error (linear interpolation between grid betas
         # also lies slightly under the concave frontier)
-        assert row["gap"] > -max(row["frontier_gain_se"], 0.02 * abs(row["frontier_gain"]), 1e-9), row
+        assert row["gap"] > -max(np.nan_to_num(row["frontier_gain_se"]), 0.02 * abs(row["frontier_gain"]), 1e-9), row
 
 
 def test_proxy_gold_and_ensembles(compared):

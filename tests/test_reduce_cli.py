@@ -80,15 +80,21 @@ def test_reduce_writes_the_four_tables(tmp_path, capsys):
         est = TiltStats.from_samples(np.array([row["beta"]]), r[:, None]).finalize()
         assert row["gain"] == pytest.approx(est.gain[0, 0], rel=1e-12, abs=1e-14)
         assert row["kl"] == pytest.approx(est.kl[0], rel=1e-12, abs=1e-14)
-        assert row["gain_se"] == pytest.approx(est.gain_se[0, 0], rel=1e-10)
-        assert row["kl_se"] == pytest.approx(est.kl_se[0], rel=1e-10)
+        assert row["gain_se"] == pytest.approx(est.gain_se[0, 0], rel=1e-10, nan_ok=True)
+        assert row["kl_se"] == pytest.approx(est.kl_se[0], rel=1e-10, nan_ok=True)
         assert row["ess"] == pytest.approx(est.ess[0], rel=1e-12)
+        assert row["gain_bc"] == pytest.approx(est.gain_bc[0, 0], rel=1e-12, abs=1e-14)
+        assert row["kl_bc"] == pytest.approx(est.kl_bc[0], rel=1e-12, abs=1e-14)
+        assert row["khat"] == est.khat[0] == np.inf  # N = 20: a tail of M = 4 weights cannot be fitted
+        assert row["reliable"] is False and math.isnan(row["gain_se"])
     mean = tables["frontier_mean"]
     assert mean.num_rows == len(rewards) * 2 and set(mean["prompts"].to_pylist()) == {3}
     for row in mean.to_pylist():
         group = [r for r in frontier.to_pylist() if (r["align"], r["eval"], r["beta"]) == (row["align"], row["eval"], row["beta"])]
         assert row["gain"] == pytest.approx(np.mean([g["gain"] for g in group]), rel=1e-12)
-        assert row["kl_se"] == pytest.approx(math.sqrt(sum(g["kl_se"] ** 2 for g in group)) / 3, rel=1e-12)
+        assert row["kl_se"] == pytest.approx(math.sqrt(sum(g["kl_se"] ** 2 for g in group)) / 3, rel=1e-12, nan_ok=True)
+        assert row["gain_bc"] == pytest.approx(np.mean([g["gain_bc"] for g in group]), rel=1e-12)
+        assert row["reliable"] == 0.0
     # best-of-n: n = 1, 2, 4, 8, 16 for N = 20, the values of best_of_n
     bon = tables["bon"]
     assert sorted(set(bon["n"].to_pylist())) == [1, 2, 4, 8, 16]
@@ -305,3 +311,56 @@ def test_query_errors(tmp_path, capsys):
                "--rewards", "a", "--no-bon", "--no-convergence")[0] == 0
     code, _, err = run(capsys, "query", tmp_path / "o", "--kl", "1000")
     assert code == 2 and "outside" in err
+
+
+def test_query_warns_when_the_budget_lies_outside_the_trusted_range(tmp_path, capsys):
+    """Gaussian rewards, N = 400: beta = 0.05 sigma is unreliable for every prompt, beta >= 1 reliable."""
+    rng = np.random.default_rng(4)
+    prompts, n = 4, 400
+    pq.write_table(pa.table({
+        "prompt_id": np.repeat([f"p{i}" for i in range(prompts)], n), "sample_idx": np.tile(np.arange(n), prompts),
+        "a": rng.normal(size=prompts * n),
+    }), tmp_path / "s.parquet")
+    assert run(capsys, "reduce", "--samples", tmp_path / "s.parquet", "--out", tmp_path / "o", "--betas", "0.05,1,3",
+               "--no-bon", "--no-convergence")[0] == 0
+    code, stdout, err = run(capsys, "query", tmp_path / "o", "--kl", "0.1,3")
+    assert code == 0
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("a ")]
+    assert [line[-1] for line in lines] == ["yes", "NO"]
+    assert "warning" in err and "KL 3 lies outside the trusted KL range" in err and "sample more" in err
+
+
+def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
+    """The job's path (per-round statistics, serialised, merged in any order by StatisticsReducer) and the
+    offline reduce give the same tables: khat and reliable exactly, the floats to rounding."""
+    from limits_ray.config import AnalysisConfig
+    from limits_ray.convergence import DyadicStats
+    from limits_ray.io import iter_prompts
+    from limits_ray.reduce import StatisticsReducer, prompt_statistics, reduce_table
+
+    rng = np.random.default_rng(12)
+    prompts, n = 3, 600
+    table = pa.table({
+        "prompt_id": np.repeat([f"p{i}" for i in range(prompts)], n), "sample_idx": np.tile(np.arange(n), prompts),
+        "a": rng.normal(size=prompts * n), "b": rng.exponential(size=prompts * n),
+    })
+    config = AnalysisConfig(betas="0.2:20:7", best_of_n=False)
+    offline = reduce_table(table, ["a", "b"], config)
+    plan, betas = config.plan(["a", "b"]), np.asarray(config.betas)
+    rounds = []
+    for samples in iter_prompts(table, ["a", "b"]):
+        for index, chunk in enumerate(np.array_split(rng.permutation(n), 5)):
+            statistics = prompt_statistics(samples.subset(np.isin(np.arange(n), chunk)), plan, betas)
+            rounds.append((samples.prompt_id, index, {k: DyadicStats.from_bytes(v.to_bytes()) for k, v in statistics.items()}))
+    reducer = StatisticsReducer(plan, betas)
+    for position in rng.permutation(len(rounds)):
+        reducer.add(*rounds[position])
+    streamed = reducer.result([])
+    for name in ("frontier", "convergence"):
+        got, want = getattr(streamed, name), getattr(offline, name)
+        assert got.schema == want.schema and got.num_rows == want.num_rows
+        for column in ("khat", "reliable", "n" if name == "frontier" else "n_samples"):
+            np.testing.assert_array_equal(got[column].to_numpy(), want[column].to_numpy())
+        for column in [f.name for f in SCHEMAS[name] if f.type == pa.float64()]:
+            np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=1e-9, atol=1e-12)
+    assert 0 < offline.frontier["reliable"].to_numpy().mean() < 1  # both kinds of cell are compared

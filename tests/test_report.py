@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +37,11 @@ def test_report_writes_figures_and_summary(results, tmp_path, capsys):
     assert text.startswith("# synthetic") and "4 prompts, N = 256 samples per prompt, 9 betas" in text
     assert "![" in text and "(frontier.png)" in text and "## Convergence" in text
     assert "| gold | gold | 0.5 |" in text  # the frontier at a KL budget
+    assert "## Where the estimates can be trusted" in text
+    ranges = [line for line in text.splitlines() if re.fullmatch(r"\| gold \| gold \| [0-9.e+-]+ to [0-9.e+-]+ \|", line)]
+    assert len(ranges) == 1  # N = 256: beta = 0.1 is unreliable, beta = 10 is not, so a proper range
+    low, high = (float(v) for v in ranges[0].split("|")[3].split(" to "))
+    assert 0 < low < high
     assert "wrote" in capsys.readouterr().out
 
 

@@ -69,8 +69,17 @@ def assert_estimates_close(got: TiltEstimate, want: TiltEstimate, targets: np.nd
     close(got.jeffreys, want.jeffreys, kl_scale, "jeffreys")
     close(got.log_z, want.log_z, biggest[0] / got.betas + kl_scale, "log_z")
     close(got.ess, want.ess, 0.0, "ess")
-    close(got.gain_se**2, want.gain_se**2, span[None, :] ** 2, "gain_se^2")
-    close(got.kl_se**2, want.kl_se**2, (span_r / got.betas + 1) ** 2, "kl_se^2")
+    close(got.gain_se_delta**2, want.gain_se_delta**2, span[None, :] ** 2, "gain_se^2")
+    close(got.kl_se_delta**2, want.kl_se_delta**2, (span_r / got.betas + 1) ** 2, "kl_se^2")
+    close(got.gain_se**2, want.gain_se**2, span[None, :] ** 2, "interval gain_se^2")
+    close(got.kl_se**2, want.kl_se**2, (span_r / got.betas + 1) ** 2, "interval kl_se^2")
+    close(got.gain_bc, want.gain_bc, span[None, :], "gain_bc")
+    close(got.kl_bc, want.kl_bc, kl_scale, "kl_bc")
+    finite = np.isfinite(want.khat)
+    np.testing.assert_array_equal(np.isfinite(got.khat), finite)
+    np.testing.assert_array_equal(got.khat[~finite], want.khat[~finite])
+    close(got.khat[finite], want.khat[finite], 1.0, "khat")
+    np.testing.assert_array_equal(got.reliable, want.reliable)
 
 
 def assert_close(got, want, rtol: float, atol) -> None:
@@ -111,6 +120,11 @@ def reference(targets: np.ndarray, beta: float) -> dict:
         "gain_se": np.sqrt((influence_gain**2).sum(axis=0) / (n * (n - 1))),
         "kl_se": math.sqrt((influence_kl**2).sum() / (n * (n - 1))),
         "ess": u.sum() ** 2 / (u * u).sum(),
+        "gain_bc": tilted - base + ((u * u)[:, None] * (targets - tilted)).sum(axis=0) / u.sum() ** 2,
+        "kl_bc": kl + ((u * u) * (r - tilted[0])).sum() / (beta * u.sum() ** 2)
+        - ((u * u).sum() / u.sum() ** 2 - 1 / n) / 2,
+        "gain_df": (influence_gain**2).sum(axis=0) ** 2 / (influence_gain**4).sum(axis=0) / 2,
+        "kl_df": (influence_kl**2).sum() ** 2 / (influence_kl**4).sum() / 2,
     }
 
 
@@ -278,7 +292,7 @@ def test_constant_offsets_of_1e4_do_not_change_gain_or_kl():
         np.testing.assert_allclose(shifted.kl, plain.kl, rtol=1e-6, atol=0)
         np.testing.assert_allclose(shifted.reverse_kl, plain.reverse_kl, rtol=1e-6, atol=0)
         np.testing.assert_allclose(shifted.ess, plain.ess, rtol=1e-6, atol=0)
-        np.testing.assert_allclose(shifted.gain_se, plain.gain_se, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(shifted.gain_se_delta, plain.gain_se_delta, rtol=1e-6, atol=0)
         # log Z moves by exactly offset/beta (compare the remainder at the scale of log Z's terms).
         assert_close(shifted.log_z - offset[0] / NUMERIC_BETAS, plain.log_z, rtol=0, atol=1e-12 * (1e4 / NUMERIC_BETAS + 1))
         np.testing.assert_allclose(shifted.mean_base - offset, plain.mean_base, rtol=0, atol=1e-8)
@@ -290,7 +304,7 @@ def test_offsets_keep_kl_se_within_its_reference():
     shifted = finalize_strictly(targets + 1e4, NUMERIC_BETAS)
     for b, beta in enumerate(NUMERIC_BETAS):
         ref = reference(targets, beta)
-        np.testing.assert_allclose(shifted.kl_se[b], ref["kl_se"], rtol=kl_se_rtol(beta, targets[:, 0].std()))
+        np.testing.assert_allclose(shifted.kl_se_delta[b], ref["kl_se"], rtol=kl_se_rtol(beta, targets[:, 0].std()))
 
 
 def test_small_beta_with_spread_rewards_is_finite_and_exact():
@@ -303,7 +317,7 @@ def test_small_beta_with_spread_rewards_is_finite_and_exact():
     top = np.argmax(r)
     gap = np.sort(r)[-1] - np.sort(r)[-2]
     assert gap / 1e-3 > 40  # the tilt puts all its mass on the best sample
-    for value in (est.gain, est.gain_se, est.kl, est.kl_se, est.log_z, est.reverse_kl, est.ess):
+    for value in (est.gain, est.gain_se_delta, est.kl, est.kl_se_delta, est.log_z, est.reverse_kl, est.ess):
         assert np.all(np.isfinite(value))
     np.testing.assert_allclose(est.gain[0], [r[top] - r.mean(), e[top] - e.mean()], rtol=1e-12)
     np.testing.assert_allclose(est.kl, math.log(500), rtol=1e-12)
@@ -314,7 +328,7 @@ def test_small_beta_with_spread_rewards_is_finite_and_exact():
 def test_extreme_betas_with_large_offsets_are_finite():
     targets = gaussian_targets(5, 200, sigma=3.0) + 1e4
     est = finalize_strictly(targets, np.array([1e-3, 1e-2, 1e3, 1e6]))
-    for value in (est.gain, est.gain_se, est.kl, est.kl_se, est.log_z, est.reverse_kl, est.jeffreys, est.ess):
+    for value in (est.gain, est.gain_se_delta, est.kl, est.kl_se_delta, est.log_z, est.reverse_kl, est.jeffreys, est.ess):
         assert np.all(np.isfinite(value))
     assert np.all(est.kl >= -1e-12) and np.all(est.reverse_kl >= -1e-12)
 
@@ -341,8 +355,8 @@ def test_estimates_and_standard_errors_match_direct_sums(beta):
     np.testing.assert_allclose(est.reverse_kl[0], ref["reverse_kl"], rtol=1e-9, atol=1e-13 * (scale[0] / beta + 1))
     np.testing.assert_allclose(est.log_z[0], ref["log_z"], rtol=1e-12, atol=1e-13 * (scale[0] / beta + 1))
     np.testing.assert_allclose(est.ess[0], ref["ess"], rtol=1e-10)
-    np.testing.assert_allclose(est.gain_se[0], ref["gain_se"], rtol=1e-6)
-    np.testing.assert_allclose(est.kl_se[0], ref["kl_se"], rtol=kl_se_rtol(beta, targets[:, 0].std()))
+    np.testing.assert_allclose(est.gain_se_delta[0], ref["gain_se"], rtol=1e-6)
+    np.testing.assert_allclose(est.kl_se_delta[0], ref["kl_se"], rtol=kl_se_rtol(beta, targets[:, 0].std()))
     np.testing.assert_allclose(est.mean_tilted[0], est.gain[0] + est.mean_base, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(est.mean_base, targets.mean(axis=0), rtol=1e-12, atol=1e-14)
 
@@ -394,8 +408,8 @@ def test_sampled_discrete_distribution_matches_enumeration_within_standard_error
     est = TiltStats.from_samples(FINITE_BETAS, targets).finalize()
     for b, beta in enumerate(FINITE_BETAS):
         gain, kl, reverse_kl, log_z = exact_columns(beta)
-        assert np.all(np.abs(est.gain[b] - gain) <= 4 * est.gain_se[b]), (beta, est.gain[b], gain, est.gain_se[b])
-        assert abs(est.kl[b] - kl) <= 4 * est.kl_se[b], (beta, est.kl[b], kl, est.kl_se[b])
+        assert np.all(np.abs(est.gain[b] - gain) <= 4 * est.gain_se_delta[b]), (beta, est.gain[b], gain, est.gain_se_delta[b])
+        assert abs(est.kl[b] - kl) <= 4 * est.kl_se_delta[b], (beta, est.kl[b], kl, est.kl_se_delta[b])
         # log Z and the reverse KL have no SE in the estimate: their delta-method SEs are
         # sd(w/mean(w))/sqrt(N) and sd(w/mean(w) - r/beta)/sqrt(N), computed here.
         ratio = np.exp((targets[:, 0] - targets[:, 0].max()) / beta)
@@ -404,7 +418,7 @@ def test_sampled_discrete_distribution_matches_enumeration_within_standard_error
         reverse_se = (ratio - targets[:, 0] / beta).std(ddof=1) / math.sqrt(n)
         assert abs(est.log_z[b] - log_z) <= 4 * log_z_se, (beta, est.log_z[b], log_z)
         assert abs(est.reverse_kl[b] - reverse_kl) <= 4 * reverse_se, (beta, est.reverse_kl[b], reverse_kl)
-        assert est.gain_se[b].min() > 0 and est.kl_se[b] > 0
+        assert est.gain_se_delta[b].min() > 0 and est.kl_se_delta[b] > 0
 
 
 def test_gaussian_rewards_give_sigma2_over_beta_and_sigma2_over_2beta2():
@@ -414,12 +428,12 @@ def test_gaussian_rewards_give_sigma2_over_beta_and_sigma2_over_2beta2():
     r = np.random.default_rng(9).normal(3.0, sigma, n)
     est = TiltStats.from_samples(betas, r[:, None]).finalize()
     assert np.all(est.ess > 0.1 * n)
-    z_gain = (est.gain[:, 0] - gaussian_gain(sigma, betas)) / est.gain_se[:, 0]
-    z_kl = (est.kl - gaussian_kl(sigma, betas)) / est.kl_se
+    z_gain = (est.gain[:, 0] - gaussian_gain(sigma, betas)) / est.gain_se_delta[:, 0]
+    z_kl = (est.kl - gaussian_kl(sigma, betas)) / est.kl_se_delta
     assert np.all(np.abs(z_gain) < 4), z_gain
     assert np.all(np.abs(z_kl) < 4), z_kl
     # the SEs are of the right size: the scale of a Gaussian's fluctuation, not inflated
-    assert np.all(est.gain_se[:, 0] < 5 * sigma / math.sqrt(n) * np.sqrt(np.exp(sigma**2 / betas**2)))
+    assert np.all(est.gain_se_delta[:, 0] < 5 * sigma / math.sqrt(n) * np.sqrt(np.exp(sigma**2 / betas**2)))
 
 
 def test_theorem_1_gain_of_r_is_beta_times_jeffreys():
@@ -468,7 +482,7 @@ def test_single_sample_has_undefined_standard_errors():
         est = TiltStats.from_samples(np.array([1.0]), np.array([[1.0, 2.0]])).finalize()
     assert est.n == 1
     np.testing.assert_array_equal(est.gain, 0.0)
-    assert np.all(np.isnan(est.gain_se)) and np.all(np.isnan(est.kl_se))
+    assert np.all(np.isnan(est.gain_se_delta)) and np.all(np.isnan(est.kl_se_delta))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,9 +503,88 @@ def test_95_percent_intervals_cover_the_exact_values():
     gains, gain_ses, kls, kl_ses, ess = (np.empty((prompts, betas.size)) for _ in range(5))
     for p in range(prompts):
         est = TiltStats.from_samples(betas, rewards[p, :, None]).finalize()
-        gains[p], gain_ses[p], kls[p], kl_ses[p], ess[p] = est.gain[:, 0], est.gain_se[:, 0], est.kl, est.kl_se, est.ess
+        gains[p], gain_ses[p], kls[p], kl_ses[p], ess[p] = est.gain[:, 0], est.gain_se_delta[:, 0], est.kl, est.kl_se_delta, est.ess
     assert ess.min() > 0.2 * n
     gain_cover = (np.abs(gains - gaussian_gain(sigma, betas)) <= 1.96 * gain_ses).mean(axis=0)
     kl_cover = (np.abs(kls - gaussian_kl(sigma, betas)) <= 1.96 * kl_ses).mean(axis=0)
     assert np.all((gain_cover >= 0.90) & (gain_cover <= 0.99)), gain_cover
     assert np.all((kl_cover >= 0.90) & (kl_cover <= 0.99)), kl_cover
+
+
+# ----------------------------------------------------------------------------------------------
+# reliability: k-hat, the flag, bias corrections and interval standard errors
+# ----------------------------------------------------------------------------------------------
+
+def test_bias_corrections_and_interval_ses_match_direct_sums():
+    """gain_bc, kl_bc and t-scaled SEs against per-sample sums (N = 600 <= tail cap: nu is exact)."""
+    from scipy import stats as scipy_stats
+
+    rng = np.random.default_rng(11)
+    targets = np.stack([rng.normal(size=600), rng.standard_t(5, size=600)], axis=1) + 50.0
+    betas = np.array([0.7, 1.0, 3.0, 30.0])
+    est = TiltStats.from_samples(betas, targets).finalize()
+    assert est.reliable.all()
+    for b, beta in enumerate(betas):
+        ref = reference(targets, beta)
+        np.testing.assert_allclose(est.gain_bc[b], ref["gain_bc"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(est.kl_bc[b], ref["kl_bc"], rtol=1e-8, atol=1e-12)
+        t_gain = scipy_stats.t.ppf(0.975, np.maximum(ref["gain_df"], 1)) / scipy_stats.norm.ppf(0.975)
+        t_kl = scipy_stats.t.ppf(0.975, max(ref["kl_df"], 1)) / scipy_stats.norm.ppf(0.975)
+        np.testing.assert_allclose(est.gain_se[b], ref["gain_se"] * t_gain, rtol=1e-6)
+        np.testing.assert_allclose(est.kl_se[b], ref["kl_se"] * t_kl, rtol=kl_se_rtol(beta, 1.0))
+        assert np.all(t_gain > 1) and t_kl > 1
+
+
+def test_weights_dominated_by_one_sample_are_flagged_and_get_no_interval():
+    """Gaussian rewards, N = 4096, beta = 0.01 sigma (the issue's case): k-hat far above 0.7, no interval."""
+    rng = np.random.default_rng(3)
+    est = TiltStats.from_samples(np.array([0.01, 0.1, 2.0]), rng.normal(size=(4096, 1))).finalize()
+    assert est.khat[0] > 0.7 and est.khat[1] > 0.7 and est.ess[0] < 2
+    np.testing.assert_array_equal(est.reliable, [False, False, True])
+    assert np.isnan(est.gain_se[:2]).all() and np.isnan(est.kl_se[:2]).all()
+    assert np.isfinite(est.gain_se_delta).all()  # the plain delta-method number is still there
+    assert np.isfinite(est.gain_se[2]).all() and est.khat[2] < 0.5
+
+
+def test_tied_top_rewards_leave_khat_undefined_and_the_ess_decides():
+    """Bounded weights (the largest rewards tied) have no tail to fit: k-hat NaN, reliability by ESS."""
+    r = np.concatenate([np.full(300, 2.0), np.linspace(-1.0, 1.0, 700)])
+    est = TiltStats.from_samples(np.array([0.01, 1.0]), r[:, None]).finalize()
+    assert np.isnan(est.khat).all()
+    assert est.reliable.all() and np.all(est.ess >= 20)
+    lone = TiltStats.from_samples(np.array([0.01]), np.array([[3.0], [2.0], *([[0.0]] * 998)])).finalize()
+    assert not lone.reliable[0] and lone.ess[0] < 20  # one sample carries the tilt
+
+
+def test_tail_keeps_the_top_rows_of_the_union_in_any_merge_order():
+    """The tail is the cap largest-r rows (ties broken by the other columns), whatever the splits."""
+    rng = np.random.default_rng(5)
+    targets = np.stack([rng.integers(0, 6, 400).astype(float), rng.normal(size=400)], axis=1)  # many ties in r
+    betas = np.array([1.0])
+    whole = TiltStats.from_samples(betas, targets, tail_cap=37)
+    order = np.lexsort((-targets[:, 1], -targets[:, 0]))
+    np.testing.assert_array_equal(whole.tail, targets[order[:37]])
+    for seed in range(5):
+        cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, 400), 6, replace=False))
+        parts = [TiltStats.from_samples(betas, part, tail_cap=37) for part in np.split(targets, cuts)]
+        np.random.default_rng(seed).shuffle(parts)
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = part.merge(merged) if seed % 2 else merged.merge(part)
+        np.testing.assert_array_equal(merged.tail, whole.tail)
+    with pytest.raises(ValueError, match="tails capped"):
+        whole.merge(TiltStats.from_samples(betas, targets, tail_cap=10))
+
+
+def test_bias_correction_cuts_the_bias_at_moderate_beta():
+    """Gaussian rewards, N = 100, beta = 0.7 sigma: the plug-in gain and KL are biased low;
+    the corrected ones have at most 60% of it (average over 400 data sets)."""
+    rng = np.random.default_rng(8)
+    beta = np.array([0.7])
+    ests = [TiltStats.from_samples(beta, rng.normal(size=(100, 1))).finalize() for _ in range(400)]
+    gain = np.mean([e.gain[0, 0] for e in ests]) - gaussian_gain(1.0, beta)[0]
+    gain_bc = np.mean([e.gain_bc[0, 0] for e in ests]) - gaussian_gain(1.0, beta)[0]
+    kl = np.mean([e.kl[0] for e in ests]) - gaussian_kl(1.0, beta)[0]
+    kl_bc = np.mean([e.kl_bc[0] for e in ests]) - gaussian_kl(1.0, beta)[0]
+    assert gain < 0 and abs(gain_bc) < 0.6 * abs(gain), (gain, gain_bc)
+    assert kl < 0 and abs(kl_bc) < 0.6 * abs(kl), (kl, kl_bc)

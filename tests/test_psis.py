@@ -1,0 +1,77 @@
+"""Tests of limits_ray.psis: the Pareto k-hat against arviz's PSIS and against known tails."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from limits_ray.psis import gpd_fit, khat, khat_threshold, tail_size
+
+BETAS = np.array([0.3, 1.0, 3.0])
+# Fixed data: quantiles of three reward distributions (no random stream involved).
+DATA = {
+    "normal_200": stats.norm.ppf((np.arange(200) + 0.5) / 200),
+    "t3_1000": stats.t.ppf((np.arange(1000) + 0.5) / 1000, 3),
+    "exp_4000": stats.expon.ppf((np.arange(4000) + 0.5) / 4000),
+}
+# arviz 0.23.4: [float(az.psislw(r / beta, normalize=False)[1]) for beta in BETAS]
+ARVIZ_KHAT = {
+    "normal_200": [1.2198516134064001, 0.33512704736894205, 0.0938528582309517],
+    "t3_1000": [4.139841271315258, 1.4994679292708242, 0.7119336633804532],
+    "exp_4000": [3.113382278382926, 0.9633114610314513, 0.343311474166888],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATA))
+def test_khat_reproduces_arviz_psislw_on_fixed_data(name):
+    np.testing.assert_allclose(khat(DATA[name], DATA[name].size, BETAS), ARVIZ_KHAT[name], rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [21, 100, 1000, 5000])
+def test_khat_agrees_with_the_installed_arviz(n):
+    az = pytest.importorskip("arviz")
+    rng = np.random.default_rng(n)
+    rewards = np.concatenate([rng.normal(size=n // 2), rng.standard_t(3, size=n - n // 2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = [float(az.psislw(rewards / beta, normalize=False)[1]) for beta in BETAS]
+    np.testing.assert_allclose(khat(rewards, n, BETAS), want, rtol=1e-9)
+
+
+def test_khat_needs_only_the_largest_m_plus_one_rewards():
+    rewards = DATA["t3_1000"]
+    top = np.sort(rewards)[-(int(tail_size(1000)) + 1):]
+    np.testing.assert_array_equal(khat(top, 1000, BETAS), khat(rewards, 1000, BETAS))
+
+
+def test_tail_size_and_threshold():
+    np.testing.assert_array_equal(tail_size([10, 100, 225, 1000, 100_000]), [2, 20, 45, 95, 949])
+    assert khat_threshold(1000) == pytest.approx(1 - 1 / 3)
+    assert khat_threshold(10**6) == 0.7
+    assert khat_threshold(1) == -np.inf
+
+
+def test_gpd_fit_recovers_known_shapes():
+    """Exceedances drawn from GPD(xi) with xi = 0.2 and 0.8: the fit is within 0.1 of the shape."""
+    rng = np.random.default_rng(0)
+    for shape in (0.2, 0.8):
+        sample = np.sort(stats.genpareto.rvs(shape, scale=2.0, size=5000, random_state=rng))
+        k, sigma = gpd_fit(sample[None, :])
+        assert abs(k[0] - shape) < 0.1 and abs(sigma[0] / 2.0 - 1) < 0.15
+
+
+def test_heavier_reward_tails_give_larger_khat_and_small_n_gives_inf():
+    """exp(r/beta) of t(3) rewards has infinite variance for any beta (k >> 0.5); normal rewards at beta = 3 not."""
+    assert np.all(khat(DATA["t3_1000"], 1000, BETAS) > khat(DATA["normal_200"], 200, BETAS))
+    assert np.all(khat(np.arange(20.0), 20, BETAS) == np.inf)  # M = 4 < 5: no fit, as arviz
+
+
+def test_ties_and_underflow():
+    """Tied largest rewards: nothing to fit (NaN). Weights underflowing below the cutoff: inf (as arviz)."""
+    tied = np.concatenate([np.full(50, 1.0), np.linspace(-1, 0, 150)])
+    assert np.isnan(khat(tied, 200, BETAS)).all()
+    spread = np.linspace(0.0, 100.0, 1000)
+    assert khat(spread, 1000, np.array([1e-4]))[0] == np.inf  # 1000 nats between neighbours
