@@ -86,19 +86,6 @@ class DyadicStats:
             running = running.merge(self.shells[shell])
             yield running
 
-    def to_bytes(self) -> bytes:
-        """This state as bytes (see :meth:`from_bytes`)."""
-        import pickle
-
-        return pickle.dumps(self, protocol=5)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "DyadicStats":
-        """The state :meth:`to_bytes` wrote."""
-        import pickle
-
-        return pickle.loads(data)
-
     def total(self) -> TiltStats:
         """Statistics of every sample absorbed."""
         running = TiltStats.empty(self.betas, self.n_targets, self.tail_cap)

@@ -167,7 +167,8 @@ def test_sums_of_prompt_shards_add_up_to_the_mean_of_all():
     rows = random_frontier(4, 9, [0.5, 2.0], [("a", "a"), ("b", "a")])
     shards = [[r for r in rows if int(r["prompt_id"][1:]) % 3 == k] for k in range(3)]
     sums = [frontier_sums(per_prompt_table(shard)) for shard in shards]
-    assert sums[0].column_names == ["align", "eval", "beta", "prompts", "gain_sum", "kl_sum", "gain_var_sum", "kl_var_sum"]
+    assert sums[0].column_names == ["align", "eval", "beta", "prompts", "gain_sum", "kl_sum", "gain_var_sum", "kl_var_sum",
+                                    "gain_bc_sum", "kl_bc_sum", "reliable_sum"]
     assert sums[0]["prompts"].to_pylist() == [3] * 4
     whole = mean_frontier(per_prompt_table(rows))
     for combined in (mean_from_sums(merge_sums(sums)), mean_from_sums(pa.concat_tables(sums))):

@@ -7,6 +7,7 @@ import pytest
 
 from limits_ray.faults import Quarantine, QuarantinedRound, run_with_quarantine
 from limits_ray.pipeline import Timed, root_cause
+from limits_ray.storage import open_location
 
 
 def _batch(prompt_ids: list[str]) -> dict[str, np.ndarray]:
@@ -27,21 +28,21 @@ class FailsOn:
 
 
 def test_a_failing_round_is_quarantined_and_the_rest_pass(tmp_path):
-    quarantine = Quarantine(tmp_path, run_id="run-1")
+    quarantine = Quarantine(open_location(tmp_path), run_id="run-1")
     stage = FailsOn("b")
     output = run_with_quarantine(stage, _batch(["a", "b", "c"]), "score_rm", quarantine, attempts=3)
     assert output["prompt_id"].tolist() == ["a", "c"] and output["rm"].tolist() == [1.0, 1.0]
     assert quarantine.records() == [QuarantinedRound("b", 1, "score_rm", "ValueError: reward 'rm' is nan for prompt_id 'b'")]
     assert stage.calls == 1 + 1 + 2 + 1  # the batch, then a, b twice, c
-    assert Quarantine(tmp_path, run_id="run-2").records() == []  # another run's records are not ours
+    assert Quarantine(open_location(tmp_path), run_id="run-2").records() == []  # another run's records are not ours
 
 
 def test_every_round_failing_gives_no_output(tmp_path):
-    assert run_with_quarantine(FailsOn("a"), _batch(["a"]), "generate", Quarantine(tmp_path, "r"), 2) is None
+    assert run_with_quarantine(FailsOn("a"), _batch(["a"]), "generate", Quarantine(open_location(tmp_path), "r"), 2) is None
 
 
 def test_timed_yields_nothing_for_a_fully_quarantined_batch_and_raises_when_failing_fast(tmp_path):
-    quarantined = Timed(FailsOn, "score_rm", quarantine_dir=str(tmp_path), run_id="r", fail_fast=False, bad="a")
+    quarantined = Timed(FailsOn, "score_rm", quarantine_dir=open_location(tmp_path), run_id="r", fail_fast=False, bad="a")
     assert list(quarantined(_batch(["a"]))) == []
     [output] = list(quarantined(_batch(["c"])))
     assert output["seconds_score_rm"].shape == (1,)
