@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from limits_ray.frontier import FrontierPoint, mean_frontier, point_at_kl
+from limits_ray.frontier import FrontierPoint, between_prompt_se, mean_frontier, point_at_kl
 from limits_ray.io import SCHEMAS
 
 
@@ -48,6 +48,33 @@ def test_mean_frontier_averages_over_prompts():
         assert row["kl"] == pytest.approx(np.mean([r["kl"] for r in group]), rel=1e-13)
         assert row["gain_se"] == pytest.approx(math.sqrt(sum(r["gain_se"] ** 2 for r in group)) / 7, rel=1e-13)
         assert row["kl_se"] == pytest.approx(math.sqrt(sum(r["kl_se"] ** 2 for r in group)) / 7, rel=1e-13)
+        assert row["gain_se_prompts"] == pytest.approx(np.std([r["gain"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
+        assert row["kl_se_prompts"] == pytest.approx(np.std([r["kl"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
+
+
+def test_between_prompt_se_adds_across_buckets_of_prompts():
+    values = np.random.default_rng(4).normal(2.0, 0.5, 40)
+    buckets = [values[:7], values[7:8], values[8:]]  # any partition, even a bucket of one prompt
+    sums = np.sum([[bucket.size, bucket.sum(), np.sum(bucket**2)] for bucket in buckets], axis=0)
+    assert between_prompt_se(*sums) == pytest.approx(values.std(ddof=1) / math.sqrt(40), rel=1e-12)
+    assert np.isnan(between_prompt_se(1, 2.0, 4.0)) and np.isnan(between_prompt_se(0, 0.0, 0.0))
+    assert between_prompt_se(3, 3.0, 3.0 * (1 - 1e-16)) == 0.0  # rounding below zero is clipped
+
+
+def test_between_prompt_se_covers_the_population_mean_and_the_within_se_does_not():
+    """Prompts drawn from a population (true gains spread sd 0.3) with Monte Carlo noise (se 0.05):
+    the between-prompt interval covers the population mean ~95%; the within-prompt one, far less."""
+    rng = np.random.default_rng(8)
+    prompts, reps, covered_between, covered_within = 20, 400, 0, 0
+    for _ in range(reps):
+        truth = rng.normal(1.0, 0.3, prompts)
+        rows = [{"prompt_id": f"p{i}", "align": "r", "eval": "r", "beta": 1.0, "n": 64, "gain": g + rng.normal(0, 0.05),
+                 "gain_se": 0.05, "kl": 0.5, "kl_se": 0.01, "ess": 10.0} for i, g in enumerate(truth)]
+        row = mean_frontier(per_prompt_table(rows)).to_pylist()[0]
+        covered_between += abs(row["gain"] - 1.0) <= 1.96 * row["gain_se_prompts"]
+        covered_within += abs(row["gain"] - 1.0) <= 1.96 * row["gain_se"]
+    assert 0.91 <= covered_between / reps <= 0.98
+    assert covered_within / reps < 0.5
 
 
 def test_mean_frontier_counts_prompts_per_group():
@@ -67,6 +94,7 @@ def test_mean_frontier_of_a_single_prompt_is_that_prompt():
         source = by_beta[row["beta"]]
         assert (row["gain"], row["gain_se"], row["kl"], row["kl_se"]) == pytest.approx(
             (source["gain"], source["gain_se"], source["kl"], source["kl_se"]), rel=1e-15)
+        assert math.isnan(row["gain_se_prompts"]) and math.isnan(row["kl_se_prompts"])  # no spread from one prompt
 
 
 def test_mean_frontier_of_an_empty_table_is_empty():
@@ -81,6 +109,7 @@ def gaussian_frontier_mean(betas, align="r", evaluation="r", sigma=1.0) -> pa.Ta
         "align": [align] * betas.size, "eval": [evaluation] * betas.size, "beta": betas,
         "prompts": np.full(betas.size, 5, dtype=np.int64), "gain": sigma**2 / betas,
         "gain_se": np.full(betas.size, 0.01), "kl": sigma**2 / (2 * betas**2), "kl_se": np.full(betas.size, 0.01),
+        "gain_se_prompts": np.full(betas.size, 0.1), "kl_se_prompts": np.full(betas.size, 0.1),
     }, schema=SCHEMAS["frontier_mean"])
 
 

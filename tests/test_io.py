@@ -25,8 +25,10 @@ def samples_table(prompts=("p0", "p1"), n=5, seed=0, **extra) -> pa.Table:
 
 def test_contract_schemas():
     assert SCHEMAS["frontier"].names == ["prompt_id", "align", "eval", "beta", "n", "gain", "gain_se", "kl", "kl_se", "ess"]
-    assert SCHEMAS["frontier_mean"].names == ["align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se"]
-    assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl"]
+    assert SCHEMAS["frontier_mean"].names == [
+        "align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se", "gain_se_prompts", "kl_se_prompts",
+    ]
+    assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl", "reward_se", "gain_se"]
     assert SCHEMAS["convergence"].names == ["prompt_id", "align", "eval", "beta", "n_samples", "gain", "kl"]
     assert SCHEMAS["frontier"].field("n").type == pa.int64()
     assert SCHEMAS["frontier_mean"].field("prompts").type == pa.int64()
