@@ -137,21 +137,24 @@ def _max_prompt_tokens(config: JobConfig, tokenizer: Any) -> int:
     return room
 
 
-def _stored_prompt_samples(store: SampleStore, config: JobConfig, targets: Mapping[str, int]) -> Iterator[PromptSamples]:
-    """This run's stored samples per prompt: its prompts, rounds below each prompt's target."""
+def _stored_prompt_samples(store: SampleStore, config: JobConfig, targets: Mapping[str, int],
+                           starts: Mapping[str, int]) -> Iterator[PromptSamples]:
+    """This run's stored samples per prompt: its prompts, rounds from each prompt's start to its target."""
     if not store.stored_rounds():
         return
     rewards = [reward.name for reward in config.rewards]
     table, _ = read_samples(store.samples_dir, tuple(rewards), extra=("round",))
     for samples in iter_prompts(table, rewards, extra=("round",)):
         if samples.prompt_id in targets:
-            yield samples.subset(samples.extra["round"] < targets[samples.prompt_id])
+            rounds = samples.extra["round"]
+            yield samples.subset((rounds < targets[samples.prompt_id]) & (rounds >= starts.get(samples.prompt_id, 0)))
 
 
-def _seed_from_store(reducer: StatisticsReducer, store: SampleStore, config: JobConfig, targets: Mapping[str, int]) -> int:
+def _seed_from_store(reducer: StatisticsReducer, store: SampleStore, config: JobConfig, targets: Mapping[str, int],
+                     starts: Mapping[str, int]) -> int:
     """Merge stored rounds into the reducer exactly as streamed ones would be; returns their count."""
     merged = 0
-    for samples in _stored_prompt_samples(store, config, targets):
+    for samples in _stored_prompt_samples(store, config, targets, starts):
         for round_index in np.unique(samples.extra["round"]):
             round_samples = samples.subset(samples.extra["round"] == round_index)
             statistics = prompt_statistics(round_samples, reducer.plan, reducer.betas)
@@ -179,11 +182,13 @@ def _init_ray(address: str) -> None:
         ray.init(address=target, include_dashboard=False, log_to_driver=True)
 
 
-def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -> tuple[ReduceResult, RunReport]:
+def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None,
+            round_starts: Mapping[str, int] | None = None) -> tuple[ReduceResult, RunReport]:
     """Run the whole job and write ``output_dir``; returns the results and the report.
 
-    Each prompt gets rounds ``0 .. target - 1`` (``generation.rounds`` unless ``round_targets``
-    names its prompt_id); rounds already in the sample store are merged from there, not generated.
+    Each prompt gets rounds ``start .. target - 1`` (``generation.rounds`` unless ``round_targets``
+    names its prompt_id; start 0 unless ``round_starts`` does); rounds already in the sample store
+    are merged from there, not generated.
     """
     from transformers import AutoTokenizer
 
@@ -204,13 +209,15 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     plan = config.analysis.plan(reward_names)
     reducer = StatisticsReducer(plan, np.asarray(config.analysis.betas))
 
+    starts = dict(round_starts or {})
     store = SampleStore(config.store_path)
     from_store, corrupt = 0, []
     if config.store.enabled:
         store.check_manifest(setup_identity(config))
         corrupt = store.recover()
-        from_store = _seed_from_store(reducer, store, config, targets)
-    requests = build_requests(prompt_set, targets, reducer.rounds)
+        from_store = _seed_from_store(reducer, store, config, targets, starts)
+    skipped = {(prompt_id, index) for prompt_id, start in starts.items() for index in range(start)}
+    requests = build_requests(prompt_set, targets, reducer.rounds | skipped)
     quarantine_dir = store.root / "quarantine" if config.store.enabled else Path(config.output_dir) / "quarantine"
     quarantine = Quarantine(quarantine_dir, uuid.uuid4().hex)
     _init_ray(config.ray_address)
@@ -223,7 +230,7 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
         reasons = "; ".join(f"{r.prompt_id} round {r.round} in {r.stage}: {r.error}" for r in quarantined[:3])
         raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")
 
-    bon_samples = _stored_prompt_samples(store, config, targets) if config.store.enabled else iter(())
+    bon_samples = _stored_prompt_samples(store, config, targets, starts) if config.store.enabled else iter(())
     result = reducer.result(bon_samples, convergence=config.analysis.convergence)
     output = Path(config.output_dir)
     result.write(output)
