@@ -6,10 +6,11 @@ The frontier of a prompt set is ``beta -> (mean_x KL_hat(x, beta), mean_x gain_h
 * ``gain_se``, ``kl_se`` (within prompts): the prompts are fixed and only their Monte Carlo errors
   count, independent across prompts: ``se(mean) = sqrt(sum_x se_x^2) / P``. More samples per
   prompt shrink it.
-* ``gain_se_prompts``, ``kl_se_prompts`` (between prompts): the prompts are a random sample of a
+* ``gain_spread_se``, ``kl_spread_se`` (between prompts): the prompts are a random sample of a
   prompt population: ``se(mean) = sd_x(estimate_x) / sqrt(P)`` (sd with ``ddof = 1``; NaN for one
   prompt). It includes the within-prompt noise and the prompts' spread; more prompts shrink it.
   When it is much larger than the within-prompt se, the prompts differ more than sampling explains.
+  (The convergence studies call the same two errors ``*_mc_se`` and ``*_spread_se``.)
 
 The between-prompt se is a function of per-(align, eval, beta) sums over prompts, ``(P, sum x,
 sum x^2)`` (:func:`between_prompt_se`), which add across any partition of the prompts.
@@ -61,8 +62,8 @@ def mean_frontier(frontier: pa.Table) -> pa.Table:
         "gain_se": np.sqrt(grouped["gain_var_sum"].to_numpy()) / prompts,
         "kl": kl_sum / prompts,
         "kl_se": np.sqrt(grouped["kl_var_sum"].to_numpy()) / prompts,
-        "gain_se_prompts": between_prompt_se(prompts, gain_sum, grouped["gain_sq_sum"].to_numpy()),
-        "kl_se_prompts": between_prompt_se(prompts, kl_sum, grouped["kl_sq_sum"].to_numpy()),
+        "gain_spread_se": between_prompt_se(prompts, gain_sum, grouped["gain_sq_sum"].to_numpy()),
+        "kl_spread_se": between_prompt_se(prompts, kl_sum, grouped["kl_sq_sum"].to_numpy()),
     }, schema=SCHEMAS["frontier_mean"])
 
 

@@ -38,7 +38,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "frontier_mean": pa.schema([
         ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
         ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()), ("kl_se", pa.float64()),
-        ("gain_se_prompts", pa.float64()), ("kl_se_prompts", pa.float64()),
+        ("gain_spread_se", pa.float64()), ("kl_spread_se", pa.float64()),
     ]),
     "bon": pa.schema([
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("n", pa.int64()),

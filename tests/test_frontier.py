@@ -48,8 +48,8 @@ def test_mean_frontier_averages_over_prompts():
         assert row["kl"] == pytest.approx(np.mean([r["kl"] for r in group]), rel=1e-13)
         assert row["gain_se"] == pytest.approx(math.sqrt(sum(r["gain_se"] ** 2 for r in group)) / 7, rel=1e-13)
         assert row["kl_se"] == pytest.approx(math.sqrt(sum(r["kl_se"] ** 2 for r in group)) / 7, rel=1e-13)
-        assert row["gain_se_prompts"] == pytest.approx(np.std([r["gain"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
-        assert row["kl_se_prompts"] == pytest.approx(np.std([r["kl"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
+        assert row["gain_spread_se"] == pytest.approx(np.std([r["gain"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
+        assert row["kl_spread_se"] == pytest.approx(np.std([r["kl"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
 
 
 def test_between_prompt_se_adds_across_buckets_of_prompts():
@@ -59,6 +59,20 @@ def test_between_prompt_se_adds_across_buckets_of_prompts():
     assert between_prompt_se(*sums) == pytest.approx(values.std(ddof=1) / math.sqrt(40), rel=1e-12)
     assert np.isnan(between_prompt_se(1, 2.0, 4.0)) and np.isnan(between_prompt_se(0, 0.0, 0.0))
     assert between_prompt_se(3, 3.0, 3.0 * (1 - 1e-16)) == 0.0  # rounding below zero is clipped
+
+
+def test_the_spread_se_is_the_convergence_study_s():
+    from limits_ray.study import summarize
+
+    rows = random_frontier(5, 9, [0.5, 2.0], [("a", "a"), ("a", "b")])
+    table = per_prompt_table(rows)
+    study = summarize(table.append_column("n_samples", table["n"]).drop_columns(["n"])).to_pylist()
+    mean = mean_frontier(table).to_pylist()
+    for ours, theirs in zip(mean, study):
+        assert (ours["align"], ours["eval"], ours["beta"]) == (theirs["align"], theirs["eval"], theirs["beta"])
+        assert ours["gain_spread_se"] == pytest.approx(theirs["gain_spread_se"], rel=1e-10)
+        assert ours["kl_spread_se"] == pytest.approx(theirs["kl_spread_se"], rel=1e-10)
+        assert ours["gain_se"] == pytest.approx(theirs["gain_mc_se"], rel=1e-12)
 
 
 def test_between_prompt_se_covers_the_population_mean_and_the_within_se_does_not():
@@ -71,7 +85,7 @@ def test_between_prompt_se_covers_the_population_mean_and_the_within_se_does_not
         rows = [{"prompt_id": f"p{i}", "align": "r", "eval": "r", "beta": 1.0, "n": 64, "gain": g + rng.normal(0, 0.05),
                  "gain_se": 0.05, "kl": 0.5, "kl_se": 0.01, "ess": 10.0} for i, g in enumerate(truth)]
         row = mean_frontier(per_prompt_table(rows)).to_pylist()[0]
-        covered_between += abs(row["gain"] - 1.0) <= 1.96 * row["gain_se_prompts"]
+        covered_between += abs(row["gain"] - 1.0) <= 1.96 * row["gain_spread_se"]
         covered_within += abs(row["gain"] - 1.0) <= 1.96 * row["gain_se"]
     assert 0.91 <= covered_between / reps <= 0.98
     assert covered_within / reps < 0.5
@@ -94,7 +108,7 @@ def test_mean_frontier_of_a_single_prompt_is_that_prompt():
         source = by_beta[row["beta"]]
         assert (row["gain"], row["gain_se"], row["kl"], row["kl_se"]) == pytest.approx(
             (source["gain"], source["gain_se"], source["kl"], source["kl_se"]), rel=1e-15)
-        assert math.isnan(row["gain_se_prompts"]) and math.isnan(row["kl_se_prompts"])  # no spread from one prompt
+        assert math.isnan(row["gain_spread_se"]) and math.isnan(row["kl_spread_se"])  # no spread from one prompt
 
 
 def test_mean_frontier_of_an_empty_table_is_empty():
@@ -109,7 +123,7 @@ def gaussian_frontier_mean(betas, align="r", evaluation="r", sigma=1.0) -> pa.Ta
         "align": [align] * betas.size, "eval": [evaluation] * betas.size, "beta": betas,
         "prompts": np.full(betas.size, 5, dtype=np.int64), "gain": sigma**2 / betas,
         "gain_se": np.full(betas.size, 0.01), "kl": sigma**2 / (2 * betas**2), "kl_se": np.full(betas.size, 0.01),
-        "gain_se_prompts": np.full(betas.size, 0.1), "kl_se_prompts": np.full(betas.size, 0.1),
+        "gain_spread_se": np.full(betas.size, 0.1), "kl_spread_se": np.full(betas.size, 0.1),
     }, schema=SCHEMAS["frontier_mean"])
 
 

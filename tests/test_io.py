@@ -26,7 +26,7 @@ def samples_table(prompts=("p0", "p1"), n=5, seed=0, **extra) -> pa.Table:
 def test_contract_schemas():
     assert SCHEMAS["frontier"].names == ["prompt_id", "align", "eval", "beta", "n", "gain", "gain_se", "kl", "kl_se", "ess"]
     assert SCHEMAS["frontier_mean"].names == [
-        "align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se", "gain_se_prompts", "kl_se_prompts",
+        "align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se", "gain_spread_se", "kl_spread_se",
     ]
     assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl", "reward_se", "gain_se"]
     assert SCHEMAS["convergence"].names == ["prompt_id", "align", "eval", "beta", "n_samples", "gain", "kl"]
