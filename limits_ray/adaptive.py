@@ -103,7 +103,9 @@ def plan_wave(gain_se: np.ndarray, kl_se: np.ndarray, samples: np.ndarray, gain_
     """
     samples = np.asarray(samples, dtype=np.int64)
     ratio = worst_ratio(gain_se, kl_se, gain_tol, kl_tol)
-    trusted = np.ones(samples.shape, bool) if reliable is None else np.atleast_2d(np.asarray(reliable, bool)).reshape(samples.size, -1).all(axis=1)
+    trusted = np.ones(samples.shape, bool)
+    if reliable is not None:
+        trusted = np.asarray(reliable, bool).reshape(samples.size, -1).all(axis=1)
     done = (ratio <= 1.0) & trusted
     projected = np.where(np.isfinite(ratio), samples * np.square(np.minimum(ratio, 1e6)), np.inf)
     projected = np.where(trusted, projected, np.inf)  # unreliable: the se says nothing, grow by ``growth``
@@ -114,7 +116,7 @@ def plan_wave(gain_se: np.ndarray, kl_se: np.ndarray, samples: np.ndarray, gain_
     # Spend a limited budget on the widest prompts first.
     extra = targets - samples
     if extra.sum() > budget_left:
-        left = int(budget_left // step) * step
+        left = max(int(budget_left // step) * step, 0)
         granted = np.zeros_like(extra)
         for index in np.argsort(-ratio, kind="stable"):
             give = min(int(extra[index]), left)

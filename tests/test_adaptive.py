@@ -32,6 +32,9 @@ def test_caps_and_total_budget_serve_the_widest_first():
                         growth=100, budget_left=1000)
     assert limited.targets.sum() - 300 == 1000
     assert limited.targets[0] > limited.targets[2]  # the widest prompt got its share first
+    spent = plan_wave(gain_se, kl_se, np.array([100, 100, 100]), 0.05, 0.05, max_samples=10_000, step=10,
+                      budget_left=-50)  # the first wave already used more than the budget
+    assert spent.finished and spent.targets.tolist() == [100, 100, 100]
     done = plan_wave(gain_se, kl_se, np.array([300, 300, 300]), 0.05, 0.05, max_samples=300, step=10)
     assert done.finished and done.capped.tolist() == [True, True, True]
 
