@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from limits_ray.frontier import FrontierPoint, between_prompt_se, mean_frontier, point_at_kl
+from limits_ray.frontier import FrontierPoint, between_prompt_se, mean_frontier, merge_moments, point_at_kl
 from limits_ray.io import SCHEMAS
 
 
@@ -52,13 +52,31 @@ def test_mean_frontier_averages_over_prompts():
         assert row["kl_spread_se"] == pytest.approx(np.std([r["kl"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
 
 
-def test_between_prompt_se_adds_across_buckets_of_prompts():
+def moments(values: np.ndarray) -> tuple[float, float, float]:
+    return float(values.size), float(values.mean()) if values.size else 0.0, float(np.sum((values - values.mean()) ** 2)) if values.size else 0.0
+
+
+def test_moments_of_buckets_of_prompts_merge_exactly():
     values = np.random.default_rng(4).normal(2.0, 0.5, 40)
-    buckets = [values[:7], values[7:8], values[8:]]  # any partition, even a bucket of one prompt
-    sums = np.sum([[bucket.size, bucket.sum(), np.sum(bucket**2)] for bucket in buckets], axis=0)
-    assert between_prompt_se(*sums) == pytest.approx(values.std(ddof=1) / math.sqrt(40), rel=1e-12)
-    assert np.isnan(between_prompt_se(1, 2.0, 4.0)) and np.isnan(between_prompt_se(0, 0.0, 0.0))
-    assert between_prompt_se(3, 3.0, 3.0 * (1 - 1e-16)) == 0.0  # rounding below zero is clipped
+    buckets = [values[:7], values[7:8], values[8:8], values[8:]]  # any partition, even one prompt or none
+    merged = moments(buckets[0])
+    for bucket in buckets[1:]:
+        merged = merge_moments(merged, moments(bucket))
+    assert merged[0] == 40 and merged[1] == pytest.approx(values.mean(), rel=1e-14)
+    assert between_prompt_se(merged[0], merged[2]) == pytest.approx(values.std(ddof=1) / math.sqrt(40), rel=1e-12)
+    assert merge_moments(moments(values[:0]), moments(values[:0]))[0] == 0
+    assert np.isnan(between_prompt_se(1, 0.0)) and np.isnan(between_prompt_se(0, 0.0))
+
+
+def test_spread_keeps_its_digits_when_prompts_agree_to_many_digits():
+    """At small beta every prompt's KL nears log N: sums of squares would cancel to 0 or noise."""
+    kls = np.log(32) + np.random.default_rng(9).normal(0, 1e-8, 5)
+    rows = [{"prompt_id": f"p{i}", "align": "r", "eval": "r", "beta": 0.01, "n": 32, "gain": 3.0 + kl, "gain_se": 0.1,
+             "kl": kl, "kl_se": 0.01, "ess": 1.0} for i, kl in enumerate(kls)]
+    row = mean_frontier(per_prompt_table(rows)).to_pylist()[0]
+    assert row["kl_spread_se"] == pytest.approx(kls.std(ddof=1) / math.sqrt(5), rel=1e-6)
+    halves = merge_moments(moments(kls[:2]), moments(kls[2:]))
+    assert between_prompt_se(halves[0], halves[2]) == pytest.approx(kls.std(ddof=1) / math.sqrt(5), rel=1e-6)
 
 
 def test_the_spread_se_is_the_convergence_study_s():
