@@ -53,7 +53,10 @@ def test_mean_frontier_averages_over_prompts():
 
 
 def moments(values: np.ndarray) -> tuple[float, float, float]:
-    return float(values.size), float(values.mean()) if values.size else 0.0, float(np.sum((values - values.mean()) ** 2)) if values.size else 0.0
+    """(count, mean, M2) of one bucket; (0, 0, 0) for an empty one."""
+    if values.size == 0:
+        return 0.0, 0.0, 0.0
+    return float(values.size), float(values.mean()), float(np.sum((values - values.mean()) ** 2))
 
 
 def test_moments_of_buckets_of_prompts_merge_exactly():
