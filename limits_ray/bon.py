@@ -3,6 +3,8 @@
 Unlike the tilted statistics of :mod:`limits_ray.stats`, best-of-n needs every reward of a prompt:
 it sorts them, so it costs ``O(N log N)`` time and ``O(N * columns)`` memory per prompt. The
 offline reducer holds one prompt's rewards at a time; nothing else in limits-ray grows with N.
+Its standard errors are the jackknife's (:func:`jackknife_best_of_n`): all N leave-one-out
+estimates come from prefix and suffix sums over the sorted samples, ``O(N)`` per n after the sort.
 Pure numpy/scipy, no Ray or vLLM import.
 """
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammaln
 
-__all__ = ["BestOfN", "best_of_n", "bon_sizes", "bon_kl_bound", "level_kl"]
+__all__ = ["BestOfN", "best_of_n", "bon_sizes", "bon_kl_bound", "jackknife_best_of_n", "level_kl"]
 
 
 @dataclass
@@ -26,6 +28,8 @@ class BestOfN:
         gain: ``[K, E]`` ``reward - mean(e)``.
         kl: ``[K]`` ``KL(pi_BoN || pi0)`` on the empirical reward levels (ties handled).
         kl_bound: ``[K]`` ``log n - (n-1)/n``, the value for continuous rewards.
+        reward_se, gain_se: ``[K, E]`` jackknife standard errors of ``reward`` and ``gain``
+            (:func:`jackknife_best_of_n`); NaN where ``n = N`` (no leave-one-out estimate exists).
     """
 
     n: np.ndarray
@@ -33,6 +37,8 @@ class BestOfN:
     gain: np.ndarray
     kl: np.ndarray
     kl_bound: np.ndarray
+    reward_se: np.ndarray
+    gain_se: np.ndarray
 
 
 def bon_sizes(n_samples: int) -> np.ndarray:
@@ -84,6 +90,77 @@ def level_kl(probs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return terms.sum(axis=1)
 
 
+def _sorted_levels(align: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, level_of_sample [N], level_counts [G])``: the sort by ``r`` and its tie groups."""
+    order = np.argsort(align, kind="stable")
+    _, level_of_sample, level_counts = np.unique(align[order], return_inverse=True, return_counts=True)
+    return order, level_of_sample, level_counts
+
+
+def _tie_weights(n_samples: int, sizes: np.ndarray, level_of_sample: np.ndarray, level_counts: np.ndarray) -> np.ndarray:
+    """``[K, N]`` order-statistic weights averaged over each tie group (uniform tie breaking)."""
+    weights = _order_statistic_weights(n_samples, sizes)
+    tie_mean = np.stack([np.bincount(level_of_sample, row, minlength=level_counts.size) for row in weights])
+    return (tie_mean / level_counts)[:, level_of_sample]
+
+
+def jackknife_best_of_n(sorted_evals: np.ndarray, level_of_sample: np.ndarray, level_counts: np.ndarray,
+                        sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Jackknife standard errors ``(reward_se, gain_se)``, each ``[K, E]``, of the best-of-n estimates.
+
+    Args:
+        sorted_evals: ``[N, E]`` evaluation rewards sorted by ascending ``r``.
+        level_of_sample, level_counts: the tie group of each sorted sample and the group sizes.
+        sizes: ``[K]`` the values of n.
+
+    With ``U_(-j)`` the best-of-n estimate of the N - 1 samples other than j, the jackknife variance
+    is ``(N-1)/N * sum_j (U_(-j) - mean_j U_(-j))^2`` (Efron and Stein 1981: it never underestimates a
+    U-statistic's variance in expectation). Leaving out j, a member of tie group g, the groups below g
+    keep their positions, those above move down by one, and g loses one member, so with ``w'`` the
+    order-statistic weights for N - 1 samples and ``C`` their cumulative sums::
+
+        U_(-j) = sum_{h<g} [C(b_h) - C(a_h)] m_h + sum_{h>g} [C(b_h - 1) - C(a_h - 1)] m_h
+                 + [C(b_g - 1) - C(a_g)] (S_g - e_j) / (c_g - 1)
+
+    (group h holds sorted positions ``a_h+1 .. b_h``, ``c_h`` samples, sum ``S_h``, mean ``m_h``):
+    prefix and suffix sums over the groups give all N of them in ``O(N E)`` per n. The gain's
+    leave-one-out values subtract ``(sum e - e_j) / (N - 1)``. NaN for ``n = N`` (and N = 1).
+    """
+    n_samples, columns = sorted_evals.shape
+    reward_se = np.full((sizes.size, columns), np.nan)
+    gain_se = np.full((sizes.size, columns), np.nan)
+    usable = sizes < n_samples
+    if not usable.any():
+        return reward_se, gain_se
+    group_sum = np.stack([np.bincount(level_of_sample, sorted_evals[:, c], minlength=level_counts.size)
+                          for c in range(columns)], axis=1)
+    group_mean = group_sum / level_counts[:, None]
+    starts = np.concatenate([[0], np.cumsum(level_counts)[:-1]])
+    ends = starts + level_counts
+    mean_without = (sorted_evals.sum(axis=0) - sorted_evals) / (n_samples - 1)
+    own_count = np.maximum(level_counts - 1, 1)[level_of_sample, None]
+    own_mean = (group_sum[level_of_sample] - sorted_evals) / own_count
+    weights = _order_statistic_weights(n_samples - 1, sizes[usable])
+    for row, k in zip(weights, np.flatnonzero(usable)):
+        cumulative = np.concatenate([[0.0], np.cumsum(row)])  # C(0..N-1)
+        unshifted = (cumulative[np.minimum(ends, n_samples - 1)] - cumulative[starts])[:, None] * group_mean
+        shifted = (cumulative[ends - 1] - cumulative[np.maximum(starts - 1, 0)])[:, None] * group_mean
+        below = np.cumsum(unshifted, axis=0) - unshifted
+        above = np.cumsum(shifted[::-1], axis=0)[::-1] - shifted
+        own = (cumulative[ends - 1] - cumulative[starts])[:, None]
+        leave_one_out = (below + above)[level_of_sample] + own[level_of_sample] * own_mean
+        reward_se[k] = _jackknife_se(leave_one_out)
+        gain_se[k] = _jackknife_se(leave_one_out - mean_without)
+    return reward_se, gain_se
+
+
+def _jackknife_se(leave_one_out: np.ndarray) -> np.ndarray:
+    """``sqrt((N-1)/N * sum_j (x_j - mean x)^2)`` over axis 0."""
+    count = leave_one_out.shape[0]
+    centred = leave_one_out - leave_one_out.mean(axis=0)
+    return np.sqrt((count - 1) / count * np.sum(centred**2, axis=0))
+
+
 def best_of_n(align: np.ndarray, evals: np.ndarray, sizes: np.ndarray | None = None) -> BestOfN:
     """Best-of-n estimates from one prompt's N base samples.
 
@@ -96,7 +173,7 @@ def best_of_n(align: np.ndarray, evals: np.ndarray, sizes: np.ndarray | None = N
     by ``r`` (MATH.md, "Best-of-n"). Ties in ``r`` are broken uniformly at random, which amounts to
     averaging the weights over each tie group. The KL treats the empirical distribution of ``r``
     as pi0 (:func:`level_kl`), which converges to the exact value for discrete rewards and to
-    ``log n - (n-1)/n`` for continuous ones.
+    ``log n - (n-1)/n`` for continuous ones. Standard errors: :func:`jackknife_best_of_n`.
     """
     align = np.asarray(align, dtype=np.float64)
     evals = np.asarray(evals, dtype=np.float64).reshape(align.size, -1)
@@ -104,16 +181,16 @@ def best_of_n(align: np.ndarray, evals: np.ndarray, sizes: np.ndarray | None = N
     sizes = bon_sizes(n_samples) if sizes is None else np.asarray(sizes, dtype=np.int64)
     if sizes.size and (sizes.min() < 1 or sizes.max() > n_samples):
         raise ValueError(f"best-of-n sizes must lie in [1, {n_samples}], got {sizes.tolist()}")
-    order = np.argsort(align, kind="stable")
-    _, level_of_sample, level_counts = np.unique(align[order], return_inverse=True, return_counts=True)
-    weights = _order_statistic_weights(n_samples, sizes)
-    tie_mean = np.stack([np.bincount(level_of_sample, row) for row in weights]) / level_counts
-    weights = tie_mean[:, level_of_sample]
-    reward = weights @ evals[order]
+    order, level_of_sample, level_counts = _sorted_levels(align)
+    sorted_evals = evals[order]
+    reward = _tie_weights(n_samples, sizes, level_of_sample, level_counts) @ sorted_evals
+    reward_se, gain_se = jackknife_best_of_n(sorted_evals, level_of_sample, level_counts, sizes)
     return BestOfN(
         n=sizes,
         reward=reward,
         gain=reward - evals.mean(axis=0),
         kl=level_kl(level_counts / n_samples, sizes),
         kl_bound=bon_kl_bound(sizes),
+        reward_se=reward_se,
+        gain_se=gain_se,
     )

@@ -34,7 +34,9 @@ __all__ = [
     "round_statistics",
 ]
 
-PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("target", pa.int64())])
+PROMPTS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("start", pa.int64()), ("target", pa.int64()),
+])
 TODO_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("round", pa.int64())])
 PLOT_PROMPTS = 8  # prompts per bucket whose rows come back for the figures (the driver keeps at most 200)
 
@@ -60,7 +62,7 @@ class BucketContext:
     work: Location
 
     def prompts(self, bucket: int) -> pa.Table:
-        """This run's prompts of ``bucket`` (prompt_id, prompt, target rounds)."""
+        """This run's prompts of ``bucket``: prompt_id, prompt, and its rounds ``start .. target - 1``."""
         return self.work.join("prompts", f"{bucket_name(bucket)}.parquet").read_table()
 
 
@@ -136,10 +138,10 @@ def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[
     prompts = context.prompts(bucket)
     todo: dict[str, list] = {"prompt_id": [], "prompt": [], "round": []}
     stored = 0
-    for prompt_id, text, target in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(),
-                                       prompts["target"].to_pylist()):
+    for prompt_id, text, start, target in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(),
+                                              prompts["start"].to_pylist(), prompts["target"].to_pylist()):
         have = merged.rounds.get(prompt_id, set())
-        for round_index in range(int(target)):
+        for round_index in range(int(start), int(target)):
             if round_index in have:
                 stored += 1
             else:
@@ -157,17 +159,15 @@ def bucket_round_counts(context: BucketContext, bucket: int) -> dict[str, int]:
     return {prompt_id: max(rounds) + 1 for prompt_id, rounds in merged.rounds.items() if rounds}
 
 
-def _prompt_statistics(merged: MergedBucket, samples: dict[str, PromptSamples], prompt_id: str, target: int,
+def _prompt_statistics(merged: MergedBucket, samples: dict[str, PromptSamples], prompt_id: str, rounds: range,
                        context: BucketContext):
-    """The statistics of rounds ``0 .. target - 1`` of one prompt (None when some are missing)."""
-    have = merged.rounds.get(prompt_id, set())
-    if not set(range(target)) <= have:
-        return None
-    if max(have) < target:
+    """The statistics of one prompt's ``rounds`` (all stored: see :func:`finalize_bucket`)."""
+    if merged.rounds[prompt_id] == set(rounds):
         return merged.statistics[prompt_id]
-    # The store holds more rounds than this run asks for: recompute from the stored rewards.
+    # The store holds other rounds of this prompt too: recompute from the stored rewards.
     prompt = samples[prompt_id]
-    return prompt_statistics(prompt.subset(prompt.extra["round"] < target), context.plan, context.betas)
+    chosen = (prompt.extra["round"] >= rounds.start) & (prompt.extra["round"] < rounds.stop)
+    return prompt_statistics(prompt.subset(chosen), context.plan, context.betas)
 
 
 def _bucket_samples(context: BucketContext, bucket: int, prompt_ids: set[str]) -> dict[str, PromptSamples]:
@@ -196,33 +196,40 @@ def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip:
                     convergence: bool) -> BucketSummary:
     """Write the bucket's shard of the per-prompt tables into ``output``; returns sums and counts.
 
-    Prompts in ``skip`` (quarantined by this run) and prompts missing a round below their target
-    are left out (the latter are listed as ``incomplete``). Best-of-n reads the bucket's stored
-    rewards, one bucket in memory at a time.
+    Each prompt's results come from its rounds ``start .. target - 1`` (usually every stored round:
+    then from the merged statistics; else recomputed from the stored rewards). Prompts in ``skip``
+    (quarantined by this run) and prompts missing one of their rounds are left out (the latter are
+    listed as ``incomplete``). Best-of-n reads the bucket's stored rewards, one bucket in memory at a time.
     """
     started = time.perf_counter()
     merged, corrupt = compact(context, bucket)
     prompts = context.prompts(bucket)
-    targets = {p: int(t) for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["target"].to_pylist()) if p not in skip}
-    wanted = {p for p, t in targets.items() if t > 0 and set(range(t)) <= merged.rounds.get(p, set())}
-    needs_samples = {p for p in wanted if best_of_n or max(merged.rounds[p]) >= targets[p]}
+    wanted = {
+        p: range(int(start), int(stop)) for p, start, stop in zip(
+            prompts["prompt_id"].to_pylist(), prompts["start"].to_pylist(), prompts["target"].to_pylist())
+        if p not in skip
+    }
+    complete = {p: rounds for p, rounds in wanted.items() if len(rounds) and set(rounds) <= merged.rounds.get(p, set())}
+    needs_samples = {p for p, rounds in complete.items() if best_of_n or merged.rounds[p] != set(rounds)}
     samples = _bucket_samples(context, bucket, needs_samples)
     frontier, bon, convergence_table = TableBuilder("frontier"), TableBuilder("bon"), TableBuilder("convergence")
     total = 0
-    for prompt_id in sorted(wanted):
-        statistics = _prompt_statistics(merged, samples, prompt_id, targets[prompt_id], context)
+    for prompt_id in sorted(complete):
+        rounds = complete[prompt_id]
+        statistics = _prompt_statistics(merged, samples, prompt_id, rounds, context)
         total += next(iter(statistics.values())).n
         frontier_rows(frontier, prompt_id, context.plan, statistics)
         if convergence:
             convergence_rows(convergence_table, prompt_id, context.plan, statistics)
         if best_of_n:
             prompt = samples[prompt_id]
-            bon_rows(bon, prompt.subset(prompt.extra["round"] < targets[prompt_id]), context.plan)
+            bon_rows(bon, prompt.subset((prompt.extra["round"] >= rounds.start) & (prompt.extra["round"] < rounds.stop)),
+                     context.plan)
     tables = {"frontier": frontier.table(), "convergence": convergence_table.table(), "bon": bon.table()}
     _write_shards(output, bucket, tables)
-    shown = sorted(wanted)[:PLOT_PROMPTS]
+    shown = sorted(complete)[:PLOT_PROMPTS]
     return BucketSummary(
-        bucket=bucket, prompts=len(wanted), samples=total, sums=frontier_sums(tables["frontier"]),
+        bucket=bucket, prompts=len(complete), samples=total, sums=frontier_sums(tables["frontier"]),
         plot_rows={name: _plot_rows(table, shown) for name, table in tables.items()},
-        incomplete=sorted(set(targets) - wanted), corrupt=corrupt, seconds=time.perf_counter() - started,
+        incomplete=sorted(set(wanted) - set(complete)), corrupt=corrupt, seconds=time.perf_counter() - started,
     )

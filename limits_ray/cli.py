@@ -79,7 +79,9 @@ def _run(args: argparse.Namespace) -> int:
 
         summary = run_adaptive(config)
         for index, wave in enumerate(summary["waves"]):
-            print(f"wave {index}: {wave['samples']} samples, {wave['done']} of {summary['prompts']} prompts within tolerance")
+            print(f"pilot wave {index}: {wave['samples']} samples, {wave['done']} of {summary['prompts']} prompts within "
+                  f"tolerance and reliable")
+        print(f"confirmation: {summary['pilot_samples']} fresh samples; the results are theirs")
         print(f"results, plots, report.json and adaptive.json in {config.output_dir}")
         return 0
     _, report = run_job(config)

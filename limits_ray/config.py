@@ -320,17 +320,19 @@ class NightlyConfig:
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """Adaptive sampling: stop sampling a prompt once its standard errors are under tolerance.
+    """Adaptive sampling: a pilot decides each prompt's N (stop once its standard errors are under
+    tolerance and its weights reliable), then N fresh samples give the results (:mod:`limits_ray.adaptive`).
 
     Attributes:
         enabled: sample adaptively instead of ``samples_per_prompt`` for every prompt.
         gain_se: tolerance on ``gain_se`` at every beta of the grid.
         kl_se: tolerance on ``kl_se`` at every beta of the grid.
-        max_samples_per_prompt: the budget per prompt.
+        max_samples_per_prompt: the most pilot samples per prompt (the confirmation draws as many again).
         rounds_per_wave: the least number of rounds added to a still-wide prompt per wave (it gets
             more when its standard errors project to need more, up to ``growth`` times its samples).
-        total_samples: the budget of all prompts together (0: only the per-prompt cap); once it
-            runs short, the prompts with the widest errors relative to the tolerance go first.
+        total_samples: the budget of all prompts together, pilot and confirmation (0: only the
+            per-prompt cap); the pilot gets half, and once it runs short, the prompts with the widest
+            errors relative to the tolerance go first.
         growth: the most a prompt's sample count may grow in one wave (a factor).
     """
 

@@ -45,11 +45,13 @@ SCHEMAS: dict[str, pa.Schema] = {
     "frontier_mean": pa.schema([
         ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
         ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()), ("kl_se", pa.float64()),
+        ("gain_spread_se", pa.float64()), ("kl_spread_se", pa.float64()),
         ("gain_bc", pa.float64()), ("kl_bc", pa.float64()), ("reliable", pa.float64()),
     ]),
     "bon": pa.schema([
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("n", pa.int64()),
         ("reward", pa.float64()), ("gain", pa.float64()), ("kl", pa.float64()),
+        ("reward_se", pa.float64()), ("gain_se", pa.float64()),
     ]),
     "convergence": pa.schema([
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),

@@ -225,8 +225,10 @@ def _run_buckets(function, context: BucketContext, buckets: list[int], *args: An
     return ray.get([task.remote(shared, bucket, *args) for bucket in buckets])
 
 
-def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], buckets: int) -> list[int]:
-    """This run's prompts as one table per bucket under ``work/prompts``; returns the buckets used."""
+def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], starts: Mapping[str, int],
+                   buckets: int) -> list[int]:
+    """This run's prompts (with their first and end rounds) as one table per bucket under ``work/prompts``;
+    returns the buckets used."""
     prompts = prompt_set.prompts
     owners = bucket_of([prompt.prompt_id for prompt in prompts], buckets)
     order = np.argsort(owners, kind="stable")
@@ -235,6 +237,7 @@ def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], 
         chosen = [prompts[row] for row in rows]
         work.join("prompts", f"{bucket_name(int(bucket))}.parquet").write_table(pa.table({
             "prompt_id": [prompt.prompt_id for prompt in chosen], "prompt": [prompt.rendered for prompt in chosen],
+            "start": [int(starts.get(prompt.prompt_id, 0)) for prompt in chosen],
             "target": [int(targets[prompt.prompt_id]) for prompt in chosen],
         }, schema=PROMPTS_SCHEMA))
     return [int(bucket) for bucket in used]
@@ -273,13 +276,13 @@ def _clear_tables(output: Location) -> None:
             location.delete_tree()
 
 
-def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: dict[str, int], output: Location,
-         run_id: str, started: float) -> tuple[pa.Table, RunReport]:
+def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: dict[str, int], starts: dict[str, int],
+         output: Location, run_id: str, started: float) -> tuple[pa.Table, RunReport]:
     """The run after its checks: plan buckets, stream the missing rounds, finalize buckets, write the results."""
     from limits_ray.pipeline import PipelineError, run_stages
 
     store, work = context.store, context.work
-    buckets = _write_prompts(work, prompt_set, targets, store.buckets)
+    buckets = _write_prompts(work, prompt_set, targets, starts, store.buckets)
     quarantine = Quarantine(store.quarantine, run_id)
     _init_ray(config.ray_address)
     prepared = _run_buckets(prepare_bucket, context, buckets)
@@ -293,8 +296,7 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     if not sum(summary.prompts for summary in summaries):
         reasons = "; ".join(f"{r.prompt_id} round {r.round} in {r.stage}: {r.error}" for r in quarantined[:3])
         raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")
-    sums = pa.concat_tables([summary.sums for summary in summaries if summary.sums.num_rows])
-    frontier_mean = mean_from_sums(sums)
+    frontier_mean = mean_from_sums([summary.sums for summary in summaries])
     output.join("frontier_mean.parquet").write_table(frontier_mean)
     report = RunReport(
         name=config.name,
@@ -318,11 +320,13 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     return frontier_mean, report
 
 
-def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -> tuple[StoredResult, RunReport]:
+def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None,
+            round_starts: Mapping[str, int] | None = None) -> tuple[StoredResult, RunReport]:
     """Run the whole job and write ``output_dir``; returns the results and the report.
 
-    Each prompt gets rounds ``0 .. target - 1`` (``generation.rounds`` unless ``round_targets``
-    names its prompt_id); rounds already in the sample store are merged from there, not generated.
+    Each prompt gets rounds ``start .. target - 1`` (``generation.rounds`` unless ``round_targets``
+    names its prompt_id; start 0 unless ``round_starts`` does); rounds already in the sample store
+    are merged from there, not generated.
     """
     from transformers import AutoTokenizer
 
@@ -338,6 +342,7 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
     targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
     targets.update({key: value for key, value in (round_targets or {}).items() if key in targets})
+    starts = {key: int(value) for key, value in (round_starts or {}).items() if key in targets}
     reward_names = [reward.name for reward in config.rewards]
     plan = config.analysis.plan(reward_names)
     betas = np.asarray(config.analysis.betas)
@@ -349,7 +354,7 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     work = store_root.join(".runs", run_id)
     context = BucketContext(store, analysis_key(plan, betas), plan, betas, reward_names, work)
     try:
-        frontier_mean, report = _run(config, context, prompt_set, targets, output, run_id, started)
+        frontier_mean, report = _run(config, context, prompt_set, targets, starts, output, run_id, started)
     finally:
         work.delete_tree()
         if not config.store.enabled:

@@ -51,7 +51,8 @@ from limits_ray.config import AnalysisConfig, ConfigError, GenerationConfig, Job
 from limits_ray.generation import Generator, round_seed, set_cpu_env_defaults
 from limits_ray.io import write_table
 from limits_ray.policy_stats import (
-    PolicyEstimate, frontier_gain_at_kl, hash_normal, inverse_sqrt_reference, mean_over_prompts, prompt_estimate,
+    PolicyEstimate, between_or_within_se, frontier_gain_at_kl, frontier_slope_at_kl, gap_se, hash_normal,
+    inverse_sqrt_reference, mean_over_prompts, prompt_estimate,
 )
 from limits_ray.reward_spec import RewardSpec
 from limits_ray.rounds import per_round, per_sample, regroup, round_lengths
@@ -75,14 +76,16 @@ POLICY_SCHEMA = pa.schema([
     ("kl", pa.float64()),           # prompt mean of KL(pi || pi0), nats
     ("kl_se", pa.float64()),        # NaN for best-of-n (a function of the empirical reward levels)
     ("gain", pa.float64()),         # prompt mean of E_pi[e] - E_pi0[e]
-    ("gain_se", pa.float64()),      # NaN for best-of-n
+    ("gain_se", pa.float64()),      # best-of-n: from the per-prompt jackknife se (bon.parquet)
     ("frontier_beta", pa.float64()),  # the beta where the frontier's mean KL equals kl (NaN off the grid)
     ("frontier_gain", pa.float64()),  # the frontier's gain at kl (anchored at (0, 0)); beyond the grid's
                                       # largest KL, the gain there (the frontier rises with KL: a lower bound)
     ("frontier_gain_se", pa.float64()),
     ("beyond_grid", pa.bool_()),    # kl > the frontier's largest KL (about log N): gap is a lower bound
     ("gap", pa.float64()),          # frontier_gain - gain: what is left at the policy's KL
-    ("gap_se", pa.float64()),       # sqrt(gain_se^2 + frontier_gain_se^2), the KL's error ignored
+    ("gap_se", pa.float64()),       # sqrt(gain_se^2 + s^2 kl_se^2 - 2 s cov(gain, kl) + frontier_gain_se^2),
+                                    # s = the frontier's d gain / d KL at kl (0 beyond the grid;
+                                    # best-of-n: its KL taken as exact)
 ])
 
 PROXY_GOLD_SCHEMA = pa.schema([
@@ -276,7 +279,8 @@ def _frontier_arrays(frontier_mean: pa.Table, align: str, evaluation: str) -> di
 
 
 def _compare_row(name: str, kind: str, bon_n: int, align: str, evaluation: str, frontier: dict[str, np.ndarray],
-                 prompts: int, samples: int, kl: float, kl_se: float, gain: float, gain_se: float) -> dict[str, Any]:
+                 prompts: int, samples: int, kl: float, kl_se: float, gain: float, gain_se: float,
+                 kl_gain_cov: float = 0.0) -> dict[str, Any]:
     beyond = bool(frontier["kl"].size and kl > frontier["kl"].max())
     reach = float(frontier["kl"].max()) if beyond else kl
     frontier_gain, frontier_se = frontier_gain_at_kl(frontier["kl"], frontier["gain"], reach, frontier["gain_se"])
@@ -289,7 +293,8 @@ def _compare_row(name: str, kind: str, bon_n: int, align: str, evaluation: str, 
         "samples": samples, "kl": kl, "kl_se": kl_se, "gain": gain, "gain_se": gain_se, "frontier_beta": beta,
         "frontier_gain": frontier_gain, "frontier_gain_se": frontier_se, "beyond_grid": beyond,
         "gap": frontier_gain - gain,
-        "gap_se": float(np.hypot(gain_se, frontier_se)),
+        "gap_se": gap_se(gain_se, 0.0 if kind == "best_of_n" else kl_se, frontier_se,
+                         0.0 if beyond else frontier_slope_at_kl(frontier["kl"], frontier["gain"], kl), kl_gain_cov),
     }
 
 
@@ -328,7 +333,7 @@ def policy_points(name: str, samples: pa.Table, base: pa.Table, frontier_mean: p
         rows.append(_compare_row(
             name, "checkpoint", 0, align, evaluation, _frontier_arrays(frontier_mean, align, evaluation),
             len(prompts), estimate.n, estimate.kl, estimate.kl_se, float(estimate.gain[column]),
-            float(estimate.gain_se[column]),
+            float(estimate.gain_se[column]), float(estimate.kl_gain_cov[column]),
         ))
     return rows
 
@@ -337,7 +342,9 @@ def bon_points(bon: pa.Table, frontier_mean: pa.Table, base_samples: int = -1) -
     """Prompt-mean best-of-n points (from the run's ``bon`` table) beside their frontier (same align, eval).
 
     ``base_samples``: the base samples behind them, summed over prompts (the ``samples`` column).
-    Best-of-n's KL is ``log n - (n-1)/n`` for continuous rewards, but the frontier estimated from N
+    The gain's se is :func:`~limits_ray.policy_stats.between_or_within_se` of the per-prompt
+    jackknife se's (the between-prompt fallback where n = N leaves no jackknife). Best-of-n's KL
+    is ``log n - (n-1)/n`` for continuous rewards, but the frontier estimated from N
     samples per prompt cannot exceed the sample maximum and is biased low as its KL nears log N
     (MATH.md: slow convergence at small beta), so points with n close to N can sit above it;
     the comparison is meaningful for n <= N/4 or so.
@@ -345,16 +352,19 @@ def bon_points(bon: pa.Table, frontier_mean: pa.Table, base_samples: int = -1) -
     rows = []
     if bon.num_rows == 0:
         return rows
-    grouped = bon.group_by(["align", "eval", "n"], use_threads=False).aggregate(
-        [("kl", "mean"), ("gain", "mean"), ("prompt_id", "count")]
-    ).sort_by([("align", "ascending"), ("eval", "ascending"), ("n", "ascending")])
-    for item in grouped.to_pylist():
-        frontier = _frontier_arrays(frontier_mean, item["align"], item["eval"])
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for item in bon.select(["align", "eval", "n", "kl", "gain", "gain_se"]).to_pylist():
+        groups.setdefault((item["align"], item["eval"], item["n"]), []).append(item)
+    for (align, evaluation, n), items in sorted(groups.items()):
+        frontier = _frontier_arrays(frontier_mean, align, evaluation)
         if frontier["kl"].size == 0:
             continue
+        gains = np.array([item["gain"] for item in items])
+        errors = np.array([np.nan if item["gain_se"] is None else item["gain_se"] for item in items])
         rows.append(_compare_row(
-            f"best-of-{item['n']}", "best_of_n", int(item["n"]), item["align"], item["eval"], frontier,
-            int(item["prompt_id_count"]), base_samples, float(item["kl_mean"]), float("nan"), float(item["gain_mean"]), float("nan"),
+            f"best-of-{n}", "best_of_n", int(n), align, evaluation, frontier, len(items), base_samples,
+            float(np.mean([item["kl"] for item in items])), float("nan"), float(gains.mean()),
+            float(between_or_within_se(gains, errors)),
         ))
     return rows
 

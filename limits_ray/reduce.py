@@ -106,7 +106,7 @@ def convergence_rows(builder: TableBuilder, prompt_id: str, plan: Plan, statisti
 
 
 def bon_rows(builder: TableBuilder, samples: PromptSamples, plan: Plan) -> None:
-    """Add one prompt's best-of-n rows for n = 1, 2, 4, ... <= N."""
+    """Add one prompt's best-of-n rows for n = 1, 2, 4, ... <= N, with jackknife standard errors."""
     for align, evals in plan:
         evaluated = np.stack([spec.values(samples.rewards) for spec in evals], axis=1)
         result = best_of_n(align.values(samples.rewards), evaluated)
@@ -114,6 +114,7 @@ def bon_rows(builder: TableBuilder, samples: PromptSamples, plan: Plan) -> None:
             builder.add(
                 result.n.size, prompt_id=samples.prompt_id, align=align.name, eval=spec.name, n=result.n,
                 reward=result.reward[:, column], gain=result.gain[:, column], kl=result.kl,
+                reward_se=result.reward_se[:, column], gain_se=result.gain_se[:, column],
             )
 
 

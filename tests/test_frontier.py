@@ -10,13 +10,17 @@ import pyarrow.compute as pc
 import pytest
 
 from limits_ray.frontier import (
-    FrontierPoint, frontier_sums, mean_frontier, mean_from_sums, merge_sums, point_at_kl, trusted_kl_range,
+    FrontierPoint, between_prompt_se, frontier_sums, mean_frontier, mean_from_sums, merge_moments, merge_sums, point_at_kl,
+    trusted_kl_range,
 )
 from limits_ray.io import SCHEMAS
 
 
 def per_prompt_table(rows: list[dict]) -> pa.Table:
-    columns = {name: [row[name] for row in rows] for name in SCHEMAS["frontier"].names}
+    """Rows as a frontier table; reliability columns a row leaves out default to a reliable, unbiased cell."""
+    defaults = {"gain_bc": lambda row: row["gain"], "kl_bc": lambda row: row["kl"], "khat": lambda row: 0.3,
+                "reliable": lambda row: True}
+    columns = {name: [row[name] if name in row else defaults[name](row) for row in rows] for name in SCHEMAS["frontier"].names}
     return pa.table(columns, schema=SCHEMAS["frontier"])
 
 
@@ -56,6 +60,8 @@ def test_mean_frontier_averages_over_prompts():
         assert row["gain_bc"] == pytest.approx(np.mean([r["gain_bc"] for r in group]), rel=1e-13)
         assert row["kl_bc"] == pytest.approx(np.mean([r["kl_bc"] for r in group]), rel=1e-13)
         assert row["reliable"] == sum(r["reliable"] for r in group) / 7
+        assert row["gain_spread_se"] == pytest.approx(np.std([r["gain"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
+        assert row["kl_spread_se"] == pytest.approx(np.std([r["kl"] for r in group], ddof=1) / math.sqrt(7), rel=1e-9)
 
 
 def test_mean_frontier_has_no_standard_error_where_a_prompt_has_none():
@@ -67,6 +73,66 @@ def test_mean_frontier_has_no_standard_error_where_a_prompt_has_none():
     result = mean_frontier(per_prompt_table(rows)).to_pylist()
     assert math.isnan(result[0]["gain_se"]) and math.isnan(result[0]["kl_se"])
     assert math.isfinite(result[1]["gain_se"])
+
+
+def moments(values: np.ndarray) -> tuple[float, float, float]:
+    """(count, mean, M2) of one bucket; (0, 0, 0) for an empty one."""
+    if values.size == 0:
+        return 0.0, 0.0, 0.0
+    return float(values.size), float(values.mean()), float(np.sum((values - values.mean()) ** 2))
+
+
+def test_moments_of_buckets_of_prompts_merge_exactly():
+    values = np.random.default_rng(4).normal(2.0, 0.5, 40)
+    buckets = [values[:7], values[7:8], values[8:8], values[8:]]  # any partition, even one prompt or none
+    merged = moments(buckets[0])
+    for bucket in buckets[1:]:
+        merged = merge_moments(merged, moments(bucket))
+    assert merged[0] == 40 and merged[1] == pytest.approx(values.mean(), rel=1e-14)
+    assert between_prompt_se(merged[0], merged[2]) == pytest.approx(values.std(ddof=1) / math.sqrt(40), rel=1e-12)
+    assert merge_moments(moments(values[:0]), moments(values[:0]))[0] == 0
+    assert np.isnan(between_prompt_se(1, 0.0)) and np.isnan(between_prompt_se(0, 0.0))
+
+
+def test_spread_keeps_its_digits_when_prompts_agree_to_many_digits():
+    """At small beta every prompt's KL nears log N: sums of squares would cancel to 0 or noise."""
+    kls = np.log(32) + np.random.default_rng(9).normal(0, 1e-8, 5)
+    rows = [{"prompt_id": f"p{i}", "align": "r", "eval": "r", "beta": 0.01, "n": 32, "gain": 3.0 + kl, "gain_se": 0.1,
+             "kl": kl, "kl_se": 0.01, "ess": 1.0} for i, kl in enumerate(kls)]
+    row = mean_frontier(per_prompt_table(rows)).to_pylist()[0]
+    assert row["kl_spread_se"] == pytest.approx(kls.std(ddof=1) / math.sqrt(5), rel=1e-6)
+    halves = merge_moments(moments(kls[:2]), moments(kls[2:]))
+    assert between_prompt_se(halves[0], halves[2]) == pytest.approx(kls.std(ddof=1) / math.sqrt(5), rel=1e-6)
+
+
+def test_the_spread_se_is_the_convergence_study_s():
+    from limits_ray.study import summarize
+
+    rows = random_frontier(5, 9, [0.5, 2.0], [("a", "a"), ("a", "b")])
+    table = per_prompt_table(rows)
+    study = summarize(table.append_column("n_samples", table["n"]).drop_columns(["n"])).to_pylist()
+    mean = mean_frontier(table).to_pylist()
+    for ours, theirs in zip(mean, study):
+        assert (ours["align"], ours["eval"], ours["beta"]) == (theirs["align"], theirs["eval"], theirs["beta"])
+        assert ours["gain_spread_se"] == pytest.approx(theirs["gain_spread_se"], rel=1e-10)
+        assert ours["kl_spread_se"] == pytest.approx(theirs["kl_spread_se"], rel=1e-10)
+        assert ours["gain_se"] == pytest.approx(theirs["gain_mc_se"], rel=1e-12)
+
+
+def test_between_prompt_se_covers_the_population_mean_and_the_within_se_does_not():
+    """Prompts drawn from a population (true gains spread sd 0.3) with Monte Carlo noise (se 0.05):
+    the between-prompt interval covers the population mean ~95%; the within-prompt one, far less."""
+    rng = np.random.default_rng(8)
+    prompts, reps, covered_between, covered_within = 20, 400, 0, 0
+    for _ in range(reps):
+        truth = rng.normal(1.0, 0.3, prompts)
+        rows = [{"prompt_id": f"p{i}", "align": "r", "eval": "r", "beta": 1.0, "n": 64, "gain": g + rng.normal(0, 0.05),
+                 "gain_se": 0.05, "kl": 0.5, "kl_se": 0.01, "ess": 10.0} for i, g in enumerate(truth)]
+        row = mean_frontier(per_prompt_table(rows)).to_pylist()[0]
+        covered_between += abs(row["gain"] - 1.0) <= 1.96 * row["gain_spread_se"]
+        covered_within += abs(row["gain"] - 1.0) <= 1.96 * row["gain_se"]
+    assert 0.91 <= covered_between / reps <= 0.98
+    assert covered_within / reps < 0.5
 
 
 def test_mean_frontier_counts_prompts_per_group():
@@ -86,6 +152,7 @@ def test_mean_frontier_of_a_single_prompt_is_that_prompt():
         source = by_beta[row["beta"]]
         assert (row["gain"], row["gain_se"], row["kl"], row["kl_se"]) == pytest.approx(
             (source["gain"], source["gain_se"], source["kl"], source["kl_se"]), rel=1e-15)
+        assert math.isnan(row["gain_spread_se"]) and math.isnan(row["kl_spread_se"])  # no spread from one prompt
 
 
 def test_mean_frontier_of_an_empty_table_is_empty():
@@ -102,6 +169,7 @@ def gaussian_frontier_mean(betas, align="r", evaluation="r", sigma=1.0, reliable
         "gain_se": np.full(betas.size, 0.01), "kl": sigma**2 / (2 * betas**2), "kl_se": np.full(betas.size, 0.01),
         "gain_bc": sigma**2 / betas, "kl_bc": sigma**2 / (2 * betas**2),
         "reliable": np.ones(betas.size) if reliable is None else np.asarray(reliable, float),
+        "gain_spread_se": np.full(betas.size, 0.1), "kl_spread_se": np.full(betas.size, 0.1),
     }, schema=SCHEMAS["frontier_mean"])
 
 
@@ -167,15 +235,17 @@ def test_sums_of_prompt_shards_add_up_to_the_mean_of_all():
     rows = random_frontier(4, 9, [0.5, 2.0], [("a", "a"), ("b", "a")])
     shards = [[r for r in rows if int(r["prompt_id"][1:]) % 3 == k] for k in range(3)]
     sums = [frontier_sums(per_prompt_table(shard)) for shard in shards]
-    assert sums[0].column_names == ["align", "eval", "beta", "prompts", "gain_sum", "kl_sum", "gain_var_sum", "kl_var_sum",
-                                    "gain_bc_sum", "kl_bc_sum", "reliable_sum"]
+    assert sums[0].column_names == ["align", "eval", "beta", "prompts", "gain_mean", "gain_m2", "kl_mean", "kl_m2",
+                                    "gain_var_sum", "kl_var_sum", "gain_bc_sum", "kl_bc_sum", "reliable_sum"]
     assert sums[0]["prompts"].to_pylist() == [3] * 4
     whole = mean_frontier(per_prompt_table(rows))
-    for combined in (mean_from_sums(merge_sums(sums)), mean_from_sums(pa.concat_tables(sums))):
+    for combined in (mean_from_sums(merge_sums(sums)), mean_from_sums(sums)):
         assert combined.schema == SCHEMAS["frontier_mean"]
         assert combined.select(["align", "eval", "beta", "prompts"]).equals(whole.select(["align", "eval", "beta", "prompts"]))
-        for name in ("gain", "gain_se", "kl", "kl_se"):
-            np.testing.assert_allclose(combined[name].to_numpy(), whole[name].to_numpy(), rtol=1e-14)
+        for name in ("gain", "gain_se", "kl", "kl_se", "gain_bc", "kl_bc", "reliable"):
+            np.testing.assert_allclose(combined[name].to_numpy(), whole[name].to_numpy(), rtol=1e-13)
+        for name in ("gain_spread_se", "kl_spread_se"):
+            np.testing.assert_allclose(combined[name].to_numpy(), whole[name].to_numpy(), rtol=1e-10)
     group = [r for r in rows if (r["align"], r["beta"]) == ("b", 2.0)]
-    assert merge_sums(sums).filter(pc.equal(merge_sums(sums)["align"], "b"))["gain_sum"][1].as_py() == pytest.approx(
-        sum(r["gain"] for r in group), rel=1e-14)
+    assert merge_sums(sums).filter(pc.equal(merge_sums(sums)["align"], "b"))["gain_mean"][1].as_py() == pytest.approx(
+        np.mean([r["gain"] for r in group]), rel=1e-14)

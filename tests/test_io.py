@@ -28,8 +28,9 @@ def test_contract_schemas():
         "prompt_id", "align", "eval", "beta", "n", "gain", "gain_se", "kl", "kl_se", "ess", "gain_bc", "kl_bc", "khat",
         "reliable"]
     assert SCHEMAS["frontier_mean"].names == [
-        "align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se", "gain_bc", "kl_bc", "reliable"]
-    assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl"]
+        "align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se", "gain_spread_se", "kl_spread_se",
+        "gain_bc", "kl_bc", "reliable"]
+    assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl", "reward_se", "gain_se"]
     assert SCHEMAS["convergence"].names == [
         "prompt_id", "align", "eval", "beta", "n_samples", "gain", "kl", "ess", "khat", "reliable"]
     assert SCHEMAS["frontier"].field("reliable").type == pa.bool_()

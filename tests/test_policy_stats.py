@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from limits_ray.policy_stats import (
-    exact_kl, frontier_gain_at_kl, hash_normal, inverse_sqrt_reference, mean_over_prompts, prompt_estimate,
+    between_or_within_se, exact_kl, frontier_gain_at_kl, frontier_slope_at_kl, gap_se, hash_normal,
+    inverse_sqrt_reference, mean_over_prompts, prompt_estimate,
 )
 
 
@@ -84,6 +85,75 @@ def test_frontier_gain_at_kl_interpolates_from_the_origin():
     assert frontier_gain_at_kl(kl, gain, 1.5, gain_se=np.array([0.4, 0.2, 0.2]))[1] == pytest.approx(0.3)
 
 
+def test_one_policy_sample_has_no_within_prompt_se_and_the_mean_falls_back_to_the_prompts_spread():
+    single = prompt_estimate([-1.0], [-2.0], [[3.0]], [[1.0], [2.0]])
+    assert single.kl == 1.0 and np.isnan(single.kl_se) and np.isnan(single.gain_se[0])
+    other = prompt_estimate([-1.0, -1.0], [-1.5, -2.5], [[0.0], [2.0]], [[1.0], [1.0]])
+    third = prompt_estimate([0.0], [0.0], [[0.0]], [[0.0], [1.0]])
+    mean = mean_over_prompts([single, other, third])
+    kls, gains = np.array([1.0, 1.0, 0.0]), np.array([1.5, 0.0, -0.5])
+    assert mean.kl_se == pytest.approx(kls.std(ddof=1) / np.sqrt(3))
+    assert mean.gain_se[0] == pytest.approx(gains.std(ddof=1) / np.sqrt(3))
+    assert np.isnan(mean_over_prompts([single]).kl_se)  # one prompt of one sample: no se at all
+    np.testing.assert_allclose(between_or_within_se(np.array([[1.0], [3.0]]), np.array([[0.3], [0.4]])), [0.25])
+
+
+def test_between_prompt_fallback_covers_with_one_sample_per_prompt():
+    """200 prompts of one policy sample each, 400 replicates: the fallback 95% interval covers the KL."""
+    rng = np.random.default_rng(4)
+    pi0, pi = _discrete(rng, 6, 1.0), _discrete(rng, 6, 1.0)
+    truth, covered = exact_kl(pi, pi0), 0
+    for _ in range(400):
+        draws = rng.choice(6, size=200, p=pi)
+        estimates = [prompt_estimate([np.log(pi[d])], [np.log(pi0[d])], [0.0], [0.0, 0.0]) for d in draws]
+        mean = mean_over_prompts(estimates)
+        covered += abs(mean.kl - truth) <= 1.96 * mean.kl_se
+    assert 0.92 <= covered / 400 <= 0.98
+
+
+def test_frontier_slope_is_the_slope_of_the_anchored_interpolation():
+    kl, gain = np.array([2.0, 0.5, 1.0]), np.array([3.0, 1.0, 2.0])
+    assert frontier_slope_at_kl(kl, gain, 0.25) == pytest.approx(2.0)  # the piece from (0, 0)
+    assert frontier_slope_at_kl(kl, gain, -0.1) == pytest.approx(2.0)
+    assert frontier_slope_at_kl(kl, gain, 0.75) == pytest.approx(2.0)
+    assert frontier_slope_at_kl(kl, gain, 1.0) == pytest.approx(1.0)  # a grid point: the piece to its right
+    assert frontier_slope_at_kl(kl, gain, 2.0) == pytest.approx(1.0)
+    assert np.isnan(frontier_slope_at_kl(kl, gain, 2.5))
+    # Gaussian frontier gain = sigma sqrt(2 KL): slope sigma / sqrt(2 KL)
+    betas = np.geomspace(0.2, 20, 400)
+    assert frontier_slope_at_kl(1 / (2 * betas**2), 1 / betas, 0.5) == pytest.approx(1.0, rel=0.01)
+
+
+def test_gap_se_formula():
+    assert gap_se(0.3, 0.1, 0.4, 0.0) == pytest.approx(0.5)
+    assert gap_se(0.3, 0.1, 0.0, 4.0) == pytest.approx(0.5)
+    assert gap_se(0.3, 0.1, 0.0, 4.0, kl_gain_cov=0.0125) == pytest.approx(np.sqrt(0.25 - 0.1))
+    assert gap_se(0.3, 0.075, 0.2, 4.0, kl_gain_cov=0.0225) == pytest.approx(0.2)  # errors along the frontier cancel
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7, 1.3])
+def test_gap_se_matches_the_spread_of_the_gap(scale):
+    """Base N(0, 1), policy N(1, scale^2), exact frontier gain = sqrt(2 KL): sd of the gap over 600
+    replicates equals the rms gap_se (scale 1 is a tilt of pi0, on the frontier: its gain and KL
+    errors cancel and only the base mean is left, which the se without the covariance misses)."""
+    rng = np.random.default_rng(int(scale * 10))
+    betas = np.geomspace(0.1, 100, 2000)
+    kl_grid, gain_grid = 1 / (2 * betas**2), 1 / betas
+    gaps, errors, without_cov = [], [], []
+    for _ in range(600):
+        y, base = rng.normal(1.0, scale, 100), rng.normal(0, 1, 400)
+        est = prompt_estimate(-(y - 1.0) ** 2 / (2 * scale**2) - np.log(scale), -y**2 / 2, y, base)
+        frontier_gain, _ = frontier_gain_at_kl(kl_grid, gain_grid, est.kl)
+        slope = frontier_slope_at_kl(kl_grid, gain_grid, est.kl)
+        gaps.append(frontier_gain - est.gain[0])
+        errors.append(gap_se(est.gain_se[0], est.kl_se, 0.0, slope, est.kl_gain_cov[0]))
+        without_cov.append(gap_se(est.gain_se[0], est.kl_se, 0.0, slope))
+    spread = np.std(gaps)
+    assert np.sqrt(np.mean(np.square(errors))) == pytest.approx(spread, rel=0.12)
+    if scale == 1.0:
+        assert np.sqrt(np.mean(np.square(without_cov))) > 2 * spread
+
+
 def test_hash_normal_is_deterministic_and_standard():
     ids = np.array([f"p{i % 7}" for i in range(20_000)])
     idx = np.arange(20_000)
@@ -141,10 +211,15 @@ def test_policy_beyond_the_grid_gets_a_lower_bound_on_its_gap():
 
 def test_bon_points_and_proxy_gold():
     bon = pa.table({"prompt_id": ["a", "b"], "align": ["gold", "gold"], "eval": ["gold", "gold"], "n": [2, 2],
-                    "reward": [0.0, 0.0], "gain": [0.5, 1.5], "kl": [0.75, 0.75]})
+                    "reward": [0.0, 0.0], "gain": [0.5, 1.5], "kl": [0.75, 0.75],
+                    "reward_se": [0.1, 0.2], "gain_se": [0.1, 0.2]})
     (row,) = bon_points(bon, _frontier_mean(), 64)
     assert row["policy"] == "best-of-2" and row["gain"] == 1.0 and row["frontier_gain"] == pytest.approx(1.5)
-    assert row["samples"] == 64 and np.isnan(row["gain_se"])
+    assert row["samples"] == 64 and row["gain_se"] == pytest.approx(np.sqrt(0.1**2 + 0.2**2) / 2)
+    assert row["gap_se"] == pytest.approx(np.sqrt(row["gain_se"] ** 2 + 0.1**2))  # its KL is taken as exact
+    unknown = bon.set_column(bon.schema.get_field_index("gain_se"), "gain_se", pa.array([0.1, None], pa.float64()))
+    (row,) = bon_points(unknown, _frontier_mean(), 64)  # n = N: no jackknife; the prompts' spread instead
+    assert row["gain_se"] == pytest.approx(np.std([0.5, 1.5], ddof=1) / np.sqrt(2))
     table = proxy_gold_table(_frontier_mean(), "gold")
     losses = {(r["align"], r["beta"]): r["loss"] for r in table.to_pylist()}
     assert losses[("gold", 1.0)] == 0.0 and losses[("proxy", 1.0)] == pytest.approx(1.0)
