@@ -49,17 +49,24 @@ MIN_ESS_FRACTION = 0.1
 
 
 def is_reliable(ess: np.ndarray, n: np.ndarray, min_fraction: float = MIN_ESS_FRACTION) -> np.ndarray:
-    """Whether each frontier estimate may stop a prompt: Kish ``ESS / N >= min_fraction``.
+    """Whether each frontier estimate has enough effective samples to stop a prompt: Kish ``ESS / N >= min_fraction``.
 
-    A stand-in for the PSIS ``reliable`` flag (``k_hat`` below ``min(1 - 1/log10 N, 0.7)``, MATH.md
-    "Reliability"), to be replaced by that column: ``ESS / N`` is near ``exp(-var(r/beta))`` for
-    log-normal weights, and at 0.1 the tilt rests on a tenth of the samples. NaN (and N = 0) count
-    as unreliable.
+    Used beside the PSIS ``reliable`` flag (:func:`frontier_reliable`): ``ESS / N`` is near
+    ``exp(-var(r/beta))`` for log-normal weights, and at 0.1 the tilt rests on a tenth of the
+    samples, so a prompt does not stop on a pilot whose weights sit on a few samples even where
+    k-hat is benign. NaN (and N = 0) count as unreliable.
     """
     ess, n = np.asarray(ess, dtype=np.float64), np.asarray(n, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         fraction = np.where(n > 0, ess / n, np.nan)
     return np.nan_to_num(fraction, nan=-1.0) >= min_fraction
+
+
+def frontier_reliable(frontier: pa.Table) -> np.ndarray:
+    """Per row: the PSIS ``reliable`` flag of the frontier table (k-hat and ESS, see
+    :meth:`limits_ray.stats.TiltStats.finalize`) and the ESS fraction of :func:`is_reliable` together."""
+    flags = frontier["reliable"].to_numpy(zero_copy_only=False).astype(bool)
+    return flags & is_reliable(frontier["ess"].to_numpy(), frontier["n"].to_numpy())
 
 
 def worst_ratio(gain_se: np.ndarray, kl_se: np.ndarray, gain_tol: float, kl_tol: float) -> np.ndarray:
@@ -130,7 +137,7 @@ def plan_wave(gain_se: np.ndarray, kl_se: np.ndarray, samples: np.ndarray, gain_
 def prompt_errors(frontier: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(prompt_ids, gain_se [P, B], kl_se [P, B], n [P], reliable [P, B])`` from a frontier table.
 
-    The se's are the worst over (align, eval); ``reliable`` (:func:`is_reliable`) holds for every pair.
+    The se's are the worst over (align, eval); ``reliable`` (:func:`frontier_reliable`) holds for every pair.
     """
     prompt_ids = sorted(set(frontier["prompt_id"].to_pylist()))
     betas = np.unique(frontier["beta"].to_numpy())
@@ -145,7 +152,7 @@ def prompt_errors(frontier: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray
     n = np.zeros(len(prompt_ids), dtype=np.int64)
     np.maximum.at(n, rows, frontier["n"].to_numpy())
     reliable = np.ones((len(prompt_ids), betas.size), bool)
-    np.logical_and.at(reliable, (rows, columns), is_reliable(frontier["ess"].to_numpy(), frontier["n"].to_numpy()))
+    np.logical_and.at(reliable, (rows, columns), frontier_reliable(frontier))
     return prompt_ids, gain_se, kl_se, n, reliable
 
 
