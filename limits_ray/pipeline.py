@@ -21,6 +21,7 @@ import numpy as np
 from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import Quarantine, run_with_quarantine
 from limits_ray.io import PromptSamples
+from limits_ray.progress import Progress
 from limits_ray.prompts import PromptSet
 from limits_ray.reduce import Plan, StatisticsReducer, prompt_statistics
 from limits_ray.rounds import per_sample, round_lengths
@@ -171,11 +172,12 @@ class StageTimes:
     busy: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
 
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for name, values in batch.items():
-            if name.startswith("seconds_"):
-                stage = name.removeprefix("seconds_")
-                self.busy[stage] = self.busy.get(stage, 0.0) + float(np.sum(values))
+    def add(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """Add the ``seconds_*`` columns of ``batch``; returns this batch's busy seconds per stage."""
+        added = {name.removeprefix("seconds_"): float(np.sum(values)) for name, values in batch.items() if name.startswith("seconds_")}
+        for stage, seconds in added.items():
+            self.busy[stage] = self.busy.get(stage, 0.0) + seconds
+        return added
 
 
 def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: bool, faults: dict[str, Any] | None = None,
@@ -247,15 +249,21 @@ def run_stages(
         },
         num_cpus=0.25,
     )
+    actors = {"generate": generation.concurrency, **{f"score_{reward.name}": reward.concurrency for reward in config.rewards}}
+    progress = Progress(len(requests), generation.n, actors, from_store=len(reducer.rounds)).start()
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            times.add(batch)
+            busy = times.add(batch)
             for prompt_id, round_index, payload in zip(batch["prompt_id"], batch["round"], batch["payload"]):
                 reducer.add(str(prompt_id), int(round_index), pickle.loads(payload))
+            progress.update(len(batch["round"]), int(np.sum(batch["samples"])), busy, len(quarantine.records()))
     except Exception as error:  # noqa: BLE001 - Ray wraps user errors; name the root cause instead
         raise PipelineError(
             f"the pipeline stopped: {root_cause(error)} ({len(reducer.rounds)} rounds had finished and are "
             "kept in the sample store; a rerun resumes from there)"
         ) from error
+    finally:
+        progress.update(0, 0, quarantined=len(quarantine.records()))
+        progress.close()
     times.wall = time.perf_counter() - started
     return times
