@@ -167,16 +167,18 @@ def _init_ray(address: str) -> None:
     """
     import ray
 
+    from limits_ray.logs import ray_init_kwargs
+
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        ray.init(address=target, include_dashboard=False, log_to_driver=True)
+        ray.init(address=target, include_dashboard=False, log_to_driver=True, **ray_init_kwargs())
     except Exception as error:  # noqa: BLE001 - a loaded machine can miss Ray's fixed 30 s node start-up
         if "timed out during startup" not in str(error):
             raise
         ray.shutdown()
-        ray.init(address=target, include_dashboard=False, log_to_driver=True)
+        ray.init(address=target, include_dashboard=False, log_to_driver=True, **ray_init_kwargs())
 
 
 def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -> tuple[ReduceResult, RunReport]:
@@ -190,12 +192,10 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     from limits_ray.pipeline import PipelineError, build_requests, run_stages
     from limits_ray.plots import write_plots
     from limits_ray.prompts import load_prompts
+    from limits_ray.validate import validate_job
 
     started = time.perf_counter()
-    check_model_path(config.generation.model, "generation.model")
-    for reward in config.rewards:
-        if reward.model:
-            check_model_path(reward.model, f"rewards[{reward.name}].model")
+    validate_job(config)
     tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
     prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
     targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
