@@ -114,7 +114,7 @@ def _make_tiny_models(args: argparse.Namespace) -> int:
 
     models = build_tiny_models(args.directory, seed=args.seed)
     for name, path in vars(models).items():
-        print(f"{name:<10} {path}")
+        print(f"{name:<12} {path}")
     return 0
 
 
