@@ -8,9 +8,11 @@ fail there, late and wrapped (an ``ActorDiedError`` for a reward function that d
 every round quarantined for ``temperature: -1``).
 
 Checked: model paths (local directories must exist and hold ``config.json``; hub names ``org/name``
-pass), reward functions (imported, callable), sampling parameters (through vLLM's own
-``SamplingParams``), the prompts file, alignment/evaluation rewards against the reward names,
-actor counts and batch sizes, and that ``output_dir`` can be created.
+pass unchecked, so a missing local path written ``dir/name`` passes too), reward functions
+(imported), sampling parameters (through vLLM's own ``SamplingParams``), the prompts file or dataset
+(opened: a ``save_to_disk`` directory, or the dataset's builder, which reads hub metadata),
+alignment/evaluation rewards against the reward names, actor counts, batch sizes and
+tensor_parallel_size, and that ``output_dir`` can be created.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def check_model(model: str, key: str) -> None:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}: {model!r} is a directory without config.json, not a model; point it at a model directory")
         return
-    looks_local = model.startswith(("/", ".", "~")) or model.count("/") != 1 or path.exists()
-    if looks_local:
+    if path.exists():
+        raise ConfigError(f"{key}: {model!r} is a file, not a model directory; point it at a model directory")
+    if model.startswith(("/", ".", "~")) or model.count("/") != 1:
         raise ConfigError(
             f"{key}: model path {model!r} does not exist; build it (limits-ray make-tiny-models runs/tiny-models "
             "for the tiny configs) or fix the path"
@@ -85,9 +88,28 @@ def check_sampling(generation: GenerationConfig, key: str = "generation") -> Non
         raise ConfigError(f"{key}: the sampling parameters {values} are refused by vLLM ({reason})") from None
 
 
+def _check_dataset(name: str) -> None:
+    """A ``save_to_disk`` directory, or a dataset ``datasets.load_dataset_builder`` can open (the hub's metadata)."""
+    import datasets
+
+    directory = Path(name).expanduser()
+    if (directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file():
+        return
+    try:
+        datasets.load_dataset_builder(name)
+    except Exception as error:  # noqa: BLE001 - datasets raises FileNotFoundError, ConnectionError, ValueError, its own
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"prompts.dataset: cannot open {name!r} ({type(error).__name__}: {reason}); give a Hugging Face dataset "
+            "name (with network access) or a directory written by save_to_disk"
+        ) from None
+
+
 def _check_prompts(prompts: PromptsConfig) -> None:
     from limits_ray.prompts import JSONL_SUFFIXES, PARQUET_SUFFIXES
 
+    if prompts.dataset:
+        _check_dataset(prompts.dataset)
     if not prompts.path:
         return
     path = Path(prompts.path).expanduser()
@@ -109,7 +131,9 @@ def _check_counts(config: JobConfig) -> None:
     stages: list[tuple[str, Any]] = [("generation", config.generation)]
     stages += [(f"rewards[{reward.name}]", reward) for reward in config.rewards]
     for key, section in stages:
-        for name in ("concurrency", "batch_size"):
+        for name in ("concurrency", "batch_size", "tensor_parallel_size"):
+            if not hasattr(section, name):
+                continue
             if getattr(section, name) < 1:
                 raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(section, name)}")
         for name in ("num_cpus", "num_gpus"):

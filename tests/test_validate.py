@@ -157,3 +157,22 @@ def test_an_output_dir_that_cannot_be_created(tmp_path, good, capsys):
         f"limits-ray run: error: output_dir: cannot create {str(blocker / 'out')!r} (Not a directory); "
         "choose a writable directory"
     )
+
+
+def test_a_prompts_dataset_that_cannot_be_opened(tmp_path, good, capsys):
+    missing = str(tmp_path / "prompts_dataset")
+    config = _with(good, lambda c: c.update(prompts={"dataset": missing}))
+    assert _error(tmp_path, config, capsys) == (
+        f"limits-ray run: error: prompts.dataset: cannot open {missing!r} (FileNotFoundError: Couldn't find any data file "
+        f"at {missing}.); give a Hugging Face dataset name (with network access) or a directory written by save_to_disk"
+    )
+
+
+def test_a_model_path_that_is_a_file(tmp_path, good, capsys):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    config = _with(good, lambda c: c["generation"].update(model=str(file)))
+    assert _error(tmp_path, config, capsys) == (
+        f"limits-ray run: error: generation.model: {str(file)!r} is a file, not a model directory; "
+        "point it at a model directory"
+    )
