@@ -5,7 +5,7 @@ background thread prints a line every ``interval`` seconds (also while no batch 
 the engines load), and :meth:`Progress.close` prints the last one. On a terminal the line is a
 tqdm-style bar redrawn in place; otherwise (a log file, ``ray job logs``) it is a plain line::
 
-    progress: rounds 24/48 (50%) | 61.2 samples/s (last 60 s) | ETA 12 s | quarantined 0 | busy: generate 81%, score_rm 12%
+    progress: rounds 24/48 (50%) | 61.2 samples/s (last 60 s) | elapsed 13 s, ETA 12 s | quarantined 0 | busy: generate 81%, score_rm 12%
 
 Utilisation of a stage is its busy seconds (summed over its actors, as the ``seconds_*`` columns of
 merged rounds report them) divided by elapsed seconds times its actors: near 100% marks the
@@ -140,7 +140,7 @@ class Progress:
             parts.append(f"took {format_duration(elapsed)}")
         else:
             parts.append(f"{self.rate(now):.1f} samples/s (last {RATE_WINDOW_S:.0f} s)")
-            parts.append(f"ETA {format_duration(self.eta(now))}")
+            parts.append(f"elapsed {format_duration(now - self.started)}, ETA {format_duration(self.eta(now))}")
         parts.append(f"quarantined {self.quarantined}")
         usage = self.utilisation(now)
         if usage:

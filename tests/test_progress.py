@@ -92,7 +92,7 @@ def test_plain_lines_every_interval_and_a_final_line():
     progress.close()  # once only
     lines = stream.getvalue().splitlines()
     assert lines == [
-        "progress: rounds 12/48 (25%) + 16 from the store | 38.4 samples/s (last 60 s) | ETA 30 s | quarantined 0",
+        "progress: rounds 12/48 (25%) + 16 from the store | 38.4 samples/s (last 60 s) | elapsed 10 s, ETA 30 s | quarantined 0",
         "progress: rounds 12/48 (25%) + 16 from the store | 29.5 samples/s (whole run) | took 13 s | quarantined 0",
     ]
     assert "\r" not in stream.getvalue()
@@ -119,5 +119,5 @@ def test_the_thread_prints_while_no_batch_arrives():
         threading.Event().wait(0.01)
     progress.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) >= 3 and lines[0].startswith("progress: rounds 0/4 (0%)") and "ETA ?" in lines[0]
+    assert len(lines) >= 3 and lines[0].startswith("progress: rounds 0/4 (0%)") and ", ETA ?" in lines[0]
     assert "(whole run)" in lines[-1]
