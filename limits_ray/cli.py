@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from limits_ray.config import AnalysisConfig, ConfigError, JobConfig
 from limits_ray.frontier import point_at_kl
 from limits_ray.io import InputError
+from limits_ray.numbers import format_number
 from limits_ray.pipeline import PipelineError
 
 __all__ = ["main"]
@@ -45,12 +46,13 @@ def _query(args: argparse.Namespace) -> int:
     table = pq.read_table(path)
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
     aligns, evals = set(args.align or [a for a, _ in pairs]), set(args.eval or [e for _, e in pairs])
-    print(f"{'align':<24} {'eval':<24} {'KL':>10} {'beta':>12} {'gain':>12}")
+    print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'gain [reward]':>14}")
     for align, evaluation in pairs:
         if align in aligns and evaluation in evals:
             for budget in args.kl:
                 point = point_at_kl(table, budget, align, evaluation)
-                print(f"{align:<24} {evaluation:<24} {point.kl:>10.4g} {point.beta:>12.5g} {point.gain:>12.5g}")
+                print(f"{align:<24} {evaluation:<24} {format_number(point.kl, 4):>10} {format_number(point.beta, 4):>10} "
+                      f"{format_number(point.gain, 4):>14}")
     return 0
 
 

@@ -65,7 +65,7 @@ def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
                 point = point_at_kl(mean, budget, align, evaluation)
             except ValueError:
                 continue
-            lines.append(f"| {align} | {evaluation} | {budget:g} | {point.beta:.4g} | {point.gain:.4g} |")
+            lines.append(f"| {align} | {evaluation} | {budget:g} | {format_number(point.beta)} | {format_number(point.gain)} |")
     return lines
 
 
