@@ -52,13 +52,15 @@ class Progress:
         tty: draw a bar in place (default: whether ``stream`` is a terminal).
         interval: seconds between lines (a bar is redrawn every half second at most).
         clock: the time source (``time.monotonic``); tests pass a fake.
+        label: what is progressing, after ``progress`` (e.g. a policy's name); empty for the base run.
     """
 
     def __init__(
         self, total: int, samples_per_round: int, actors: Mapping[str, int] | None = None, from_store: int = 0,
         stream: TextIO | None = None, tty: bool | None = None, interval: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, label: str = "",
     ) -> None:
+        self.label = label
         self.total = total
         self.samples_per_round = samples_per_round
         self.actors = dict(actors or {})
@@ -153,11 +155,11 @@ class Progress:
         """What one print writes: a bar redrawn in place on a terminal, else a plain ``progress:`` line."""
         text = self.line(now, final)
         if not self.tty:
-            return f"progress: {text}\n"
+            return f"progress{' ' + self.label if self.label else ''}: {text}\n"
         width = 24
         filled = round(width * min(self.rounds + self.quarantined, self.total) / self.total) if self.total else width
         columns = shutil.get_terminal_size((120, 24)).columns
-        bar = f"|{'█' * filled}{' ' * (width - filled)}| {text}"
+        bar = f"{self.label + ' ' if self.label else ''}|{'█' * filled}{' ' * (width - filled)}| {text}"
         return "\r" + bar[: columns - 1].ljust(columns - 1) + ("\n" if final else "")
 
     def tick(self, now: float | None = None) -> bool:

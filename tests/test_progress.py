@@ -121,3 +121,10 @@ def test_the_thread_prints_while_no_batch_arrives():
     lines = stream.getvalue().splitlines()
     assert len(lines) >= 3 and lines[0].startswith("progress: rounds 0/4 (0%)") and ", ETA ?" in lines[0]
     assert "(whole run)" in lines[-1]
+
+
+def test_a_label_names_what_progresses():
+    progress, clock, stream = _progress(label="policy blend")
+    clock.now += 10
+    progress.tick()
+    assert stream.getvalue().startswith("progress policy blend: rounds 0/48 (0%)")
