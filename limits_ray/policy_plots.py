@@ -167,9 +167,17 @@ def compare_lines(policies: pa.Table) -> list[str]:
     return lines
 
 
+HEADERS = {
+    "kl": "KL [nats]", "kl_se": "KL SE [nats]", "gain": "gain [reward]", "gain_se": "gain SE [reward]",
+    "frontier_gain": "frontier gain [reward]", "gap": "gap [reward]", "gap_se": "gap SE [reward]",
+    "gold_gain": "gold gain [reward]", "gold_gain_se": "gold gain SE [reward]", "gold_aligned_gain": "gold-aligned gain [reward]",
+    "reference": "c/√M [reward]",
+}
+
+
 def _markdown_table(table: pa.Table, columns: list[str]) -> list[str]:
-    """Floats to 3 significant digits (0 for float-rounding zeros), a missing value as —."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    """Floats to 3 significant digits (0 for float-rounding zeros), a missing value as —; units in the headers."""
+    lines = ["| " + " | ".join(HEADERS.get(column, column) for column in columns) + " |", "|" + "---|" * len(columns)]
     for row in table.select(columns).to_pylist():
         cells = [format_number(value) if isinstance(value, float) or value is None else str(value) for value in row.values()]
         lines.append("| " + " | ".join(cells) + " |")

@@ -50,3 +50,12 @@ def test_compare_lines():
 def test_compare_lines_without_best_of_n_has_no_footnote():
     table = _table().slice(1, 1)
     assert len(compare_lines(table)) == 2
+
+
+def test_markdown_table_has_units_and_no_nan():
+    from limits_ray.policy_plots import _markdown_table
+
+    lines = _markdown_table(_table(), ["policy", "kl", "kl_se", "gain"])
+    assert lines[0] == "| policy | KL [nats] | KL SE [nats] | gain [reward] |"
+    assert lines[4] == "| best-of-1 | 0 | — | 0 |"
+    assert "nan" not in "\n".join(lines)
