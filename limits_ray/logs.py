@@ -9,7 +9,8 @@ Unless ``--verbose``, :func:`route_logs` (called by the CLI before Ray starts) s
 - vLLM's INFO output (engine arguments, model loading), on the driver and in every actor, to
   ``<output_dir>/logs/vllm.log``: vLLM's own logging set-up is off (``VLLM_CONFIGURE_LOGGING=0``)
   and :func:`setup_worker_logging`, Ray's ``worker_process_setup_hook``, gives the ``vllm`` logger a
-  file handler and a WARNING console handler; weight-loading progress bars (tqdm) are off in actors;
+  file handler and a WARNING console handler; tqdm progress bars (weight loading) are off
+  (``TQDM_DISABLE``) in actors and on the driver;
 - Ray core's INFO lines on the driver (``Started a local Ray instance``) nowhere (``logging_level``).
 
 Warnings and errors of all of them still reach the console. On a multi-node cluster the actors
