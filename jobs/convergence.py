@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from limits_ray.config import ConfigError, JobConfig, load_yaml
+from limits_ray.logs import route_logs
 from limits_ray.study import run_study
 
 
@@ -26,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output directory (default <output_dir>/study-N<max-n>)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance for 'settled' (default 0.05)")
     parser.add_argument("--atol", type=float, default=1e-3, help="absolute tolerance added to it (default 1e-3)")
+    parser.add_argument("--verbose", action="store_true", help="Ray Data's and vLLM's INFO output on the console, not in <output_dir>/logs")
     args = parser.parse_args(argv)
     if args.max_n < 1:
         print("convergence: error: --max-n must be >= 1", file=sys.stderr)
         return 2
     try:
         config = load_yaml(JobConfig, args.config)
+        route_logs(config.output_dir, verbose=args.verbose)
         result = run_study(config, args.max_n, args.out, args.tolerance, args.atol)
     except (ConfigError, ValueError) as error:
         print(f"convergence: error: {error}", file=sys.stderr)

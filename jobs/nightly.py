@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from limits_ray.config import ConfigError, JobConfig, load_yaml
+from limits_ray.logs import route_logs
 from limits_ray.nightly import run_night, today
 
 
@@ -21,9 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="job config YAML (its nightly: section)")
     parser.add_argument("--date", default=None, help="the night, YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--verbose", action="store_true", help="Ray Data's and vLLM's INFO output on the console, not in <output_dir>/logs")
     args = parser.parse_args(argv)
     try:
         config = load_yaml(JobConfig, args.config)
+        route_logs(config.output_dir, verbose=args.verbose)
         night = run_night(config, args.date or today())
     except (ConfigError, ValueError) as error:
         print(f"nightly: error: {error}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """Policies against the frontier in one command (``limits-ray compare``), for `python` and `ray job submit`.
 
-    python jobs/policy.py --config configs/tiny_policies.yaml \
-        --blend runs/tiny-models/policy_blend=runs/tiny-models/policy,runs/tiny-models/policy_b,0.1
+    python jobs/policy.py --config configs/tiny_policies.yaml
+    python jobs/policy.py --config my_policies.yaml --blend runs/blend_02=runs/tiny-models/policy,runs/tiny-models/policy_b,0.2
 
 ``--blend OUT=BASE,OTHER,WEIGHT`` (repeatable) first saves the weight blend ``(1-w) BASE + w OTHER`` to
-OUT unless it exists (a stand-in for a mildly aligned checkpoint); every other flag goes to compare.
+OUT unless it exists (a stand-in for a mildly aligned checkpoint; ``make-tiny-models`` already builds
+the tiny configs' ``policy_blend``); every other flag goes to compare.
 """
 
 import argparse

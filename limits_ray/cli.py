@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from limits_ray.config import AnalysisConfig, ConfigError
+from limits_ray.config import AnalysisConfig, ConfigError, JobConfig
 from limits_ray.frontier import TRUSTED_FRACTION, FrontierPoint, point_at_kl
 from limits_ray.io import InputError
+from limits_ray.numbers import format_number
 from limits_ray.offline import DEFAULT_BUCKET_ROWS
 from limits_ray.pipeline import PipelineError
 
@@ -50,13 +50,13 @@ def _query(args: argparse.Namespace) -> int:
     table = pq.read_table(path)
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
     aligns, evals = set(args.align or [a for a, _ in pairs]), set(args.eval or [e for _, e in pairs])
-    print(f"{'align':<24} {'eval':<24} {'KL':>10} {'beta':>12} {'gain':>12} {'trusted':>8}")
+    print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'gain [reward]':>14} {'trusted':>8}")
     for align, evaluation in pairs:
         if align in aligns and evaluation in evals:
             for budget in args.kl:
                 point = point_at_kl(table, budget, align, evaluation)
-                print(f"{align:<24} {evaluation:<24} {point.kl:>10.4g} {point.beta:>12.5g} {point.gain:>12.5g} "
-                      f"{'yes' if point.trusted else 'NO':>8}")
+                print(f"{align:<24} {evaluation:<24} {format_number(point.kl, 4):>10} {format_number(point.beta, 4):>10} "
+                      f"{format_number(point.gain, 4):>14} {'yes' if point.trusted else 'NO':>8}")
                 if not point.trusted:
                     print(f"limits-ray query: warning: align {align}, eval {evaluation}: {_untrusted(point)}", file=sys.stderr)
     return 0
@@ -69,11 +69,24 @@ def _untrusted(point: FrontierPoint) -> str:
             "k-hat and ESS); the gain there is not to be believed: sample more per prompt (N) or ask for less KL")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from limits_ray.config import JobConfig, load_yaml
-    from limits_ray.job import run_job
+def _load_job(args: argparse.Namespace) -> JobConfig:
+    """The job config of ``--config``, validated (:mod:`limits_ray.validate`), logs routed (:mod:`limits_ray.logs`)."""
+    from limits_ray.config import load_yaml
+    from limits_ray.logs import route_logs
+    from limits_ray.validate import validate_job
 
     config = load_yaml(JobConfig, args.config)
+    validate_job(config)
+    log_dir = route_logs(config.output_dir, verbose=args.verbose)
+    if log_dir is not None:
+        print(f"Ray Data and vLLM log to {log_dir} (--verbose: to the console)")
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from limits_ray.job import run_job
+
+    config = _load_job(args)
     if config.adaptive.enabled:
         from limits_ray.adaptive import run_adaptive
 
@@ -92,16 +105,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from limits_ray.config import JobConfig, load_yaml
     from limits_ray.policy import CompareOptions, compare
+    from limits_ray.policy_plots import compare_lines
 
-    config = load_yaml(JobConfig, args.config)
+    config = _load_job(args)
     options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta)
     result = compare(config, options)
-    shown = result.policies.filter(pc.equal(result.policies["align"], result.policies["eval"]))
-    for row in shown.to_pylist():
-        print(f"{row['policy']:<16} eval {row['eval']:<12} KL {row['kl']:8.4g} ± {row['kl_se']:<8.2g} gain {row['gain']:8.4g} "
-              f"± {row['gain_se']:<8.2g} frontier {row['frontier_gain']:8.4g}  gap {row['gap']:8.4g}")
+    for line in compare_lines(result.policies):
+        print(line)
     for path in result.paths:
         print(f"wrote {path}")
     return 0
@@ -130,7 +141,7 @@ def _make_tiny_models(args: argparse.Namespace) -> int:
 
     models = build_tiny_models(args.directory, seed=args.seed)
     for name, path in vars(models).items():
-        print(f"{name:<10} {path}")
+        print(f"{name:<12} {path}")
     return 0
 
 
@@ -170,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="the distributed job: generate, score, reduce (same as jobs/frontier.py)")
     run.add_argument("--config", required=True, type=Path, help="job config YAML (see configs/)")
+    run.add_argument("--verbose", action="store_true", help="Ray Data's and vLLM's INFO output on the console, not in <output_dir>/logs")
     run.set_defaults(handler=_run)
 
     comp = commands.add_parser("compare", help="place config.policies, best-of-n, proxy/gold and ensembles against the frontier")
@@ -179,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--members", type=int, default=8, help="largest ensemble size M (0: skip the ensemble study)")
     comp.add_argument("--noise", type=float, default=1.0, help="synthetic proxy noise, in gold within-prompt sds")
     comp.add_argument("--beta", type=float, default=0.0, help="beta of the ensemble study (0: where gold KL ~ 1 nat)")
+    comp.add_argument("--verbose", action="store_true", help="Ray Data's and vLLM's INFO output on the console, not in <output_dir>/logs")
     comp.set_defaults(handler=_compare)
 
     report = commands.add_parser("report", help="figures (PNG) and a one-page report.md of a results directory")

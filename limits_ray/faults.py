@@ -44,6 +44,10 @@ class Quarantine:
         key = hashlib.sha1(f"{record.stage}:{record.prompt_id}:{record.round}".encode()).hexdigest()[:20]
         self.directory.join(self.run_id, f"{key}.json").write_text(json.dumps({"run_id": self.run_id, **record.__dict__}))
 
+    def count(self) -> int:
+        """How many rounds this run has quarantined so far (a listing; no record is read)."""
+        return len(self.directory.join(self.run_id).files(suffix=".json"))
+
     def records(self) -> list[QuarantinedRound]:
         """This run's records, sorted by prompt and round."""
         found = []

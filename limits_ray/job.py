@@ -162,16 +162,18 @@ def _init_ray(address: str) -> None:
     """
     import ray
 
+    from limits_ray.logs import ray_init_kwargs
+
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        ray.init(address=target, include_dashboard=False, log_to_driver=True)
+        ray.init(address=target, include_dashboard=False, log_to_driver=True, **ray_init_kwargs())
     except Exception as error:  # noqa: BLE001 - a loaded machine can miss Ray's fixed 30 s node start-up
         if "timed out during startup" not in str(error):
             raise
         ray.shutdown()
-        ray.init(address=target, include_dashboard=False, log_to_driver=True)
+        ray.init(address=target, include_dashboard=False, log_to_driver=True, **ray_init_kwargs())
 
 
 def analysis_key(plan: Plan, betas: np.ndarray) -> str:
@@ -232,8 +234,8 @@ def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], 
     prompts = prompt_set.prompts
     owners = bucket_of([prompt.prompt_id for prompt in prompts], buckets)
     order = np.argsort(owners, kind="stable")
-    used, starts = np.unique(owners[order], return_index=True)
-    for bucket, rows in zip(used, np.split(order, starts[1:])):
+    used, first_rows = np.unique(owners[order], return_index=True)
+    for bucket, rows in zip(used, np.split(order, first_rows[1:])):
         chosen = [prompts[row] for row in rows]
         work.join("prompts", f"{bucket_name(int(bucket))}.parquet").write_table(pa.table({
             "prompt_id": [prompt.prompt_id for prompt in chosen], "prompt": [prompt.rendered for prompt in chosen],
@@ -288,7 +290,8 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     prepared = _run_buckets(prepare_bucket, context, buckets)
     todo = sum(int(counts["todo"]) for counts in prepared)
     requests = _read_todo(work, config) if todo else None
-    times = run_stages(config, requests, todo, context, quarantine)
+    stored = sum(int(counts["stored"]) for counts in prepared)
+    times = run_stages(config, requests, todo, context, quarantine, stored_rounds=stored)
     quarantined = quarantine.records()
     _clear_tables(output)
     summaries = _run_buckets(finalize_bucket, context, buckets, output, {record.prompt_id for record in quarantined},
@@ -303,7 +306,7 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
         prompts=len(prompt_set.prompts),
         skipped_prompts=[dataclasses.asdict(skipped) for skipped in prompt_set.skipped],
         rounds_generated=times.rounds,
-        rounds_from_store=sum(int(counts["stored"]) for counts in prepared),
+        rounds_from_store=stored,
         samples_generated=times.rounds * config.generation.n,
         samples=sum(summary.samples for summary in summaries),
         quarantined=[dataclasses.asdict(record) for record in quarantined],
@@ -331,12 +334,10 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None,
     from transformers import AutoTokenizer
 
     from limits_ray.prompts import load_prompts
+    from limits_ray.validate import validate_job
 
     started = time.perf_counter()
-    check_model_path(config.generation.model, "generation.model")
-    for reward in config.rewards:
-        if reward.model:
-            check_model_path(reward.model, f"rewards[{reward.name}].model")
+    validate_job(config)
     output, store_root = _open_locations(config)
     tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
     prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))

@@ -19,6 +19,7 @@ import numpy as np
 
 from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import Quarantine, run_with_quarantine
+from limits_ray.progress import Progress
 from limits_ray.rounds import round_lengths
 from limits_ray.storage import Location
 from limits_ray.store import flatten_rounds
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 STORE_BATCH_SAMPLES = 65536  # samples per store write: one part per bucket per batch, so few and large parts
+QUARANTINE_COUNT_S = 10.0  # how often the driver lists the quarantine for the progress line
 
 
 class PipelineError(RuntimeError):
@@ -152,11 +154,12 @@ class StageTimes:
     wall: float = 0.0
     rounds: int = 0
 
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for name, values in batch.items():
-            if name.startswith("seconds_"):
-                stage = name.removeprefix("seconds_")
-                self.busy[stage] = self.busy.get(stage, 0.0) + float(np.sum(values))
+    def add(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """Add the ``seconds_*`` columns of ``batch``; returns this batch's busy seconds per stage."""
+        added = {name.removeprefix("seconds_"): float(np.sum(values)) for name, values in batch.items() if name.startswith("seconds_")}
+        for stage, seconds in added.items():
+            self.busy[stage] = self.busy.get(stage, 0.0) + seconds
+        return added
 
 
 def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: bool, faults: dict[str, Any] | None = None,
@@ -196,10 +199,11 @@ def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, fau
     )
 
 
-def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketContext", quarantine: Quarantine) -> StageTimes:
+def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketContext", quarantine: Quarantine,
+               stored_rounds: int = 0) -> StageTimes:
     """Run generation, scoring and statistics on Ray Data over ``requests`` (a dataset of todo rounds).
 
-    Every scored round goes to the sample store with its statistics; the driver only counts the
+    Every scored round goes to the sample store; the driver only counts the
     small rows that come back. Rounds that keep failing in generation or scoring go to
     ``quarantine`` unless ``config.fail_fast``.
     """
@@ -219,16 +223,25 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
         store_rounds, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
         batch_size=max(1, STORE_BATCH_SAMPLES // generation.n),
     )
-    done = 0
+    actors = {"generate": generation.concurrency, **{f"score_{reward.name}": reward.concurrency for reward in config.rewards}}
+    progress = Progress(total_rounds, generation.n, actors, from_store=stored_rounds).start()
+    done, counted = 0, time.perf_counter()
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            times.add(batch)
+            busy = times.add(batch)
             done += len(batch["prompt_id"])
+            quarantined = None
+            if time.perf_counter() - counted > QUARANTINE_COUNT_S:  # a listing, not one per batch
+                quarantined, counted = quarantine.count(), time.perf_counter()
+            progress.update(len(batch["round"]), int(np.sum(batch["samples"])), busy, quarantined)
     except Exception as error:  # noqa: BLE001 - Ray wraps user errors; name the root cause instead
         raise PipelineError(
             f"the pipeline stopped: {root_cause(error)} ({done} of {total_rounds} rounds had finished and are "
             "kept in the sample store; a rerun resumes from there)"
         ) from error
+    finally:
+        progress.update(0, 0, quarantined=quarantine.count())
+        progress.close()
     times.rounds = done
     times.wall = time.perf_counter() - started
     return times

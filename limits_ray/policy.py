@@ -229,7 +229,8 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[tuple[s
     import ray
     from ray.data import ActorPoolStrategy
 
-    from limits_ray.pipeline import Timed, engine_remote_args, generation_stage, scorer_stage
+    from limits_ray.pipeline import StageTimes, Timed, engine_remote_args, generation_stage, scorer_stage
+    from limits_ray.progress import Progress
 
     generation = policy_generation_config(config, policy)
     if generation.temperature != 1.0 or generation.top_p != 1.0:
@@ -257,7 +258,16 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[tuple[s
     for reward in config.rewards:
         dataset = scorer_stage(dataset, reward, generation.n)
     rewards = [reward.name for reward in config.rewards]
-    tables = [_flatten(batch, rewards) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy")]
+    actors = {f"generate_{policy.name}": generation.concurrency, "base_logprob": base.concurrency,
+              **{f"score_{reward.name}": reward.concurrency for reward in config.rewards}}
+    progress = Progress(len(requests), generation.n, actors, label=f"policy {policy.name}").start()
+    tables = []
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            tables.append(_flatten(batch, rewards))
+            progress.update(len(batch["prompt_id"]), tables[-1].num_rows, StageTimes().add(batch))
+    finally:
+        progress.close()
     if not tables:
         raise RuntimeError(f"policy {policy.name}: no samples came back")
     return pa.concat_tables(tables).sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])

@@ -22,7 +22,14 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-__all__ = ["plot_ensembles", "plot_policies", "plot_proxy_gold", "write_compare_report"]
+from limits_ray.numbers import MISSING, format_estimate, format_number  # noqa: E402
+
+__all__ = ["BON_FOOTNOTE", "compare_lines", "plot_ensembles", "plot_policies", "plot_proxy_gold", "write_compare_report"]
+
+BON_FOOTNOTE = (
+    "best-of-n: no standard error; its KL is a function of n and the ties among the rewards "
+    "(log n - (n-1)/n without ties), its gain the unbiased best-of-n estimate from the base samples"
+)
 
 
 def _select(table: pa.Table, **equal: str) -> pa.Table:
@@ -132,10 +139,47 @@ def plot_ensembles(ensembles: pa.Table, path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def compare_lines(policies: pa.Table) -> list[str]:
+    """The console table of ``limits-ray compare``: one line per policy row with align = eval, then footnotes.
+
+    Estimates print as ``value ± se`` (3 and 2 significant digits); best-of-n rows, which have no
+    standard error, print the value with a footnote mark; a gap beyond the frontier's grid is ``≥``.
+    """
+    shown = policies.filter(pc.equal(policies["align"], policies["eval"]))
+    header = (f"{'policy':<16} {'eval':<12} {'KL [nats]':>18} {'gain [reward]':>18} {'frontier gain [reward]':>24} "
+              f"{'gap [reward]':>20}")
+    lines, marks = [header], set()
+    for row in shown.to_pylist():
+        mark = "¹" if row["kind"] == "best_of_n" else ""
+        marks.add(mark)
+        if row["beyond_grid"]:
+            marks.add("²")
+        gap = ("≥ " if row["beyond_grid"] else "") + format_estimate(row["gap"], row["gap_se"], mark=mark)
+        lines.append(
+            f"{row['policy']:<16} {row['eval']:<12} {format_estimate(row['kl'], row['kl_se'], mark=mark):>18} "
+            f"{format_estimate(row['gain'], row['gain_se'], mark=mark):>18} "
+            f"{format_estimate(row['frontier_gain'], row['frontier_gain_se']):>24} {gap:>20}"
+        )
+    if "¹" in marks:
+        lines.append(f"¹ {BON_FOOTNOTE}")
+    if "²" in marks:
+        lines.append("² the policy's KL lies beyond the frontier's largest KL (about log N): the gap is a lower bound")
+    return lines
+
+
+HEADERS = {
+    "kl": "KL [nats]", "kl_se": "KL SE [nats]", "gain": "gain [reward]", "gain_se": "gain SE [reward]",
+    "frontier_gain": "frontier gain [reward]", "gap": "gap [reward]", "gap_se": "gap SE [reward]",
+    "gold_gain": "gold gain [reward]", "gold_gain_se": "gold gain SE [reward]", "gold_aligned_gain": "gold-aligned gain [reward]",
+    "reference": "c/√M [reward]",
+}
+
+
 def _markdown_table(table: pa.Table, columns: list[str]) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    """Floats to 3 significant digits (0 for float-rounding zeros), a missing value as —; units in the headers."""
+    lines = ["| " + " | ".join(HEADERS.get(column, column) for column in columns) + " |", "|" + "---|" * len(columns)]
     for row in table.select(columns).to_pylist():
-        cells = [f"{value:.4g}" if isinstance(value, float) else str(value) for value in row.values()]
+        cells = [format_number(value) if isinstance(value, float) or value is None else str(value) for value in row.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -162,6 +206,8 @@ def write_compare_report(
     ]
     shown = policies.filter(pc.equal(policies["align"], policies["eval"]))
     lines += _markdown_table(shown, ["policy", "eval", "kl", "kl_se", "gain", "gain_se", "frontier_gain", "beyond_grid", "gap", "gap_se"])
+    if shown.num_rows and "best_of_n" in shown["kind"].to_pylist():
+        lines += ["", f"KL in nats, gains in reward units; {MISSING}: {BON_FOOTNOTE}."]
     if proxy_gold is not None:
         paths.append(out_dir / "proxy_gold.png")
         plot_proxy_gold(proxy_gold, paths[-1], title, gold, proxy)

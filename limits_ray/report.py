@@ -10,8 +10,14 @@ Reads ``frontier.parquet``, ``frontier_mean.parquet``, ``bon.parquet`` and ``con
   spread across prompts (and Monte Carlo bands when a study's ``study_prefixes.parquet`` is there);
 - ``frontier_by_n.png``: the frontier estimated from the first N samples, for several N;
 - ``ess.png``: the Kish effective sample size against beta, per prompt and its median;
-- ``report.md``: counts, the figures, the frontier at a few KL budgets, and per beta whether the
-  estimates have settled.
+- ``report.md``: a plain-language summary (:func:`summary_lines`: the KL range that can be
+  trusted, the gain at a few KL budgets with 95% error bars, best-of-n points, where more samples
+  would change the picture most), counts, the figures, the frontier at a few KL budgets, and per
+  beta whether the estimates have settled.
+
+Trusted means: every prompt's estimate at that beta, and at every larger beta, is reliable, by the
+``reliable`` column of ``frontier.parquet`` when it has one, else by its Kish ESS >= ``ess_floor``
+(default :data:`ESS_FLOOR`; :func:`reliable_rows`).
 """
 
 from __future__ import annotations
@@ -20,13 +26,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from limits_ray.frontier import TRUSTED_FRACTION, point_at_kl, trusted_kl_range
 from limits_ray.io import SCHEMAS, InputError
+from limits_ray.numbers import format_estimate, format_number
 from limits_ray.reduce import ReduceResult
 
-__all__ = ["load_result", "write_report"]
+__all__ = ["ESS_FLOOR", "load_result", "reliable_rows", "summary_lines", "trusted_beta", "write_report"]
+
+ESS_FLOOR = 10.0
+BUDGETS = (0.1, 0.5, 1.0, 2.0, 4.0)
+BON_SHOWN = (2, 4, 16, 64, 256)  # best-of-n points in the summary, up to n = N/4 (the frontier is biased low beyond)
 
 
 def load_result(results_dir: str | Path) -> ReduceResult:
@@ -65,8 +78,110 @@ def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
             except ValueError:
                 continue
             trusted = ("yes" if point.trusted else "no") if "reliable" in mean.column_names else "-"
-            lines.append(f"| {align} | {evaluation} | {budget:g} | {point.beta:.4g} | {point.gain:.4g} | {trusted} |")
+            lines.append(f"| {align} | {evaluation} | {budget:g} | {format_number(point.beta)} | {format_number(point.gain)} "
+                         f"| {trusted} |")
     return lines
+
+
+def reliable_rows(frontier: pa.Table, ess_floor: float = ESS_FLOOR) -> np.ndarray:
+    """Per row of a ``frontier`` table, whether its estimate is reliable: its ``reliable`` column when
+    the table has one, else Kish ESS >= ``ess_floor``."""
+    if "reliable" in frontier.column_names:
+        return np.asarray(frontier["reliable"].to_pylist(), dtype=bool)
+    return frontier["ess"].to_numpy() >= ess_floor
+
+
+def trusted_beta(frontier: pa.Table, align: str, evaluation: str, reliable: np.ndarray) -> float | None:
+    """The smallest beta such that at it and every larger beta at least :data:`TRUSTED_FRACTION` of the
+    prompts' estimates are reliable (``None``: not even at the largest beta), the rule of
+    :func:`limits_ray.frontier.trusted_kl_range`. KL grows as beta falls, so the trusted KL range
+    ends at ``KL(trusted beta)``."""
+    mask = np.logical_and(np.asarray(frontier["align"].to_pylist()) == align, np.asarray(frontier["eval"].to_pylist()) == evaluation)
+    betas, ok = frontier["beta"].to_numpy()[mask], reliable[mask]
+    found = None
+    for beta in sorted(set(betas.tolist()), reverse=True):
+        if not ok[betas == beta].mean() >= TRUSTED_FRACTION:
+            break
+        found = beta
+    return found
+
+
+def _at_beta(table: pa.Table, align: str, evaluation: str, beta: float) -> dict:
+    rows = table.filter(pc.and_(pc.equal(table["align"], align), pc.equal(table["eval"], evaluation)))
+    return rows.filter(pc.equal(rows["beta"], beta)).to_pylist()
+
+
+def _gains_at_budgets(mean: pa.Table, align: str, evaluation: str, kl_max: float) -> str:
+    rows = mean.filter(pc.and_(pc.equal(mean["align"], align), pc.equal(mean["eval"], evaluation))).sort_by("kl")
+    kl, se = rows["kl"].to_numpy(), rows["gain_se"].to_numpy()
+    parts = []
+    for budget in BUDGETS:
+        if budget > kl_max:
+            continue
+        try:
+            point = point_at_kl(mean, budget, align, evaluation)
+        except ValueError:
+            continue
+        parts.append(f"{format_estimate(point.gain, 1.96 * float(np.interp(budget, kl, se)))} at KL {budget:g}")
+    return "; ".join(parts)
+
+
+def _bon_points(bon: pa.Table, align: str, evaluation: str, samples: int) -> str:
+    if bon.num_rows == 0:
+        return ""
+    rows = bon.filter(pc.and_(pc.equal(bon["align"], align), pc.equal(bon["eval"], evaluation)))
+    grouped = rows.group_by("n", use_threads=False).aggregate([("kl", "mean"), ("gain", "mean")]).sort_by("n")
+    return "; ".join(
+        f"n = {item['n']}: KL {format_number(item['kl_mean'])}, gain {format_number(item['gain_mean'])}"
+        for item in grouped.to_pylist() if item["n"] in BON_SHOWN and item["n"] <= max(samples // 4, 2)
+    )
+
+
+def _where_to_sample(frontier: pa.Table, align: str, evaluation: str, beta: float, reliable: np.ndarray, ess_floor: float) -> str:
+    """The first beta below the trusted range: how many prompts fall short there, and the worst few."""
+    mask = np.logical_and(np.asarray(frontier["align"].to_pylist()) == align, np.asarray(frontier["eval"].to_pylist()) == evaluation)
+    betas = frontier["beta"].to_numpy()
+    below = sorted({b for b in betas[mask].tolist() if b < beta}, reverse=True) if beta is not None else sorted(set(betas[mask].tolist()), reverse=True)
+    if not below:
+        return "every beta of the grid is trusted: more samples would narrow the error bars, not change the picture"
+    rows = np.flatnonzero(np.logical_and(mask, betas == below[0]))
+    short = [row for row in rows if not reliable[row]]
+    ess = frontier["ess"].to_numpy()
+    worst = sorted(short, key=lambda row: ess[row])[:3]
+    ids = frontier["prompt_id"].to_pylist()
+    names = ", ".join(f"{ids[row]} (ESS {ess[row]:.1f})" for row in worst)
+    verb = "is" if len(short) == 1 else "are"
+    return (f"at β = {below[0]:.3g}, the largest β not trusted, {len(short)} of {len(rows)} prompts {verb} not reliable "
+            f"({'flagged' if 'reliable' in frontier.column_names else f'ESS < {ess_floor:g}'}); more samples of {names} "
+            "would extend the trusted range most")
+
+
+def summary_lines(result: ReduceResult, ess_floor: float = ESS_FLOOR) -> list[str]:
+    """The report's opening: per self-evaluated frontier (align = eval), the trusted KL range, the gain
+    at the KL budgets inside it (95% error bars), best-of-n points and where more samples help most."""
+    frontier, mean = result.frontier, result.frontier_mean
+    reliable = reliable_rows(frontier, ess_floor)
+    samples = int(np.median(frontier["n"].to_numpy()))
+    criterion = ("the `reliable` column of frontier.parquet" if "reliable" in frontier.column_names
+                 else f"Kish ESS ≥ {ess_floor:g} for every prompt")
+    lines = ["## Summary", "", f"Trusted: at least {TRUSTED_FRACTION:.0%} of the prompts' estimates reliable ({criterion}) "
+             "at that β and all larger β. "
+             "KL in nats, gains in reward units, prompt means, ± 95% error bars.", ""]
+    for align, evaluation in sorted({(a, e) for a, e in zip(mean["align"].to_pylist(), mean["eval"].to_pylist()) if a == e}):
+        beta = trusted_beta(frontier, align, evaluation, reliable)
+        if beta is None:
+            lines.append(f"- **{align}**: no β of the grid is trusted, not even the largest; the estimates are not "
+                         "yet usable: sample more, or add larger betas to the grid.")
+        else:
+            kl_max = float(_at_beta(mean, align, evaluation, beta)[0]["kl"])
+            gains = _gains_at_budgets(mean, align, evaluation, kl_max)
+            lines.append(f"- **{align}**: trusted up to KL {format_number(kl_max)} (β ≥ {beta:.3g}). "
+                         + (f"Gain {gains}." if gains else "No KL budget of 0.1, 0.5, 1, 2 or 4 nats lies in that range."))
+        bon = _bon_points(result.bon, align, evaluation, samples)
+        if bon:
+            lines.append(f"  Best-of-n: {bon}.")
+        lines.append(f"  Where more samples matter most: {_where_to_sample(frontier, align, evaluation, beta, reliable, ess_floor)}.")
+    return lines + [""]
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None, title: str | None = None,
@@ -117,6 +232,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
         f"({min(result.frontier['beta'].to_pylist()):.3g} to {max(result.frontier['beta'].to_pylist()):.3g}). "
         f"Source: `{source or results_dir}`.",
         "",
+        *summary_lines(result),
     ]
     for name, caption in figures:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]

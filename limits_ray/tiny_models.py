@@ -6,7 +6,9 @@ saves, each with that tokenizer (and a chat template):
 * ``policy`` and ``policy_b``: two Llama causal LMs with different seeds (``policy_b`` can stand
   in for an "aligned" checkpoint);
 * ``reward`` and ``reward_b``: two Llama sequence classifiers (``num_labels=1``) with different
-  seeds, so proxy/gold reward analyses have two distinct rewards.
+  seeds, so proxy/gold reward analyses have two distinct rewards;
+* ``policy_blend``: the weight blend ``0.9 policy + 0.1 policy_b`` (a stand-in for a mildly aligned
+  checkpoint, near pi0; ``configs/tiny_policies.yaml`` compares it with the frontier).
 
 Everything is deterministic given the seed, and a marker file makes a second call a no-op.
 
@@ -35,7 +37,8 @@ HIDDEN_SIZE = 128  # 4 heads of 32: vLLM's CPU attention rejects head_dim 16
 NUM_HEADS = 4
 NUM_LAYERS = 2
 MARKER = "tiny_models.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds policy_blend
+BLEND_WEIGHT = 0.1
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -79,6 +82,7 @@ class TinyModels:
         policy_b: a second causal LM with another seed (e.g. an "aligned" checkpoint).
         reward: a sequence-classification reward model, ``num_labels=1``.
         reward_b: a second reward model with another seed (e.g. the "gold" reward).
+        policy_blend: ``(1 - BLEND_WEIGHT) policy + BLEND_WEIGHT policy_b`` (a checkpoint near pi0).
         seed: the seed they were built from.
     """
 
@@ -87,12 +91,13 @@ class TinyModels:
     policy_b: Path
     reward: Path
     reward_b: Path
+    policy_blend: Path
     seed: int
 
     @classmethod
     def at(cls, root: Path, seed: int) -> TinyModels:
         """The layout under ``root`` (built or not)."""
-        return cls(root, root / "policy", root / "policy_b", root / "reward", root / "reward_b", seed)
+        return cls(root, root / "policy", root / "policy_b", root / "reward", root / "reward_b", root / "policy_blend", seed)
 
 
 def derive_seed(seed: int, name: str) -> int:
@@ -181,7 +186,7 @@ def _is_built(root: Path, seed: int) -> bool:
 
 
 def build_tiny_models(out_dir: Path, seed: int = 0) -> TinyModels:
-    """Build (or reuse) the tiny tokenizer, two causal LMs and two reward models under ``out_dir``.
+    """Build (or reuse) the tiny tokenizer, two causal LMs, their blend and two reward models under ``out_dir``.
 
     Deterministic given ``seed``; idempotent: if ``out_dir`` already holds a complete build for the
     same seed (its marker file), nothing is rebuilt. A partial or different-seed build is replaced.
@@ -197,5 +202,9 @@ def build_tiny_models(out_dir: Path, seed: int = 0) -> TinyModels:
         path = getattr(models, name)
         shutil.rmtree(path, ignore_errors=True)
         build(tokenizer, path, derive_seed(seed, name))
+    from limits_ray.policy import blend_checkpoint
+
+    shutil.rmtree(models.policy_blend, ignore_errors=True)
+    blend_checkpoint(models.policy, models.policy_b, BLEND_WEIGHT, models.policy_blend)
     (out_dir / MARKER).write_text(json.dumps({"seed": seed, "version": FORMAT_VERSION}))
     return models

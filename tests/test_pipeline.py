@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -22,12 +24,22 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_run(tiny_models, tmp_path_factory, ray_local):
     config = tiny_job(tiny_models, tmp_path_factory.mktemp("run"))
-    result, report = run_job(config)
-    return config, result, report
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result, report = run_job(config)
+    return config, result, report, printed.getvalue()
+
+
+def test_the_driver_prints_progress_and_a_last_line(tiny_run):
+    *_, printed = tiny_run
+    lines = [line for line in printed.splitlines() if line.startswith("progress: ")]
+    assert lines, printed
+    assert lines[-1].startswith("progress: rounds 12/12 (100%) | ") and "samples/s (whole run)" in lines[-1]
+    assert "quarantined 0" in lines[-1] and "busy: generate " in lines[-1]
 
 
 def test_outputs_follow_the_contract(tiny_run):
-    config, result, report = tiny_run
+    config, result, report, _ = tiny_run
     for name, schema in SCHEMAS.items():
         table = pq.read_table(f"{config.output_dir}/{name}.parquet")
         assert table.schema.equals(schema), name
@@ -43,7 +55,7 @@ def test_outputs_follow_the_contract(tiny_run):
 
 
 def test_store_holds_every_sample_once(tiny_run):
-    config, _, _ = tiny_run
+    config, _, _, _ = tiny_run
     table = ds.dataset(str(Path(config.store_uri) / "samples"), format="parquet").to_table()
     keys = set(zip(table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()))
     assert table.num_rows == len(keys) == 3 * 64
@@ -53,7 +65,7 @@ def test_store_holds_every_sample_once(tiny_run):
 
 
 def test_offline_reduce_of_the_store_reproduces_the_stream(tiny_run):
-    config, streamed, _ = tiny_run
+    config, streamed, _, _ = tiny_run
     offline = reduce_samples(Path(config.store_uri) / "samples", AnalysisConfig(
         betas=config.analysis.betas, rewards=("rm", "rm_b", "length"), align=config.analysis.align,
     ))
@@ -70,7 +82,7 @@ def test_offline_reduce_of_the_store_reproduces_the_stream(tiny_run):
 
 
 def test_rerun_resumes_from_the_store_and_changes_nothing(tiny_run):
-    config, first, _ = tiny_run
+    config, first, _, _ = tiny_run
     second, report = run_job(config)
     assert report.rounds_generated == 0 and report.rounds_from_store == 3 * 4
     np.testing.assert_allclose(second.frontier["gain"].to_numpy(), first.frontier["gain"].to_numpy(), rtol=1e-10)

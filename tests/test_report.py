@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -62,3 +63,60 @@ def test_load_result_reads_the_sharded_tables_of_reduce(results, tmp_path):
         keys = [(column, "ascending") for column in getattr(single, name).column_names[:5]]
         assert getattr(sharded, name).sort_by(keys).select([0, 1, 2, 3]).equals(getattr(single, name).sort_by(keys).select([0, 1, 2, 3]))
     assert sharded.frontier_mean.num_rows == single.frontier_mean.num_rows == 2 * 9
+
+
+def _copy_with_reliable(results, out, reliable):
+    """The results directory with a ``reliable`` column (a function of the frontier table) in frontier.parquet."""
+    import shutil
+
+    shutil.copytree(results, out)
+    frontier = pq.read_table(out / "frontier.parquet")
+    pq.write_table(frontier.append_column("reliable", pa.array(reliable(frontier), pa.bool_())), out / "frontier.parquet")
+    return out
+
+
+def test_report_opens_with_a_summary(results):
+    from limits_ray.frontier import point_at_kl
+    from limits_ray.report import ESS_FLOOR, load_result, summary_lines
+
+    result = load_result(results)
+    lines = summary_lines(result)
+    assert lines[0] == "## Summary" and "Kish ESS ≥ 10 for every prompt" in lines[2]
+    frontier = result.frontier.filter(pc.equal(result.frontier["align"], "gold")).to_pandas()
+    ok = frontier.groupby("beta")["ess"].min() >= ESS_FLOOR
+    trusted = [beta for beta in sorted(ok.index, reverse=True)]
+    trusted = trusted[: next((i for i, beta in enumerate(trusted) if not ok[beta]), len(trusted))]
+    assert 0 < len(trusted) < len(ok)  # the synthetic case has both
+    mean = result.frontier_mean.to_pandas()
+    gold = mean[(mean["align"] == "gold") & (mean["eval"] == "gold")].sort_values("kl")
+    kl_max = float(gold[gold["beta"] == trusted[-1]]["kl"].iloc[0])
+    line = next(line for line in lines if line.startswith("- **gold**"))
+    assert line.startswith(f"- **gold**: trusted up to KL {kl_max:.3g} (β ≥ {trusted[-1]:.3g}). Gain ")
+    point = point_at_kl(result.frontier_mean, 0.1, "gold", "gold")
+    se = 1.96 * float(np.interp(0.1, gold["kl"], gold["gain_se"]))
+    assert f"{point.gain:.3g} ± {se:.2g} at KL 0.1" in line
+    assert all(f"at KL {budget:g}" not in line for budget in (0.1, 0.5, 1, 2, 4) if budget > kl_max)
+    index = lines.index(line)
+    assert lines[index + 1].startswith("  Best-of-n: n = 2: KL 0.193")  # log 2 - 1/2 without ties
+    assert lines[index + 2].startswith(f"  Where more samples matter most: at β = {sorted(ok.index, reverse=True)[len(trusted)]:.3g}")
+    assert all("nan" not in line for line in lines)
+
+
+def test_the_summary_uses_the_reliable_column_when_there_is_one(results, tmp_path):
+    from limits_ray.report import load_result, summary_lines
+
+    everywhere = _copy_with_reliable(results, tmp_path / "all", lambda table: [True] * table.num_rows)
+    lines = summary_lines(load_result(everywhere))
+    assert "the `reliable` column of frontier.parquet" in lines[2]
+    assert "(β ≥ 0.1)" in next(line for line in lines if line.startswith("- **gold**"))
+    assert "every beta of the grid is trusted" in next(line for line in lines if "Where more samples" in line)
+
+    nowhere = _copy_with_reliable(results, tmp_path / "none", lambda table: [False] * table.num_rows)
+    lines = summary_lines(load_result(nowhere))
+    assert next(line for line in lines if line.startswith("- **gold**")).startswith("- **gold**: no β of the grid is trusted")
+
+
+def test_report_md_opens_with_the_summary(results, tmp_path):
+    assert main(["report", str(results), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert text.index("## Summary") < text.index("![")

@@ -1,91 +1,32 @@
-"""The tiny local models: deterministic, idempotent, loadable by transformers."""
+"""The tiny models: every model the tiny configs name is built, the blend included."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+import numpy as np
+import yaml
+from safetensors.numpy import load_file
 
-from _tiny import session_tiny_models
-from limits_ray.tiny_models import MAX_POSITIONS, MARKER, TinyModels, build_tiny_models, derive_seed
+from limits_ray.tiny_models import BLEND_WEIGHT
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    return session_tiny_models(tmp_path_factory)
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _digests(root: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*")) if path.is_file()
-    }
+def test_the_blend_is_the_weighted_mean_of_the_two_policies(tiny_models):
+    base, other, blend = (load_file(path / "model.safetensors") for path in
+                          (tiny_models.policy, tiny_models.policy_b, tiny_models.policy_blend))
+    assert set(blend) == set(base)
+    for name in base:
+        np.testing.assert_allclose(blend[name], (1 - BLEND_WEIGHT) * base[name] + BLEND_WEIGHT * other[name], rtol=1e-6, atol=1e-7)
+    assert (tiny_models.policy_blend / "tokenizer.json").is_file()
 
 
-def test_layout(tiny: TinyModels) -> None:
-    assert (tiny.root / MARKER).is_file()
-    for path in (tiny.policy, tiny.policy_b, tiny.reward, tiny.reward_b):
-        assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
-        assert (path / "model.safetensors").is_file()
-
-
-def test_idempotent(tiny: TinyModels) -> None:
-    before = _digests(tiny.root)
-    mtime = (tiny.root / MARKER).stat().st_mtime_ns
-    assert build_tiny_models(tiny.root, seed=0) == tiny
-    assert (tiny.root / MARKER).stat().st_mtime_ns == mtime
-    assert _digests(tiny.root) == before
-
-
-def test_deterministic_given_seed(tiny: TinyModels, tmp_path: Path) -> None:
-    again = build_tiny_models(tmp_path / "again", seed=0)
-    assert _digests(again.root) == _digests(tiny.root)
-
-
-def test_derived_seeds_differ() -> None:
-    names = ("policy", "policy_b", "reward", "reward_b")
-    seeds = {derive_seed(seed, name) for seed in (0, 1) for name in names}
-    assert len(seeds) == 8 and all(0 <= value < 2**31 for value in seeds)
-
-
-def test_tokenizer(tiny: TinyModels) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny.policy)
-    assert 512 <= len(tokenizer) <= 1000
-    assert tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
-    text = "The river ran quietly past the old mill."
-    assert tokenizer.decode(tokenizer(text).input_ids) == text
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hello?"}], tokenize=False, add_generation_prompt=True
-    )
-    assert rendered == "<|user|>\nHello?\n<|assistant|>\n"
-
-
-def test_causal_lms_load_and_differ(tiny: TinyModels) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny.policy)
-    ids = torch.tensor([tokenizer("Tell me a story").input_ids])
-    logits = []
-    for path in (tiny.policy, tiny.policy_b):
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        assert model.config.max_position_embeddings == MAX_POSITIONS
-        assert model.config.hidden_size // model.config.num_attention_heads >= 32  # vLLM CPU attention
-        with torch.no_grad():
-            logits.append(model(ids).logits)
-    assert logits[0].shape == (1, ids.shape[1], len(tokenizer))
-    assert not torch.allclose(logits[0], logits[1])
-
-
-def test_reward_models_load_and_differ(tiny: TinyModels) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny.reward)
-    batch = tokenizer(["A good answer is short.", "Numbers help us reason"], padding=True, return_tensors="pt")
-    scores = []
-    for path in (tiny.reward, tiny.reward_b):
-        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        assert model.config.num_labels == 1
-        with torch.no_grad():
-            scores.append(model(**batch).logits)
-    assert scores[0].shape == (2, 1)
-    assert torch.isfinite(scores[0]).all()
-    assert not torch.allclose(scores[0], scores[1])
+def test_every_model_of_the_tiny_configs_is_built(tiny_models):
+    built = {path.name for path in tiny_models.root.iterdir() if path.is_dir()}
+    for name in ("tiny.yaml", "tiny_policies.yaml", "tiny_nightly.yaml"):
+        text = yaml.safe_load((CONFIGS / name).read_text())
+        models = [text["generation"]["model"], *(reward.get("model", "") for reward in text["rewards"]),
+                  *(policy["model"] for policy in text.get("policies", []))]
+        for model in filter(None, models):
+            assert model.startswith("runs/tiny-models/") and model.removeprefix("runs/tiny-models/") in built, (name, model)
