@@ -163,7 +163,7 @@ def summary_lines(result: ReduceResult, ess_floor: float = ESS_FLOOR) -> list[st
     reliable = reliable_rows(frontier, ess_floor)
     samples = int(np.median(frontier["n"].to_numpy()))
     criterion = ("the `reliable` column of frontier.parquet" if "reliable" in frontier.column_names
-                 else f"Kish ESS ≥ {ess_floor:g} for every prompt")
+                 else f"Kish ESS ≥ {ess_floor:g}")
     lines = ["## Summary", "", f"Trusted: at least {TRUSTED_FRACTION:.0%} of the prompts' estimates reliable ({criterion}) "
              "at that β and all larger β. "
              "KL in nats, gains in reward units, prompt means, ± 95% error bars.", ""]
