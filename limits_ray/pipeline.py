@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+import pyarrow as pa
 
 from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import Quarantine, run_with_quarantine
 from limits_ray.io import PromptSamples
 from limits_ray.prompts import PromptSet
 from limits_ray.reduce import Plan, StatisticsReducer, prompt_statistics
-from limits_ray.rounds import per_sample, round_lengths
+from limits_ray.rounds import per_sample, round_lengths, to_arrow
 from limits_ray.store import SampleStore, flatten_rounds
 
 __all__ = [
@@ -88,8 +89,9 @@ class Timed:
         self.quarantine = None if fail_fast or not quarantine_dir else Quarantine(quarantine_dir, run_id)
         self.attempts = attempts
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Yield the stage's output for ``batch`` (nothing when every round was quarantined)."""
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        """Yield the stage's output for ``batch`` as Arrow (:func:`~limits_ray.rounds.to_arrow`; nothing when
+        every round was quarantined), so rounds travel as typed list columns rather than pickled objects."""
         started = time.perf_counter()
         if self.quarantine is None:
             output = self.stage(batch)
@@ -99,7 +101,7 @@ class Timed:
             return
         rows = len(output["prompt_id"])
         output[f"seconds_{self.name}"] = np.full(rows, (time.perf_counter() - started) / rows)
-        yield output
+        yield to_arrow(output)
 
 
 def round_statistics(
