@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 import uuid
 from importlib import metadata
@@ -23,6 +24,7 @@ import numpy as np
 from limits_ray.config import ConfigError, JobConfig
 from limits_ray.faults import Quarantine
 from limits_ray.io import PromptSamples, iter_prompts, read_samples
+from limits_ray.prompts import PromptSet
 from limits_ray.reduce import ReduceResult, StatisticsReducer, prompt_statistics
 from limits_ray.store import SampleStore
 
@@ -63,7 +65,7 @@ def setup_identity(config: JobConfig) -> dict[str, Any]:
     """What must stay the same for samples to belong to one series (the store's manifest)."""
     generation = config.generation
     return {
-        "base_model": model_fingerprint(generation.model),
+        "base_model": "synthetic" if generation.kind == "synthetic" else model_fingerprint(generation.model),
         "sampling": {
             "n": generation.n, "seed": generation.seed, "temperature": generation.temperature,
             "top_p": generation.top_p, "max_tokens": generation.max_tokens, "stop": list(generation.stop),
@@ -137,6 +139,24 @@ def _max_prompt_tokens(config: JobConfig, tokenizer: Any) -> int:
     return room
 
 
+def _load_prompt_set(config: JobConfig) -> PromptSet:
+    """The job's prompts, rendered and length-checked with the base model's tokenizer.
+
+    With ``generation.kind: synthetic`` there is no model: prompts are rendered with
+    ``prompts.template`` only, counted in words and not length-checked.
+    """
+    from limits_ray.prompts import load_prompts
+
+    if config.generation.kind == "synthetic":
+        from limits_ray.generation import WordTokenizer
+
+        return load_prompts(config.prompts, WordTokenizer(), max_prompt_tokens=sys.maxsize)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
+    return load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
+
+
 def _stored_prompt_samples(store: SampleStore, config: JobConfig, targets: Mapping[str, int]) -> Iterator[PromptSamples]:
     """This run's stored samples per prompt: its prompts, rounds below each prompt's target."""
     if not store.stored_rounds():
@@ -185,19 +205,16 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None) -
     Each prompt gets rounds ``0 .. target - 1`` (``generation.rounds`` unless ``round_targets``
     names its prompt_id); rounds already in the sample store are merged from there, not generated.
     """
-    from transformers import AutoTokenizer
-
     from limits_ray.pipeline import PipelineError, build_requests, run_stages
     from limits_ray.plots import write_plots
-    from limits_ray.prompts import load_prompts
 
     started = time.perf_counter()
-    check_model_path(config.generation.model, "generation.model")
+    if config.generation.kind == "vllm":
+        check_model_path(config.generation.model, "generation.model")
     for reward in config.rewards:
         if reward.model:
             check_model_path(reward.model, f"rewards[{reward.name}].model")
-    tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
-    prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
+    prompt_set = _load_prompt_set(config)
     targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
     targets.update({key: value for key, value in (round_targets or {}).items() if key in targets})
     reward_names = [reward.name for reward in config.rewards]

@@ -182,20 +182,23 @@ class StageTimes:
 
 def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: bool, faults: dict[str, Any] | None = None,
                      stage: type | None = None, name: str = "generate"):
-    """The actor pool sampling rounds with ``stage`` (default :class:`~limits_ray.generation.Generator`)."""
+    """The actor pool sampling rounds with ``stage``: by default :class:`~limits_ray.generation.Generator`
+    (one vLLM engine per actor), or :class:`~limits_ray.generation.SyntheticGenerator` for
+    ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only)."""
     from ray.data import ActorPoolStrategy
 
-    from limits_ray.generation import Generator
+    from limits_ray.generation import Generator, SyntheticGenerator
 
+    synthetic = generation.kind == "synthetic"
     return dataset.map_batches(
         Timed,
         fn_constructor_kwargs={
-            "stage": stage or Generator, "name": name, "config": generation,
+            "stage": stage or (SyntheticGenerator if synthetic else Generator), "name": name, "config": generation,
             "add_special_tokens": add_special_tokens, **(faults or {}),
         },
         compute=ActorPoolStrategy(size=generation.concurrency),
         batch_size=generation.batch_size,
-        **engine_remote_args(generation),
+        **({"num_cpus": generation.num_cpus} if synthetic else engine_remote_args(generation)),
     )
 
 
