@@ -206,6 +206,14 @@ def _growth(rows: list[dict], key: str) -> tuple[float, str]:
     return high["vmhwm_mib"] / low["vmhwm_mib"], f"{low[key]:,} -> {high[key]:,}"
 
 
+def _marginal(previous: dict | None, result: dict) -> str:
+    """Extra samples per extra second against the previous case of the same series ("-" for the first)."""
+    if previous is None or previous["series"] != result["series"] or result["wall_s"] <= previous["wall_s"]:
+        return "-"
+    extra = result["samples_generated"] - previous["samples_generated"]
+    return f"{extra / (result['wall_s'] - previous['wall_s']):,.0f}"
+
+
 def section(results: list[dict], quick: bool, elapsed: float) -> str:
     cores = usable_cores()
     versions = {}
@@ -230,21 +238,30 @@ def section(results: list[dict], quick: bool, elapsed: float) -> str:
         "peak RSS = the driver's VmHWM (a fresh process per case; Ray workers not included).",
         "",
         "| series | prompts | samples / prompt | samples | ray.init (s) | wall (s) | samples/s | samples/s/core "
-        "| driver peak RSS (MiB) | pickled fallbacks | load before -> after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| marginal samples/s | stage busy (s) | driver peak RSS (MiB) | pickled fallbacks | load before -> after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     runs = [result for result in results if result["series"] != "nightly"]
-    for result in runs:
+    for previous, result in zip([None, *runs], runs):
         rate = result["samples_generated"] / result["wall_s"]
+        busy = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in result["stage_busy_s"].items())
         lines.append(
             f"| {result['series']} | {result['prompts']:,} | {result['samples']:,} | {result['samples_generated']:,} "
             f"| {result['ray_init_s']:.1f} | {result['wall_s']:.1f} | {rate:,.0f} | {rate / cores:,.0f} "
-            f"| {result['vmhwm_mib']:,.0f} | {result['pickled_warnings']} "
+            f"| {_marginal(previous, result)} | {busy} | {result['vmhwm_mib']:,.0f} | {result['pickled_warnings']} "
             f"| {result['load'][0]:.1f} -> {result['load'][1]:.1f} |"
         )
+    lines += ["", "*marginal samples/s*: the extra samples over the extra wall time against the previous size of "
+              "the series, which takes out the fixed cost of a run (actor start-up, tables, plots) that dominates "
+              "the small sizes; *stage busy*: seconds each stage spent in its calls, summed over its actors."]
     prompt_growth, prompt_range = _growth([r for r in runs if r["series"] == "prompts"], "prompts")
-    sample_growth, sample_range = _growth([r for r in runs if r["series"] == "samples" and r["samples"] >= (100 if quick else 1_000)], "samples")
+    smallest = 100 if quick else 1_000  # the target's range starts at 1e3 samples per prompt
+    sample_growth, sample_range = _growth(
+        [r for r in runs if r["series"] == "samples" and r["samples"] >= smallest], "samples",
+    )
     best = max((r["samples_generated"] / r["wall_s"] / cores for r in runs), default=float("nan"))
+    marginals = [_marginal(previous, result) for previous, result in zip([None, *runs], runs)]
+    best_marginal = max((float(m.replace(",", "")) / cores for m in marginals if m != "-"), default=float("nan"))
     lines += [
         "", "### Targets (issue 9)", "",
         "| target | today (before the scale-out work) | measured here |",
@@ -254,7 +271,7 @@ def section(results: list[dict], quick: bool, elapsed: float) -> str:
         f"| driver peak RSS grows <= x{TARGET_RSS_GROWTH} from 1e3 to 1e5 samples per prompt | - "
         f"| x{sample_growth:.2f} ({sample_range} samples per prompt) |",
         f"| plumbing sustains >= {TARGET_PER_CORE:,} samples/s per core | {TODAY['per_core']} "
-        f"| best {best:,.0f} per core ({cores} cores) |",
+        f"| best {best:,.0f} per core over a whole run, {best_marginal:,.0f} marginal ({cores} cores) |",
     ]
     nights = [result for result in results if result["series"] == "nightly"]
     if nights:
@@ -274,7 +291,7 @@ def section(results: list[dict], quick: bool, elapsed: float) -> str:
                 f"| {result['vmhwm_mib']:,.0f} | {result['load'][0]:.1f} -> {result['load'][1]:.1f} |"
             )
         low, high = nights[0], nights[-1]
-        lines += ["", f"From a store of {low['stored_samples']:,} to {high['stored_samples']:,} samples "
+        lines += [] if len(nights) < 2 else ["", f"From a store of {low['stored_samples']:,} to {high['stored_samples']:,} samples "
                   f"(x{high['stored_samples'] / low['stored_samples']:.0f}) the next night's time grows "
                   f"x{high['wall_s'] / low['wall_s']:.2f} for the same {high['samples_generated']:,} new samples "
                   "(target: about x1)."]

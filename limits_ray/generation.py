@@ -214,7 +214,8 @@ class SyntheticGenerator:
         self.config = config
         probabilities = synthetic_word_probabilities(len(SYNTHETIC_VOCABULARY))
         self.word_logprobs = np.log(probabilities)
-        self.slots = np.repeat(np.arange(probabilities.size), np.rint(probabilities * 2**SYNTHETIC_SLOT_BITS).astype(np.int64))
+        slot_counts = np.rint(probabilities * 2**SYNTHETIC_SLOT_BITS).astype(np.int64)
+        self.slots = np.repeat(np.arange(probabilities.size), slot_counts)  # slot -> word index
         spelled = [f"{word} ".encode("ascii") for word in SYNTHETIC_VOCABULARY]
         self.spelled = np.zeros((len(spelled), max(map(len, spelled))), dtype=np.uint8)
         for index, word in enumerate(spelled):
@@ -230,7 +231,9 @@ class SyntheticGenerator:
         if not prompt_ids:
             return empty_output(self.config.n)
         rounds = np.asarray(batch["round"], dtype=np.int64)
-        seeds = np.array([round_seed(self.config.seed, pid, int(rnd)) for pid, rnd in zip(prompt_ids, rounds)], dtype=np.int64)
+        seeds = np.array(
+            [round_seed(self.config.seed, pid, int(rnd)) for pid, rnd in zip(prompt_ids, rounds)], dtype=np.int64,
+        )
         drawn = [self._draw(int(seed)) for seed in seeds]
         lengths = np.stack([length for length, _ in drawn])
         words = np.concatenate([word for _, word in drawn])

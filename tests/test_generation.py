@@ -1,4 +1,4 @@
-"""Generation with a real vLLM engine on the tiny policy (seeding, layout, log-probabilities), and the synthetic generator."""
+"""Generation: a real vLLM engine on the tiny policy (seeding, layout, log-probabilities); the synthetic generator."""
 
 from __future__ import annotations
 
@@ -158,7 +158,8 @@ def test_prompt_token_count(generator: Generator) -> None:
 # The synthetic generator (generation.kind: synthetic): no model, so these tests are fast.
 
 def synthetic(max_tokens: int = MAX_TOKENS, n: int = N) -> SyntheticGenerator:
-    return SyntheticGenerator(GenerationConfig(kind="synthetic", samples_per_prompt=2 * n, n=n, seed=7, max_tokens=max_tokens))
+    config = GenerationConfig(kind="synthetic", samples_per_prompt=2 * n, n=n, seed=7, max_tokens=max_tokens)
+    return SyntheticGenerator(config)
 
 
 def test_synthetic_follows_the_generator_contract() -> None:

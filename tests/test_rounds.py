@@ -36,7 +36,8 @@ def test_to_arrow_types_round_and_sample_columns():
     batch = {
         "prompt_id": np.array(["a", "b"], dtype=object), "prompt": np.array(["x", "y"], dtype=object),
         "round": np.array([0, 1]), "seed": np.array([5, 6]),
-        "sample_idx": np.arange(6).reshape(2, 3), "response": np.array([["r0", "r1", "r2"], ["r3", "r4", "r5"]], dtype=object),
+        "sample_idx": np.arange(6).reshape(2, 3),
+        "response": np.array([["r0", "r1", "r2"], ["r3", "r4", "r5"]], dtype=object),
         "response_tokens": np.ones((2, 3), dtype=np.int32), "logprob": -np.ones((2, 3), dtype=np.float32),
         "finish_reason": np.full((2, 3), "stop", dtype=object), "gold": np.arange(6.0).reshape(2, 3),
         "seconds_generate": np.array([0.5, 0.5]), "payload": np.array([b"\x00", b"\x01"], dtype=object),
