@@ -74,10 +74,11 @@ def build_requests(prompts: PromptSet, round_targets: Mapping[str, int], skip: s
 class Timed:
     """Wraps a stage class for ``map_batches``: records busy time and quarantines failing rounds.
 
-    Adds the column ``seconds_<name>``: the call's wall time divided among the batch's rows, so
-    summing it over the output gives the stage's busy time. With ``quarantine_dir`` set and
-    ``fail_fast`` off, a batch that raises is retried round by round and rounds that still fail
-    are quarantined (:mod:`limits_ray.faults`) instead of failing the run.
+    Adds the column ``seconds_<name>``: the call's wall time (the conversion to Arrow included)
+    divided among the batch's rows, so summing it over the output gives the stage's busy time.
+    With ``quarantine_dir`` set and ``fail_fast`` off, a batch that raises is retried round by
+    round and rounds that still fail are quarantined (:mod:`limits_ray.faults`) instead of
+    failing the run.
     """
 
     def __init__(
@@ -99,9 +100,9 @@ class Timed:
             output = run_with_quarantine(self.stage, batch, self.name, self.quarantine, self.attempts)
         if output is None or len(output["prompt_id"]) == 0:
             return
-        rows = len(output["prompt_id"])
-        output[f"seconds_{self.name}"] = np.full(rows, (time.perf_counter() - started) / rows)
-        yield to_arrow(output)
+        table = to_arrow(output)
+        seconds = np.full(table.num_rows, (time.perf_counter() - started) / table.num_rows)
+        yield table.append_column(f"seconds_{self.name}", pa.array(seconds, pa.float64()))
 
 
 def round_statistics(
