@@ -145,12 +145,24 @@ class PromptsConfig:
             raise ConfigError(f"prompts.template {self.template!r} must contain {{prompt}}")
 
 
+GENERATION_KINDS = ("vllm", "synthetic")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampling from the base model with vLLM (one engine per actor).
+    """Sampling from the base model with vLLM (one engine per actor), or synthetic samples.
+
+    ``kind: synthetic`` is a test and benchmark tool, not a model: each round's responses are drawn
+    by :class:`~limits_ray.generation.SyntheticGenerator` from numpy's generator seeded by the round
+    seed (random length 1..``max_tokens`` words of a small vocabulary, with their exact
+    log-probability), so the whole pipeline (rewards, store, statistics, tables, plots) runs at scale
+    without a model, GPU or tokenizer. ``model``, ``temperature``, ``top_p``, ``stop``, the engine and
+    GPU settings do not apply to it, and prompts are rendered with ``prompts.template`` only (no
+    chat template) and not length-checked.
 
     Attributes:
-        model: a local model directory or hub name vLLM can load.
+        model: a local model directory or hub name vLLM can load (``vllm`` only, where it is required).
+        kind: ``vllm`` (default) or ``synthetic``.
         samples_per_prompt: N, the base samples drawn per prompt; a multiple of ``n``.
         n: samples per request: one request is one *round*, seeded by (prompt_id, round).
         seed: the run's base seed; round seeds derive from (seed, prompt_id, round).
@@ -162,7 +174,8 @@ class GenerationConfig:
         engine_kwargs: further ``vllm.LLM`` arguments.
     """
 
-    model: str
+    model: str = ""
+    kind: str = "vllm"
     samples_per_prompt: int = 64
     n: int = 16
     seed: int = 0
@@ -183,6 +196,13 @@ class GenerationConfig:
             raise ConfigError(
                 f"generation.samples_per_prompt ({self.samples_per_prompt}) must be a positive multiple "
                 f"of generation.n ({self.n})"
+            )
+        if self.kind not in GENERATION_KINDS:
+            raise ConfigError(f"generation.kind {self.kind!r}: valid kinds are {list(GENERATION_KINDS)}")
+        if self.kind == "vllm" and not self.model:
+            raise ConfigError(
+                "generation.model is required for kind vllm: give a model directory or hub name "
+                "(or kind: synthetic for model-free test and benchmark runs)"
             )
 
     @property

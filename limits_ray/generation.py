@@ -13,10 +13,14 @@ import os
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from limits_ray.config import GenerationConfig
 
-__all__ = ["CPU_ENV_DEFAULTS", "Generator", "OUTPUT_COLUMNS", "prompt_token_count", "round_seed"]
+__all__ = [
+    "CPU_ENV_DEFAULTS", "Generator", "OUTPUT_COLUMNS", "SYNTHETIC_VOCABULARY", "SyntheticGenerator", "WordTokenizer",
+    "prompt_token_count", "round_seed", "synthetic_word_probabilities",
+]
 
 SEED_MODULUS = 2**31  # vLLM seeds are safest as non-negative 32-bit ints
 REQUEST_COLUMNS = ("prompt_id", "prompt", "round")
@@ -27,6 +31,11 @@ CPU_ENV_DEFAULTS = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # run the engine core in this process (actor)
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; vLLM's CPU default is far larger
 }
+SYNTHETIC_VOCABULARY = (
+    "the", "a", "of", "and", "to", "in", "is", "it", "that", "was", "for", "on", "with", "as", "river", "light",
+    "stone", "quietly", "morning", "remembered", "between", "garden", "silver", "wind", "across", "story",
+    "because", "numbers", "bright", "under", "window", "again",
+)
 
 
 def round_seed(base_seed: int, prompt_id: str, round: int) -> int:
@@ -169,3 +178,106 @@ def _column(name: str, values: list[Any]) -> np.ndarray:
     array = np.empty(len(values), dtype=object)  # str, or a list of str per round (Arrow: list<string>)
     array[:] = values
     return array
+
+
+SYNTHETIC_SLOT_BITS = 16  # words are drawn as one of 2**16 equally likely slots
+
+
+def synthetic_word_probabilities(vocabulary_size: int = len(SYNTHETIC_VOCABULARY)) -> np.ndarray:
+    """Probabilities of the synthetic words: Zipf's law ``p_k ~ 1/(k+1)`` rounded to multiples of ``2**-16``.
+
+    Each word gets ``max(1, floor(2**16 p_k))`` of the ``2**16`` slots (the first word the rest), so
+    the probabilities are exact dyadic rationals: what the generator samples is exactly this.
+    """
+    slots = 2**SYNTHETIC_SLOT_BITS
+    weights = 1.0 / np.arange(1, vocabulary_size + 1)
+    counts = np.maximum(1, np.floor(weights / weights.sum() * slots)).astype(np.int64)
+    counts[0] += slots - counts.sum()
+    return counts / slots
+
+
+class SyntheticGenerator:
+    """Model-free rounds with :class:`Generator`'s contract, for tests and benchmarks (``generation.kind: synthetic``).
+
+    Each round draws from ``numpy.random.default_rng(round_seed(config.seed, prompt_id, round))``:
+    per sample a length ``L`` uniform on ``1 .. max_tokens``, then ``L`` words i.i.d. from
+    :data:`SYNTHETIC_VOCABULARY` with probabilities :func:`synthetic_word_probabilities`, joined by
+    single spaces. ``response_tokens = L``; ``finish_reason`` is ``"length"`` when ``L = max_tokens``,
+    else ``"stop"``; ``logprob`` is the response's exact log-probability under this distribution,
+    ``-log(max_tokens) + sum_i log p(w_i)`` (distinct word sequences spell distinct texts). The prompt
+    is not read: responses depend only on the round seed. ``add_special_tokens`` is accepted for the
+    stage's constructor signature and unused. Texts are assembled as bytes with numpy, so a core
+    produces hundreds of thousands of samples per second.
+    """
+
+    def __init__(self, config: GenerationConfig, add_special_tokens: bool = True) -> None:
+        self.config = config
+        probabilities = synthetic_word_probabilities(len(SYNTHETIC_VOCABULARY))
+        self.word_logprobs = np.log(probabilities)
+        slot_counts = np.rint(probabilities * 2**SYNTHETIC_SLOT_BITS).astype(np.int64)
+        self.slots = np.repeat(np.arange(probabilities.size), slot_counts)  # slot -> word index
+        spelled = [f"{word} ".encode("ascii") for word in SYNTHETIC_VOCABULARY]
+        self.spelled = np.zeros((len(spelled), max(map(len, spelled))), dtype=np.uint8)
+        for index, word in enumerate(spelled):
+            self.spelled[index, :len(word)] = np.frombuffer(word, dtype=np.uint8)
+        self.spelled_lengths = np.array([len(word) for word in spelled], dtype=np.int64)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One output row per request: ``n`` synthetic samples each."""
+        missing = [column for column in REQUEST_COLUMNS if column not in batch]
+        if missing:
+            raise KeyError(f"generation input lacks column(s) {missing}; got {sorted(batch)}")
+        prompt_ids = [str(value) for value in batch["prompt_id"]]
+        if not prompt_ids:
+            return empty_output(self.config.n)
+        rounds = np.asarray(batch["round"], dtype=np.int64)
+        seeds = np.array(
+            [round_seed(self.config.seed, pid, int(rnd)) for pid, rnd in zip(prompt_ids, rounds)], dtype=np.int64,
+        )
+        drawn = [self._draw(int(seed)) for seed in seeds]
+        lengths = np.stack([length for length, _ in drawn])
+        words = np.concatenate([word for _, word in drawn])
+        starts = np.cumsum(lengths.reshape(-1)) - lengths.reshape(-1)
+        logprobs = np.add.reduceat(self.word_logprobs[words], starts) - np.log(self.config.max_tokens)
+        shape = lengths.shape
+        return {
+            "prompt_id": _column("prompt_id", prompt_ids), "prompt": _column("prompt", list(batch["prompt"])),
+            "round": rounds, "seed": seeds,
+            "sample_idx": rounds[:, None] * self.config.n + np.arange(self.config.n, dtype=np.int64),
+            "response": self._texts(words, lengths.reshape(-1)).reshape(shape),
+            "response_tokens": lengths,
+            "logprob": logprobs.reshape(shape),
+            "finish_reason": np.where(lengths == self.config.max_tokens, "length", "stop").astype(object),
+        }
+
+    def _draw(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """One round: its ``n`` lengths and the word indices of its ``n`` responses, concatenated."""
+        rng = np.random.default_rng(seed)
+        lengths = rng.integers(1, self.config.max_tokens, size=self.config.n, endpoint=True, dtype=np.int64)
+        slots = rng.integers(0, self.slots.size - 1, size=int(lengths.sum()), endpoint=True, dtype=np.int64)
+        return lengths, self.slots[slots]
+
+    def _texts(self, words: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The responses spelled out: each word and a space, less the last space of each response."""
+        spelled = self.spelled[words]
+        data = spelled[spelled != 0]
+        ends = np.cumsum(self.spelled_lengths[words])[np.cumsum(lengths) - 1]
+        data = np.delete(data, ends - 1)
+        offsets = np.concatenate([[0], ends - np.arange(1, ends.size + 1)]).astype(np.int32)
+        texts = pa.StringArray.from_buffers(ends.size, pa.py_buffer(offsets), pa.py_buffer(data))
+        return texts.to_numpy(zero_copy_only=False)
+
+
+class WordTokenizer:
+    """The synthetic generator's tokenizer: a token is a whitespace-separated word.
+
+    Enough of a Hugging Face tokenizer's call interface for :func:`limits_ray.prompts.load_prompts`
+    to count prompt tokens with ``generation.kind: synthetic``; it has no chat template.
+    """
+
+    chat_template = None
+    name_or_path = "synthetic words"
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        """``{"input_ids": [[0] * words for each text]}``."""
+        return {"input_ids": [[0] * len(text.split()) for text in texts]}

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import uuid
@@ -36,6 +37,7 @@ from limits_ray.config import ConfigError, JobConfig
 from limits_ray.faults import Quarantine
 from limits_ray.frontier import mean_from_sums
 from limits_ray.io import SCHEMAS
+from limits_ray.prompts import PromptSet
 from limits_ray.reduce import Plan, ReduceResult
 from limits_ray.storage import Location, check_writable, open_location
 from limits_ray.store import SampleStore, auto_buckets
@@ -80,7 +82,7 @@ def setup_identity(config: JobConfig) -> dict[str, Any]:
     """What must stay the same for samples to belong to one series (the store's manifest)."""
     generation = config.generation
     return {
-        "base_model": model_fingerprint(generation.model),
+        "base_model": "synthetic" if generation.kind == "synthetic" else model_fingerprint(generation.model),
         "sampling": {
             "n": generation.n, "seed": generation.seed, "temperature": generation.temperature,
             "top_p": generation.top_p, "max_tokens": generation.max_tokens, "stop": list(generation.stop),
@@ -152,6 +154,24 @@ def _max_prompt_tokens(config: JobConfig, tokenizer: Any) -> int:
     if room <= 0:
         raise ConfigError(f"generation.max_tokens ({config.generation.max_tokens}) leaves no room in a context of {context}")
     return room
+
+
+def _load_prompt_set(config: JobConfig) -> PromptSet:
+    """The job's prompts, rendered and length-checked with the base model's tokenizer.
+
+    With ``generation.kind: synthetic`` there is no model: prompts are rendered with
+    ``prompts.template`` only, counted in words and not length-checked.
+    """
+    from limits_ray.prompts import load_prompts
+
+    if config.generation.kind == "synthetic":
+        from limits_ray.generation import WordTokenizer
+
+        return load_prompts(config.prompts, WordTokenizer(), max_prompt_tokens=sys.maxsize)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
+    return load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
 
 
 def _init_ray(address: str) -> None:
@@ -331,16 +351,12 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None,
     names its prompt_id; start 0 unless ``round_starts`` does); rounds already in the sample store
     are merged from there, not generated.
     """
-    from transformers import AutoTokenizer
-
-    from limits_ray.prompts import load_prompts
     from limits_ray.validate import validate_job
 
     started = time.perf_counter()
     validate_job(config)
     output, store_root = _open_locations(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
-    prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
+    prompt_set = _load_prompt_set(config)
     targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
     targets.update({key: value for key, value in (round_targets or {}).items() if key in targets})
     starts = {key: int(value) for key, value in (round_starts or {}).items() if key in targets}

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import Quarantine, run_with_quarantine
 from limits_ray.progress import Progress
-from limits_ray.rounds import round_lengths
+from limits_ray.rounds import round_lengths, to_arrow
 from limits_ray.storage import Location
 from limits_ray.store import flatten_rounds
 
@@ -68,10 +69,11 @@ def root_cause(error: BaseException) -> str:
 class Timed:
     """Wraps a stage class for ``map_batches``: records busy time and quarantines failing rounds.
 
-    Adds the column ``seconds_<name>``: the call's wall time divided among the batch's rows, so
-    summing it over the output gives the stage's busy time. With ``quarantine_dir`` set and
-    ``fail_fast`` off, a batch that raises is retried round by round and rounds that still fail
-    are quarantined (:mod:`limits_ray.faults`) instead of failing the run.
+    Adds the column ``seconds_<name>``: the call's wall time (the conversion to Arrow included)
+    divided among the batch's rows, so summing it over the output gives the stage's busy time.
+    With ``quarantine_dir`` set and ``fail_fast`` off, a batch that raises is retried round by
+    round and rounds that still fail are quarantined (:mod:`limits_ray.faults`) instead of
+    failing the run.
     """
 
     def __init__(
@@ -83,8 +85,9 @@ class Timed:
         self.quarantine = None if fail_fast or not quarantine_dir else Quarantine(quarantine_dir, run_id)
         self.attempts = attempts
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Yield the stage's output for ``batch`` (nothing when every round was quarantined)."""
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        """Yield the stage's output for ``batch`` as Arrow (:func:`~limits_ray.rounds.to_arrow`; nothing when
+        every round was quarantined), so rounds travel as typed list columns rather than pickled objects."""
         started = time.perf_counter()
         if self.quarantine is None:
             output = self.stage(batch)
@@ -92,9 +95,9 @@ class Timed:
             output = run_with_quarantine(self.stage, batch, self.name, self.quarantine, self.attempts)
         if output is None or len(output["prompt_id"]) == 0:
             return
-        rows = len(output["prompt_id"])
-        output[f"seconds_{self.name}"] = np.full(rows, (time.perf_counter() - started) / rows)
-        yield output
+        table = to_arrow(output)
+        seconds = np.full(table.num_rows, (time.perf_counter() - started) / table.num_rows)
+        yield table.append_column(f"seconds_{self.name}", pa.array(seconds, pa.float64()))
 
 
 def store_rounds(batch: dict[str, np.ndarray], *, context: "BucketContext", keep_text: bool) -> dict[str, np.ndarray]:
@@ -164,20 +167,23 @@ class StageTimes:
 
 def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: bool, faults: dict[str, Any] | None = None,
                      stage: type | None = None, name: str = "generate"):
-    """The actor pool sampling rounds with ``stage`` (default :class:`~limits_ray.generation.Generator`)."""
+    """The actor pool sampling rounds with ``stage``: by default :class:`~limits_ray.generation.Generator`
+    (one vLLM engine per actor), or :class:`~limits_ray.generation.SyntheticGenerator` for
+    ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only)."""
     from ray.data import ActorPoolStrategy
 
-    from limits_ray.generation import Generator
+    from limits_ray.generation import Generator, SyntheticGenerator
 
+    synthetic = generation.kind == "synthetic"
     return dataset.map_batches(
         Timed,
         fn_constructor_kwargs={
-            "stage": stage or Generator, "name": name, "config": generation,
+            "stage": stage or (SyntheticGenerator if synthetic else Generator), "name": name, "config": generation,
             "add_special_tokens": add_special_tokens, **(faults or {}),
         },
         compute=ActorPoolStrategy(size=generation.concurrency),
         batch_size=generation.batch_size,
-        **engine_remote_args(generation),
+        **({"num_cpus": generation.num_cpus} if synthetic else engine_remote_args(generation)),
     )
 
 

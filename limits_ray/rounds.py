@@ -5,16 +5,29 @@ columns (``sample_idx``, ``response``, ``response_tokens``, ``logprob``, ``finis
 reward) hold ``n`` values per row: a ``[rows, n]`` array, or, after Ray Data has moved the batch,
 an object array of ``n``-arrays. A row whose sample columns hold scalars is a round of one sample.
 Keeping rounds whole makes a round the unit of storage, retry and merging.
+
+Between stages a batch of rounds travels as an Arrow table (:func:`to_arrow`): round columns as
+scalars, sample columns as ``list<...>`` (Ray Data hands them to the next stage as object arrays of
+``n``-arrays, which the functions here read), never as pickled Python objects.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
-__all__ = ["ROUND_COLUMNS", "SAMPLE_COLUMNS", "is_round_layout", "per_round", "per_sample", "regroup", "round_lengths"]
+__all__ = [
+    "ARROW_TYPES", "ROUND_COLUMNS", "SAMPLE_COLUMNS", "is_round_layout", "per_round", "per_sample", "regroup",
+    "round_lengths", "to_arrow",
+]
 
 ROUND_COLUMNS = ("prompt_id", "prompt", "round", "seed")
 SAMPLE_COLUMNS = ("sample_idx", "response", "response_tokens", "logprob", "finish_reason")
+ARROW_TYPES = {
+    "prompt_id": pa.string(), "prompt": pa.string(), "round": pa.int64(), "seed": pa.int64(),
+    "sample_idx": pa.list_(pa.int64()), "response": pa.list_(pa.string()), "response_tokens": pa.list_(pa.int64()),
+    "logprob": pa.list_(pa.float64()), "finish_reason": pa.list_(pa.string()),
+}
 
 
 def _is_nested(values: np.ndarray) -> bool:
@@ -32,7 +45,11 @@ def is_round_layout(batch: dict[str, np.ndarray]) -> bool:
 
 def round_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
     """Samples per row, read off ``sample_idx`` (or ``response`` if there is no ``sample_idx``)."""
-    values = _reference(batch)
+    return _lengths(_reference(batch))
+
+
+def _lengths(values: np.ndarray) -> np.ndarray:
+    """Values per row of one column: ``n`` of a ``[rows, n]`` array, each row's length, or 1 for scalars."""
     if values.ndim > 1:
         return np.full(values.shape[0], values.shape[1], dtype=np.int64)
     if _is_nested(values):
@@ -66,3 +83,43 @@ def regroup(flat: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
     rows = np.empty(lengths.size, dtype=object)
     rows[:] = np.split(flat, np.cumsum(lengths)[:-1])
     return rows
+
+
+def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
+    """The batch of rounds as an Arrow table with an explicit type per column.
+
+    Known columns take :data:`ARROW_TYPES`; ``seconds_*`` columns are float64; any other column
+    holding ``n`` values per row (a reward, say) is ``list<double>`` for floats, ``list<int64>`` for
+    integers, else ``list<string>``; a numeric column of three or more dimensions (token ids padded
+    to ``[rows, n, width]``) is a fixed-shape tensor, which Ray Data hands back as that ndarray; any
+    other column of one value per row keeps the type Arrow infers (string, binary, int64, ...).
+    """
+    return pa.table({name: _arrow_column(name, np.asarray(values)) for name, values in batch.items()})
+
+
+def _arrow_column(name: str, values: np.ndarray) -> pa.Array:
+    """One column of :func:`to_arrow`."""
+    known = ARROW_TYPES.get(name)
+    if name.startswith("seconds_"):
+        return pa.array(values, pa.float64())
+    if values.dtype != object and values.ndim > 2:
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values))
+    if known is not None and not pa.types.is_list(known):
+        return pa.array(values, known)
+    if known is None and not _is_nested(values):
+        return pa.array(values)
+    flat = per_sample(values)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(_lengths(values))]), pa.int32())
+    value_type = known.value_type if known is not None else _value_type(flat)
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, value_type))
+
+
+def _value_type(flat: np.ndarray) -> pa.DataType:
+    """The Arrow type of a sample column without a fixed type: float64, int64, bool or string."""
+    if flat.dtype.kind == "f":
+        return pa.float64()
+    if flat.dtype.kind in "iu":
+        return pa.int64()
+    if flat.dtype.kind == "b":
+        return pa.bool_()
+    return pa.string()

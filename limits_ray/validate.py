@@ -141,16 +141,23 @@ def _check_counts(config: JobConfig) -> None:
                 raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(section, name)}")
 
 
-def _check_output_dir(output_dir: str) -> None:
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"output_dir: cannot create {output_dir!r} ({error.strerror}); choose a writable directory") from None
+def _check_locations(config: JobConfig) -> None:
+    """``output_dir`` and ``store.path`` (paths or URIs) accept a write (see :func:`limits_ray.storage.check_writable`)."""
+    from limits_ray.storage import StorageError, check_writable, open_location
+
+    storage = config.storage
+    places = [("output_dir", config.output_dir)] + ([("store.path", config.store_uri)] if config.store.enabled else [])
+    for key, uri in places:
+        try:
+            check_writable(open_location(uri, storage.endpoint_override, storage.region, where=key), key)
+        except StorageError as error:
+            raise ConfigError(str(error)) from None
 
 
 def validate_job(config: JobConfig) -> None:
     """Check every value of ``config`` that Ray would otherwise meet first; raises :class:`ConfigError`."""
-    check_model(config.generation.model, "generation.model")
+    if config.generation.kind == "vllm":
+        check_model(config.generation.model, "generation.model")
     check_sampling(config.generation)
     _check_counts(config)
     for reward in config.rewards:
@@ -165,4 +172,4 @@ def validate_job(config: JobConfig) -> None:
         config.analysis.plan([reward.name for reward in config.rewards])
     except ConfigError as error:
         raise ConfigError(f"analysis.align/analysis.evals: {error}; name rewards of the rewards section") from None
-    _check_output_dir(config.output_dir)
+    _check_locations(config)

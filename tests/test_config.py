@@ -217,6 +217,14 @@ def test_generation_samples_must_be_a_multiple_of_n():
         from_mapping(JobConfig, job_mapping(generation={"model": "m", "samples_per_prompt": 10, "n": 3}))
 
 
+def test_generation_kind_synthetic_needs_no_model_but_vllm_does():
+    assert from_mapping(GenerationConfig, {"kind": "synthetic"}).model == ""
+    with pytest.raises(ConfigError, match="generation.model is required for kind vllm"):
+        from_mapping(JobConfig, job_mapping(generation={"samples_per_prompt": 16}))
+    with pytest.raises(ConfigError, match=r"generation.kind 'onnx': valid kinds are \['vllm', 'synthetic'\]"):
+        GenerationConfig(kind="onnx")
+
+
 def test_reward_model_validation():
     with pytest.raises(ConfigError, match="kind"):
         RewardModelConfig(name="g", kind="onnx", model="m")

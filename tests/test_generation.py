@@ -1,4 +1,4 @@
-"""Generation with a real vLLM engine on the tiny policy: seeding, layout, log-probabilities."""
+"""Generation: a real vLLM engine on the tiny policy (seeding, layout, log-probabilities); the synthetic generator."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from _tiny import ENGINE_KWARGS, session_tiny_models
 from limits_ray.config import GenerationConfig
 from limits_ray.generation import (
-    OUTPUT_COLUMNS, Generator, has_gpu, prompt_token_count, round_seed, set_cpu_env_defaults,
+    OUTPUT_COLUMNS, SYNTHETIC_VOCABULARY, Generator, SyntheticGenerator, has_gpu, prompt_token_count, round_seed,
+    set_cpu_env_defaults, synthetic_word_probabilities,
 )
 from limits_ray.rounds import ROUND_COLUMNS, per_round, per_sample, round_lengths
 from limits_ray.tiny_models import TinyModels
@@ -151,3 +152,59 @@ def test_empty_batch(generator: Generator) -> None:
 def test_prompt_token_count(generator: Generator) -> None:
     tokenizer = generator.llm.get_tokenizer()
     assert prompt_token_count(tokenizer, PROMPTS["p1"]) == len(tokenizer(PROMPTS["p1"]).input_ids) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The synthetic generator (generation.kind: synthetic): no model, so these tests are fast.
+
+def synthetic(max_tokens: int = MAX_TOKENS, n: int = N) -> SyntheticGenerator:
+    config = GenerationConfig(kind="synthetic", samples_per_prompt=2 * n, n=n, seed=7, max_tokens=max_tokens)
+    return SyntheticGenerator(config)
+
+
+def test_synthetic_follows_the_generator_contract() -> None:
+    output = synthetic()(requests([("p0", 0), ("p1", 0), ("p0", 1), ("p2", 3)]))
+    assert set(output) == set(OUTPUT_COLUMNS)
+    for name in ("round", "seed", "sample_idx", "response_tokens"):
+        assert output[name].dtype == np.int64
+    for pid, rnd in (("p0", 0), ("p1", 0), ("p0", 1), ("p2", 3)):
+        rows = rows_of(output, pid, rnd)
+        assert rows["sample_idx"] == [rnd * N + j for j in range(N)]
+        assert set(rows["seed"]) == {round_seed(7, pid, rnd)} and set(rows["prompt"]) == {PROMPTS[pid]}
+    samples = flat(output)
+    words = [text.split(" ") for text in samples["response"]]
+    assert [len(text) for text in words] == samples["response_tokens"].tolist()
+    assert set(word for text in words for word in text) <= set(SYNTHETIC_VOCABULARY)
+    assert (samples["response_tokens"] >= 1).all() and (samples["response_tokens"] <= MAX_TOKENS).all()
+    expected_reasons = np.where(samples["response_tokens"] == MAX_TOKENS, "length", "stop")
+    assert samples["finish_reason"].tolist() == expected_reasons.tolist()
+    assert synthetic()(requests([]))["sample_idx"].shape == (0, N)
+
+
+def test_synthetic_logprob_is_the_sequence_probability() -> None:
+    probabilities = dict(zip(SYNTHETIC_VOCABULARY, synthetic_word_probabilities()))
+    samples = flat(synthetic()(requests([("p0", 0), ("p1", 2)])))
+    for text, logprob in zip(samples["response"], samples["logprob"]):
+        expected = -math.log(MAX_TOKENS) + sum(math.log(probabilities[word]) for word in text.split(" "))
+        assert math.isclose(logprob, expected, rel_tol=1e-12)
+
+
+def test_synthetic_samples_follow_their_logprobs() -> None:
+    """One-word responses: each text's frequency over 40,000 draws matches exp(logprob) (5 binomial sigmas)."""
+    generator = synthetic(max_tokens=1, n=1000)
+    samples = flat(generator(requests([(pid, rnd) for pid in PROMPTS for rnd in range(14)][:40])))
+    texts, counts = np.unique(samples["response"], return_counts=True)
+    probability = {text: math.exp(lp) for text, lp in zip(samples["response"], samples["logprob"])}
+    total = samples["response"].size
+    for text, count in zip(texts, counts):
+        p = probability[text]
+        assert abs(count - total * p) <= 5 * math.sqrt(total * p * (1 - p)) + 1, text
+    assert math.isclose(sum(synthetic_word_probabilities()), 1.0, rel_tol=1e-15)
+
+
+def test_synthetic_rounds_are_reproducible_and_independent() -> None:
+    first = synthetic()(requests([("p0", 0), ("p0", 1), ("p1", 0)]))
+    again = synthetic()(requests([("p1", 0), ("p0", 1)]))
+    for pid, rnd in (("p0", 1), ("p1", 0)):
+        assert rows_of(again, pid, rnd) == rows_of(first, pid, rnd)
+    assert rows_of(first, "p0", 0)["response"] != rows_of(first, "p0", 1)["response"]

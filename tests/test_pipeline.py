@@ -1,4 +1,4 @@
-"""End to end on the tiny models: the real Ray Data pipeline with vLLM generation and scoring."""
+"""End to end: the real Ray Data pipeline, on the tiny models (vLLM generation and scoring) and on synthetic rounds."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.config import AnalysisConfig
+from limits_ray.config import AnalysisConfig, GenerationConfig, JobConfig, RewardModelConfig, from_mapping
 from limits_ray.io import SCHEMAS
 from limits_ray.job import run_job
+from limits_ray.pipeline import generation_stage, scorer_stage
 from limits_ray.reduce import reduce_samples
+from limits_ray.rounds import ARROW_TYPES
 from _tiny import tiny_job
 
 pytestmark = pytest.mark.slow
@@ -87,3 +90,48 @@ def test_rerun_resumes_from_the_store_and_changes_nothing(tiny_run):
     assert report.rounds_generated == 0 and report.rounds_from_store == 3 * 4
     np.testing.assert_allclose(second.frontier["gain"].to_numpy(), first.frontier["gain"].to_numpy(), rtol=1e-10)
     np.testing.assert_allclose(second.frontier["kl"].to_numpy(), first.frontier["kl"].to_numpy(), rtol=1e-10, atol=1e-14)
+
+
+def _ray_worker_logs() -> str:
+    """Everything this test module's Ray instance's workers have logged so far."""
+    import ray._private.worker
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return "".join(path.read_text(errors="replace") for path in logs.glob("worker-*") if path.is_file())
+
+
+def test_synthetic_rounds_travel_as_arrow_lists_without_pickling(ray_local):
+    import ray
+
+    generation = GenerationConfig(kind="synthetic", samples_per_prompt=32, n=16, max_tokens=6, batch_size=2, num_cpus=0.5)
+    reward = RewardModelConfig(name="length", kind="function", function="limits_ray.reward_functions:response_length",
+                               num_cpus=0.5, batch_size=32)
+    requests = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "round": r} for i in range(4) for r in range(2)]
+    dataset = ray.data.from_items(requests, override_num_blocks=4)
+    dataset = scorer_stage(generation_stage(dataset, generation, True), reward, generation.n)
+    table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    types = dict(zip(table.schema.names, table.schema.types))
+    assert {name: types[name] for name in ARROW_TYPES} == ARROW_TYPES
+    assert types["length"] == pa.list_(pa.float64()) and types["seconds_generate"] == pa.float64()
+    assert table.num_rows == 8 and sorted(zip(table["prompt_id"].to_pylist(), table["round"].to_pylist())) == [
+        (f"p{i}", r) for i in range(4) for r in range(2)]
+    for responses, lengths in zip(table["response"].to_pylist(), table["length"].to_pylist()):
+        assert lengths == [len(text) / 10 for text in responses]
+    assert "pickled python objects" not in _ray_worker_logs()
+
+
+def test_synthetic_job_end_to_end_without_a_model(ray_local, tmp_path):
+    config = from_mapping(JobConfig, {
+        "name": "synthetic-test", "output_dir": str(tmp_path / "out"), "ray_address": "local",
+        "prompts": {"inline": ["one prompt", "another prompt", "a third"], "template": "Q: {prompt}\nA:"},
+        "generation": {"kind": "synthetic", "samples_per_prompt": 64, "n": 16, "max_tokens": 8, "num_cpus": 0.5},
+        "rewards": [{"name": "length", "kind": "function", "function": "limits_ray.reward_functions:response_length",
+                     "num_cpus": 0.5}],
+        "analysis": {"betas": "0.1:10:3"},
+    })
+    result, report = run_job(config)
+    assert report.samples == 3 * 64 and result.frontier.num_rows == 3 * 3
+    stored = ds.dataset(str(config.store_path / "samples"), format="parquet").to_table()
+    assert stored.num_rows == 3 * 64 and np.all(stored["logprob"].to_numpy() < 0)
+    assert json.loads((config.store_path / "manifest.json").read_text())["base_model"] == "synthetic"
+    assert "pickled python objects" not in _ray_worker_logs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from limits_ray.faults import Quarantine, QuarantinedRound, run_with_quarantine
@@ -45,7 +46,7 @@ def test_timed_yields_nothing_for_a_fully_quarantined_batch_and_raises_when_fail
     quarantined = Timed(FailsOn, "score_rm", quarantine_dir=open_location(tmp_path), run_id="r", fail_fast=False, bad="a")
     assert list(quarantined(_batch(["a"]))) == []
     [output] = list(quarantined(_batch(["c"])))
-    assert output["seconds_score_rm"].shape == (1,)
+    assert output.num_rows == 1 and output["seconds_score_rm"].type == pa.float64()  # an Arrow table
     strict = Timed(FailsOn, "score_rm", bad="a")
     with pytest.raises(ValueError, match="nan"):
         list(strict(_batch(["a"])))
