@@ -55,8 +55,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
     "convergence": pa.schema([
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
-        ("n_samples", pa.int64()), ("gain", pa.float64()), ("kl", pa.float64()), ("ess", pa.float64()),
-        ("khat", pa.float64()), ("reliable", pa.bool_()),
+        ("n_samples", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
+        ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("reliable", pa.bool_()),
     ]),
 }
 

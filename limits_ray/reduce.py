@@ -92,15 +92,20 @@ def frontier_rows(builder: TableBuilder, prompt_id: str, plan: Plan, statistics:
 
 
 def convergence_rows(builder: TableBuilder, prompt_id: str, plan: Plan, statistics: dict[str, DyadicStats]) -> None:
-    """Add the estimates on every dyadic prefix (N = 1, 2, 4, ... samples) of one prompt, with the
-    prefix's ESS, k-hat and reliability flag."""
+    """Add the estimates on every dyadic prefix (N = 1, 2, 4, ... samples) of one prompt, and on all its
+    samples when N is not a power of two, with their standard errors, ESS, k-hat and reliability flag."""
     for align, evals in plan:
-        for prefix in statistics[align.name].prefixes():
-            estimate = prefix.finalize()
+        dyadic = statistics[align.name]
+        states = list(dyadic.prefixes())
+        if states and states[-1].n != dyadic.n:
+            states.append(dyadic.total())
+        for state in states:
+            estimate = state.finalize()
             for spec, column in zip(evals, _eval_index(align, evals)):
                 builder.add(
                     estimate.betas.size, prompt_id=prompt_id, align=align.name, eval=spec.name,
-                    beta=estimate.betas, n_samples=estimate.n, gain=estimate.gain[:, column], kl=estimate.kl,
+                    beta=estimate.betas, n_samples=estimate.n, gain=estimate.gain[:, column],
+                    gain_se=estimate.gain_se[:, column], kl=estimate.kl, kl_se=estimate.kl_se,
                     ess=estimate.ess, khat=estimate.khat, reliable=estimate.reliable,
                 )
 

@@ -1,10 +1,10 @@
 """Large-N convergence studies: estimates of gain and KL against N, per beta, over prompts.
 
 For a config and a maximum N, :func:`run_study` brings the sample store up to N samples per prompt
-(only missing rounds are generated, see :func:`limits_ray.job.run_job`), then reads the store once,
-prompt by prompt, and finalizes the statistics of every dyadic prefix (N = 1, 2, 4, ..., the
-sample_idx order): per prompt, beta and N it has gain, KL, their delta-method standard errors and
-the Kish ESS (:func:`prefix_table`). :func:`summarize` averages over prompts with two error bars,
+(only missing rounds are generated, see :func:`limits_ray.job.run_job`) and takes the run's
+``convergence`` table, which the bucket tasks write from the merged statistics of every dyadic prefix
+(N = 1, 2, 4, ..., the sample_idx order, and N itself): per prompt, beta and N it has gain, KL, their
+standard errors, the Kish ESS and k-hat. :func:`summarize` averages over prompts with two error bars,
 
 - ``*_mc_se``: Monte Carlo error of the prompt mean, ``sqrt(sum_x se_x^2) / P`` (prompts fixed),
 - ``*_spread_se``: the spread across prompts, ``sd_x / sqrt(P)`` (prompts drawn from a population),
@@ -26,62 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from limits_ray.config import AnalysisConfig, JobConfig
-from limits_ray.io import iter_prompts, read_samples, write_table
-from limits_ray.reduce import Plan, _eval_index, prompt_statistics
+from limits_ray.config import JobConfig
+from limits_ray.io import write_table
 
-__all__ = [
-    "PREFIX_SCHEMA", "StudyResult", "prefix_table", "run_study", "settle_table", "study_config", "summarize",
-    "write_study",
-]
-
-PREFIX_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
-    ("n_samples", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
-    ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("reliable", pa.bool_()),
-])
-
-
-def prefix_table(samples_path: str | Path, analysis: AnalysisConfig, reward_names: list[str], max_n: int = 0) -> pa.Table:
-    """Per-prompt estimates with standard errors and ESS on every dyadic prefix (N = 1, 2, 4, ...).
-
-    Reads ``samples_path`` (a store's ``samples`` directory or any scored-samples Parquet), keeps
-    ``sample_idx < max_n`` (0: all), and adds the full sample count as a last N when it is not a
-    power of two. One prompt's rewards are in memory at a time after the read.
-    """
-    table, columns = read_samples(samples_path, tuple(reward_names))
-    if max_n:
-        table = table.filter(pc.less(table["sample_idx"], max_n))
-    plan: Plan = analysis.plan(columns)
-    betas = np.asarray(analysis.betas)
-    blocks: list[dict[str, np.ndarray]] = []
-    for samples in iter_prompts(table, columns):
-        statistics = prompt_statistics(samples, plan, betas)
-        for align, evals in plan:
-            dyadic = statistics[align.name]
-            states = list(dyadic.prefixes())
-            total = dyadic.total()
-            if states and states[-1].n != total.n:
-                states.append(total)
-            for state in states:
-                estimate = state.finalize()
-                for spec, column in zip(evals, _eval_index(align, evals)):
-                    size = estimate.betas.size
-                    blocks.append({
-                        "prompt_id": np.full(size, samples.prompt_id, dtype=object),
-                        "align": np.full(size, align.name, dtype=object),
-                        "eval": np.full(size, spec.name, dtype=object),
-                        "beta": estimate.betas, "n_samples": np.full(size, estimate.n, dtype=np.int64),
-                        "gain": estimate.gain[:, column], "gain_se": estimate.gain_se[:, column],
-                        "kl": estimate.kl, "kl_se": estimate.kl_se, "ess": estimate.ess,
-                        "khat": estimate.khat, "reliable": estimate.reliable,
-                    })
-    if not blocks:
-        return PREFIX_SCHEMA.empty_table()
-    arrays = [pa.array(np.concatenate([block[field.name] for block in blocks]), type=field.type) for field in PREFIX_SCHEMA]
-    return pa.Table.from_arrays(arrays, schema=PREFIX_SCHEMA)
+__all__ = ["StudyResult", "run_study", "settle_table", "study_config", "summarize", "write_study"]
 
 
 def _groups(table: pa.Table, keys: list[str]) -> tuple[list[tuple], list[np.ndarray]]:
@@ -301,12 +250,9 @@ def run_study(config: JobConfig, max_n: int, out_dir: str | Path | None = None, 
     out_dir = Path(out_dir or Path(config.output_dir) / f"study-N{max_n}")
     job = study_config(config, max_n, out_dir)
     result, report = run_job(job)
-    prefixes = prefix_table(Path(job.store_uri) / "samples", job.analysis, [reward.name for reward in job.rewards],
-                            max_n=job.generation.samples_per_prompt)
-    # The store may hold prompts this config no longer has: study only the config's prompts.
-    prompt_ids = pa.array(sorted(set(result.frontier["prompt_id"].to_pylist())), pa.string())
-    prefixes = prefixes.filter(pc.is_in(prefixes["prompt_id"], value_set=prompt_ids))
-    study = study_from_table(prefixes, tolerance, atol, title=config.name)
+    # The run's convergence table: its prompts only, every dyadic N with errors, ESS and k-hat, written
+    # by the bucket tasks from the merged statistics (no read of the stored samples here).
+    study = study_from_table(result.convergence, tolerance, atol, title=config.name)
     write_study(study, out_dir)
     (out_dir / "study.json").write_text(json.dumps({
         "max_n": job.generation.samples_per_prompt, "tolerance": tolerance, "atol": atol,

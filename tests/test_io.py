@@ -32,7 +32,7 @@ def test_contract_schemas():
         "gain_bc", "kl_bc", "reliable"]
     assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl", "reward_se", "gain_se"]
     assert SCHEMAS["convergence"].names == [
-        "prompt_id", "align", "eval", "beta", "n_samples", "gain", "kl", "ess", "khat", "reliable"]
+        "prompt_id", "align", "eval", "beta", "n_samples", "gain", "gain_se", "kl", "kl_se", "ess", "khat", "reliable"]
     assert SCHEMAS["frontier"].field("reliable").type == pa.bool_()
     assert SCHEMAS["frontier_mean"].field("reliable").type == pa.float64()
     assert SCHEMAS["frontier"].field("n").type == pa.int64()

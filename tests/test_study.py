@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from limits_ray.config import AnalysisConfig
-from limits_ray.study import prefix_table, settle_table, study_from_table, summarize, write_study
+from limits_ray.reduce import reduce_samples
+from limits_ray.study import settle_table, study_from_table, summarize, write_study
 from _tiny import tiny_job
 
 
@@ -44,13 +45,13 @@ def test_settle_n_is_where_the_mean_stays_within_tolerance():
     assert moving["settle_n"][0].as_py() == 32 and not moving["settled"][0].as_py()
 
 
-def test_prefix_table_has_errors_and_ess_on_known_gaussian_rewards(tmp_path):
+def test_the_convergence_table_has_errors_and_ess_on_known_gaussian_rewards(tmp_path):
     rng = np.random.default_rng(0)
     n = 4096
     table = pa.table({"prompt_id": np.repeat(["p0", "p1"], n), "sample_idx": np.tile(np.arange(n), 2),
                       "r": np.concatenate([rng.normal(0, 1, n), rng.normal(0, 0.5, n)])})
     pq.write_table(table, tmp_path / "samples.parquet")
-    prefixes = prefix_table(tmp_path / "samples.parquet", AnalysisConfig(betas=(1.0, 4.0)), ["r"])
+    prefixes = reduce_samples(tmp_path / "samples.parquet", AnalysisConfig(betas=(1.0, 4.0), best_of_n=False)).convergence
     assert sorted(set(prefixes["n_samples"].to_pylist())) == [2**k for k in range(13)]
     final = prefixes.filter(pa.compute.equal(prefixes["n_samples"], n)).to_pylist()
     for row in final:
