@@ -17,6 +17,7 @@ a temporary directory. Series:
 * nightly: a store of 100 prompts x R rounds of 100 samples (R = 1, 10, 100, 1000: 1e4 .. 1e7
   samples) is built by one night of ``limits_ray.nightly.run_night``, then the next night adds one
   round per prompt (1e4 samples) and is timed: it should cost time in proportion to the new round.
+  Best-of-n is off in this series: it reads every stored reward of a prompt, which is O(store).
 
 Each case runs in a fresh subprocess, so the driver's peak resident memory (``VmHWM`` of
 /proc/self/status, which cannot be reset) is that case's alone; the Ray workers' memory is not in
@@ -144,6 +145,9 @@ def nightly_case(work: Path, spec: dict) -> dict:
 
     mapping = job_mapping(work, NIGHTLY_PROMPTS, spec["rounds"] * NIGHTLY_N, NIGHTLY_N)
     mapping["nightly"] = {"rounds_per_night": 1}
+    # Best-of-n needs every stored reward of a prompt (an O(store) read, in parallel over buckets);
+    # the nightly series measures the incremental part: merged statistics plus the new round.
+    mapping["analysis"] = {"best_of_n": False}
     config = from_mapping(JobConfig, mapping)
     started = time.perf_counter()
     first = run_night(config, "2026-01-01")
