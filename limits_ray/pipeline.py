@@ -33,7 +33,6 @@ __all__ = [
     "run_stages", "scorer_stage", "store_rounds",
 ]
 
-STORE_BATCH_SAMPLES = 65536  # samples per store write: one part per bucket per batch, so few and large parts
 QUARANTINE_COUNT_S = 10.0  # how often the driver lists the quarantine for the progress line
 
 
@@ -227,7 +226,7 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
         dataset = scorer_stage(dataset, reward, generation.n, faults)
     dataset = dataset.map_batches(
         store_rounds, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
-        batch_size=max(1, STORE_BATCH_SAMPLES // generation.n),
+        batch_size=max(1, config.store.batch_samples // generation.n),
     )
     actors = {"generate": generation.concurrency, **{f"score_{reward.name}": reward.concurrency for reward in config.rewards}}
     progress = Progress(total_rounds, generation.n, actors, from_store=stored_rounds).start()

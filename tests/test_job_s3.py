@@ -18,7 +18,6 @@ import yaml
 from _tiny import tiny_job_mapping
 from limits_ray.config import JobConfig, from_mapping
 from limits_ray.job import run_job
-from limits_ray.storage import StorageError
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +31,7 @@ def _mapping(models, output_dir: str, store: str = "", endpoint: str = "") -> di
     mapping["generation"].update(samples_per_prompt=96, n=16)
     mapping["rewards"] = [reward for reward in mapping["rewards"] if reward["name"] == "length"]
     mapping["analysis"] = {"betas": "0.1:10:5", "align": ["length"]}
-    mapping["store"] = {"path": store, "buckets": 2}
+    mapping["store"] = {"path": store, "buckets": 2, "batch_samples": 16}  # a part per round: the kill finds some
     if endpoint:
         mapping["storage"] = {"endpoint_override": endpoint}
     return mapping
@@ -85,6 +84,6 @@ def test_a_killed_run_on_s3_resumes_and_equals_a_local_run(tiny_models, tmp_path
 def test_a_missing_bucket_fails_before_any_actor_starts(tiny_models, s3_server):
     mapping = _mapping(tiny_models, "s3://no-such-bucket/out", endpoint=s3_server)
     started = time.monotonic()
-    with pytest.raises(StorageError, match=r"output_dir s3://no-such-bucket/out: not writable .*bucket does not exist"):
+    with pytest.raises(ValueError, match=r"output_dir s3://no-such-bucket/out: not writable .*bucket does not exist"):
         run_job(from_mapping(JobConfig, mapping))
     assert time.monotonic() - started < 30

@@ -131,7 +131,7 @@ def test_synthetic_job_end_to_end_without_a_model(ray_local, tmp_path):
     })
     result, report = run_job(config)
     assert report.samples == 3 * 64 and result.frontier.num_rows == 3 * 3
-    stored = ds.dataset(str(config.store_path / "samples"), format="parquet").to_table()
+    stored = ds.dataset(str(Path(config.store_uri) / "samples"), format="parquet").to_table()
     assert stored.num_rows == 3 * 64 and np.all(stored["logprob"].to_numpy() < 0)
-    assert json.loads((config.store_path / "manifest.json").read_text())["base_model"] == "synthetic"
+    assert json.loads((Path(config.store_uri) / "manifest.json").read_text())["identity"]["base_model"] == "synthetic"
     assert "pickled python objects" not in _ray_worker_logs()

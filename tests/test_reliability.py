@@ -73,6 +73,7 @@ def ray_with_faulty_rewards(tmp_path_factory):
 def _mapping(models, out_dir: Path, **overrides) -> dict:
     mapping = tiny_job_mapping(models, out_dir, prompts={"inline": PROMPTS}, **overrides)
     mapping["generation"]["samples_per_prompt"] = 128
+    mapping["store"] = {**mapping.get("store", {}), "batch_samples": 16}  # a part per round: kills find some stored
     mapping["rewards"] = [reward for reward in mapping["rewards"] if reward["name"] in ("rm_b", "length")]
     mapping["analysis"]["align"] = ["rm_b", "length"]
     return mapping
