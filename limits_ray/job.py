@@ -309,7 +309,7 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     _init_ray(config.ray_address)
     prepared = _run_buckets(prepare_bucket, context, buckets)
     todo = sum(int(counts["todo"]) for counts in prepared)
-    requests = _read_todo(work, config) if todo else None
+    requests = _read_todo(work) if todo else None
     stored = sum(int(counts["stored"]) for counts in prepared)
     times = run_stages(config, requests, todo, context, quarantine, stored_rounds=stored)
     quarantined = quarantine.records()
@@ -415,10 +415,20 @@ def _write_figures(result: ReduceResult, output: Location, title: str) -> None:
             output.join(path.name).write_bytes(path.read_bytes())
 
 
-def _read_todo(work: Location, config: JobConfig):
-    """The todo rounds as a lazily read Ray dataset, a few batches per block."""
+def _read_todo(work: Location):
+    """The todo rounds as a lazily read Ray dataset: one row per todo table (a bucket's), each read by a
+    small task. No read-API task of a full CPU is involved, which on a small cluster could wait forever
+    behind the engine actors."""
     import ray
 
-    files = [location.path for location in work.join("todo").files(suffix=".parquet")]
-    dataset = ray.data.read_parquet(files, filesystem=work.filesystem)
-    return dataset.repartition(target_num_rows_per_block=config.generation.batch_size)
+    files = [{"path": location.path} for location in work.join("todo").files(suffix=".parquet")]
+    return ray.data.from_items(files).map_batches(
+        read_tables, fn_kwargs={"filesystem": work.filesystem}, batch_size=1, num_cpus=0.1,
+    )
+
+
+def read_tables(batch: dict[str, np.ndarray], filesystem: Any) -> pa.Table:
+    """The Parquet files named in ``batch["path"]``, concatenated (a Ray Data ``map_batches`` function)."""
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(str(path), filesystem=filesystem) for path in batch["path"]])
