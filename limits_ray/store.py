@@ -225,19 +225,23 @@ class SampleStore:
                 old.delete()
 
     def read_part(self, part: Location, rewards: list[str]) -> pa.Table | None:
-        """A sample part's keys and rewards, or None if it cannot be read (it is then set aside)."""
+        """A sample part's keys and rewards, or None if it is not valid Parquet (it is then set aside).
+
+        Only a malformed file counts: an I/O error (a network fault, throttling) propagates, so a
+        passing fault of the object store never costs stored samples.
+        """
         try:
             return pq.read_table(part.path, filesystem=part.filesystem, columns=["prompt_id", "round", "sample_idx", *rewards])
-        except (pa.ArrowInvalid, OSError):
+        except pa.ArrowInvalid:
             return None
 
     def set_aside(self, part: Location) -> Location:
-        """Copy an unreadable part to ``corrupt/`` and delete it; its rounds count as missing."""
+        """Copy an unreadable part to ``corrupt/``, then delete it; its rounds count as missing.
+
+        If the copy fails the part stays where it is (and the error propagates).
+        """
         target = self.root.join("corrupt", part.name)
-        try:
-            target.write_bytes(part.read_bytes())
-        except OSError:
-            pass
+        target.write_bytes(part.read_bytes())
         part.delete()
         return target
 
@@ -255,4 +259,4 @@ class SampleStore:
         # A round written twice (a batch retried round by round) is kept once: its samples are identical.
         keyed = table.append_column("row", pa.array(np.arange(table.num_rows)))
         first = keyed.group_by(["prompt_id", "sample_idx"], use_threads=False).aggregate([("row", "min")])
-        return table.take(pc.sort_indices(first["row_min"]))
+        return table.take(np.sort(first["row_min"].to_numpy()))

@@ -140,3 +140,13 @@ def test_the_store_works_the_same_on_an_s3_server(s3_bucket, tmp_path):
             np.testing.assert_array_equal(got.statistics[prompt_id]["rm"].total().moments,
                                           want.statistics[prompt_id]["rm"].total().moments)
     assert not [location for location in remote.root.files(recursive=True) if ".partial" in location.path]
+
+
+def test_bucket_rounds_keep_each_sample_once_when_a_round_was_written_twice(tmp_path):
+    store = _store(tmp_path, buckets=1)
+    _write(store, "p", [0, 1])
+    _write(store, "p", [1])  # a round written again by a retried batch
+    _write(store, "q", [0])
+    table = store.bucket_rounds(0, ["rm"], {"p", "q"})
+    keys = sorted(zip(table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()))
+    assert keys == [("p", index) for index in range(8)] + [("q", index) for index in range(4)]
