@@ -416,19 +416,11 @@ def _write_figures(result: ReduceResult, output: Location, title: str) -> None:
 
 
 def _read_todo(work: Location):
-    """The todo rounds as a lazily read Ray dataset: one row per todo table (a bucket's), each read by a
-    small task. No read-API task of a full CPU is involved, which on a small cluster could wait forever
-    behind the engine actors."""
+    """The todo rounds as a Ray dataset of Arrow blocks, one per bucket: each table is read and put in
+    the object store in turn (the driver holds one bucket's todo table at a time). No read task is
+    involved: Ray Data's read API lists files in a task of one full CPU, which on a small cluster can
+    wait forever behind the engine actors."""
     import ray
 
-    files = [{"path": location.path} for location in work.join("todo").files(suffix=".parquet")]
-    return ray.data.from_items(files).map_batches(
-        read_tables, fn_kwargs={"filesystem": work.filesystem}, batch_size=1, num_cpus=0.1,
-    )
-
-
-def read_tables(batch: dict[str, np.ndarray], filesystem: Any) -> pa.Table:
-    """The Parquet files named in ``batch["path"]``, concatenated (a Ray Data ``map_batches`` function)."""
-    import pyarrow.parquet as pq
-
-    return pa.concat_tables([pq.read_table(str(path), filesystem=filesystem) for path in batch["path"]])
+    refs = [ray.put(location.read_table()) for location in work.join("todo").files(suffix=".parquet")]
+    return ray.data.from_arrow_refs(refs)

@@ -26,22 +26,36 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """An S3-protocol server (moto) on loopback for the session; yields ``endpoint`` (host:port).
+    """An S3-protocol server (moto's ``moto_server``) on loopback for the session; yields ``host:port``.
 
-    Credentials are dummies set in the environment, as a real deployment would set real ones.
+    It runs in a process of its own: moto imports Flask, whose context proxies break vLLM's kernel
+    registration when both live in one process. Credentials are dummies set in the environment, as a
+    real deployment would set real ones.
     """
     import os
-
-    from moto.server import ThreadedMotoServer
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as client:
+            if client.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    yield f"127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture
