@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from _tiny import session_tiny_models
@@ -12,6 +14,18 @@ from limits_ray.tiny_models import TinyModels
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """Tokenizer, two causal LMs and two reward models, built locally."""
     return session_tiny_models(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def no_llvmlite_in_the_test_process():
+    """Fail the test that imports numba's llvmlite into the pytest process (arviz does, on import):
+    vLLM's kernel registration scans every loaded module and breaks on llvmlite's objects, so every
+    in-process vLLM engine started after it (tests/test_scoring.py, test_generation.py) would fail."""
+    yield
+    assert "llvmlite" not in sys.modules, (
+        "this test imported llvmlite (numba; arviz imports it) into the pytest process, which breaks every "
+        "later in-process vLLM engine: run that code in a subprocess (see tests/test_psis.py)"
+    )
 
 
 @pytest.fixture(scope="module")
