@@ -35,9 +35,11 @@ __all__ = [
 ]
 
 PROMPTS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("prompt", pa.string()), ("start", pa.int64()), ("target", pa.int64()),
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("prompt_text", pa.string()), ("start", pa.int64()), ("target", pa.int64()),
 ])
-TODO_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("round", pa.int64())])
+TODO_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("prompt_text", pa.string()), ("round", pa.int64()),
+])
 PLOT_PROMPTS = 8  # prompts per bucket whose rows come back for the figures (the driver keeps at most 200)
 
 
@@ -136,17 +138,16 @@ def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[
     started = time.perf_counter()
     merged, corrupt = compact(context, bucket)
     prompts = context.prompts(bucket)
-    todo: dict[str, list] = {"prompt_id": [], "prompt": [], "round": []}
+    todo: dict[str, list] = {name: [] for name in TODO_SCHEMA.names}
     stored = 0
-    for prompt_id, text, start, target in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist(),
-                                              prompts["start"].to_pylist(), prompts["target"].to_pylist()):
-        have = merged.rounds.get(prompt_id, set())
-        for round_index in range(int(start), int(target)):
+    for row in prompts.to_pylist():
+        have = merged.rounds.get(row["prompt_id"], set())
+        for round_index in range(row["start"], row["target"]):
             if round_index in have:
                 stored += 1
             else:
-                todo["prompt_id"].append(prompt_id)
-                todo["prompt"].append(text)
+                for name in ("prompt_id", "prompt", "prompt_text"):
+                    todo[name].append(row[name])
                 todo["round"].append(round_index)
     if todo["round"]:
         context.work.join("todo", f"{bucket_name(bucket)}.parquet").write_table(pa.table(todo, schema=TODO_SCHEMA))

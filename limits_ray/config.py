@@ -108,6 +108,14 @@ class AnalysisConfig:
         return [(align, evals or [align]) for align in aligns]
 
 
+def hub_kwargs(revision: str) -> dict[str, str]:
+    """``from_pretrained`` keyword arguments pinning a hub ``revision`` (none when it is empty)."""
+    return {"revision": revision} if revision else {}
+
+
+DUPLICATE_RULES = ("drop", "error")
+
+
 @dataclass(frozen=True)
 class PromptsConfig:
     """Where prompts come from and how they are rendered.
@@ -125,6 +133,9 @@ class PromptsConfig:
         template: a ``str.format`` template with ``{prompt}``, applied unless ``chat_template``.
         chat_template: render with the tokenizer's chat template (one user turn, generation prompt).
         limit: keep only the first ``limit`` prompts (0: all).
+        duplicates: what a row repeating an earlier prompt (same id and same text) does: ``drop``
+            keeps the first and counts the others (report.json's ``duplicate_prompts``), ``error``
+            stops naming both rows. The same id with another text is always an error.
     """
 
     dataset: str = ""
@@ -136,8 +147,11 @@ class PromptsConfig:
     template: str = "{prompt}"
     chat_template: bool = False
     limit: int = 0
+    duplicates: str = "drop"
 
     def __post_init__(self) -> None:
+        if self.duplicates not in DUPLICATE_RULES:
+            raise ConfigError(f"prompts.duplicates must be one of {list(DUPLICATE_RULES)}, got {self.duplicates!r}")
         sources = [name for name in ("dataset", "path", "inline") if getattr(self, name)]
         if len(sources) != 1:
             raise ConfigError(f"prompts: give exactly one of dataset, path or inline (got {sources or 'none'})")
@@ -162,6 +176,8 @@ class GenerationConfig:
 
     Attributes:
         model: a local model directory or hub name vLLM can load (``vllm`` only, where it is required).
+        revision: the hub commit, branch or tag of a hub ``model`` (recorded in the store's identity, so a
+            nightly series never mixes revisions); empty for a local directory, whose files are fingerprinted.
         kind: ``vllm`` (default) or ``synthetic``.
         samples_per_prompt: N, the base samples drawn per prompt; a multiple of ``n``.
         n: samples per request: one request is one *round*, seeded by (prompt_id, round).
@@ -175,6 +191,7 @@ class GenerationConfig:
     """
 
     model: str = ""
+    revision: str = ""
     kind: str = "vllm"
     samples_per_prompt: int = 64
     n: int = 16
@@ -221,7 +238,9 @@ class RewardModelConfig:
     Attributes:
         name: the reward column it fills.
         kind: ``vllm`` (pooling runner, raw logit), ``transformers`` or ``function``.
-        model: the model directory (``vllm``, ``transformers``).
+        model: the model directory or hub name (``vllm``, ``transformers``).
+        revision: the hub commit, branch or tag of a hub ``model`` (recorded in the store's identity, so a
+            nightly series never mixes revisions); empty for a local directory, whose files are fingerprinted.
         function: ``module:function`` taking ``(prompts, responses)`` lists, returning floats.
         input_template: ``str.format`` template with ``{prompt}`` and ``{response}``.
         chat_template: render ``[user: prompt, assistant: response]`` with the RM tokenizer's template.
@@ -232,6 +251,7 @@ class RewardModelConfig:
     name: str
     kind: str
     model: str = ""
+    revision: str = ""
     function: str = ""
     input_template: str = "{prompt}{response}"
     chat_template: bool = False
@@ -309,6 +329,8 @@ class PolicyConfig:
     Attributes:
         name: its label in outputs and plots.
         model: a vLLM-loadable checkpoint using the base model's tokenizer.
+        revision: the hub commit, branch or tag of a hub ``model`` (recorded in the store's identity, so a
+            nightly series never mixes revisions); empty for a local directory, whose files are fingerprinted.
         samples_per_prompt: samples drawn per prompt (a multiple of ``n``).
         n: samples per request.
         seed: sampling seed; -1 derives one from the base seed and ``name`` (so the policy's samples
@@ -318,6 +340,7 @@ class PolicyConfig:
 
     name: str
     model: str
+    revision: str = ""
     samples_per_prompt: int = 64
     n: int = 16
     seed: int = -1

@@ -23,9 +23,9 @@ __all__ = [
 ]
 
 SEED_MODULUS = 2**31  # vLLM seeds are safest as non-negative 32-bit ints
-REQUEST_COLUMNS = ("prompt_id", "prompt", "round")
+REQUEST_COLUMNS = ("prompt_id", "prompt", "prompt_text", "round")
 OUTPUT_COLUMNS = (
-    "prompt_id", "prompt", "round", "seed", "sample_idx", "response", "response_tokens", "logprob", "finish_reason",
+    "prompt_id", "prompt", "prompt_text", "round", "seed", "sample_idx", "response", "response_tokens", "logprob", "finish_reason",
 )
 CPU_ENV_DEFAULTS = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # run the engine core in this process (actor)
@@ -73,6 +73,8 @@ def set_cpu_env_defaults() -> None:
 def engine_kwargs(config: GenerationConfig) -> dict[str, Any]:
     """``vllm.LLM`` keyword arguments for the generation config."""
     kwargs: dict[str, Any] = {"seed": config.seed, "tensor_parallel_size": config.tensor_parallel_size}
+    if config.revision:
+        kwargs.update(revision=config.revision, tokenizer_revision=config.revision)
     if config.max_model_len:
         kwargs["max_model_len"] = config.max_model_len
     kwargs.update(config.engine_kwargs)
@@ -83,7 +85,7 @@ def empty_output(n: int) -> dict[str, np.ndarray]:
     """A zero-row output batch with the output column dtypes and shapes."""
     strings, ints = np.array([], dtype=object), np.array([], dtype=np.int64)
     return {
-        "prompt_id": strings, "prompt": strings, "round": ints, "seed": ints,
+        "prompt_id": strings, "prompt": strings, "prompt_text": strings, "round": ints, "seed": ints,
         "sample_idx": np.zeros((0, n), dtype=np.int64), "response": strings,
         "response_tokens": np.zeros((0, n), dtype=np.int64), "logprob": np.zeros((0, n)), "finish_reason": strings,
     }
@@ -92,8 +94,9 @@ def empty_output(n: int) -> dict[str, np.ndarray]:
 class Generator:
     """Draws ``config.n`` samples per request with one vLLM engine; for ``map_batches``.
 
-    Input columns: ``prompt_id`` (str), ``prompt`` (rendered text), ``round`` (int64). Output: one
-    row per request (see :mod:`limits_ray.rounds`) with ``prompt_id``, ``prompt``, ``round``, ``seed``
+    Input columns: ``prompt_id`` (str), ``prompt`` (rendered text), ``prompt_text`` (the source's text,
+    passed through for rewards), ``round`` (int64). Output: one row per request (see
+    :mod:`limits_ray.rounds`) with ``prompt_id``, ``prompt``, ``prompt_text``, ``round``, ``seed``
     and the sample columns (``n`` values per row) ``sample_idx``, ``response``, ``response_tokens`` (int64),
     ``logprob`` (float64, the sampled sequence's log-probability under the model, before
     temperature/top-p) and ``finish_reason``.
@@ -132,6 +135,7 @@ class Generator:
             raise KeyError(f"generation input lacks column(s) {missing}; got {sorted(batch)}")
         prompt_ids = [str(value) for value in batch["prompt_id"]]
         prompts = [str(value) for value in batch["prompt"]]
+        texts = [str(value) for value in batch["prompt_text"]]
         rounds = [int(value) for value in batch["round"]]
         if not prompts:
             return empty_output(self.config.n)
@@ -140,8 +144,8 @@ class Generator:
             prompts, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": self.add_special_tokens},
         )
         rows = [
-            self._round(pid, prompt, rnd, param.seed, output)
-            for pid, prompt, rnd, param, output in zip(prompt_ids, prompts, rounds, params, outputs)
+            {"prompt_text": text, **self._round(pid, prompt, rnd, param.seed, output)}
+            for pid, prompt, text, rnd, param, output in zip(prompt_ids, prompts, texts, rounds, params, outputs)
         ]
         return {column: _column(column, [row[column] for row in rows]) for column in OUTPUT_COLUMNS}
 
@@ -242,7 +246,7 @@ class SyntheticGenerator:
         shape = lengths.shape
         return {
             "prompt_id": _column("prompt_id", prompt_ids), "prompt": _column("prompt", list(batch["prompt"])),
-            "round": rounds, "seed": seeds,
+            "prompt_text": _column("prompt_text", list(batch["prompt_text"])), "round": rounds, "seed": seeds,
             "sample_idx": rounds[:, None] * self.config.n + np.arange(self.config.n, dtype=np.int64),
             "response": self._texts(words, lengths.reshape(-1)).reshape(shape),
             "response_tokens": lengths,

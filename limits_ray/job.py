@@ -33,7 +33,7 @@ from limits_ray.bucket_work import (
     PROMPTS_SCHEMA, BucketContext, BucketSummary, bucket_round_counts, finalize_bucket, prepare_bucket,
 )
 from limits_ray.buckets import bucket_name, bucket_of
-from limits_ray.config import ConfigError, JobConfig
+from limits_ray.config import ConfigError, JobConfig, hub_kwargs
 from limits_ray.faults import Quarantine
 from limits_ray.frontier import mean_from_sums
 from limits_ray.io import SCHEMAS
@@ -57,14 +57,14 @@ def check_model_path(model: str, where: str) -> None:
         raise ConfigError(f"{where}: model path {model!r} does not exist; build it (limits-ray make-tiny-models) or fix the path")
 
 
-def model_fingerprint(model: str) -> str:
+def model_fingerprint(model: str, revision: str = "") -> str:
     """A cheap content hash of a local model directory: each weight/config file's name, size, first
     and last 64 KiB, so a retrained model of the same shape (a new revision) differs without reading
-    gigabytes. Hub names (not local directories) hash as themselves.
+    gigabytes. A hub name is identified by itself and its pinned ``revision`` (``name@revision``).
     """
     path = Path(model).expanduser()
     if not path.is_dir():
-        return model
+        return f"{model}@{revision}" if revision else model
     digest = hashlib.sha256()
     for file in sorted(path.rglob("*")):
         if file.is_file() and file.suffix in {".safetensors", ".bin", ".pt", ".gguf", ".json", ".model"}:
@@ -82,7 +82,7 @@ def setup_identity(config: JobConfig) -> dict[str, Any]:
     """What must stay the same for samples to belong to one series (the store's manifest)."""
     generation = config.generation
     return {
-        "base_model": "synthetic" if generation.kind == "synthetic" else model_fingerprint(generation.model),
+        "base_model": "synthetic" if generation.kind == "synthetic" else model_fingerprint(generation.model, generation.revision),
         "sampling": {
             "n": generation.n, "seed": generation.seed, "temperature": generation.temperature,
             "top_p": generation.top_p, "max_tokens": generation.max_tokens, "stop": list(generation.stop),
@@ -90,7 +90,7 @@ def setup_identity(config: JobConfig) -> dict[str, Any]:
         "prompt_rendering": {"template": config.prompts.template, "chat_template": config.prompts.chat_template},
         "rewards": {
             reward.name: {
-                "kind": reward.kind, "model": model_fingerprint(reward.model) if reward.model else reward.function,
+                "kind": reward.kind, "model": model_fingerprint(reward.model, reward.revision) if reward.model else reward.function,
                 "input_template": reward.input_template, "chat_template": reward.chat_template,
             }
             for reward in config.rewards
@@ -105,6 +105,7 @@ class RunReport:
     name: str
     prompts: int
     skipped_prompts: list[dict[str, Any]]
+    duplicate_prompts: dict[str, int]
     rounds_generated: int
     rounds_from_store: int
     samples_generated: int
@@ -128,6 +129,7 @@ class RunReport:
             lines.append(f"set aside unreadable store file {path}; its rounds were generated again")
         lines.append(
             f"run {self.name}: {self.prompts} prompts ({len(self.skipped_prompts)} skipped, "
+            f"{sum(self.duplicate_prompts.values())} repeated rows dropped, "
             f"{len({record['prompt_id'] for record in self.quarantined})} quarantined), "
             f"{self.rounds_generated} rounds generated, {self.rounds_from_store} from the store, "
             f"{self.samples} samples, {self.wall_seconds:.1f} s"
@@ -149,7 +151,8 @@ def _max_prompt_tokens(config: JobConfig, tokenizer: Any) -> int:
     """Room left for the prompt: the context length less ``max_tokens``."""
     from transformers import AutoConfig
 
-    context = config.generation.max_model_len or AutoConfig.from_pretrained(config.generation.model).max_position_embeddings
+    context = config.generation.max_model_len or AutoConfig.from_pretrained(
+        config.generation.model, **hub_kwargs(config.generation.revision)).max_position_embeddings
     room = context - config.generation.max_tokens
     if room <= 0:
         raise ConfigError(f"generation.max_tokens ({config.generation.max_tokens}) leaves no room in a context of {context}")
@@ -170,7 +173,7 @@ def _load_prompt_set(config: JobConfig) -> PromptSet:
         return load_prompts(config.prompts, WordTokenizer(), max_prompt_tokens=sys.maxsize)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
+    tokenizer = AutoTokenizer.from_pretrained(config.generation.model, **hub_kwargs(config.generation.revision))
     return load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
 
 
@@ -259,6 +262,7 @@ def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], 
         chosen = [prompts[row] for row in rows]
         work.join("prompts", f"{bucket_name(int(bucket))}.parquet").write_table(pa.table({
             "prompt_id": [prompt.prompt_id for prompt in chosen], "prompt": [prompt.rendered for prompt in chosen],
+            "prompt_text": [prompt.text for prompt in chosen],
             "start": [int(starts.get(prompt.prompt_id, 0)) for prompt in chosen],
             "target": [int(targets[prompt.prompt_id]) for prompt in chosen],
         }, schema=PROMPTS_SCHEMA))
@@ -325,6 +329,7 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
         name=config.name,
         prompts=len(prompt_set.prompts),
         skipped_prompts=[dataclasses.asdict(skipped) for skipped in prompt_set.skipped],
+        duplicate_prompts=dict(prompt_set.duplicates),
         rounds_generated=times.rounds,
         rounds_from_store=stored,
         samples_generated=times.rounds * config.generation.n,

@@ -47,13 +47,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from limits_ray.config import AnalysisConfig, ConfigError, GenerationConfig, JobConfig, PolicyConfig
+from limits_ray.config import AnalysisConfig, ConfigError, GenerationConfig, JobConfig, PolicyConfig, hub_kwargs
 from limits_ray.generation import Generator, round_seed, set_cpu_env_defaults
 from limits_ray.io import write_table
 from limits_ray.policy_stats import (
     PolicyEstimate, between_or_within_se, frontier_gain_at_kl, frontier_slope_at_kl, gap_se, hash_normal,
     inverse_sqrt_reference, mean_over_prompts, prompt_estimate,
 )
+from limits_ray.prompts import Prompt
 from limits_ray.reward_spec import RewardSpec
 from limits_ray.rounds import per_round, per_sample, regroup, round_lengths
 
@@ -165,6 +166,8 @@ class BaseLogprobScorer:
         from vllm import LLM, SamplingParams
 
         kwargs: dict[str, Any] = {"tensor_parallel_size": config.tensor_parallel_size}
+        if config.revision:
+            kwargs.update(revision=config.revision, tokenizer_revision=config.revision)
         if config.max_model_len:
             kwargs["max_model_len"] = config.max_model_len
         kwargs.update(config.engine_kwargs)
@@ -197,7 +200,7 @@ def policy_generation_config(config: JobConfig, policy: PolicyConfig) -> Generat
     ``n``, samples, seed and engine arguments (over the base's)."""
     seed = policy.seed if policy.seed >= 0 else round_seed(config.generation.seed, f"policy:{policy.name}", 0)
     return dataclasses.replace(
-        config.generation, model=policy.model, samples_per_prompt=policy.samples_per_prompt, n=policy.n, seed=seed,
+        config.generation, model=policy.model, revision=policy.revision, samples_per_prompt=policy.samples_per_prompt, n=policy.n, seed=seed,
         engine_kwargs={**config.generation.engine_kwargs, **policy.engine_kwargs},
     )
 
@@ -219,8 +222,8 @@ def _flatten(batch: dict[str, np.ndarray], rewards: list[str]) -> pa.Table:
     return pa.table(columns)
 
 
-def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[tuple[str, str]]) -> pa.Table:
-    """Sample, base-score and reward-score one checkpoint on ``prompts`` ``[(prompt_id, rendered)]``.
+def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]) -> pa.Table:
+    """Sample, base-score and reward-score one checkpoint on ``prompts`` (loaded and rendered as the job's).
 
     Returns one row per sample: prompt_id, round, sample_idx, logprob (log pi), base_logprob
     (log pi0), response_tokens, finish_reason, response and one float64 column per reward.
@@ -240,8 +243,8 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[tuple[s
             policy.name, generation.temperature, generation.top_p,
         )
     requests = [
-        {"prompt_id": prompt_id, "prompt": rendered, "round": round_index}
-        for prompt_id, rendered in prompts for round_index in range(generation.rounds)
+        {"prompt_id": prompt.prompt_id, "prompt": prompt.rendered, "prompt_text": prompt.text, "round": round_index}
+        for prompt in prompts for round_index in range(generation.rounds)
     ]
     base = config.generation
     dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
@@ -510,9 +513,9 @@ def compare(config: JobConfig, options: CompareOptions = CompareOptions()) -> Co
     prompt_ids = set(result.frontier["prompt_id"].to_pylist())
     base = _base_samples(config, prompt_ids)
 
-    tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
+    tokenizer = AutoTokenizer.from_pretrained(config.generation.model, **hub_kwargs(config.generation.revision))
     prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
-    prompts = [(prompt.prompt_id, prompt.rendered) for prompt in prompt_set.prompts if prompt.prompt_id in prompt_ids]
+    prompts = [prompt for prompt in prompt_set.prompts if prompt.prompt_id in prompt_ids]
     rows: list[dict[str, Any]] = []
     for policy in config.policies:
         samples = sample_policy(config, policy, prompts)

@@ -65,10 +65,12 @@ class SkippedPrompt:
 
 @dataclass
 class PromptSet:
-    """The prompts kept, in source order, and the prompts skipped."""
+    """The prompts kept, in source order, the prompts skipped, and the repeated rows dropped
+    (``duplicates[prompt_id]``: how many rows repeated that prompt; ``prompts.duplicates: drop``)."""
 
     prompts: list[Prompt] = field(default_factory=list)
     skipped: list[SkippedPrompt] = field(default_factory=list)
+    duplicates: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -239,8 +241,9 @@ def _check_columns(source: _Source, config: PromptsConfig) -> None:
 
 
 def _candidates(source: _Source, config: PromptsConfig, tokenizer: Any, result: PromptSet) -> Iterator[_Candidate]:
-    """Non-empty, rendered prompts in source order; empty ones go to ``result.skipped``."""
-    seen: dict[str, int] = {}
+    """Non-empty, rendered prompts in source order; empty ones go to ``result.skipped``, repeated ones
+    to ``result.duplicates`` (or an error, see :class:`~limits_ray.config.PromptsConfig`)."""
+    seen: dict[str, tuple[int, str]] = {}
     for index, row in enumerate(source.rows):
         text = _text_of(row, config.column, index, source.description)
         if config.id_column:
@@ -251,13 +254,26 @@ def _candidates(source: _Source, config: PromptsConfig, tokenizer: Any, result: 
             result.skipped.append(SkippedPrompt(prompt_id, "empty", 0))
             continue
         if prompt_id in seen:
-            raise ValueError(
-                f"duplicate prompt_id {prompt_id!r} in {source.description} (rows {seen[prompt_id]} and {index}); "
-                + ("make the id column unique" if config.id_column else "remove duplicate prompt texts or give "
-                   "prompts.id_column with unique ids")
-            )
-        seen[prompt_id] = index
+            _check_duplicate(prompt_id, seen[prompt_id], (index, text), config, source.description)
+            result.duplicates[prompt_id] = result.duplicates.get(prompt_id, 0) + 1
+            continue
+        seen[prompt_id] = (index, text)
         yield _Candidate(prompt_id, text, render_prompt(text, config, tokenizer))
+
+
+def _check_duplicate(prompt_id: str, first: tuple[int, str], again: tuple[int, str], config: PromptsConfig,
+                     description: str) -> None:
+    """Refuse a repeated id with another text, and any repeat under ``duplicates: error``."""
+    rows = f"rows {first[0]} and {again[0]} of {description}"
+    if first[1] != again[1]:
+        raise ValueError(
+            f"prompt_id {prompt_id!r} names two different texts ({rows}); make prompts.id_column unique"
+        )
+    if config.duplicates == "error":
+        raise ValueError(
+            f"duplicate prompt {prompt_id!r} ({rows}); remove the repeated rows, or set "
+            "prompts.duplicates: drop to keep the first and count the others"
+        )
 
 
 def _text_of(row: Mapping[str, Any], column: str, index: int, description: str) -> str:

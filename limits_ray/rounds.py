@@ -1,6 +1,7 @@
 """The row layout of the pipeline: one row per *round* (one request of ``n`` samples of a prompt).
 
-Round columns (``prompt_id``, ``prompt``, ``round``, ``seed``) hold one value per row; sample
+Round columns (``prompt_id``, ``prompt`` as rendered for the model, ``prompt_text`` as the source
+gave it, ``round``, ``seed``) hold one value per row; sample
 columns (``sample_idx``, ``response``, ``response_tokens``, ``logprob``, ``finish_reason`` and each
 reward) hold ``n`` values per row: a ``[rows, n]`` array, or, after Ray Data has moved the batch,
 an object array of ``n``-arrays. A row whose sample columns hold scalars is a round of one sample.
@@ -21,10 +22,10 @@ __all__ = [
     "round_lengths", "to_arrow",
 ]
 
-ROUND_COLUMNS = ("prompt_id", "prompt", "round", "seed")
+ROUND_COLUMNS = ("prompt_id", "prompt", "prompt_text", "round", "seed")
 SAMPLE_COLUMNS = ("sample_idx", "response", "response_tokens", "logprob", "finish_reason")
 ARROW_TYPES = {
-    "prompt_id": pa.string(), "prompt": pa.string(), "round": pa.int64(), "seed": pa.int64(),
+    "prompt_id": pa.string(), "prompt": pa.string(), "prompt_text": pa.string(), "round": pa.int64(), "seed": pa.int64(),
     "sample_idx": pa.list_(pa.int64()), "response": pa.list_(pa.string()), "response_tokens": pa.list_(pa.int64()),
     "logprob": pa.list_(pa.float64()), "finish_reason": pa.list_(pa.string()),
 }

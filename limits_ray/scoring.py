@@ -1,15 +1,16 @@
 """Reward scorers: callable classes for Ray Data ``map_batches``, one per reward kind.
 
-Each scorer is built from a :class:`~limits_ray.config.RewardModelConfig`, reads the ``prompt`` and
-``response`` columns of a batch, and adds a float64 column named ``config.name``:
+Each scorer is built from a :class:`~limits_ray.config.RewardModelConfig`, reads a prompt column and
+the ``response`` column of a batch, and adds a float64 column named ``config.name``:
 
 * :class:`VllmRewardScorer`: a sequence classifier served by vLLM's pooling runner; the raw logit.
 * :class:`TransformersRewardScorer`: the same with ``AutoModelForSequenceClassification``.
 * :class:`FunctionRewardScorer`: a Python function ``module:function`` of ``(prompts, responses)``.
 
-Model rewards score ``config.input_template.format(prompt=..., response=...)`` or, with
-``config.chat_template``, the reward tokenizer's chat template applied to ``[user: prompt,
-assistant: response]``. A reward that is NaN or infinite raises ``ValueError`` naming the reward and
+Model rewards score ``config.input_template.format(prompt=..., response=...)`` with the prompt as the
+base model saw it (column ``prompt``, its template applied) or, with ``config.chat_template``, the
+reward tokenizer's chat template applied to ``[user: prompt_text, assistant: response]`` with the
+prompt as the source gave it (column ``prompt_text``): never a template inside a template. A reward that is NaN or infinite raises ``ValueError`` naming the reward and
 the prompt.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from limits_ray.config import RewardModelConfig
+from limits_ray.config import RewardModelConfig, hub_kwargs
 from limits_ray.generation import set_cpu_env_defaults
 from limits_ray.rounds import per_round, per_sample, regroup, round_lengths
 
@@ -76,17 +77,27 @@ def load_function(spec: str) -> Callable[[list[str], list[str]], Sequence[float]
 class RewardScorer:
     """Base class: turns a batch into prompts and responses, checks the rewards, adds the column.
 
-    Subclasses implement :meth:`score`. ``prompt_column`` names the column holding the prompt text
-    the reward should see (default ``prompt``).
+    Subclasses implement :meth:`score`. ``prompt_column`` is the prompt the reward sees: ``prompt_text``
+    (the source's text) under a chat template, else ``prompt`` (as rendered for the base model).
     """
 
-    def __init__(self, config: RewardModelConfig, prompt_column: str = "prompt") -> None:
+    def __init__(self, config: RewardModelConfig) -> None:
         self.config = config
-        self.prompt_column = prompt_column
+        self.prompt_column = "prompt_text" if config.chat_template else "prompt"
+
+    def pairs(self, batch: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
+        """The (prompt, response) texts of every sample of ``batch``, in sample order."""
+        lengths = round_lengths(batch)
+        prompts = [str(value) for value in per_round(batch[self.prompt_column], lengths)]
+        return prompts, [str(value) for value in per_sample(batch["response"])]
 
     def score(self, prompts: list[str], responses: list[str]) -> Sequence[float]:
         """One reward per (prompt, response) pair."""
         raise NotImplementedError
+
+    def model_inputs(self, batch: dict[str, np.ndarray]) -> list[str]:
+        """The exact texts a reward model receives for ``batch`` (see :func:`render_reward_inputs`)."""
+        return render_reward_inputs(self.config, *self.pairs(batch), getattr(self, "tokenizer", None))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score ``batch`` and return it with a float64 column ``config.name``.
@@ -95,8 +106,7 @@ class RewardScorer:
         samples; the reward column takes the same shape as ``response``.
         """
         lengths = round_lengths(batch)
-        prompts = [str(value) for value in per_round(batch[self.prompt_column], lengths)]
-        responses = [str(value) for value in per_sample(batch["response"])]
+        prompts, responses = self.pairs(batch)
         rewards = self.score(prompts, responses) if prompts else []
         out = dict(batch)
         checked = self._checked(np.asarray(rewards, dtype=np.float64), batch, lengths)
@@ -124,17 +134,19 @@ class RewardScorer:
 class VllmRewardScorer(RewardScorer):
     """A sequence-classification reward model on vLLM's pooling runner; the raw (pre-sigmoid) logit."""
 
-    def __init__(self, config: RewardModelConfig, prompt_column: str = "prompt") -> None:
-        super().__init__(config, prompt_column)
+    def __init__(self, config: RewardModelConfig) -> None:
+        super().__init__(config)
         from transformers import AutoConfig, AutoTokenizer
 
-        check_single_label(config, AutoConfig.from_pretrained(config.model).num_labels)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model) if config.chat_template else None
+        pinned = hub_kwargs(config.revision)
+        check_single_label(config, AutoConfig.from_pretrained(config.model, **pinned).num_labels)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, **pinned) if config.chat_template else None
         set_cpu_env_defaults()
         from vllm import LLM
         from vllm.pooling_params import PoolingParams
 
-        self.llm = LLM(model=config.model, runner="pooling", **config.engine_kwargs)
+        revision = {"revision": config.revision, "tokenizer_revision": config.revision} if config.revision else {}
+        self.llm = LLM(model=config.model, runner="pooling", **revision, **config.engine_kwargs)
         self.pooling_params = PoolingParams(use_activation=False)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -152,14 +164,14 @@ class VllmRewardScorer(RewardScorer):
 class TransformersRewardScorer(RewardScorer):
     """A sequence-classification reward model with transformers: eval mode, no grad, padded batches."""
 
-    def __init__(self, config: RewardModelConfig, prompt_column: str = "prompt", micro_batch_size: int = 16) -> None:
-        super().__init__(config, prompt_column)
+    def __init__(self, config: RewardModelConfig, micro_batch_size: int = 16) -> None:
+        super().__init__(config)
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, **hub_kwargs(config.revision))
         self.device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        model = AutoModelForSequenceClassification.from_pretrained(config.model, dtype="auto")
+        model = AutoModelForSequenceClassification.from_pretrained(config.model, dtype="auto", **hub_kwargs(config.revision))
         check_single_label(config, model.config.num_labels)
         if model.config.pad_token_id is None and self.tokenizer.pad_token_id is not None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -192,8 +204,8 @@ class FunctionRewardScorer(RewardScorer):
     ``chat_template`` do not apply; setting either raises ``ValueError`` rather than being ignored.
     """
 
-    def __init__(self, config: RewardModelConfig, prompt_column: str = "prompt") -> None:
-        super().__init__(config, prompt_column)
+    def __init__(self, config: RewardModelConfig) -> None:
+        super().__init__(config)
         if config.chat_template or config.input_template != DEFAULT_INPUT_TEMPLATE:
             raise ValueError(
                 f"reward {config.name!r}: a function reward receives (prompts, responses) directly; "

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from limits_ray.config import ConfigError, GenerationConfig, JobConfig, PromptsConfig, RewardModelConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_model", "check_reward_function", "check_sampling", "validate_job"]
 
@@ -35,12 +38,18 @@ SAMPLING_FIXES = {
 }
 
 
-def check_model(model: str, key: str) -> None:
-    """A local model directory must exist and hold ``config.json``; a hub name ``org/name`` passes."""
+def check_model(model: str, key: str, revision: str = "") -> None:
+    """A local model directory must exist and hold ``config.json`` (and has no ``revision``: its files are
+    fingerprinted); a hub name ``org/name`` passes, with a warning when no ``revision`` pins it."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}: {model!r} is a directory without config.json, not a model; point it at a model directory")
+        if revision:
+            raise ConfigError(
+                f"{key}: revision {revision!r} is for hub models, but {model!r} is a local directory (its files "
+                "are fingerprinted instead); remove the revision or name the hub model"
+            )
         return
     if path.exists():
         raise ConfigError(f"{key}: {model!r} is a file, not a model directory; point it at a model directory")
@@ -49,6 +58,9 @@ def check_model(model: str, key: str) -> None:
             f"{key}: model path {model!r} does not exist; build it (limits-ray make-tiny-models runs/tiny-models "
             "for the tiny configs) or fix the path"
         )
+    if not revision:
+        log.warning("%s: hub model %r has no revision: a later run may load another one under the same name; "
+                    "pin its commit with %s", key, model, key.rsplit(".", 1)[0] + ".revision")
 
 
 def check_reward_function(reward: RewardModelConfig) -> Callable[..., Any]:
@@ -157,16 +169,16 @@ def _check_locations(config: JobConfig) -> None:
 def validate_job(config: JobConfig) -> None:
     """Check every value of ``config`` that Ray would otherwise meet first; raises :class:`ConfigError`."""
     if config.generation.kind == "vllm":
-        check_model(config.generation.model, "generation.model")
+        check_model(config.generation.model, "generation.model", config.generation.revision)
     check_sampling(config.generation)
     _check_counts(config)
     for reward in config.rewards:
         if reward.kind == "function":
             check_reward_function(reward)
         else:
-            check_model(reward.model, f"rewards[{reward.name}].model")
+            check_model(reward.model, f"rewards[{reward.name}].model", reward.revision)
     for policy in config.policies:
-        check_model(policy.model, f"policies[{policy.name}].model")
+        check_model(policy.model, f"policies[{policy.name}].model", policy.revision)
     _check_prompts(config.prompts)
     try:
         config.analysis.plan([reward.name for reward in config.rewards])

@@ -27,6 +27,7 @@ def requests(pairs: list[tuple[str, int]]) -> dict[str, np.ndarray]:
     return {
         "prompt_id": np.array([pid for pid, _ in pairs], dtype=object),
         "prompt": np.array([PROMPTS[pid] for pid, _ in pairs], dtype=object),
+        "prompt_text": np.array([PROMPTS[pid] for pid, _ in pairs], dtype=object),
         "round": np.array([rnd for _, rnd in pairs], dtype=np.int64),
     }
 

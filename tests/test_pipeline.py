@@ -106,7 +106,8 @@ def test_synthetic_rounds_travel_as_arrow_lists_without_pickling(ray_local):
     generation = GenerationConfig(kind="synthetic", samples_per_prompt=32, n=16, max_tokens=6, batch_size=2, num_cpus=0.5)
     reward = RewardModelConfig(name="length", kind="function", function="limits_ray.reward_functions:response_length",
                                num_cpus=0.5, batch_size=32)
-    requests = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "round": r} for i in range(4) for r in range(2)]
+    requests = [{"prompt_id": f"p{i}", "prompt": f"Q: prompt {i}", "prompt_text": f"prompt {i}", "round": r}
+                for i in range(4) for r in range(2)]
     dataset = ray.data.from_items(requests, override_num_blocks=4)
     dataset = scorer_stage(generation_stage(dataset, generation, True), reward, generation.n)
     table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))

@@ -13,6 +13,7 @@ from _tiny import tiny_job, tiny_job_mapping
 from limits_ray.config import PolicyConfig
 from limits_ray.policy import POLICY_SCHEMA, CompareOptions, blend_checkpoint, compare, policy_estimates, sample_policy
 from limits_ray.policy_stats import exact_kl
+from limits_ray.prompts import Prompt
 from limits_ray.reward_spec import RewardSpec
 
 pytestmark = pytest.mark.slow
@@ -131,7 +132,7 @@ def test_policy_kl_matches_enumeration_over_one_token_responses(tiny_models, tmp
         rewards=[{"name": "length", "kind": "function", "function": "limits_ray.reward_functions:response_length",
                   "num_cpus": 0.25}],
     )
-    prompts = [(f"p{index}", text) for index, text in enumerate(config.prompts.inline)]
+    prompts = [Prompt(f"p{index}", text, text, 0) for index, text in enumerate(config.prompts.inline)]
     policy = PolicyConfig(name="policy_b", model=str(tiny_models.policy_b), samples_per_prompt=512, n=128)
     samples = sample_policy(config, policy, prompts)
     assert samples.num_rows == 3 * 512 and set(samples["response_tokens"].to_pylist()) == {1}

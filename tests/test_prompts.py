@@ -153,8 +153,8 @@ def test_limit_keeps_first_kept_prompts(tokenizer):
     result = load_prompts(config, tokenizer, 64)
     assert texts(result) == ["hello world", ROWS[2]["prompt"]]
     assert [skip.reason for skip in result.skipped] == ["empty"]
-    # rows after the last kept prompt are not read: the duplicate below goes unnoticed
-    config = PromptsConfig(inline=("hello world", "hello world"), limit=1)
+    # rows after the last kept prompt are not read: the repeat below goes uncounted
+    config = PromptsConfig(inline=("hello world", "hello world"), limit=1, duplicates="error")
     assert texts(load_prompts(config, tokenizer, 64)) == ["hello world"]
 
 
@@ -174,11 +174,26 @@ def test_missing_column_names_available_columns(tmp_path, tokenizer):
         load_prompts(PromptsConfig(dataset=str(saved), column="question"), tokenizer, 64)
 
 
-def test_duplicate_ids_are_an_error(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"duplicate prompt_id .*rows 0 and 1.*id_column"):
-        load_prompts(PromptsConfig(inline=("hello world", "hello world")), tokenizer, 64)
+def test_repeated_prompts_are_dropped_with_a_count_by_default(tmp_path, tokenizer):
+    rows = ["hello world", "tell me", "hello world", "hello world", "tell me"]
+    result = load_prompts(PromptsConfig(inline=tuple(rows)), tokenizer, 64)
+    assert texts(result) == ["hello world", "tell me"]
+    assert result.duplicates == {sha16("hello world"): 2, sha16("tell me"): 1}
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"prompt": "hello", "uid": 7}, {"prompt": "hello", "uid": 7}])
+    assert load_prompts(PromptsConfig(path=str(path), id_column="uid"), tokenizer, 64).duplicates == {"7": 1}
+
+
+def test_repeated_prompts_are_refused_naming_the_rows_when_asked(tokenizer):
+    config = PromptsConfig(inline=("hello world", "tell me", "hello world"), duplicates="error")
+    with pytest.raises(ValueError, match=r"duplicate prompt '.*' \(rows 0 and 2 of inline prompts\).*duplicates: drop"):
+        load_prompts(config, tokenizer, 64)
+    with pytest.raises(ConfigError, match=r"prompts.duplicates must be one of \['drop', 'error'\], got 'keep'"):
+        PromptsConfig(inline=("a",), duplicates="keep")
+
+
+def test_one_id_for_two_texts_is_always_an_error(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello world", "uid": 1}, {"prompt": "tell", "uid": 1}])
-    with pytest.raises(ValueError, match=r"duplicate prompt_id '1'.*unique"):
+    with pytest.raises(ValueError, match=r"prompt_id '1' names two different texts \(rows 0 and 1 .*unique"):
         load_prompts(PromptsConfig(path=str(path), id_column="uid"), tokenizer, 64)
     # the same text under distinct ids is fine
     same_text = [{"prompt": "hello world", "uid": 1}, {"prompt": "hello world", "uid": 2}]

@@ -35,7 +35,7 @@ def test_rows_of_single_samples_pass_through():
 def test_to_arrow_types_round_and_sample_columns():
     batch = {
         "prompt_id": np.array(["a", "b"], dtype=object), "prompt": np.array(["x", "y"], dtype=object),
-        "round": np.array([0, 1]), "seed": np.array([5, 6]),
+        "prompt_text": np.array(["x", "y"], dtype=object), "round": np.array([0, 1]), "seed": np.array([5, 6]),
         "sample_idx": np.arange(6).reshape(2, 3),
         "response": np.array([["r0", "r1", "r2"], ["r3", "r4", "r5"]], dtype=object),
         "response_tokens": np.ones((2, 3), dtype=np.int32), "logprob": -np.ones((2, 3), dtype=np.float32),

@@ -20,11 +20,12 @@ RESPONSES = [" quietly past the old mill.", " The sea is wide and blue, and the 
 
 
 def samples(prompts: list[str] = PROMPTS, responses: list[str] = RESPONSES) -> dict[str, np.ndarray]:
-    """A scored-sample batch: prompt_id, sample_idx, prompt, response."""
+    """A scored-sample batch: prompt_id, sample_idx, prompt (and prompt_text: the same), response."""
     return {
         "prompt_id": np.array([f"id{i}" for i in range(len(prompts))], dtype=object),
         "sample_idx": np.arange(len(prompts), dtype=np.int64),
         "prompt": np.array(prompts, dtype=object),
+        "prompt_text": np.array(prompts, dtype=object),
         "response": np.array(responses, dtype=object),
     }
 
@@ -92,6 +93,25 @@ def test_transformers_chat_template(tiny: TinyModels) -> None:
     np.testing.assert_allclose(
         TransformersRewardScorer(config)(samples())["rm"], TransformersRewardScorer(plain)(samples())["rm"], atol=1e-6
     )
+
+
+def test_a_chat_template_reward_receives_the_source_prompt_once(tiny: TinyModels) -> None:
+    """Generation sees the prompt in the base model's chat template; a chat-templated reward model gets
+    the source's text in its own template (not the rendered prompt templated a second time)."""
+    from transformers import AutoTokenizer
+
+    from limits_ray.config import PromptsConfig
+    from limits_ray.prompts import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.policy)
+    prompt = load_prompts(PromptsConfig(inline=("Why is the sea salty?",), chat_template=True), tokenizer, 64).prompts[0]
+    assert prompt.rendered == "<|user|>\nWhy is the sea salty?\n<|assistant|>\n"
+    batch = samples([prompt.rendered], [" Rocks."])
+    batch["prompt_text"] = np.array([prompt.text], dtype=object)
+    chat = RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward), chat_template=True)
+    assert TransformersRewardScorer(chat).model_inputs(batch) == ["<|user|>\nWhy is the sea salty?\n<|assistant|>\n Rocks.\n"]
+    plain = RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward))
+    assert TransformersRewardScorer(plain).model_inputs(batch) == [prompt.rendered + " Rocks."]
 
 
 def test_proxy_and_gold_differ(tiny: TinyModels) -> None:

@@ -175,3 +175,25 @@ def test_a_model_path_that_is_a_file(tmp_path, good, capsys):
         f"limits-ray run: error: generation.model: {str(file)!r} is a file, not a model directory; "
         "point it at a model directory"
     )
+
+
+def test_a_revision_given_for_a_local_model_directory(tmp_path, good, capsys):
+    config = _with(good, lambda c: c["rewards"][0].update(revision="v2"))
+    assert _error(tmp_path, config, capsys) == (
+        f"limits-ray run: error: rewards[rm].model: revision 'v2' is for hub models, but {good['rewards'][0]['model']!r} "
+        "is a local directory (its files are fingerprinted instead); remove the revision or name the hub model"
+    )
+
+
+def test_hub_models_are_identified_by_name_and_revision_and_unpinned_ones_warned_of(good, caplog):
+    from limits_ray.job import setup_identity
+
+    pinned = _with(good, lambda c: c["generation"].update(model="org/base", revision="abc123"))
+    unpinned = _with(good, lambda c: c["generation"].update(model="org/base"))
+    assert setup_identity(from_mapping(JobConfig, pinned))["base_model"] == "org/base@abc123"
+    assert setup_identity(from_mapping(JobConfig, unpinned))["base_model"] == "org/base"
+    validate_job(from_mapping(JobConfig, pinned))
+    assert "revision" not in caplog.text
+    validate_job(from_mapping(JobConfig, unpinned))
+    assert "generation.model: hub model 'org/base' has no revision" in caplog.text
+    assert "pin its commit with generation.revision" in caplog.text
