@@ -187,6 +187,8 @@ class GenerationConfig:
         num_gpus, num_cpus: resources per actor; ``tensor_parallel_size`` GPUs per engine.
         batch_size: requests per actor call.
         max_model_len: the engine's context length (0: the model's).
+        timeout_s: a generation batch running longer than this is taken for a hung engine: its actor
+            ends, Ray starts a new one and retries the batch (``batch_retries``); 0: no limit.
         engine_kwargs: further ``vllm.LLM`` arguments.
     """
 
@@ -206,6 +208,7 @@ class GenerationConfig:
     tensor_parallel_size: int = 1
     batch_size: int = 8
     max_model_len: int = 0
+    timeout_s: float = 1800.0
     engine_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -216,6 +219,8 @@ class GenerationConfig:
             )
         if self.kind not in GENERATION_KINDS:
             raise ConfigError(f"generation.kind {self.kind!r}: valid kinds are {list(GENERATION_KINDS)}")
+        if self.timeout_s < 0:
+            raise ConfigError(f"generation.timeout_s must be >= 0 (0: no limit), got {self.timeout_s}")
         if self.kind == "vllm" and not self.model:
             raise ConfigError(
                 "generation.model is required for kind vllm: give a model directory or hub name "
@@ -407,6 +412,11 @@ class JobConfig:
             alone (``attempts`` tries in all) and then quarantined: its prompt is left out of the
             results and named in the report.
         attempts: tries per round before it is quarantined (at least 2: the batch, then the round alone).
+        max_quarantined_fraction: the run stops (naming the first errors) once more than this fraction
+            of its rounds are quarantined (default 1%): a fault that hits many rounds is a bug to fix,
+            not rounds to leave out.
+        batch_retries: how often a batch is retried on a new actor after its actor ended (an engine
+            fault, ``generation.timeout_s``, a lost node); actors themselves are always restarted.
         ray_address: ``ray.init`` address; empty: ``RAY_ADDRESS`` if set (as under ``ray job submit``),
             else a new local instance; ``auto``: the cluster already running on this machine.
     """
@@ -425,10 +435,16 @@ class JobConfig:
     ray_address: str = ""
     fail_fast: bool = False
     attempts: int = 2
+    max_quarantined_fraction: float = 0.01
+    batch_retries: int = 3
 
     def __post_init__(self) -> None:
         if self.attempts < 2:
             raise ConfigError(f"attempts must be >= 2 (the batch, then the round alone), got {self.attempts}")
+        if not 0 <= self.max_quarantined_fraction <= 1:
+            raise ConfigError(f"max_quarantined_fraction must lie in [0, 1], got {self.max_quarantined_fraction}")
+        if self.batch_retries < 0:
+            raise ConfigError(f"batch_retries must be >= 0, got {self.batch_retries}")
         names = [reward.name for reward in self.rewards]
         if not names:
             raise ConfigError("rewards: give at least one reward model or function")

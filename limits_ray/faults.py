@@ -1,25 +1,136 @@
-"""Quarantine: rounds that keep failing are set aside and named, instead of failing the whole run.
+"""Fault classes: a broken engine replaces its actor; a round whose data or reward code fails is quarantined.
 
-A stage that raises on a batch is retried round by round; a round that fails ``attempts`` times
-is written as a JSON record into the quarantine directory (in the sample store, so every node
-of a cluster can reach it) and dropped from the stream. The driver reads the records of its run
-at the end, leaves the affected prompts out of the results and names them in the report. A later
-run retries them (they are not in the sample store).
+* Engine faults (:class:`EngineFault`: an error inside a vLLM or model call, a device out of memory,
+  vLLM's ``EngineDeadError``) and a batch running past its stage's timeout (:class:`Watchdog`) end the
+  actor's process (:func:`fail_actor`): Ray Data starts a new actor and retries the batch there
+  (``max_restarts``/``max_task_retries``, set by the pipeline). A dead engine is never reused, and
+  no round is quarantined for it.
+* Round faults (a reward function that raises, a NaN reward): the batch is retried round by round;
+  a round that fails ``attempts`` times is written as a JSON record into the quarantine directory
+  (in the sample store, so every node of a cluster can reach it) and dropped from the stream. The
+  driver stops the run once more than ``max_quarantined_fraction`` of its rounds are quarantined;
+  otherwise it leaves the affected prompts out of the results and names them in the report. A
+  later run retries them (they are not in the sample store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 
 from limits_ray.storage import Location
 
-__all__ = ["Quarantine", "QuarantinedRound", "run_with_quarantine"]
+__all__ = [
+    "EngineFault", "Quarantine", "QuarantinedRound", "RoundFailure", "Watchdog", "engine_call", "fail_actor",
+    "inject_test_fault", "is_engine_fault", "run_failing_fast", "run_with_quarantine",
+]
+
+ENGINE_FAULT_EXIT_CODE = 75  # the actor's exit status after an engine fault (EX_TEMPFAIL: try again)
+ENGINE_FAULT_TYPES = ("EngineDeadError", "EngineGenerateError", "OutOfMemoryError")
+TEST_FAULTS_ENV = "LIMITS_RAY_TEST_FAULTS"
+TEST_FAULTS = ("engine_dead", "hang")
+
+
+class EngineFault(RuntimeError):
+    """The engine or the device failed, not the round's data: the actor is replaced, its batch retried."""
+
+
+class RoundFailure(RuntimeError):
+    """One round failed in a stage (``fail_fast``); the message names the prompt, round and error."""
+
+
+def is_engine_fault(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it wraps) is an engine fault: :class:`EngineFault`, one of vLLM's
+    engine errors or torch's out-of-memory error (by type name, so neither needs importing), or a
+    message saying the device ran out of memory."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, EngineFault) or type(current).__name__ in ENGINE_FAULT_TYPES:
+            return True
+        if "out of memory" in str(current).lower():
+            return True
+        pending.extend(inner for inner in (current.__cause__, current.__context__) if inner is not None)
+    return False
+
+
+@contextlib.contextmanager
+def engine_call(what: str) -> Iterator[None]:
+    """Re-raise any error inside the block as an :class:`EngineFault` naming ``what``."""
+    try:
+        yield
+    except EngineFault:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever the engine raises, the engine is what failed
+        raise EngineFault(f"{what} failed: {type(error).__name__}: {error}") from error
+
+
+def fail_actor(stage: str, reason: str) -> NoReturn:
+    """End this actor's process so that Ray Data starts a new one and retries its batch there."""
+    print(f"limits-ray: stage {stage}: {reason}; ending this actor so that Ray restarts it and retries its batch",
+          file=sys.stderr, flush=True)
+    os._exit(ENGINE_FAULT_EXIT_CODE)
+
+
+class Watchdog:
+    """``with Watchdog(seconds, stage):`` ends the actor (:func:`fail_actor`) if the block runs past
+    ``seconds`` (a hung engine call cannot be interrupted from Python); ``seconds <= 0``: no limit."""
+
+    def __init__(self, seconds: float, stage: str) -> None:
+        self.seconds = seconds
+        self.stage = stage
+        self.timer: threading.Timer | None = None
+
+    def __enter__(self) -> "Watchdog":
+        if self.seconds > 0:
+            reason = f"a batch ran past its timeout of {self.seconds:g} s"
+            self.timer = threading.Timer(self.seconds, fail_actor, args=(self.stage, reason))
+            self.timer.daemon = True
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer.join()
+
+
+def inject_test_fault(stage_name: str, stage: Any, calls: int) -> None:
+    """For the fault tests only; does nothing unless ``$LIMITS_RAY_TEST_FAULTS`` names a directory.
+
+    A file ``<stage_name>.<fault>`` there arms one fault, fired on an actor's second or later batch
+    by the first actor to rename the file (so it fires once per arming, across restarts):
+    ``engine_dead`` shuts down the stage's real vLLM engine (the next call fails inside vLLM);
+    ``hang`` blocks the batch for an hour.
+    """
+    directory = os.environ.get(TEST_FAULTS_ENV)
+    if not directory or calls < 1:
+        return
+    for fault in TEST_FAULTS:
+        armed = Path(directory) / f"{stage_name}.{fault}"
+        try:
+            os.rename(armed, armed.with_name(armed.name + ".fired"))
+        except FileNotFoundError:
+            continue
+        if fault == "engine_dead":
+            stage.llm.llm_engine.engine_core.shutdown()
+        else:
+            time.sleep(3600)
 
 
 @dataclass(frozen=True)
@@ -66,6 +177,34 @@ def _concatenate(outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([output[name] for output in outputs]) for name in outputs[0]}
 
 
+def _message(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
+
+
+def run_failing_fast(
+    call: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], batch: dict[str, np.ndarray], stage: str,
+) -> dict[str, np.ndarray]:
+    """``call(batch)``; if it raises, find the failing round by calling round by round, and raise
+    :class:`RoundFailure` naming its prompt and round (an engine fault is raised as it is)."""
+    try:
+        return call(batch)
+    except Exception as error:  # noqa: BLE001 - named below, round by round
+        if is_engine_fault(error):
+            raise
+    outputs = []
+    for index in range(len(batch["prompt_id"])):
+        row = _row(batch, index)
+        try:
+            outputs.append(call(row))
+        except Exception as error:  # noqa: BLE001
+            if is_engine_fault(error):
+                raise
+            raise RoundFailure(
+                f"prompt_id {str(row['prompt_id'][0])!r} round {int(row['round'][0])} failed in {stage}: {_message(error)}"
+            ) from error
+    return _concatenate(outputs)
+
+
 def run_with_quarantine(
     call: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     batch: dict[str, np.ndarray],
@@ -76,11 +215,13 @@ def run_with_quarantine(
     """``call(batch)``; if it raises, retry each round alone up to ``attempts`` times in all.
 
     Rounds that still fail are recorded in ``quarantine`` and left out of the result (``None``
-    when every round failed).
+    when every round failed). An engine fault (:func:`is_engine_fault`) is raised, never quarantined.
     """
     try:
         return call(batch)
     except Exception as first_error:  # noqa: BLE001 - any failure of user code quarantines the round
+        if is_engine_fault(first_error):
+            raise
         batch_error = first_error
     outputs = []
     for index in range(len(batch["prompt_id"])):
@@ -91,8 +232,9 @@ def run_with_quarantine(
                 outputs.append(call(row))
                 break
             except Exception as retry_error:  # noqa: BLE001
+                if is_engine_fault(retry_error):
+                    raise
                 error = retry_error
         else:
-            message = "".join(traceback.format_exception_only(type(error), error)).strip()
-            quarantine.add(QuarantinedRound(str(row["prompt_id"][0]), int(row["round"][0]), stage, message))
+            quarantine.add(QuarantinedRound(str(row["prompt_id"][0]), int(row["round"][0]), stage, _message(error)))
     return _concatenate(outputs) if outputs else None

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from limits_ray.config import GenerationConfig
+from limits_ray.faults import engine_call
 
 __all__ = [
     "CPU_ENV_DEFAULTS", "Generator", "OUTPUT_COLUMNS", "SYNTHETIC_VOCABULARY", "SyntheticGenerator", "WordTokenizer",
@@ -140,9 +141,10 @@ class Generator:
         if not prompts:
             return empty_output(self.config.n)
         params = [self.sampling_params(pid, rnd) for pid, rnd in zip(prompt_ids, rounds)]
-        outputs = self.llm.generate(
-            prompts, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": self.add_special_tokens},
-        )
+        with engine_call("vLLM generate"):
+            outputs = self.llm.generate(
+                prompts, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": self.add_special_tokens},
+            )
         rows = [
             {"prompt_text": text, **self._round(pid, prompt, rnd, param.seed, output)}
             for pid, prompt, text, rnd, param, output in zip(prompt_ids, prompts, texts, rounds, params, outputs)

@@ -11,7 +11,9 @@ nothing but counts reaches the driver, and a round is merged at most once.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -19,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 
 from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
-from limits_ray.faults import Quarantine, run_with_quarantine
+from limits_ray.faults import (
+    Quarantine, Watchdog, fail_actor, inject_test_fault, is_engine_fault, run_failing_fast, run_with_quarantine,
+)
 from limits_ray.progress import Progress
 from limits_ray.rounds import round_lengths, to_arrow
 from limits_ray.storage import Location
@@ -66,37 +70,50 @@ def root_cause(error: BaseException) -> str:
 
 
 class Timed:
-    """Wraps a stage class for ``map_batches``: records busy time and quarantines failing rounds.
+    """Wraps a stage class for ``map_batches``: records busy time, sorts faults (:mod:`limits_ray.faults`).
 
     Adds the column ``seconds_<name>``: the call's wall time (the conversion to Arrow included)
     divided among the batch's rows, so summing it over the output gives the stage's busy time.
-    With ``quarantine_dir`` set and ``fail_fast`` off, a batch that raises is retried round by
-    round and rounds that still fail are quarantined (:mod:`limits_ray.faults`) instead of
-    failing the run.
+    An engine fault, or a batch running past ``timeout_s`` (> 0), ends the actor so that Ray Data
+    restarts it and retries the batch. With ``quarantine_dir`` set and ``fail_fast`` off, a batch
+    whose rounds fail otherwise is retried round by round and rounds that still fail are
+    quarantined instead of failing the run.
     """
 
     def __init__(
         self, stage: type, name: str, quarantine_dir: Location | None = None, run_id: str = "", fail_fast: bool = True,
-        attempts: int = 2, **kwargs: Any,
+        attempts: int = 2, timeout_s: float = 0.0, **kwargs: Any,
     ) -> None:
         self.name = name
         self.stage = stage(**kwargs)
         self.quarantine = None if fail_fast or not quarantine_dir else Quarantine(quarantine_dir, run_id)
         self.attempts = attempts
+        self.timeout_s = timeout_s
+        self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         """Yield the stage's output for ``batch`` as Arrow (:func:`~limits_ray.rounds.to_arrow`; nothing when
         every round was quarantined), so rounds travel as typed list columns rather than pickled objects."""
         started = time.perf_counter()
-        if self.quarantine is None:
-            output = self.stage(batch)
-        else:
-            output = run_with_quarantine(self.stage, batch, self.name, self.quarantine, self.attempts)
+        try:
+            with Watchdog(self.timeout_s, self.name):
+                inject_test_fault(self.name, self.stage, self.calls)
+                output = self._run(batch)
+        except Exception as error:  # noqa: BLE001 - sorted by kind: an engine fault replaces the actor
+            if is_engine_fault(error):
+                fail_actor(self.name, root_cause(error))
+            raise
+        self.calls += 1
         if output is None or len(output["prompt_id"]) == 0:
             return
         table = to_arrow(output)
         seconds = np.full(table.num_rows, (time.perf_counter() - started) / table.num_rows)
         yield table.append_column(f"seconds_{self.name}", pa.array(seconds, pa.float64()))
+
+    def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        if self.quarantine is None:
+            return run_failing_fast(self.stage, batch, self.name)
+        return run_with_quarantine(self.stage, batch, self.name, self.quarantine, self.attempts)
 
 
 def store_rounds(batch: dict[str, np.ndarray], *, context: "BucketContext", keep_text: bool) -> dict[str, np.ndarray]:
@@ -164,43 +181,78 @@ class StageTimes:
         return added
 
 
+def restart_args(batch_retries: int) -> dict[str, int]:
+    """Actor options of every engine stage, set explicitly: an actor that ended (an engine fault, a
+    timeout, a lost node) is always started again, and its batch is retried up to ``batch_retries``
+    times, so one batch that breaks every engine it meets stops the run instead of looping (Ray
+    Data's default retries it forever). Pass them inside :func:`remote_args_accepted`."""
+    return {"max_restarts": -1, "max_task_retries": batch_retries}
+
+
+@contextlib.contextmanager
+def remote_args_accepted() -> Iterator[None]:
+    """Silence Ray 2.60's deprecation warning for ``map_batches(**ray_remote_args)``: actor restarts
+    and task retries have no named parameter yet, and the warning would reach every user's console."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args(_fn)?` is deprecated")
+        yield
+
+
 def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: bool, faults: dict[str, Any] | None = None,
-                     stage: type | None = None, name: str = "generate"):
+                     stage: type | None = None, name: str = "generate", batch_retries: int = 3):
     """The actor pool sampling rounds with ``stage``: by default :class:`~limits_ray.generation.Generator`
     (one vLLM engine per actor), or :class:`~limits_ray.generation.SyntheticGenerator` for
-    ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only)."""
+    ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only). A batch running
+    past ``generation.timeout_s`` ends its actor (:class:`~limits_ray.faults.Watchdog`)."""
     from ray.data import ActorPoolStrategy
 
     from limits_ray.generation import Generator, SyntheticGenerator
 
     synthetic = generation.kind == "synthetic"
-    return dataset.map_batches(
-        Timed,
-        fn_constructor_kwargs={
-            "stage": stage or (SyntheticGenerator if synthetic else Generator), "name": name, "config": generation,
-            "add_special_tokens": add_special_tokens, **(faults or {}),
-        },
-        compute=ActorPoolStrategy(size=generation.concurrency),
-        batch_size=generation.batch_size,
-        **({"num_cpus": generation.num_cpus} if synthetic else engine_remote_args(generation)),
-    )
+    with remote_args_accepted():
+        return dataset.map_batches(
+            Timed,
+            fn_constructor_kwargs={
+                "stage": stage or (SyntheticGenerator if synthetic else Generator), "name": name, "config": generation,
+                "add_special_tokens": add_special_tokens, "timeout_s": generation.timeout_s, **(faults or {}),
+            },
+            compute=ActorPoolStrategy(size=generation.concurrency),
+            batch_size=generation.batch_size,
+            **({"num_cpus": generation.num_cpus} if synthetic else engine_remote_args(generation)),
+            **restart_args(batch_retries),
+        )
 
 
-def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, faults: dict[str, Any] | None = None):
+def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, faults: dict[str, Any] | None = None,
+                 batch_retries: int = 3):
     """One actor pool scoring whole rounds; ``reward.batch_size`` samples per call, rounded to rounds."""
     from ray.data import ActorPoolStrategy
 
     from limits_ray.scoring import make_scorer_class
 
-    return dataset.map_batches(
-        Timed,
-        fn_constructor_kwargs={
-            "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward, **(faults or {}),
-        },
-        compute=ActorPoolStrategy(size=reward.concurrency),
-        batch_size=max(1, reward.batch_size // samples_per_round),
-        num_cpus=reward.num_cpus,
-        num_gpus=reward.num_gpus,
+    with remote_args_accepted():
+        return dataset.map_batches(
+            Timed,
+            fn_constructor_kwargs={
+                "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward, **(faults or {}),
+            },
+            compute=ActorPoolStrategy(size=reward.concurrency),
+            batch_size=max(1, reward.batch_size // samples_per_round),
+            num_cpus=reward.num_cpus,
+            num_gpus=reward.num_gpus,
+            **restart_args(batch_retries),
+        )
+
+
+def check_quarantined(quarantine: Quarantine, count: int, total_rounds: int, fraction: float) -> None:
+    """Stop the run (:class:`PipelineError`) once more than ``fraction`` of its rounds are quarantined."""
+    if count <= fraction * total_rounds:
+        return
+    examples = "; ".join(f"{r.prompt_id} round {r.round} in {r.stage}: {r.error}" for r in quarantine.records()[:3])
+    raise PipelineError(
+        f"{count} of {total_rounds} rounds were quarantined, more than max_quarantined_fraction "
+        f"({fraction:g}): {examples}. Fix the cause (every record is under {quarantine.directory.uri}/"
+        f"{quarantine.run_id}) or raise max_quarantined_fraction; finished rounds are kept in the sample store"
     )
 
 
@@ -221,9 +273,10 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
         "fail_fast": config.fail_fast, "attempts": config.attempts,
     }
     started = time.perf_counter()
-    dataset = generation_stage(requests, generation, not config.prompts.chat_template, faults)
+    dataset = generation_stage(requests, generation, not config.prompts.chat_template, faults,
+                               batch_retries=config.batch_retries)
     for reward in config.rewards:
-        dataset = scorer_stage(dataset, reward, generation.n, faults)
+        dataset = scorer_stage(dataset, reward, generation.n, faults, config.batch_retries)
     dataset = dataset.map_batches(
         store_rounds, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
         batch_size=max(1, config.store.batch_samples // generation.n),
@@ -238,7 +291,11 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
             quarantined = None
             if time.perf_counter() - counted > QUARANTINE_COUNT_S:  # a listing, not one per batch
                 quarantined, counted = quarantine.count(), time.perf_counter()
+                check_quarantined(quarantine, quarantined, total_rounds, config.max_quarantined_fraction)
             progress.update(len(batch["round"]), int(np.sum(batch["samples"])), busy, quarantined)
+        check_quarantined(quarantine, quarantine.count(), total_rounds, config.max_quarantined_fraction)
+    except PipelineError:
+        raise
     except Exception as error:  # noqa: BLE001 - Ray wraps user errors; name the root cause instead
         raise PipelineError(
             f"the pipeline stopped: {root_cause(error)} ({done} of {total_rounds} rounds had finished and are "

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from limits_ray.config import AnalysisConfig, ConfigError, GenerationConfig, JobConfig, PolicyConfig, hub_kwargs
+from limits_ray.faults import engine_call
 from limits_ray.generation import Generator, round_seed, set_cpu_env_defaults
 from limits_ray.io import write_table
 from limits_ray.policy_stats import (
@@ -184,7 +185,8 @@ class BaseLogprobScorer:
         todo = [index for index, ids in enumerate(response_ids) if ids]
         if todo:
             inputs = [TokensPrompt(prompt_token_ids=prompt_ids[index] + response_ids[index]) for index in todo]
-            outputs = self.llm.generate(inputs, self.params, use_tqdm=False)
+            with engine_call("vLLM base log-probabilities"):
+                outputs = self.llm.generate(inputs, self.params, use_tqdm=False)
             for index, output in zip(todo, outputs):
                 tokens = prompt_ids[index] + response_ids[index]
                 start = len(prompt_ids[index])
@@ -232,7 +234,9 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
     import ray
     from ray.data import ActorPoolStrategy
 
-    from limits_ray.pipeline import StageTimes, Timed, engine_remote_args, generation_stage, scorer_stage
+    from limits_ray.pipeline import (
+        StageTimes, Timed, engine_remote_args, generation_stage, remote_args_accepted, restart_args, scorer_stage,
+    )
     from limits_ray.progress import Progress
 
     generation = policy_generation_config(config, policy)
@@ -250,16 +254,19 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
     dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
     dataset = generation_stage(
         dataset, generation, not config.prompts.chat_template, stage=PolicyGenerator, name=f"generate_{policy.name}",
+        batch_retries=config.batch_retries,
     )
-    dataset = dataset.map_batches(
-        Timed,
-        fn_constructor_kwargs={"stage": BaseLogprobScorer, "name": "base_logprob", "config": base},
-        compute=ActorPoolStrategy(size=base.concurrency),
-        batch_size=generation.batch_size,
-        **engine_remote_args(base),
-    )
+    with remote_args_accepted():
+        dataset = dataset.map_batches(
+            Timed,
+            fn_constructor_kwargs={"stage": BaseLogprobScorer, "name": "base_logprob", "config": base},
+            compute=ActorPoolStrategy(size=base.concurrency),
+            batch_size=generation.batch_size,
+            **engine_remote_args(base),
+            **restart_args(config.batch_retries),
+        )
     for reward in config.rewards:
-        dataset = scorer_stage(dataset, reward, generation.n)
+        dataset = scorer_stage(dataset, reward, generation.n, batch_retries=config.batch_retries)
     rewards = [reward.name for reward in config.rewards]
     actors = {f"generate_{policy.name}": generation.concurrency, "base_logprob": base.concurrency,
               **{f"score_{reward.name}": reward.concurrency for reward in config.rewards}}

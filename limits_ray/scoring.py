@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from limits_ray.config import RewardModelConfig, hub_kwargs
+from limits_ray.faults import engine_call
 from limits_ray.generation import set_cpu_env_defaults
 from limits_ray.rounds import per_round, per_sample, regroup, round_lengths
 
@@ -152,10 +153,11 @@ class VllmRewardScorer(RewardScorer):
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Classify the rendered texts in one call; each output must hold exactly one logit."""
         texts = render_reward_inputs(self.config, prompts, responses, self.tokenizer)
-        outputs = self.llm.classify(
-            texts, pooling_params=self.pooling_params, use_tqdm=False,
-            tokenization_kwargs={"add_special_tokens": not self.config.chat_template},
-        )
+        with engine_call("vLLM classify"):
+            outputs = self.llm.classify(
+                texts, pooling_params=self.pooling_params, use_tqdm=False,
+                tokenization_kwargs={"add_special_tokens": not self.config.chat_template},
+            )
         for output in outputs:
             check_single_label(self.config, len(output.outputs.probs))
         return [output.outputs.probs[0] for output in outputs]
@@ -193,7 +195,8 @@ class TransformersRewardScorer(RewardScorer):
             texts, padding=True, return_tensors="pt", add_special_tokens=not self.config.chat_template
         ).to(self.device)
         with torch.no_grad():
-            logits = self.model(**encoded).logits
+            with engine_call("reward model forward pass"):
+                logits = self.model(**encoded).logits
         return logits[:, 0].float().cpu().tolist()
 
 

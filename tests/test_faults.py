@@ -1,0 +1,152 @@
+"""Fault classes (limits_ray.faults): quarantined rounds, engine faults that end the actor, the watchdog."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from limits_ray.faults import (
+    ENGINE_FAULT_EXIT_CODE, EngineFault, Quarantine, QuarantinedRound, RoundFailure, Watchdog, engine_call, is_engine_fault,
+    run_with_quarantine,
+)
+from limits_ray.pipeline import PipelineError, Timed, check_quarantined, root_cause
+from limits_ray.storage import open_location
+
+
+def _batch(prompt_ids: list[str]) -> dict[str, np.ndarray]:
+    return {"prompt_id": np.array(prompt_ids, dtype=object), "round": np.arange(len(prompt_ids), dtype=np.int64)}
+
+
+class FailsOn:
+    """A stage that raises for one prompt and counts its calls."""
+
+    def __init__(self, bad: str) -> None:
+        self.bad, self.calls = bad, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.bad in batch["prompt_id"]:
+            raise ValueError(f"reward 'rm' is nan for prompt_id {self.bad!r}")
+        return {**batch, "rm": np.ones(len(batch["prompt_id"]))}
+
+
+def test_a_failing_round_is_quarantined_and_the_rest_pass(tmp_path):
+    quarantine = Quarantine(open_location(tmp_path), run_id="run-1")
+    stage = FailsOn("b")
+    output = run_with_quarantine(stage, _batch(["a", "b", "c"]), "score_rm", quarantine, attempts=3)
+    assert output["prompt_id"].tolist() == ["a", "c"] and output["rm"].tolist() == [1.0, 1.0]
+    assert quarantine.records() == [QuarantinedRound("b", 1, "score_rm", "ValueError: reward 'rm' is nan for prompt_id 'b'")]
+    assert stage.calls == 1 + 1 + 2 + 1  # the batch, then a, b twice, c
+    assert Quarantine(open_location(tmp_path), run_id="run-2").records() == []  # another run's records are not ours
+
+
+def test_every_round_failing_gives_no_output(tmp_path):
+    assert run_with_quarantine(FailsOn("a"), _batch(["a"]), "generate", Quarantine(open_location(tmp_path), "r"), 2) is None
+
+
+def test_timed_yields_nothing_for_a_fully_quarantined_batch_and_raises_when_failing_fast(tmp_path):
+    quarantined = Timed(FailsOn, "score_rm", quarantine_dir=open_location(tmp_path), run_id="r", fail_fast=False, bad="a")
+    assert list(quarantined(_batch(["a"]))) == []
+    [output] = list(quarantined(_batch(["c"])))
+    assert output.num_rows == 1 and output["seconds_score_rm"].type == pa.float64()  # an Arrow table
+    strict = Timed(FailsOn, "score_rm", bad="b")
+    with pytest.raises(RoundFailure, match=r"^prompt_id 'b' round 1 failed in score_rm: ValueError: reward 'rm' is nan "
+                                           r"for prompt_id 'b'$") as failure:
+        list(strict(_batch(["a", "b", "c"])))
+    assert isinstance(failure.value.__cause__, ValueError)
+
+
+def test_root_cause_finds_the_user_error_inside_wrappers():
+    try:
+        try:
+            raise ValueError("reward 'rm' is nan for prompt_id 'p'\nmore detail")
+        except ValueError as inner:
+            raise RuntimeError("") from inner
+    except RuntimeError as outer:
+        assert root_cause(outer) == "ValueError: reward 'rm' is nan for prompt_id 'p'"
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named as torch's: faults are recognised by type name, without importing torch."""
+
+
+def test_engine_faults_are_told_from_round_faults():
+    assert is_engine_fault(EngineFault("vLLM generate failed"))
+    assert is_engine_fault(OutOfMemoryError("tried to allocate 2 GiB"))
+    assert is_engine_fault(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    try:
+        try:
+            raise OutOfMemoryError("device")
+        except OutOfMemoryError as inner:
+            raise RuntimeError("the batch failed") from inner
+    except RuntimeError as wrapped:
+        assert is_engine_fault(wrapped)
+    assert not is_engine_fault(ValueError("reward 'rm' is nan for prompt_id 'p1'"))
+    with pytest.raises(EngineFault, match="vLLM generate failed: AssertionError: group is not initialized"):
+        with engine_call("vLLM generate"):
+            raise AssertionError("group is not initialized")
+
+
+def test_an_engine_fault_is_raised_not_quarantined(tmp_path):
+    quarantine = Quarantine(open_location(str(tmp_path)), "run")
+
+    def broken_engine(batch):
+        with engine_call("vLLM generate"):
+            raise AssertionError("the engine core is shut down")
+
+    with pytest.raises(EngineFault):
+        run_with_quarantine(broken_engine, _batch(["a", "b"]), "generate", quarantine, attempts=2)
+    assert quarantine.count() == 0
+
+
+ACTOR = """
+import sys, time
+import numpy as np
+from limits_ray.faults import engine_call
+from limits_ray.pipeline import Timed
+
+class Stage:
+    def __init__(self, fault):
+        self.fault = fault
+    def __call__(self, batch):
+        if self.fault == "hang":
+            time.sleep(60)
+        with engine_call("vLLM generate"):
+            raise AssertionError("the engine core is shut down")
+
+timed = Timed(Stage, "generate", timeout_s=float(sys.argv[2]), fault=sys.argv[1])
+list(timed({"prompt_id": np.array(["p"], dtype=object), "round": np.array([0])}))
+"""
+
+
+@pytest.mark.parametrize("fault, timeout_s, reason", [
+    ("engine_dead", 0, "EngineFault: vLLM generate failed: AssertionError: the engine core is shut down"),
+    ("hang", 0.5, "a batch ran past its timeout of 0.5 s"),
+])
+def test_an_engine_fault_or_a_hang_ends_the_actor_process(fault, timeout_s, reason):
+    """The stage wrapper ends its process (Ray then restarts the actor and retries the batch: see
+    tests/test_reliability.py for the whole run), with a line naming the stage and the cause."""
+    done = subprocess.run([sys.executable, "-c", ACTOR, fault, str(timeout_s)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == ENGINE_FAULT_EXIT_CODE, done.stderr[-3000:]
+    assert f"limits-ray: stage generate: {reason}; ending this actor" in done.stderr
+
+
+def test_a_watchdog_that_is_not_reached_does_nothing():
+    with Watchdog(5.0, "generate") as watchdog:
+        pass
+    assert not watchdog.timer.is_alive()
+
+
+def test_the_run_stops_beyond_the_quarantined_fraction(tmp_path):
+    quarantine = Quarantine(open_location(str(tmp_path)), "run")
+    for round_index in range(3):
+        quarantine.add(QuarantinedRound("river", round_index, "score_bad", "ValueError: reward 'bad' is nan"))
+    check_quarantined(quarantine, 3, total_rounds=300, fraction=0.01)  # exactly 1%: carries on
+    with pytest.raises(PipelineError, match=r"3 of 299 rounds were quarantined, more than max_quarantined_fraction "
+                                            r"\(0.01\): river round 0 in score_bad: ValueError: reward 'bad' is nan"):
+        check_quarantined(quarantine, 3, total_rounds=299, fraction=0.01)
