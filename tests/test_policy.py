@@ -144,7 +144,7 @@ def test_policy_kl_matches_enumeration_over_one_token_responses(tiny_models, tmp
         with torch.no_grad():
             log_probs[name] = [
                 torch.log_softmax(model(**tokenizer(text, return_tensors="pt")).logits[0, -1], -1).numpy().astype(np.float64)
-                for _, text in prompts
+                for text in config.prompts.inline
             ]
     exact = np.mean([exact_kl(np.exp(p), np.exp(q)) for p, q in zip(log_probs["pi"], log_probs["pi0"])])
 
