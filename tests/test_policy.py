@@ -149,7 +149,7 @@ def test_policy_kl_matches_enumeration_over_one_token_responses(tiny_models, tmp
     exact = np.mean([exact_kl(np.exp(p), np.exp(q)) for p, q in zip(log_probs["pi"], log_probs["pi0"])])
 
     # per sample: vLLM's log pi and log pi0 are the enumerated next-token log-probabilities
-    ids = {prompt_id: index for index, (prompt_id, _) in enumerate(prompts)}
+    ids = {prompt.prompt_id: index for index, prompt in enumerate(prompts)}
     texts = samples["response"].to_pylist()
     for row, prompt_id in enumerate(samples["prompt_id"].to_pylist()[:64]):
         token = tokenizer.encode(texts[row])
