@@ -176,8 +176,9 @@ class GenerationConfig:
 
     Attributes:
         model: a local model directory or hub name vLLM can load (``vllm`` only, where it is required).
-        revision: the hub commit, branch or tag of a hub ``model`` (recorded in the store's identity, so a
-            nightly series never mixes revisions); empty for a local directory, whose files are fingerprinted.
+        revision: the hub commit of a hub ``model`` (recorded in the store's identity, so a nightly series
+            never mixes revisions; a branch or tag is recorded as given, which pins nothing); empty for a
+            local directory, whose files are fingerprinted.
         kind: ``vllm`` (default) or ``synthetic``.
         samples_per_prompt: N, the base samples drawn per prompt; a multiple of ``n``.
         n: samples per request: one request is one *round*, seeded by (prompt_id, round).
@@ -244,8 +245,9 @@ class RewardModelConfig:
         name: the reward column it fills.
         kind: ``vllm`` (pooling runner, raw logit), ``transformers`` or ``function``.
         model: the model directory or hub name (``vllm``, ``transformers``).
-        revision: the hub commit, branch or tag of a hub ``model`` (recorded in the store's identity, so a
-            nightly series never mixes revisions); empty for a local directory, whose files are fingerprinted.
+        revision: the hub commit of a hub ``model`` (recorded in the store's identity, so a nightly series
+            never mixes revisions; a branch or tag is recorded as given, which pins nothing); empty for a
+            local directory, whose files are fingerprinted.
         function: ``module:function`` taking ``(prompts, responses)`` lists, returning floats.
         input_template: ``str.format`` template with ``{prompt}`` and ``{response}``.
         chat_template: render ``[user: prompt, assistant: response]`` with the RM tokenizer's template.
@@ -334,8 +336,8 @@ class PolicyConfig:
     Attributes:
         name: its label in outputs and plots.
         model: a vLLM-loadable checkpoint using the base model's tokenizer.
-        revision: the hub commit, branch or tag of a hub ``model`` (recorded in the store's identity, so a
-            nightly series never mixes revisions); empty for a local directory, whose files are fingerprinted.
+        revision: the hub commit of a hub ``model`` (a branch or tag is passed as given); empty for a
+            local directory.
         samples_per_prompt: samples drawn per prompt (a multiple of ``n``).
         n: samples per request.
         seed: sampling seed; -1 derives one from the base seed and ``name`` (so the policy's samples

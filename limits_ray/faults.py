@@ -1,16 +1,18 @@
 """Fault classes: a broken engine replaces its actor; a round whose data or reward code fails is quarantined.
 
-* Engine faults (:class:`EngineFault`: an error inside a vLLM or model call, a device out of memory,
-  vLLM's ``EngineDeadError``) and a batch running past its stage's timeout (:class:`Watchdog`) end the
-  actor's process (:func:`fail_actor`): Ray Data starts a new actor and retries the batch there
+* Engine faults (:class:`EngineFault`: an error inside a vLLM or model call that is not about the
+  request, a device out of memory or CUDA error, vLLM's ``EngineDeadError``) and a generation call
+  running past ``generation.timeout_s`` (:class:`Watchdog`) end the actor's process
+  (:func:`fail_actor`): Ray Data starts a new actor and retries the batch there
   (``max_restarts``/``max_task_retries``, set by the pipeline). A dead engine is never reused, and
   no round is quarantined for it.
-* Round faults (a reward function that raises, a NaN reward): the batch is retried round by round;
-  a round that fails ``attempts`` times is written as a JSON record into the quarantine directory
-  (in the sample store, so every node of a cluster can reach it) and dropped from the stream. The
-  driver stops the run once more than ``max_quarantined_fraction`` of its rounds are quarantined;
-  otherwise it leaves the affected prompts out of the results and names them in the report. A
-  later run retries them (they are not in the sample store).
+* Round faults (a reward function that raises, a NaN reward, an input too long for a reward model:
+  :func:`is_request_error`): the batch is retried round by round; a round that fails ``attempts``
+  times is written as a JSON record into the quarantine directory (in the sample store, so every
+  node of a cluster can reach it) and dropped from the stream. The run stops once more than
+  ``max_quarantined_fraction`` of its rounds are quarantined (checked by the stage that adds a
+  record, and by the driver); otherwise the driver leaves the affected prompts out of the results
+  and names them in the report. A later run retries them (they are not in the sample store).
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ __all__ = [
 ]
 
 ENGINE_FAULT_EXIT_CODE = 75  # the actor's exit status after an engine fault (EX_TEMPFAIL: try again)
-ENGINE_FAULT_TYPES = ("EngineDeadError", "EngineGenerateError", "OutOfMemoryError")
+ENGINE_FAULT_TYPES = ("EngineDeadError", "EngineGenerateError", "OutOfMemoryError", "AcceleratorError")
+ENGINE_FAULT_MESSAGES = ("out of memory", "cuda error")
+# Errors about the request itself (too long an input, a bad value): the round's fault, not the engine's.
+REQUEST_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+REQUEST_ERROR_TYPES = ("VLLMClientError",)  # vLLM's request errors (VLLMValidationError is one)
 TEST_FAULTS_ENV = "LIMITS_RAY_TEST_FAULTS"
 TEST_FAULTS = ("engine_dead", "hang")
 
@@ -52,8 +58,8 @@ class RoundFailure(RuntimeError):
 
 def is_engine_fault(error: BaseException) -> bool:
     """Whether ``error`` (or an error it wraps) is an engine fault: :class:`EngineFault`, one of vLLM's
-    engine errors or torch's out-of-memory error (by type name, so neither needs importing), or a
-    message saying the device ran out of memory."""
+    engine errors, torch's out-of-memory or accelerator error (by type name, so neither needs
+    importing), or a message saying the device ran out of memory or hit a CUDA error."""
     seen: set[int] = set()
     pending: list[BaseException] = [error]
     while pending:
@@ -63,20 +69,31 @@ def is_engine_fault(error: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, EngineFault) or type(current).__name__ in ENGINE_FAULT_TYPES:
             return True
-        if "out of memory" in str(current).lower():
+        if any(message in str(current).lower() for message in ENGINE_FAULT_MESSAGES):
             return True
         pending.extend(inner for inner in (current.__cause__, current.__context__) if inner is not None)
     return False
 
 
+def is_request_error(error: BaseException) -> bool:
+    """An error about the request itself (``ValueError``, ``TypeError``, ``KeyError``, ``IndexError``,
+    vLLM's ``VLLMClientError`` such as an input longer than the context): the round's fault."""
+    if is_engine_fault(error):
+        return False
+    return isinstance(error, REQUEST_ERRORS) or any(cls.__name__ in REQUEST_ERROR_TYPES for cls in type(error).__mro__)
+
+
 @contextlib.contextmanager
 def engine_call(what: str) -> Iterator[None]:
-    """Re-raise any error inside the block as an :class:`EngineFault` naming ``what``."""
+    """Re-raise an error inside the block as an :class:`EngineFault` naming ``what``, unless it is about
+    the request (:func:`is_request_error`): that one stays a round fault, quarantined or named."""
     try:
         yield
     except EngineFault:
         raise
-    except Exception as error:  # noqa: BLE001 - whatever the engine raises, the engine is what failed
+    except Exception as error:  # noqa: BLE001 - the engine failed unless the request was bad
+        if is_request_error(error):
+            raise
         raise EngineFault(f"{what} failed: {type(error).__name__}: {error}") from error
 
 

@@ -74,11 +74,11 @@ def set_cpu_env_defaults() -> None:
 def engine_kwargs(config: GenerationConfig) -> dict[str, Any]:
     """``vllm.LLM`` keyword arguments for the generation config."""
     kwargs: dict[str, Any] = {"seed": config.seed, "tensor_parallel_size": config.tensor_parallel_size}
-    if config.revision:
-        kwargs.update(revision=config.revision, tokenizer_revision=config.revision)
     if config.max_model_len:
         kwargs["max_model_len"] = config.max_model_len
     kwargs.update(config.engine_kwargs)
+    if config.revision:  # the config's revision wins: it is the one recorded in the store identity
+        kwargs.update(revision=config.revision, tokenizer_revision=config.revision)
     return kwargs
 
 

@@ -92,6 +92,9 @@ def setup_identity(config: JobConfig) -> dict[str, Any]:
             reward.name: {
                 "kind": reward.kind, "model": model_fingerprint(reward.model, reward.revision) if reward.model else reward.function,
                 "input_template": reward.input_template, "chat_template": reward.chat_template,
+                # chat-templated rewards see the source's prompt text since stores of layout 2 (before, the
+                # rendered prompt inside a second template): such stores are refused, not mixed
+                **({"chat_prompt": "source text"} if reward.chat_template else {}),
             }
             for reward in config.rewards
         },

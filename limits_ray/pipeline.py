@@ -74,21 +74,25 @@ class Timed:
 
     Adds the column ``seconds_<name>``: the call's wall time (the conversion to Arrow included)
     divided among the batch's rows, so summing it over the output gives the stage's busy time.
-    An engine fault, or a batch running past ``timeout_s`` (> 0), ends the actor so that Ray Data
+    An engine fault, or a stage call running past ``timeout_s`` (> 0), ends the actor so that Ray Data
     restarts it and retries the batch. With ``quarantine_dir`` set and ``fail_fast`` off, a batch
     whose rounds fail otherwise is retried round by round and rounds that still fail are
-    quarantined instead of failing the run.
+    quarantined instead of failing the run, until more than ``max_quarantined_fraction`` of the
+    run's ``total_rounds`` are (:func:`check_quarantined`, which then stops the run from here).
     """
 
     def __init__(
         self, stage: type, name: str, quarantine_dir: Location | None = None, run_id: str = "", fail_fast: bool = True,
-        attempts: int = 2, timeout_s: float = 0.0, **kwargs: Any,
+        attempts: int = 2, timeout_s: float = 0.0, total_rounds: int = 0, max_quarantined_fraction: float = 1.0,
+        **kwargs: Any,
     ) -> None:
         self.name = name
         self.stage = stage(**kwargs)
         self.quarantine = None if fail_fast or not quarantine_dir else Quarantine(quarantine_dir, run_id)
         self.attempts = attempts
         self.timeout_s = timeout_s
+        self.total_rounds = total_rounds
+        self.max_quarantined_fraction = max_quarantined_fraction
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
@@ -96,9 +100,7 @@ class Timed:
         every round was quarantined), so rounds travel as typed list columns rather than pickled objects."""
         started = time.perf_counter()
         try:
-            with Watchdog(self.timeout_s, self.name):
-                inject_test_fault(self.name, self.stage, self.calls)
-                output = self._run(batch)
+            output = self._run(batch)
         except Exception as error:  # noqa: BLE001 - sorted by kind: an engine fault replaces the actor
             if is_engine_fault(error):
                 fail_actor(self.name, root_cause(error))
@@ -112,8 +114,18 @@ class Timed:
 
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         if self.quarantine is None:
-            return run_failing_fast(self.stage, batch, self.name)
-        return run_with_quarantine(self.stage, batch, self.name, self.quarantine, self.attempts)
+            return run_failing_fast(self._call, batch, self.name)
+        output = run_with_quarantine(self._call, batch, self.name, self.quarantine, self.attempts)
+        quarantined_some = output is None or len(output["prompt_id"]) < len(batch["prompt_id"])
+        if quarantined_some and self.total_rounds:
+            check_quarantined(self.quarantine, self.quarantine.count(), self.total_rounds, self.max_quarantined_fraction)
+        return output
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of the stage, under the watchdog (each retry of a round gets its own time)."""
+        with Watchdog(self.timeout_s, self.name):
+            inject_test_fault(self.name, self.stage, self.calls)
+            return self.stage(batch)
 
 
 def store_rounds(batch: dict[str, np.ndarray], *, context: "BucketContext", keep_text: bool) -> dict[str, np.ndarray]:
@@ -245,7 +257,8 @@ def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, fau
 
 
 def check_quarantined(quarantine: Quarantine, count: int, total_rounds: int, fraction: float) -> None:
-    """Stop the run (:class:`PipelineError`) once more than ``fraction`` of its rounds are quarantined."""
+    """Stop the run (:class:`PipelineError`) once more than ``fraction`` of its ``total_rounds`` (those it
+    generates and those it takes from the store: a small adaptive wave is not judged alone) are quarantined."""
     if count <= fraction * total_rounds:
         return
     examples = "; ".join(f"{r.prompt_id} round {r.round} in {r.stage}: {r.error}" for r in quarantine.records()[:3])
@@ -269,8 +282,9 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
     if total_rounds == 0:
         return times
     faults = {
-        "quarantine_dir": quarantine.directory, "run_id": quarantine.run_id,
-        "fail_fast": config.fail_fast, "attempts": config.attempts,
+        "quarantine_dir": quarantine.directory, "run_id": quarantine.run_id, "fail_fast": config.fail_fast,
+        "attempts": config.attempts, "total_rounds": total_rounds + stored_rounds,
+        "max_quarantined_fraction": config.max_quarantined_fraction,
     }
     started = time.perf_counter()
     dataset = generation_stage(requests, generation, not config.prompts.chat_template, faults,
@@ -291,9 +305,9 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
             quarantined = None
             if time.perf_counter() - counted > QUARANTINE_COUNT_S:  # a listing, not one per batch
                 quarantined, counted = quarantine.count(), time.perf_counter()
-                check_quarantined(quarantine, quarantined, total_rounds, config.max_quarantined_fraction)
+                check_quarantined(quarantine, quarantined, total_rounds + stored_rounds, config.max_quarantined_fraction)
             progress.update(len(batch["round"]), int(np.sum(batch["samples"])), busy, quarantined)
-        check_quarantined(quarantine, quarantine.count(), total_rounds, config.max_quarantined_fraction)
+        check_quarantined(quarantine, quarantine.count(), total_rounds + stored_rounds, config.max_quarantined_fraction)
     except PipelineError:
         raise
     except Exception as error:  # noqa: BLE001 - Ray wraps user errors; name the root cause instead

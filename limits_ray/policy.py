@@ -167,11 +167,11 @@ class BaseLogprobScorer:
         from vllm import LLM, SamplingParams
 
         kwargs: dict[str, Any] = {"tensor_parallel_size": config.tensor_parallel_size}
-        if config.revision:
-            kwargs.update(revision=config.revision, tokenizer_revision=config.revision)
         if config.max_model_len:
             kwargs["max_model_len"] = config.max_model_len
         kwargs.update(config.engine_kwargs)
+        if config.revision:
+            kwargs.update(revision=config.revision, tokenizer_revision=config.revision)
         self.llm = LLM(model=config.model, **kwargs)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
 

@@ -147,7 +147,7 @@ class VllmRewardScorer(RewardScorer):
         from vllm.pooling_params import PoolingParams
 
         revision = {"revision": config.revision, "tokenizer_revision": config.revision} if config.revision else {}
-        self.llm = LLM(model=config.model, runner="pooling", **revision, **config.engine_kwargs)
+        self.llm = LLM(model=config.model, runner="pooling", **{**config.engine_kwargs, **revision})
         self.pooling_params = PoolingParams(use_activation=False)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -191,13 +191,11 @@ class TransformersRewardScorer(RewardScorer):
         """The single logit of each text in one padded forward pass."""
         import torch
 
-        encoded = self.tokenizer(
-            texts, padding=True, return_tensors="pt", add_special_tokens=not self.config.chat_template
-        ).to(self.device)
-        with torch.no_grad():
-            with engine_call("reward model forward pass"):
-                logits = self.model(**encoded).logits
-        return logits[:, 0].float().cpu().tolist()
+        encoded = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not self.config.chat_template)
+        # CUDA errors surface asynchronously (at .to or .cpu): the whole device round trip is the engine's
+        with torch.no_grad(), engine_call("reward model forward pass"):
+            logits = self.model(**encoded.to(self.device)).logits
+            return logits[:, 0].float().cpu().tolist()
 
 
 class FunctionRewardScorer(RewardScorer):

@@ -21,8 +21,9 @@ def no_llvmlite_in_the_test_process():
     """Fail the test that imports numba's llvmlite into the pytest process (arviz does, on import):
     vLLM's kernel registration scans every loaded module and breaks on llvmlite's objects, so every
     in-process vLLM engine started after it (tests/test_scoring.py, test_generation.py) would fail."""
+    loaded_before = "llvmlite" in sys.modules
     yield
-    assert "llvmlite" not in sys.modules, (
+    assert loaded_before or "llvmlite" not in sys.modules, (
         "this test imported llvmlite (numba; arviz imports it) into the pytest process, which breaks every "
         "later in-process vLLM engine: run that code in a subprocess (see tests/test_psis.py)"
     )

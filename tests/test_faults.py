@@ -150,3 +150,28 @@ def test_the_run_stops_beyond_the_quarantined_fraction(tmp_path):
     with pytest.raises(PipelineError, match=r"3 of 299 rounds were quarantined, more than max_quarantined_fraction "
                                             r"\(0.01\): river round 0 in score_bad: ValueError: reward 'bad' is nan"):
         check_quarantined(quarantine, 3, total_rounds=299, fraction=0.01)
+
+
+class VLLMClientError(ValueError):
+    """Named as vLLM's request errors (its VLLMValidationError, e.g. an input longer than the context)."""
+
+
+def test_errors_about_the_request_stay_round_faults_inside_an_engine_call():
+    for error in (VLLMClientError("The decoder prompt (length 700) is longer than the maximum model length of 512"),
+                  IndexError("index out of range in self"), ValueError("bad input")):
+        with pytest.raises(type(error)):
+            with engine_call("vLLM classify"):
+                raise error
+    with pytest.raises(EngineFault, match="CUDA error: an illegal memory access"):
+        with engine_call("reward model forward pass"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    assert is_engine_fault(RuntimeError("CUDA error: device-side assert triggered"))
+
+
+def test_a_stage_stops_the_run_once_its_quarantine_passes_the_fraction(tmp_path):
+    timed = Timed(FailsOn, "score_rm", quarantine_dir=open_location(tmp_path), run_id="r", fail_fast=False,
+                  total_rounds=10, max_quarantined_fraction=0.1, bad="a")
+    [output] = list(timed(_batch(["a", "b"])))  # 1 of 10 quarantined: at the limit, carries on
+    assert output.num_rows == 1
+    with pytest.raises(PipelineError, match=r"2 of 10 rounds were quarantined, more than max_quarantined_fraction"):
+        list(timed(_batch(["c", "a"])))  # round 1 of "a": a second record

@@ -7,6 +7,7 @@ Only ``./scripts/test`` is not run: it is the command running this test.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -67,6 +68,10 @@ def _run(command: str, cwd: Path, env: dict[str, str]) -> str:
 def test_every_readme_command_runs_as_written_in_order(tmp_path):
     if Path(sys.prefix).name != ".venv" or Path(sys.prefix).parent != REPO:
         pytest.skip("needs the project's own ./.venv (scripts/setup), as README's commands use it")
+    stamp = Path(sys.prefix) / ".limits-ray-installed"
+    if not stamp.is_file() or stamp.read_text().strip() != hashlib.sha1((REPO / "pyproject.toml").read_bytes()).hexdigest():
+        pytest.fail("./.venv is older than pyproject.toml: run ./scripts/setup first (the copy's scripts/setup "
+                    "would reinstall into this .venv from a temporary directory)")
     clone = _fresh_copy(tmp_path / "clone")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "LIMITS_RAY"))}
     env["PATH"] = f"{clone / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
