@@ -20,13 +20,16 @@ def session_tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return build_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models", seed=0)
 
 
+TINY_PROMPTS = ("The cat sat on the", "Once upon a time", "The river ran quietly past")
+
+
 def tiny_job_mapping(models: TinyModels, out_dir: Path, **overrides: dict) -> dict:
     """Plain data for a small JobConfig on the tiny models (CPU, local Ray)."""
     mapping = {
         "name": "tiny-test",
         "output_dir": str(out_dir),
         "ray_address": "local",
-        "prompts": {"inline": ["The cat sat on the", "Once upon a time", "The river ran quietly past"]},
+        "prompts": {"inline": list(TINY_PROMPTS)},
         "generation": {
             "model": str(models.policy), "samples_per_prompt": 64, "n": 16, "max_tokens": 8,
             "batch_size": 2, "num_cpus": 0.5, "engine_kwargs": ENGINE_KWARGS,

@@ -18,15 +18,18 @@ from limits_ray.io import SCHEMAS
 from limits_ray.job import run_job
 from limits_ray.pipeline import generation_stage, scorer_stage
 from limits_ray.reduce import reduce_samples
+from limits_ray.prompts import prompt_id_for
 from limits_ray.rounds import ARROW_TYPES
-from _tiny import tiny_job
+from _tiny import TINY_PROMPTS, tiny_job
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_models, tmp_path_factory, ray_local):
-    config = tiny_job(tiny_models, tmp_path_factory.mktemp("run"))
+    """The tiny job, its first prompt given twice (a dataset with a repeated row: sampled once, counted)."""
+    inline = [*TINY_PROMPTS, TINY_PROMPTS[0]]
+    config = tiny_job(tiny_models, tmp_path_factory.mktemp("run"), prompts={"inline": inline})
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         result, report = run_job(config)
@@ -54,6 +57,7 @@ def test_outputs_follow_the_contract(tiny_run):
         assert (Path(config.output_dir) / picture).stat().st_size > 10_000
     saved = json.loads((Path(config.output_dir) / "report.json").read_text())
     assert saved["samples"] == prompts * 64 and saved["rounds_generated"] == prompts * 4
+    assert saved["duplicate_prompts"] == {prompt_id_for(TINY_PROMPTS[0]): 1}
     assert {"generate", "score_rm", "score_rm_b", "score_length", "store", "statistics"} <= set(saved["stage_seconds"])
 
 
