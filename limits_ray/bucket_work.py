@@ -34,12 +34,9 @@ __all__ = [
     "round_statistics",
 ]
 
-PROMPTS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("prompt", pa.string()), ("prompt_text", pa.string()), ("start", pa.int64()), ("target", pa.int64()),
-])
-TODO_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("prompt", pa.string()), ("prompt_text", pa.string()), ("round", pa.int64()),
-])
+PROMPT_FIELDS = [("prompt_id", pa.string()), ("prompt", pa.string()), ("prompt_text", pa.string())]
+PROMPTS_SCHEMA = pa.schema([*PROMPT_FIELDS, ("start", pa.int64()), ("target", pa.int64())])
+TODO_SCHEMA = pa.schema([*PROMPT_FIELDS, ("round", pa.int64())])
 PLOT_PROMPTS = 8  # prompts per bucket whose rows come back for the figures (the driver keeps at most 200)
 
 
@@ -146,7 +143,7 @@ def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[
             if round_index in have:
                 stored += 1
             else:
-                for name in ("prompt_id", "prompt", "prompt_text"):
+                for name, _ in PROMPT_FIELDS:
                     todo[name].append(row[name])
                 todo["round"].append(round_index)
     if todo["round"]:

@@ -113,6 +113,11 @@ def hub_kwargs(revision: str) -> dict[str, str]:
     return {"revision": revision} if revision else {}
 
 
+def engine_revision_kwargs(revision: str) -> dict[str, str]:
+    """``vllm.LLM`` keyword arguments pinning a hub ``revision`` for weights and tokenizer (none when empty)."""
+    return {"revision": revision, "tokenizer_revision": revision} if revision else {}
+
+
 DUPLICATE_RULES = ("drop", "error")
 
 

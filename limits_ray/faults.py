@@ -34,8 +34,8 @@ import numpy as np
 from limits_ray.storage import Location
 
 __all__ = [
-    "EngineFault", "Quarantine", "QuarantinedRound", "RoundFailure", "Watchdog", "engine_call", "fail_actor",
-    "inject_test_fault", "is_engine_fault", "run_failing_fast", "run_with_quarantine",
+    "EngineFault", "Quarantine", "QuarantinedRound", "RoundFailure", "Watchdog", "engine_call", "error_chain",
+    "fail_actor", "inject_test_fault", "is_engine_fault", "run_failing_fast", "run_with_quarantine",
 ]
 
 ENGINE_FAULT_EXIT_CODE = 75  # the actor's exit status after an engine fault (EX_TEMPFAIL: try again)
@@ -56,23 +56,34 @@ class RoundFailure(RuntimeError):
     """One round failed in a stage (``fail_fast``); the message names the prompt, round and error."""
 
 
+def error_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every error it wraps, outermost first: ``__cause__``, ``__context__`` and the
+    ``cause`` attribute Ray's wrappers keep the task's own error in; each error once."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        chain.append(current)
+        for attribute in ("cause", "__cause__", "__context__"):
+            inner = getattr(current, attribute, None)
+            if isinstance(inner, BaseException):
+                pending.append(inner)
+    return chain
+
+
 def is_engine_fault(error: BaseException) -> bool:
     """Whether ``error`` (or an error it wraps) is an engine fault: :class:`EngineFault`, one of vLLM's
     engine errors, torch's out-of-memory or accelerator error (by type name, so neither needs
     importing), or a message saying the device ran out of memory or hit a CUDA error."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [error]
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, EngineFault) or type(current).__name__ in ENGINE_FAULT_TYPES:
-            return True
-        if any(message in str(current).lower() for message in ENGINE_FAULT_MESSAGES):
-            return True
-        pending.extend(inner for inner in (current.__cause__, current.__context__) if inner is not None)
-    return False
+    return any(
+        isinstance(current, EngineFault) or type(current).__name__ in ENGINE_FAULT_TYPES
+        or any(message in str(current).lower() for message in ENGINE_FAULT_MESSAGES)
+        for current in error_chain(error)
+    )
 
 
 def is_request_error(error: BaseException) -> bool:
@@ -159,6 +170,9 @@ class QuarantinedRound:
     stage: str
     error: str
 
+    def __str__(self) -> str:
+        return f"{self.prompt_id} round {self.round} in {self.stage}: {self.error}"
+
 
 class Quarantine:
     """Quarantine records of one run: one JSON object each under ``<directory>/<run_id>/``."""
@@ -198,45 +212,41 @@ def _message(error: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(error), error)).strip()
 
 
-def run_failing_fast(
-    call: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], batch: dict[str, np.ndarray], stage: str,
-) -> dict[str, np.ndarray]:
+Stage = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def run_failing_fast(call: Stage, batch: dict[str, np.ndarray], stage: str) -> dict[str, np.ndarray] | None:
     """``call(batch)``; if it raises, find the failing round by calling round by round, and raise
     :class:`RoundFailure` naming its prompt and round (an engine fault is raised as it is)."""
-    try:
-        return call(batch)
-    except Exception as error:  # noqa: BLE001 - named below, round by round
-        if is_engine_fault(error):
-            raise
-    outputs = []
-    for index in range(len(batch["prompt_id"])):
-        row = _row(batch, index)
-        try:
-            outputs.append(call(row))
-        except Exception as error:  # noqa: BLE001
-            if is_engine_fault(error):
-                raise
-            raise RoundFailure(
-                f"prompt_id {str(row['prompt_id'][0])!r} round {int(row['round'][0])} failed in {stage}: {_message(error)}"
-            ) from error
-    return _concatenate(outputs)
+
+    def stop(record: QuarantinedRound, error: BaseException) -> NoReturn:
+        raise RoundFailure(
+            f"prompt_id {record.prompt_id!r} round {record.round} failed in {stage}: {record.error}"
+        ) from error
+
+    return _round_by_round(call, batch, stage, 1, stop)
 
 
 def run_with_quarantine(
-    call: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-    batch: dict[str, np.ndarray],
-    stage: str,
-    quarantine: Quarantine,
-    attempts: int,
+    call: Stage, batch: dict[str, np.ndarray], stage: str, quarantine: Quarantine, attempts: int,
 ) -> dict[str, np.ndarray] | None:
     """``call(batch)``; if it raises, retry each round alone up to ``attempts`` times in all.
 
     Rounds that still fail are recorded in ``quarantine`` and left out of the result (``None``
     when every round failed). An engine fault (:func:`is_engine_fault`) is raised, never quarantined.
     """
+    return _round_by_round(call, batch, stage, attempts - 1, lambda record, _: quarantine.add(record))
+
+
+def _round_by_round(
+    call: Stage, batch: dict[str, np.ndarray], stage: str, tries: int,
+    failed: Callable[[QuarantinedRound, BaseException], None],
+) -> dict[str, np.ndarray] | None:
+    """``call(batch)``; if it raises (not an engine fault), each round alone, ``tries`` times at most
+    (at least once), handing a round that still fails to ``failed``; the rounds that passed, or None."""
     try:
         return call(batch)
-    except Exception as first_error:  # noqa: BLE001 - any failure of user code quarantines the round
+    except Exception as first_error:  # noqa: BLE001 - any failure of user code is the rounds' to answer
         if is_engine_fault(first_error):
             raise
         batch_error = first_error
@@ -244,7 +254,7 @@ def run_with_quarantine(
     for index in range(len(batch["prompt_id"])):
         row = _row(batch, index)
         error: BaseException = batch_error
-        for _ in range(max(attempts - 1, 1)):
+        for _ in range(max(tries, 1)):
             try:
                 outputs.append(call(row))
                 break
@@ -253,5 +263,5 @@ def run_with_quarantine(
                     raise
                 error = retry_error
         else:
-            quarantine.add(QuarantinedRound(str(row["prompt_id"][0]), int(row["round"][0]), stage, _message(error)))
+            failed(QuarantinedRound(str(row["prompt_id"][0]), int(row["round"][0]), stage, _message(error)), error)
     return _concatenate(outputs) if outputs else None

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from limits_ray.config import GenerationConfig
+from limits_ray.config import GenerationConfig, engine_revision_kwargs
 from limits_ray.faults import engine_call
 
 __all__ = [
@@ -77,8 +77,7 @@ def engine_kwargs(config: GenerationConfig) -> dict[str, Any]:
     if config.max_model_len:
         kwargs["max_model_len"] = config.max_model_len
     kwargs.update(config.engine_kwargs)
-    if config.revision:  # the config's revision wins: it is the one recorded in the store identity
-        kwargs.update(revision=config.revision, tokenizer_revision=config.revision)
+    kwargs.update(engine_revision_kwargs(config.revision))  # the config's wins: the store identity records it
     return kwargs
 
 

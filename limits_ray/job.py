@@ -324,7 +324,7 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     summaries = _run_buckets(finalize_bucket, context, buckets, output, {record.prompt_id for record in quarantined},
                              config.analysis.best_of_n, config.analysis.convergence)
     if not sum(summary.prompts for summary in summaries):
-        reasons = "; ".join(f"{r.prompt_id} round {r.round} in {r.stage}: {r.error}" for r in quarantined[:3])
+        reasons = "; ".join(map(str, quarantined[:3]))
         raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")
     frontier_mean = mean_from_sums([summary.sums for summary in summaries])
     output.join("frontier_mean.parquet").write_table(frontier_mean)

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import (
-    Quarantine, Watchdog, fail_actor, inject_test_fault, is_engine_fault, run_failing_fast, run_with_quarantine,
+    Quarantine, Watchdog, error_chain, fail_actor, inject_test_fault, is_engine_fault, run_failing_fast, run_with_quarantine,
 )
 from limits_ray.progress import Progress
 from limits_ray.rounds import round_lengths, to_arrow
@@ -50,19 +50,7 @@ def root_cause(error: BaseException) -> str:
     Ray chains its own wrappers (task errors, stream ends, system exceptions) around the error a
     stage raised; the first exception in the chain that is not Ray's own and has a message is it.
     """
-    chain, seen = [], set()
-    pending = [error]
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        chain.append(current)
-        for attribute in ("cause", "__cause__", "__context__"):
-            inner = getattr(current, attribute, None)
-            if isinstance(inner, BaseException):
-                pending.append(inner)
-    for candidate in chain:
+    for candidate in error_chain(error):
         message = str(candidate).strip()
         if message and not type(candidate).__module__.startswith("ray") and not isinstance(candidate, StopIteration):
             return f"{type(candidate).__name__}: {message.splitlines()[0]}"
@@ -261,7 +249,7 @@ def check_quarantined(quarantine: Quarantine, count: int, total_rounds: int, fra
     generates and those it takes from the store: a small adaptive wave is not judged alone) are quarantined."""
     if count <= fraction * total_rounds:
         return
-    examples = "; ".join(f"{r.prompt_id} round {r.round} in {r.stage}: {r.error}" for r in quarantine.records()[:3])
+    examples = "; ".join(map(str, quarantine.records()[:3]))
     raise PipelineError(
         f"{count} of {total_rounds} rounds were quarantined, more than max_quarantined_fraction "
         f"({fraction:g}): {examples}. Fix the cause (every record is under {quarantine.directory.uri}/"
@@ -281,9 +269,10 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
     times = StageTimes()
     if total_rounds == 0:
         return times
+    planned = total_rounds + stored_rounds  # the quarantine limit's base: this run's rounds, stored or new
     faults = {
         "quarantine_dir": quarantine.directory, "run_id": quarantine.run_id, "fail_fast": config.fail_fast,
-        "attempts": config.attempts, "total_rounds": total_rounds + stored_rounds,
+        "attempts": config.attempts, "total_rounds": planned,
         "max_quarantined_fraction": config.max_quarantined_fraction,
     }
     started = time.perf_counter()
@@ -305,9 +294,9 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
             quarantined = None
             if time.perf_counter() - counted > QUARANTINE_COUNT_S:  # a listing, not one per batch
                 quarantined, counted = quarantine.count(), time.perf_counter()
-                check_quarantined(quarantine, quarantined, total_rounds + stored_rounds, config.max_quarantined_fraction)
+                check_quarantined(quarantine, quarantined, planned, config.max_quarantined_fraction)
             progress.update(len(batch["round"]), int(np.sum(batch["samples"])), busy, quarantined)
-        check_quarantined(quarantine, quarantine.count(), total_rounds + stored_rounds, config.max_quarantined_fraction)
+        check_quarantined(quarantine, quarantine.count(), planned, config.max_quarantined_fraction)
     except PipelineError:
         raise
     except Exception as error:  # noqa: BLE001 - Ray wraps user errors; name the root cause instead

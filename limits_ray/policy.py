@@ -47,9 +47,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from limits_ray.config import AnalysisConfig, ConfigError, GenerationConfig, JobConfig, PolicyConfig, hub_kwargs
+from limits_ray.config import AnalysisConfig, ConfigError, GenerationConfig, JobConfig, PolicyConfig
 from limits_ray.faults import engine_call
-from limits_ray.generation import Generator, round_seed, set_cpu_env_defaults
+from limits_ray.generation import Generator, engine_kwargs, round_seed, set_cpu_env_defaults
 from limits_ray.io import write_table
 from limits_ray.policy_stats import (
     PolicyEstimate, between_or_within_se, frontier_gain_at_kl, frontier_slope_at_kl, gap_se, hash_normal,
@@ -166,13 +166,8 @@ class BaseLogprobScorer:
         set_cpu_env_defaults()
         from vllm import LLM, SamplingParams
 
-        kwargs: dict[str, Any] = {"tensor_parallel_size": config.tensor_parallel_size}
-        if config.max_model_len:
-            kwargs["max_model_len"] = config.max_model_len
-        kwargs.update(config.engine_kwargs)
-        if config.revision:
-            kwargs.update(revision=config.revision, tokenizer_revision=config.revision)
-        self.llm = LLM(model=config.model, **kwargs)
+        # the base generation's engine (its seed only draws the one discarded token of each pass)
+        self.llm = LLM(model=config.model, **engine_kwargs(config))
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -503,11 +498,8 @@ def _base_samples(config: JobConfig, prompt_ids: set[str]) -> pa.Table:
 def compare(config: JobConfig, options: CompareOptions = CompareOptions()) -> CompareResult:
     """Run the base job, place every ``config.policies`` checkpoint and best-of-n against the frontier,
     and write the proxy-vs-gold and ensemble studies, figures and ``compare.md`` (see the module doc)."""
-    from transformers import AutoTokenizer
-
-    from limits_ray.job import _max_prompt_tokens, check_model_path, run_job
+    from limits_ray.job import _load_prompt_set, check_model_path, run_job
     from limits_ray.policy_plots import write_compare_report
-    from limits_ray.prompts import load_prompts
 
     if not config.store.enabled:
         raise ConfigError("compare reads the base samples from the sample store: set store.enabled: true")
@@ -520,9 +512,7 @@ def compare(config: JobConfig, options: CompareOptions = CompareOptions()) -> Co
     prompt_ids = set(result.frontier["prompt_id"].to_pylist())
     base = _base_samples(config, prompt_ids)
 
-    tokenizer = AutoTokenizer.from_pretrained(config.generation.model, **hub_kwargs(config.generation.revision))
-    prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
-    prompts = [prompt for prompt in prompt_set.prompts if prompt.prompt_id in prompt_ids]
+    prompts = [prompt for prompt in _load_prompt_set(config).prompts if prompt.prompt_id in prompt_ids]
     rows: list[dict[str, Any]] = []
     for policy in config.policies:
         samples = sample_policy(config, policy, prompts)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from limits_ray.config import RewardModelConfig, hub_kwargs
+from limits_ray.config import RewardModelConfig, engine_revision_kwargs, hub_kwargs
 from limits_ray.faults import engine_call
 from limits_ray.generation import set_cpu_env_defaults
 from limits_ray.rounds import per_round, per_sample, regroup, round_lengths
@@ -146,8 +146,7 @@ class VllmRewardScorer(RewardScorer):
         from vllm import LLM
         from vllm.pooling_params import PoolingParams
 
-        revision = {"revision": config.revision, "tokenizer_revision": config.revision} if config.revision else {}
-        self.llm = LLM(model=config.model, runner="pooling", **{**config.engine_kwargs, **revision})
+        self.llm = LLM(model=config.model, runner="pooling", **{**config.engine_kwargs, **engine_revision_kwargs(config.revision)})
         self.pooling_params = PoolingParams(use_activation=False)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:

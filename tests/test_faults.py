@@ -60,14 +60,15 @@ def test_timed_yields_nothing_for_a_fully_quarantined_batch_and_raises_when_fail
     assert isinstance(failure.value.__cause__, ValueError)
 
 
+def _raised_from(outer: BaseException, inner: BaseException) -> BaseException:
+    """``outer`` as ``raise outer from inner`` leaves it."""
+    outer.__cause__ = inner
+    return outer
+
+
 def test_root_cause_finds_the_user_error_inside_wrappers():
-    try:
-        try:
-            raise ValueError("reward 'rm' is nan for prompt_id 'p'\nmore detail")
-        except ValueError as inner:
-            raise RuntimeError("") from inner
-    except RuntimeError as outer:
-        assert root_cause(outer) == "ValueError: reward 'rm' is nan for prompt_id 'p'"
+    inner = ValueError("reward 'rm' is nan for prompt_id 'p'\nmore detail")
+    assert root_cause(_raised_from(RuntimeError(""), inner)) == "ValueError: reward 'rm' is nan for prompt_id 'p'"
 
 
 class OutOfMemoryError(RuntimeError):
@@ -78,13 +79,7 @@ def test_engine_faults_are_told_from_round_faults():
     assert is_engine_fault(EngineFault("vLLM generate failed"))
     assert is_engine_fault(OutOfMemoryError("tried to allocate 2 GiB"))
     assert is_engine_fault(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
-    try:
-        try:
-            raise OutOfMemoryError("device")
-        except OutOfMemoryError as inner:
-            raise RuntimeError("the batch failed") from inner
-    except RuntimeError as wrapped:
-        assert is_engine_fault(wrapped)
+    assert is_engine_fault(_raised_from(RuntimeError("the batch failed"), OutOfMemoryError("device")))
     assert not is_engine_fault(ValueError("reward 'rm' is nan for prompt_id 'p1'"))
     with pytest.raises(EngineFault, match="vLLM generate failed: AssertionError: group is not initialized"):
         with engine_call("vLLM generate"):
