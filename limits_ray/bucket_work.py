@@ -25,7 +25,7 @@ import pyarrow as pa
 from limits_ray.buckets import bucket_name
 from limits_ray.frontier import frontier_sums
 from limits_ray.io import PromptSamples, iter_prompts
-from limits_ray.reduce import Plan, TableBuilder, bon_rows, convergence_rows, frontier_rows, prompt_statistics
+from limits_ray.reduce import Plan, PromptRows, TableBuilder, prompt_statistics
 from limits_ray.storage import Location
 from limits_ray.store import MergedBucket, SampleStore
 
@@ -210,20 +210,20 @@ def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip:
     complete = {p: rounds for p, rounds in wanted.items() if len(rounds) and set(rounds) <= merged.rounds.get(p, set())}
     needs_samples = {p for p, rounds in complete.items() if best_of_n or merged.rounds[p] != set(rounds)}
     samples = _bucket_samples(context, bucket, needs_samples)
-    frontier, bon, convergence_table = TableBuilder("frontier"), TableBuilder("bon"), TableBuilder("convergence")
+    builders = {name: TableBuilder(name) for name in ("frontier", "convergence", "bon")}
+    rows = PromptRows(builders, context.plan, convergence, best_of_n)
     total = 0
     for prompt_id in sorted(complete):
         rounds = complete[prompt_id]
         statistics = _prompt_statistics(merged, samples, prompt_id, rounds, context)
         total += next(iter(statistics.values())).n
-        frontier_rows(frontier, prompt_id, context.plan, statistics)
-        if convergence:
-            convergence_rows(convergence_table, prompt_id, context.plan, statistics)
+        chosen = None
         if best_of_n:
             prompt = samples[prompt_id]
-            bon_rows(bon, prompt.subset((prompt.extra["round"] >= rounds.start) & (prompt.extra["round"] < rounds.stop)),
-                     context.plan)
-    tables = {"frontier": frontier.table(), "convergence": convergence_table.table(), "bon": bon.table()}
+            chosen = prompt.subset((prompt.extra["round"] >= rounds.start) & (prompt.extra["round"] < rounds.stop))
+        rows.add(prompt_id, statistics, chosen)
+    rows.flush()
+    tables = {name: builder.table() for name, builder in builders.items()}
     _write_shards(output, bucket, tables)
     shown = sorted(complete)[:PLOT_PROMPTS]
     return BucketSummary(

@@ -12,13 +12,12 @@ floats (``K = tail_cap`` = 1024 by default): at ``N = 1e5``, ``B = 64``, ``Y = 4
 of 13.5 KiB of sums and 8 full tails of 32 KiB, ~0.5 MiB.
 
 :meth:`DyadicStats.to_bytes` / :meth:`DyadicStats.from_bytes` serialise a state without pickling
-classes (an ``np.savez`` archive of plain arrays with a format version), for storing and merging
-per-prompt statistics anywhere.
+classes (raw int64 and float64 arrays behind a format version), for storing and merging per-prompt
+statistics anywhere.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -27,8 +26,9 @@ import numpy as np
 from limits_ray.psis import TAIL_CAP
 from limits_ray.stats import TiltStats
 
-FORMAT_VERSION = 1
-"""Version of the :meth:`DyadicStats.to_bytes` archive; :meth:`DyadicStats.from_bytes` refuses others."""
+FORMAT_VERSION = 2
+"""Version of the :meth:`DyadicStats.to_bytes` record (2: raw arrays; 1 was an ``np.savez`` archive);
+:meth:`DyadicStats.from_bytes` refuses others."""
 
 __all__ = ["DyadicStats", "shell_of"]
 
@@ -94,41 +94,37 @@ class DyadicStats:
         return running
 
     def to_bytes(self) -> bytes:
-        """A class-free archive of every field (``np.savez`` of plain arrays, ``FORMAT_VERSION``)."""
+        """A class-free record of every field: raw little-endian int64 and float64 arrays (``FORMAT_VERSION``).
+
+        Layout: int64 ``[version, n_targets, tail_cap, B, S, shell[S], n[S], tail_rows[S]]``, then float64
+        ``betas[B], r_max[S], shift[S, Y], moments[S, 3, B, 1 + 2Y], tail[sum tail_rows, Y]``.
+        """
         shells = sorted(self.shells)
         states = [self.shells[shell] for shell in shells]
-        y_count, b_count = self.n_targets, self.betas.size
-        arrays = {
-            "version": np.array(FORMAT_VERSION, dtype=np.int64),
-            "betas": self.betas,
-            "n_targets": np.array(self.n_targets, dtype=np.int64),
-            "tail_cap": np.array(self.tail_cap, dtype=np.int64),
-            "shell": np.array(shells, dtype=np.int64),
-            "n": np.array([state.n for state in states], dtype=np.int64),
-            "r_max": np.array([state.r_max for state in states], dtype=np.float64),
-            "shift": np.array([state.shift for state in states], dtype=np.float64).reshape(len(states), y_count),
-            "moments": np.array([state.moments for state in states], dtype=np.float64).reshape(
-                len(states), 3, b_count, 1 + 2 * y_count),
-            "tail_rows": np.array([state.tail.shape[0] for state in states], dtype=np.int64),
-            "tail": np.concatenate([state.tail for state in states]) if states else np.zeros((0, y_count)),
-        }
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        return buffer.getvalue()
+        header = np.array([FORMAT_VERSION, self.n_targets, self.tail_cap, self.betas.size, len(states), *shells,
+                           *[state.n for state in states], *[state.tail.shape[0] for state in states]], dtype="<i8")
+        floats = [self.betas, [state.r_max for state in states], *[state.shift for state in states],
+                  *[state.moments.ravel() for state in states], *[state.tail.ravel() for state in states]]
+        return header.tobytes() + np.concatenate([np.asarray(part, dtype="<f8").ravel() for part in floats]).tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "DyadicStats":
         """The state :meth:`to_bytes` wrote (no pickle is loaded)."""
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            version = int(archive["version"])
-            if version != FORMAT_VERSION:
-                raise ValueError(f"DyadicStats archive has format version {version}; this code reads {FORMAT_VERSION}")
-            arrays = {name: archive[name] for name in archive.files}
-        betas, tail_cap = arrays["betas"], int(arrays["tail_cap"])
-        tails = np.split(arrays["tail"], np.cumsum(arrays["tail_rows"])[:-1]) if arrays["shell"].size else []
-        shells = {
-            int(shell): TiltStats(betas.copy(), int(n), float(r_max), shift, moments, tail, tail_cap)
-            for shell, n, r_max, shift, moments, tail in zip(
-                arrays["shell"], arrays["n"], arrays["r_max"], arrays["shift"], arrays["moments"], tails)
+        version = int(np.frombuffer(data, dtype="<i8", count=1)[0]) if len(data) >= 8 else -1
+        if version != FORMAT_VERSION:
+            raise ValueError(f"DyadicStats record has format version {version}; this code reads {FORMAT_VERSION}")
+        _, y_count, tail_cap, b_count, s_count = (int(value) for value in np.frombuffer(data, dtype="<i8", count=5))
+        header = np.frombuffer(data, dtype="<i8", count=5 + 3 * s_count)
+        shells, counts, tail_rows = header[5:].reshape(3, s_count)
+        floats = np.frombuffer(data, dtype="<f8", offset=header.nbytes).astype(np.float64)
+        moments_size = 3 * b_count * (1 + 2 * y_count)
+        ends = np.cumsum([b_count, s_count, s_count * y_count, s_count * moments_size])
+        betas, r_max, shift, moments, tail = np.split(floats, ends)
+        shift, moments = shift.reshape(s_count, y_count), moments.reshape(s_count, 3, b_count, 1 + 2 * y_count)
+        tails = np.split(tail.reshape(-1, y_count), np.cumsum(tail_rows)[:-1]) if s_count else []
+        states = {
+            int(shell): TiltStats(betas.copy(), int(n), float(r_max[index]), shift[index].copy(), moments[index].copy(),
+                                  tails[index].copy(), tail_cap)
+            for index, (shell, n) in enumerate(zip(shells, counts))
         }
-        return cls(betas, int(arrays["n_targets"]), shells, tail_cap)
+        return cls(betas, y_count, states, tail_cap)

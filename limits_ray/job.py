@@ -42,7 +42,7 @@ from limits_ray.reduce import Plan, ReduceResult
 from limits_ray.storage import Location, check_writable, open_location
 from limits_ray.store import SampleStore, auto_buckets
 
-STATISTICS_FORMAT = 2  # bump when the serialised statistics change: stored statistics of another format are recomputed
+STATISTICS_FORMAT = 3  # bump when the serialised statistics change: stored statistics of another format are recomputed
 
 __all__ = ["RunReport", "StoredResult", "analysis_key", "check_model_path", "model_fingerprint", "run_job", "setup_identity",
            "stored_round_counts"]

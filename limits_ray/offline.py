@@ -38,7 +38,7 @@ from limits_ray.config import AnalysisConfig
 from limits_ray.frontier import frontier_sums, mean_from_sums, merge_sums
 from limits_ray.io import KEY_COLUMNS, SCHEMAS, InputError, iter_prompts, open_samples, read_columns, validate_samples, write_table
 from limits_ray.partition import Bucket, bucket_count, input_buckets, spill, spilled_buckets
-from limits_ray.reduce import TableBuilder, bon_rows, convergence_rows, frontier_rows, prompt_statistics
+from limits_ray.reduce import PromptRows, TableBuilder, prompt_statistics
 
 __all__ = ["BucketResult", "DEFAULT_BUCKET_ROWS", "OfflineResult", "PER_PROMPT", "reduce_bucket", "reduce_dataset"]
 
@@ -132,16 +132,13 @@ def reduce_bucket(bucket: Bucket, columns: list[str], config: AnalysisConfig, so
     table = validate_samples(table, columns, Path(source))
     plan, betas = config.plan(columns), np.asarray(config.betas)
     shards = _ShardWriter(Path(staging), bucket.index)
+    rows = PromptRows(shards.builders, plan, config.convergence, config.best_of_n)
     prompt_ids = []
     for samples in iter_prompts(table, columns):
-        statistics = prompt_statistics(samples, plan, betas)
-        frontier_rows(shards.builders["frontier"], samples.prompt_id, plan, statistics)
-        if config.convergence:
-            convergence_rows(shards.builders["convergence"], samples.prompt_id, plan, statistics)
-        if config.best_of_n:
-            bon_rows(shards.builders["bon"], samples, plan)
+        rows.add(samples.prompt_id, prompt_statistics(samples, plan, betas), samples)
         prompt_ids.append(samples.prompt_id)
         shards.maybe_flush()
+    rows.flush()
     sums = shards.close()
     return BucketResult(bucket.index, table.num_rows, len(prompt_ids), sums,
                         prompt_keys(prompt_ids) if keys else np.empty(0, np.uint64))

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TAIL_CAP", "gpd_fit", "khat", "khat_threshold", "tail_size"]
+__all__ = ["TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_threshold", "khat_thresholds", "tail_size"]
 
 TAIL_CAP = 1024
 """Default number of largest rewards kept per state: exact k-hat for N <= 116,281 (M + 1 <= 1024)."""
 
 _MIN_EXCEEDANCES = 5  # fewer points above the cutoff: no fit (as arviz and posterior)
 _PRIOR_WEIGHT, _PRIOR_SHAPE, _PRIOR_BS = 10.0, 0.5, 3.0
-_BETA_CHUNK = 8  # betas fitted at once: bounds the [chunk, m, M] work array (~4 MiB at M = 1023)
+_FIT_ELEMENTS = 1 << 19  # float64 elements of one gpd_fit work array [rows, m, M] (4 MiB)
 
 
 def tail_size(n: int | np.ndarray) -> np.ndarray:
@@ -47,7 +47,14 @@ def tail_size(n: int | np.ndarray) -> np.ndarray:
 
 def khat_threshold(n: int) -> float:
     """``min(1 - 1/log10 N, 0.7)``: the largest k-hat at which N samples give a usable estimate."""
-    return float(min(1.0 - 1.0 / np.log10(n), 0.7)) if n > 1 else -np.inf
+    return float(khat_thresholds(np.array([n]))[0])
+
+
+def khat_thresholds(n: np.ndarray) -> np.ndarray:
+    """:func:`khat_threshold` of each sample count in ``n`` (``-inf`` where ``N <= 1``)."""
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(n > 1, np.minimum(1.0 - 1.0 / np.log10(np.maximum(n, 2.0)), 0.7), -np.inf)
 
 
 def gpd_fit(exceedances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +75,8 @@ def gpd_fit(exceedances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         k_grid = np.log1p(-theta[:, :, None] * z[:, None, :]).mean(axis=2)  # [R, m]
         profile = count * (np.log(-theta / k_grid) - k_grid - 1.0)
-        weights = 1.0 / np.exp(profile[:, None, :] - profile[:, :, None]).sum(axis=2)
+        weights = np.exp(profile - profile.max(axis=1, keepdims=True))  # = 1 / sum_k exp(l_k - l_j)
+        weights /= weights.sum(axis=1, keepdims=True)
     weights = np.where(weights >= 10 * np.finfo(float).eps, weights, 0.0)
     weights /= weights.sum(axis=1, keepdims=True)
     theta_hat = np.sum(theta * weights, axis=1)
@@ -92,23 +100,40 @@ def khat(top_rewards: np.ndarray, n: int, betas: np.ndarray) -> np.ndarray:
         (fewer than 5 representable ones); ``nan`` where fewer than 5 rewards lie strictly above the
         cutoff because of ties (the largest weights are equal: bounded, no tail to fit).
     """
+    return khat_many([top_rewards], np.array([n]), betas)[0]
+
+
+def khat_many(top_rewards: list[np.ndarray], n: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """:func:`khat` of ``S`` sample sets at once: ``[S, B]``, row ``s`` is ``khat(top_rewards[s], n[s], betas)``.
+
+    Sets with the same tail size ``M`` are fitted together, every (set, beta) a row of :func:`gpd_fit`.
+    """
     betas = np.asarray(betas, dtype=np.float64)
-    top = np.sort(np.asarray(top_rewards, dtype=np.float64))[::-1]
-    tail = min(int(tail_size(n)) if n > 0 else 0, top.size - 1)
-    top = top[: tail + 1]
-    if tail < _MIN_EXCEEDANCES:
-        return np.full(betas.size, np.inf)
-    out = np.full(betas.size, np.nan)
-    log_w = (top[None, :] - top[0]) / betas[:, None]  # [B, M + 1], descending, max 0
+    n = np.asarray(n, dtype=np.int64)
+    out = np.full((len(top_rewards), betas.size), np.inf)
+    tops = [np.sort(np.asarray(top, dtype=np.float64))[::-1] for top in top_rewards]
+    tails = np.array([min(int(tail_size(count)) if count > 0 else 0, top.size - 1) for top, count in zip(tops, n)],
+                     dtype=np.int64)
+    for tail in np.unique(tails[tails >= _MIN_EXCEEDANCES]):
+        chosen = np.flatnonzero(tails == tail)
+        top = np.stack([tops[index][: tail + 1] for index in chosen])  # [G, M + 1], descending
+        log_w = (top[:, None, :] - top[:, None, :1]) / betas[None, :, None]  # [G, B, M + 1], max 0
+        out[chosen] = _fit_rows(log_w.reshape(-1, tail + 1)).reshape(chosen.size, betas.size)
+    return out
+
+
+def _fit_rows(log_w: np.ndarray) -> np.ndarray:
+    """k-hat of each row of descending log weights ``[R, M + 1]`` (maximum 0): see :func:`khat`."""
+    out = np.full(log_w.shape[0], np.nan)
     floor = np.log(np.finfo(float).tiny)
     cutoff = np.maximum(log_w[:, -1], floor)
-    above = log_w > cutoff[:, None]
-    counts = above.sum(axis=1)
+    counts = (log_w > cutoff[:, None]).sum(axis=1)
     out[(counts < _MIN_EXCEEDANCES) & (log_w[:, -1] < floor)] = np.inf
     for count in np.unique(counts[counts >= _MIN_EXCEEDANCES]):
         rows = np.flatnonzero(counts == count)
-        for start in range(0, rows.size, _BETA_CHUNK):
-            chosen = rows[start : start + _BETA_CHUNK]
+        chunk = max(1, _FIT_ELEMENTS // (count * (30 + int(count**0.5))))
+        for start in range(0, rows.size, chunk):
+            chosen = rows[start : start + chunk]
             exceed = np.exp(log_w[chosen, :count]) - np.exp(cutoff[chosen, None])
             out[chosen] = gpd_fit(exceed[:, ::-1])[0]
     return out

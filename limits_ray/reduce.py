@@ -2,8 +2,8 @@
 
 The per-prompt steps are separate so that the offline command (``limits-ray reduce``) and the
 streaming pipeline share them: :func:`prompt_statistics` turns one prompt's rewards into
-mergeable :class:`DyadicStats`; :func:`frontier_rows`, :func:`convergence_rows` and
-:func:`bon_rows` turn statistics (or rewards, for best-of-n) into rows; :func:`finish` averages.
+mergeable :class:`DyadicStats`; :class:`PromptRows` turns statistics (and rewards, for best-of-n:
+:func:`bon_rows`) into rows, finalizing a batch of prompts at once; :func:`finish` averages.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from limits_ray.convergence import DyadicStats
 from limits_ray.frontier import mean_frontier
 from limits_ray.io import SCHEMAS, PromptSamples, iter_prompts, read_samples, write_table
 from limits_ray.reward_spec import RewardSpec
+from limits_ray.stats import TiltEstimate, finalize_many
 
 __all__ = [
-    "Plan", "ReduceResult", "StatisticsReducer", "TableBuilder", "bon_rows", "convergence_rows", "frontier_rows",
-    "finish", "prompt_statistics", "reduce_prompts", "reduce_samples", "reduce_table", "target_specs",
+    "Plan", "PromptRows", "ReduceResult", "TableBuilder", "bon_rows", "finish", "prompt_statistics", "reduce_prompts",
+    "reduce_samples", "reduce_table", "target_specs",
 ]
 
 Plan = list[tuple[RewardSpec, list[RewardSpec]]]
@@ -76,38 +77,107 @@ def prompt_statistics(samples: PromptSamples, plan: Plan, betas: np.ndarray) -> 
     return statistics
 
 
-def frontier_rows(builder: TableBuilder, prompt_id: str, plan: Plan, statistics: dict[str, DyadicStats]) -> None:
-    """Add one prompt's frontier rows (every align, eval, beta); the columns are
-    :class:`limits_ray.stats.TiltEstimate`'s (``gain_se``/``kl_se`` its interval SEs, NaN where not
-    ``reliable``; ``khat``, ``ess`` and ``reliable`` depend on the align reward only)."""
-    for align, evals in plan:
-        estimate = statistics[align.name].total().finalize()
-        for spec, column in zip(evals, _eval_index(align, evals)):
-            builder.add(
-                estimate.betas.size, prompt_id=prompt_id, align=align.name, eval=spec.name, beta=estimate.betas,
-                n=estimate.n, gain=estimate.gain[:, column], gain_se=estimate.gain_se[:, column],
-                kl=estimate.kl, kl_se=estimate.kl_se, ess=estimate.ess, gain_bc=estimate.gain_bc[:, column],
-                kl_bc=estimate.kl_bc, khat=estimate.khat, reliable=estimate.reliable,
-            )
+PROMPT_BATCH = 256
+"""Most prompts whose estimates :class:`PromptRows` finalizes at once."""
+BATCH_SAMPLES = 1 << 16
+"""A batch also closes once its prompts hold this many samples (bounds the prefix states it keeps)."""
 
 
-def convergence_rows(builder: TableBuilder, prompt_id: str, plan: Plan, statistics: dict[str, DyadicStats]) -> None:
-    """Add the estimates on every dyadic prefix (N = 1, 2, 4, ... samples) of one prompt, and on all its
-    samples when N is not a power of two, with their standard errors, ESS, k-hat and reliability flag."""
-    for align, evals in plan:
-        dyadic = statistics[align.name]
-        states = list(dyadic.prefixes())
-        if states and states[-1].n != dyadic.n:
-            states.append(dyadic.total())
-        for state in states:
-            estimate = state.finalize()
-            for spec, column in zip(evals, _eval_index(align, evals)):
-                builder.add(
-                    estimate.betas.size, prompt_id=prompt_id, align=align.name, eval=spec.name,
-                    beta=estimate.betas, n_samples=estimate.n, gain=estimate.gain[:, column],
-                    gain_se=estimate.gain_se[:, column], kl=estimate.kl, kl_se=estimate.kl_se,
-                    ess=estimate.ess, khat=estimate.khat, reliable=estimate.reliable,
-                )
+class PromptRows:
+    """Adds prompts' frontier, convergence and best-of-n rows to table builders, batching the estimates.
+
+    The estimates of a batch of prompts (at most :data:`PROMPT_BATCH` prompts or
+    :data:`BATCH_SAMPLES` samples) are finalized together (:func:`limits_ray.stats.finalize_many`);
+    the rows come out in the order of one prompt at a time (prompt, align, [prefix,] eval, beta).
+    Call :meth:`flush` before reading the builders.
+
+    Frontier rows are :class:`limits_ray.stats.TiltEstimate`'s columns (``gain_se``/``kl_se`` its
+    interval SEs, NaN where not ``reliable``; ``khat``, ``ess`` and ``reliable`` depend on the align
+    reward only). Convergence rows are the estimates on every dyadic prefix (N = 1, 2, 4, ...
+    samples, and all N when N is not a power of two). Best-of-n rows: see :func:`bon_rows`.
+    """
+
+    def __init__(self, builders: dict[str, TableBuilder], plan: Plan, convergence: bool = True,
+                 best_of_n: bool = True) -> None:
+        self.builders, self.plan = builders, plan
+        self.convergence, self.best_of_n = convergence, best_of_n
+        self.prompt_ids: list[str] = []
+        self.statistics: list[dict[str, DyadicStats]] = []
+        self.samples = 0
+
+    def add(self, prompt_id: str, statistics: dict[str, DyadicStats], samples: PromptSamples | None = None) -> None:
+        """One prompt: its statistics, and its rewards when best-of-n is on (they are not kept)."""
+        if self.best_of_n:
+            if samples is None:
+                raise ValueError(f"prompt {prompt_id!r}: best-of-n needs its rewards")
+            bon_rows(self.builders["bon"], samples, self.plan)
+        self.prompt_ids.append(prompt_id)
+        self.statistics.append(statistics)
+        self.samples += next(iter(statistics.values())).n
+        if len(self.prompt_ids) >= PROMPT_BATCH or self.samples >= BATCH_SAMPLES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Finalize the pending prompts and add their rows."""
+        if not self.prompt_ids:
+            return
+        frontier, convergence = [], []
+        for position, (align, evals) in enumerate(self.plan):
+            chains = [list(by_align[align.name].prefixes()) if self.convergence else [by_align[align.name].total()]
+                      for by_align in self.statistics]
+            lengths = np.array([len(chain) for chain in chains])
+            estimate = finalize_many([state for chain in chains for state in chain])
+            last = np.cumsum(lengths) - 1
+            frontier.append(_estimate_block(estimate, last, np.arange(len(chains)), position, align, evals, FRONTIER_ROW))
+            if self.convergence:
+                owner = np.repeat(np.arange(len(chains)), lengths)
+                convergence.append(_estimate_block(estimate, np.arange(owner.size), owner, position, align, evals,
+                                                   CONVERGENCE_ROW))
+        prompt_ids = np.array(self.prompt_ids, dtype=object)
+        _add_sorted(self.builders["frontier"], frontier, prompt_ids)
+        if self.convergence:
+            _add_sorted(self.builders["convergence"], convergence, prompt_ids)
+        self.prompt_ids, self.statistics, self.samples = [], [], 0
+
+
+FRONTIER_ROW = {"n": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se", "ess": "ess",
+                "gain_bc": "gain_bc", "kl_bc": "kl_bc", "khat": "khat", "reliable": "reliable"}
+CONVERGENCE_ROW = {"n_samples": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se",
+                   "ess": "ess", "khat": "khat", "reliable": "reliable"}
+"""Row column -> :class:`limits_ray.stats.TiltEstimate` field, per table."""
+_PER_EVAL = {"gain", "gain_se", "gain_bc"}  # fields with a target-column axis
+
+
+def _estimate_block(estimate: TiltEstimate, states: np.ndarray, owners: np.ndarray, align_position: int,
+                    align: RewardSpec, evals: list[RewardSpec], row: dict[str, str]) -> dict[str, np.ndarray]:
+    """Columns (and sort keys) of the rows of ``estimate``'s ``states``, each owned by prompt ``owners``.
+
+    Shapes before flattening: ``[states, evals, B]``.
+    """
+    shape = (states.size, len(evals), estimate.betas.shape[1])
+    columns = []
+    for column in _eval_index(align, evals):
+        block = {"beta": estimate.betas[states]}
+        for name, field in row.items():
+            values = getattr(estimate, field)[states]
+            block[name] = values[:, :, column] if field in _PER_EVAL else np.broadcast_to(
+                values.reshape(states.size, -1), (states.size, shape[2]))
+        columns.append(block)
+    block = {name: np.stack([part[name] for part in columns], axis=1).reshape(-1) for name in columns[0]}
+    block["eval"] = np.broadcast_to(np.array([spec.name for spec in evals], dtype=object)[None, :, None], shape).reshape(-1)
+    block["align"] = np.full(block["eval"].size, align.name, dtype=object)
+    block["_owner"] = np.broadcast_to(owners[:, None, None], shape).reshape(-1)
+    block["_align"] = np.full(block["eval"].size, align_position)
+    return block
+
+
+def _add_sorted(builder: TableBuilder, blocks: list[dict[str, np.ndarray]], prompt_ids: np.ndarray) -> None:
+    """Add the blocks' rows in prompt-major order (stable: align, then each block's own order)."""
+    merged = {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
+    order = np.lexsort((merged.pop("_align"), merged["_owner"]))
+    owners = merged.pop("_owner")[order]
+    columns = {name: values[order] for name, values in merged.items()}
+    builder.add(owners.size, prompt_id=prompt_ids[owners], **columns)
 
 
 def bon_rows(builder: TableBuilder, samples: PromptSamples, plan: Plan) -> None:
@@ -148,59 +218,15 @@ def finish(frontier: TableBuilder, bon: TableBuilder, convergence: TableBuilder)
     return ReduceResult(frontier_table, mean_frontier(frontier_table), bon.table(), convergence.table())
 
 
-class StatisticsReducer:
-    """Merges per-round statistics as they stream in; memory grows with prompts x betas, not samples.
-
-    Each (prompt_id, round) is merged at most once, so a retried or replayed round never counts twice.
-    """
-
-    def __init__(self, plan: Plan, betas: np.ndarray) -> None:
-        self.plan = plan
-        self.betas = np.asarray(betas)
-        self.statistics: dict[str, dict[str, DyadicStats]] = {}
-        self.rounds: set[tuple[str, int]] = set()
-
-    def add(self, prompt_id: str, round_index: int, statistics: dict[str, DyadicStats]) -> bool:
-        """Merge one round's statistics; returns False (and merges nothing) for a round seen before."""
-        key = (prompt_id, int(round_index))
-        if key in self.rounds:
-            return False
-        self.rounds.add(key)
-        current = self.statistics.get(prompt_id)
-        self.statistics[prompt_id] = statistics if current is None else {
-            name: current[name].merge(statistics[name]) for name in current
-        }
-        return True
-
-    @property
-    def samples(self) -> int:
-        """Samples merged so far."""
-        return sum(next(iter(by_align.values())).n for by_align in self.statistics.values())
-
-    def result(self, bon_samples: Iterable[PromptSamples], convergence: bool = True) -> ReduceResult:
-        """The result tables; best-of-n comes from ``bon_samples`` (it needs each prompt's rewards)."""
-        frontier, bon, convergence_table = TableBuilder("frontier"), TableBuilder("bon"), TableBuilder("convergence")
-        for prompt_id in sorted(self.statistics):
-            frontier_rows(frontier, prompt_id, self.plan, self.statistics[prompt_id])
-            if convergence:
-                convergence_rows(convergence_table, prompt_id, self.plan, self.statistics[prompt_id])
-        for samples in bon_samples:
-            bon_rows(bon, samples, self.plan)
-        return finish(frontier, bon, convergence_table)
-
-
 def reduce_prompts(prompts: Iterable[PromptSamples], plan: Plan, config: AnalysisConfig) -> ReduceResult:
-    """Reduce per-prompt samples to the result tables (one prompt's rewards in memory at a time)."""
+    """Reduce per-prompt samples to the result tables (one batch of prompts' statistics in memory at a time)."""
     betas = np.asarray(config.betas)
-    frontier, bon, convergence = TableBuilder("frontier"), TableBuilder("bon"), TableBuilder("convergence")
+    builders = {name: TableBuilder(name) for name in ("frontier", "bon", "convergence")}
+    rows = PromptRows(builders, plan, config.convergence, config.best_of_n)
     for samples in prompts:
-        statistics = prompt_statistics(samples, plan, betas)
-        frontier_rows(frontier, samples.prompt_id, plan, statistics)
-        if config.convergence:
-            convergence_rows(convergence, samples.prompt_id, plan, statistics)
-        if config.best_of_n:
-            bon_rows(bon, samples, plan)
-    return finish(frontier, bon, convergence)
+        rows.add(samples.prompt_id, prompt_statistics(samples, plan, betas), samples)
+    rows.flush()
+    return finish(builders["frontier"], builders["bon"], builders["convergence"])
 
 
 def reduce_table(table: pa.Table, reward_columns: list[str], config: AnalysisConfig) -> ReduceResult:

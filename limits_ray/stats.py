@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import stdtrit
 
-from limits_ray.psis import TAIL_CAP, khat, khat_threshold
+from limits_ray.psis import TAIL_CAP, khat_many, khat_thresholds
 
-__all__ = ["ESS_FLOOR", "TiltStats", "TiltEstimate"]
+__all__ = ["ESS_FLOOR", "TiltStats", "TiltEstimate", "finalize_many"]
 
 ESS_FLOOR = 20.0
 """Smallest Kish ESS at which an estimate is called reliable.
@@ -52,7 +52,8 @@ _CHUNK_ROWS = 4096  # rows per update chunk: bounds the [2B + 1, rows] work buff
 class TiltEstimate:
     """Per-beta estimates for one prompt (Def. 1, Def. 2, Theorem 1).
 
-    Shapes: ``B`` betas, ``Y`` target columns (column 0 is the alignment reward).
+    Shapes: ``B`` betas, ``Y`` target columns (column 0 is the alignment reward); from
+    :func:`finalize_many`, every field has a leading axis of ``S`` states (``n`` an ``[S]`` array).
 
     Attributes:
         betas: ``[B]`` the KL penalties.
@@ -95,6 +96,11 @@ class TiltEstimate:
     ess: np.ndarray
     khat: np.ndarray
     reliable: np.ndarray
+
+    def select(self, index: int) -> "TiltEstimate":
+        """State ``index`` of a batched estimate (:func:`finalize_many`)."""
+        fields = {name: value[index] for name, value in vars(self).items()}
+        return TiltEstimate(**{**fields, "n": int(fields["n"])})
 
 
 def _polynomial(centred: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -304,72 +310,122 @@ class TiltStats:
         of ``r``: it keeps ~4 digits at ``beta = 1e3 sigma_r`` and none beyond ``~1e4 sigma_r``, where
         the KL itself is below ``1e-8``.
         """
-        if self.n == 0:
-            raise ValueError("no samples: cannot estimate anything from an empty state")
-        n, betas = self.n, self.betas
-        y_count = self.shift.size
-        first, second = slice(1, 1 + y_count), slice(1 + y_count, 1 + 2 * y_count)
-        plain, tilt, tilt2 = self.moments[0, 0], self.moments[1], self.moments[2]
-        s0, s2 = tilt[:, 0], tilt2[:, 0]
+        return finalize_many([self]).select(0)
 
-        mean_plain = plain[first] / n  # centred
-        mean_tilt = tilt[:, first] / s0[:, None]  # centred R_y
-        gain = mean_tilt - mean_plain
-        log_mean_w = np.log(s0 / n)
-        log_z = self.r_max / betas + log_mean_w
-        r_tilt = mean_tilt[:, 0] + self.shift[0]
-        r_base = mean_plain[0] + self.shift[0]
-        kl = (r_tilt - self.r_max) / betas - log_mean_w
-        reverse_kl = (self.r_max - r_base) / betas + log_mean_w
 
-        # Second-order sums about the estimates (centred coordinates throughout).
-        tilt2_dev = tilt2[:, first] - mean_tilt * s2[:, None]  # sum u^2 (y - R_y)
-        tilt2_dev2 = tilt2[:, second] - 2 * mean_tilt * tilt2[:, first] + mean_tilt**2 * s2[:, None]
-        tilt_dev2 = tilt[:, second] - tilt[:, first] ** 2 / s0[:, None]
-        plain_dev2 = plain[second] - plain[first] ** 2 / n
-        ratio = n / s0
-        gain_if2 = ratio[:, None] ** 2 * tilt2_dev2 - 2 * ratio[:, None] * tilt_dev2 + plain_dev2
-        kl_weighted = tilt2_dev2[:, 0] / betas**2 - 2 * tilt2_dev[:, 0] / betas + s2
-        kl_if2 = ratio**2 * kl_weighted - n
-        denominator = n * (n - 1) if n > 1 else np.nan
-        gain_se_delta = np.sqrt(np.clip(gain_if2, 0, None) / denominator)
-        kl_se_delta = np.sqrt(np.clip(kl_if2, 0, None) / denominator)
+def finalize_many(states: list[TiltStats]) -> TiltEstimate:
+    """:meth:`TiltStats.finalize` of ``S`` states at once (same betas and target columns).
 
-        ess = s0**2 / s2
-        k_hat = khat(self.tail[:, 0], n, betas)
-        reliable = ((k_hat < khat_threshold(n)) | np.isnan(k_hat)) & (ess >= ESS_FLOOR)
-        gain_if4, kl_if4 = self._tail_if4(mean_plain, mean_tilt, ratio)
-        return TiltEstimate(
-            betas=betas.copy(),
-            n=n,
-            log_z=log_z,
-            mean_base=mean_plain + self.shift,
-            mean_tilted=mean_tilt + self.shift,
-            gain=gain,
-            gain_se=np.where(reliable[:, None], gain_se_delta * _t_ratio(gain_if2, gain_if4), np.nan),
-            gain_se_delta=gain_se_delta,
-            gain_bc=gain + tilt2_dev / s0[:, None] ** 2,
-            kl=kl,
-            kl_se=np.where(reliable, kl_se_delta * _t_ratio(kl_if2, kl_if4), np.nan),
-            kl_se_delta=kl_se_delta,
-            kl_bc=kl + tilt2_dev[:, 0] / (betas * s0**2) - (s2 / s0**2 - 1.0 / n) / 2,
-            reverse_kl=reverse_kl,
-            jeffreys=kl + reverse_kl,
-            ess=ess,
-            khat=k_hat,
-            reliable=reliable,
-        )
+    Every field of the result gains a leading axis ``S`` (``n`` becomes an ``[S]`` array);
+    :meth:`TiltEstimate.select` takes one state's. Vectorised over states: one call costs about as
+    much as a few single ones, whatever ``S``.
+    """
+    if not states:
+        raise ValueError("no states to finalize")
+    betas = states[0].betas
+    if any(state.n == 0 for state in states):
+        raise ValueError("no samples: cannot estimate anything from an empty state")
+    if any(not np.array_equal(state.betas, betas) or state.shift.shape != states[0].shift.shape for state in states):
+        raise ValueError("cannot finalize states of different beta grids or target columns together")
+    n = np.array([state.n for state in states], dtype=np.int64)
+    r_max = np.array([state.r_max for state in states])
+    shift = np.stack([state.shift for state in states])  # [S, Y]
+    moments = np.stack([state.moments for state in states])  # [S, 3, B, 1 + 2Y]
+    y_count = shift.shape[1]
+    first, second = slice(1, 1 + y_count), slice(1 + y_count, 1 + 2 * y_count)
+    plain, tilt, tilt2 = moments[:, 0, 0], moments[:, 1], moments[:, 2]
+    s0, s2 = tilt[:, :, 0], tilt2[:, :, 0]  # [S, B]
+    count = n[:, None].astype(np.float64)
 
-    def _tail_if4(self, mean_plain: np.ndarray, mean_tilt: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``sum_tail IF^4`` of the gain (``[B, Y]``) and of the KL (``[B]``), over the tail rows."""
-        centred = self.tail - self.shift  # [T, Y]
-        u = np.exp((self.tail[None, :, 0] - self.r_max) / self.betas[:, None]) * ratio[:, None]  # [B, T], w/mean(w)
-        gain_if = u[:, :, None] * (centred[None] - mean_tilt[:, None, :])
-        gain_if -= centred - mean_plain
-        kl_if = u * ((centred[None, :, 0] - mean_tilt[:, :1]) / self.betas[:, None] - 1.0) + 1.0
+    mean_plain = plain[:, first] / count  # [S, Y], centred
+    mean_tilt = tilt[:, :, first] / s0[:, :, None]  # [S, B, Y], centred R_y
+    gain = mean_tilt - mean_plain[:, None, :]
+    log_mean_w = np.log(s0 / count)
+    log_z = r_max[:, None] / betas + log_mean_w
+    r_tilt = mean_tilt[:, :, 0] + shift[:, None, 0]
+    r_base = mean_plain[:, 0] + shift[:, 0]
+    kl = (r_tilt - r_max[:, None]) / betas - log_mean_w
+    reverse_kl = (r_max - r_base)[:, None] / betas + log_mean_w
+
+    # Second-order sums about the estimates (centred coordinates throughout).
+    tilt2_dev = tilt2[:, :, first] - mean_tilt * s2[:, :, None]  # sum u^2 (y - R_y)
+    tilt2_dev2 = tilt2[:, :, second] - 2 * mean_tilt * tilt2[:, :, first] + mean_tilt**2 * s2[:, :, None]
+    tilt_dev2 = tilt[:, :, second] - tilt[:, :, first] ** 2 / s0[:, :, None]
+    plain_dev2 = plain[:, second] - plain[:, first] ** 2 / count
+    ratio = count / s0  # [S, B]
+    gain_if2 = ratio[:, :, None] ** 2 * tilt2_dev2 - 2 * ratio[:, :, None] * tilt_dev2 + plain_dev2[:, None, :]
+    kl_weighted = tilt2_dev2[:, :, 0] / betas**2 - 2 * tilt2_dev[:, :, 0] / betas + s2
+    kl_if2 = ratio**2 * kl_weighted - count
+    denominator = np.where(n > 1, count[:, 0] * (count[:, 0] - 1), np.nan)[:, None]
+    gain_se_delta = np.sqrt(np.clip(gain_if2, 0, None) / denominator[:, :, None])
+    kl_se_delta = np.sqrt(np.clip(kl_if2, 0, None) / denominator)
+
+    ess = s0**2 / s2
+    k_hat = khat_many([state.tail[:, 0] for state in states], n, betas)
+    reliable = ((k_hat < khat_thresholds(n)[:, None]) | np.isnan(k_hat)) & (ess >= ESS_FLOOR)
+    gain_if4, kl_if4 = _tail_if4(states, shift, r_max, mean_plain, mean_tilt, ratio)
+    return TiltEstimate(
+        betas=np.broadcast_to(betas, (n.size, betas.size)).copy(),
+        n=n,
+        log_z=log_z,
+        mean_base=mean_plain + shift,
+        mean_tilted=mean_tilt + shift[:, None, :],
+        gain=gain,
+        gain_se=np.where(reliable[:, :, None], gain_se_delta * _t_ratio(gain_if2, gain_if4), np.nan),
+        gain_se_delta=gain_se_delta,
+        gain_bc=gain + tilt2_dev / s0[:, :, None] ** 2,
+        kl=kl,
+        kl_se=np.where(reliable, kl_se_delta * _t_ratio(kl_if2, kl_if4), np.nan),
+        kl_se_delta=kl_se_delta,
+        kl_bc=kl + tilt2_dev[:, :, 0] / (betas * s0**2) - (s2 / s0**2 - 1.0 / count) / 2,
+        reverse_kl=reverse_kl,
+        jeffreys=kl + reverse_kl,
+        ess=ess,
+        khat=k_hat,
+        reliable=reliable,
+    )
+
+
+_IF4_ELEMENTS = 1 << 20  # float64 elements of one [states, B, T, Y] work array in _tail_if4 (8 MiB)
+
+
+def _tail_if4(states: list[TiltStats], shift: np.ndarray, r_max: np.ndarray, mean_plain: np.ndarray,
+              mean_tilt: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_tail IF^4`` of the gain (``[S, B, Y]``) and of the KL (``[S, B]``), over each state's tail rows.
+
+    Tails are padded to a common length; a padded row's influence terms are set to 0.
+    """
+    betas = states[0].betas
+    rows = np.array([state.tail.shape[0] for state in states])
+    gain_if4 = np.zeros(mean_tilt.shape)
+    kl_if4 = np.zeros(ratio.shape)
+    order = np.argsort(rows, kind="stable")  # similar tail lengths together: little padding
+    cells = betas.size * shift.shape[1]
+    start = 0
+    while start < order.size:
+        stop = start + 1
+        while stop < order.size and (stop + 1 - start) * cells * int(rows[order[stop]]) <= _IF4_ELEMENTS:
+            stop += 1
+        chosen = order[start:stop]
+        length = int(rows[chosen].max())
+        # Padding repeats a state's largest row (finite weights); its terms are then zeroed.
+        tail = np.stack([np.concatenate([states[index].tail, np.repeat(states[index].tail[:1], length - rows[index], axis=0)])
+                         for index in chosen])  # [G, T, Y]
+        valid = (np.arange(length)[None, :] < rows[chosen, None]).astype(np.float64)  # [G, T]
+        centred = tail - shift[chosen, None, :]
+        u = np.exp((tail[:, None, :, 0] - r_max[chosen, None, None]) / betas[None, :, None])
+        u *= ratio[chosen, :, None]  # [G, B, T], w / mean(w)
+        gain_if = u[..., None] * (centred[:, None] - mean_tilt[chosen, :, None, :])
+        gain_if -= (centred - mean_plain[chosen, None, :])[:, None]
+        gain_if *= valid[:, None, :, None]
+        kl_if = u * ((centred[:, None, :, 0] - mean_tilt[chosen, :, None, 0]) / betas[None, :, None] - 1.0) + 1.0
+        kl_if *= valid[:, None, :]
         np.multiply(gain_if, gain_if, out=gain_if)
         np.multiply(kl_if, kl_if, out=kl_if)
-        return np.einsum("bty,bty->by", gain_if, gain_if), np.einsum("bt,bt->b", kl_if, kl_if)
+        gain_if4[chosen] = np.einsum("gbty,gbty->gby", gain_if, gain_if)
+        kl_if4[chosen] = np.einsum("gbt,gbt->gb", kl_if, kl_if)
+        start = stop
+    return gain_if4, kl_if4
 
 
 def _t_ratio(if2: np.ndarray, if4: np.ndarray) -> np.ndarray:

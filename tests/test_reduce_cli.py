@@ -334,12 +334,14 @@ def test_query_warns_when_the_budget_lies_outside_the_trusted_range(tmp_path, ca
 
 
 def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
-    """The job's path (per-round statistics, serialised, merged in any order by StatisticsReducer) and the
-    offline reduce give the same tables: khat and reliable exactly, the floats to rounding."""
+    """The job's path (per-round statistics, serialised, merged in any order into a bucket's MergedBucket,
+    rows from the merged statistics) and the offline reduce give the same tables: khat and reliable
+    exactly, the floats to rounding."""
     from limits_ray.config import AnalysisConfig
     from limits_ray.convergence import DyadicStats
     from limits_ray.io import iter_prompts
-    from limits_ray.reduce import StatisticsReducer, prompt_statistics, reduce_table
+    from limits_ray.reduce import PromptRows, TableBuilder, prompt_statistics, reduce_table
+    from limits_ray.store import MergedBucket
 
     rng = np.random.default_rng(12)
     prompts, n = 3, 600
@@ -355,12 +357,17 @@ def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
         for index, chunk in enumerate(np.array_split(rng.permutation(n), 5)):
             statistics = prompt_statistics(samples.subset(np.isin(np.arange(n), chunk)), plan, betas)
             rounds.append((samples.prompt_id, index, {k: DyadicStats.from_bytes(v.to_bytes()) for k, v in statistics.items()}))
-    reducer = StatisticsReducer(plan, betas)
+    merged = MergedBucket({}, {}, set())
     for position in rng.permutation(len(rounds)):
-        reducer.add(*rounds[position])
-    streamed = reducer.result([])
+        assert merged.add(*rounds[position])
+    assert not merged.add(*rounds[0])  # a replayed round is merged once
+    builders = {name: TableBuilder(name) for name in ("frontier", "convergence", "bon")}
+    rows = PromptRows(builders, plan, best_of_n=False)
+    for prompt_id in sorted(merged.statistics):
+        rows.add(prompt_id, merged.statistics[prompt_id])
+    rows.flush()
     for name in ("frontier", "convergence"):
-        got, want = getattr(streamed, name), getattr(offline, name)
+        got, want = builders[name].table(), getattr(offline, name)
         assert got.schema == want.schema and got.num_rows == want.num_rows
         for column in ("khat", "reliable", "n" if name == "frontier" else "n_samples"):
             np.testing.assert_array_equal(got[column].to_numpy(), want[column].to_numpy())
