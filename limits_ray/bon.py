@@ -140,25 +140,24 @@ def jackknife_best_of_n(sorted_evals: np.ndarray, level_of_sample: np.ndarray, l
     mean_without = (sorted_evals.sum(axis=0) - sorted_evals) / (n_samples - 1)
     own_count = np.maximum(level_counts - 1, 1)[level_of_sample, None]
     own_mean = (group_sum[level_of_sample] - sorted_evals) / own_count
-    weights = _order_statistic_weights(n_samples - 1, sizes[usable])
-    for row, k in zip(weights, np.flatnonzero(usable)):
-        cumulative = np.concatenate([[0.0], np.cumsum(row)])  # C(0..N-1)
-        unshifted = (cumulative[np.minimum(ends, n_samples - 1)] - cumulative[starts])[:, None] * group_mean
-        shifted = (cumulative[ends - 1] - cumulative[np.maximum(starts - 1, 0)])[:, None] * group_mean
-        below = np.cumsum(unshifted, axis=0) - unshifted
-        above = np.cumsum(shifted[::-1], axis=0)[::-1] - shifted
-        own = (cumulative[ends - 1] - cumulative[starts])[:, None]
-        leave_one_out = (below + above)[level_of_sample] + own[level_of_sample] * own_mean
-        reward_se[k] = _jackknife_se(leave_one_out)
-        gain_se[k] = _jackknife_se(leave_one_out - mean_without)
+    weights = _order_statistic_weights(n_samples - 1, sizes[usable])  # [K', N - 1]
+    cumulative = np.concatenate([np.zeros((weights.shape[0], 1)), np.cumsum(weights, axis=1)], axis=1)  # C(0..N-1)
+    unshifted = (cumulative[:, np.minimum(ends, n_samples - 1)] - cumulative[:, starts])[:, :, None] * group_mean
+    shifted = (cumulative[:, ends - 1] - cumulative[:, np.maximum(starts - 1, 0)])[:, :, None] * group_mean
+    below = np.cumsum(unshifted, axis=1) - unshifted  # [K', G, E]
+    above = np.cumsum(shifted[:, ::-1], axis=1)[:, ::-1] - shifted
+    own = (cumulative[:, ends - 1] - cumulative[:, starts])[:, :, None]
+    leave_one_out = (below + above)[:, level_of_sample] + own[:, level_of_sample] * own_mean  # [K', N, E]
+    reward_se[usable] = _jackknife_se(leave_one_out)
+    gain_se[usable] = _jackknife_se(leave_one_out - mean_without)
     return reward_se, gain_se
 
 
 def _jackknife_se(leave_one_out: np.ndarray) -> np.ndarray:
-    """``sqrt((N-1)/N * sum_j (x_j - mean x)^2)`` over axis 0."""
-    count = leave_one_out.shape[0]
-    centred = leave_one_out - leave_one_out.mean(axis=0)
-    return np.sqrt((count - 1) / count * np.sum(centred**2, axis=0))
+    """``sqrt((N-1)/N * sum_j (x_j - mean x)^2)`` over axis 1 (``[K, N, E] -> [K, E]``)."""
+    count = leave_one_out.shape[1]
+    centred = leave_one_out - leave_one_out.mean(axis=1, keepdims=True)
+    return np.sqrt((count - 1) / count * np.sum(centred**2, axis=1))
 
 
 def best_of_n(align: np.ndarray, evals: np.ndarray, sizes: np.ndarray | None = None) -> BestOfN:

@@ -294,8 +294,9 @@ class StoreConfig:
             from the current directory.
         keep_text: also store prompt and response texts.
         buckets: prompt buckets of a new store (an existing store keeps its own): one per-bucket
-            task reads one bucket, so aim at about 1e6 stored samples per bucket; 0 (default) picks
-            one bucket per 1e6 samples of the run that creates the store (at least 1, at most 4096).
+            task reads one bucket, so aim at about 1e6 stored samples and 1e3 prompts per bucket; 0
+            (default) picks one bucket per 1e6 samples or per 1e3 prompts of the run that creates
+            the store, whichever gives more (at least 1, at most 4096).
         batch_samples: samples per store write (at least one round; one part per bucket per write):
             larger means fewer, larger objects; smaller means less work lost when a run is killed
             (rounds not yet written are generated again).
@@ -311,7 +312,7 @@ class StoreConfig:
         if self.batch_samples < 1:
             raise ConfigError(f"store.batch_samples must be >= 1, got {self.batch_samples}")
         if self.buckets < 0:
-            raise ConfigError(f"store.buckets must be >= 0 (0: about one per 1e6 samples of the first run), got {self.buckets}")
+            raise ConfigError(f"store.buckets must be >= 0 (0: one per 1e6 samples or 1e3 prompts of the first run), got {self.buckets}")
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,10 @@ statistics anywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
-
 import numpy as np
 
 from limits_ray.psis import TAIL_CAP
-from limits_ray.stats import TiltStats
+from limits_ray.stats import TiltStats, _recentre_matrix
 
 FORMAT_VERSION = 2
 """Version of the :meth:`DyadicStats.to_bytes` record (2: raw arrays; 1 was an ``np.savez`` archive);
@@ -58,8 +56,10 @@ class DyadicStats:
         """Absorb samples (``targets[:, 0]`` the alignment reward) into their shells, in place."""
         targets = np.asarray(targets, dtype=np.float64).reshape(len(sample_idx), self.n_targets)
         shells = shell_of(sample_idx)
-        for shell in np.unique(shells):
-            batch = TiltStats.from_samples(self.betas, targets[shells == shell], self.tail_cap)
+        order = np.argsort(shells, kind="stable")
+        present, starts = np.unique(shells[order], return_index=True)
+        bounds = np.append(starts, order.size)
+        for shell, batch in zip(present, TiltStats.from_segments(self.betas, targets[order], bounds, self.tail_cap)):
             current = self.shells.get(int(shell))
             self.shells[int(shell)] = batch if current is None else current.merge(batch)
         return self
@@ -79,19 +79,42 @@ class DyadicStats:
         """Number of samples absorbed."""
         return sum(stats.n for stats in self.shells.values())
 
-    def prefixes(self) -> Iterator[TiltStats]:
-        """Cumulative statistics of shells ``0..k`` for each shell ``k`` present, in order."""
-        running = TiltStats.empty(self.betas, self.n_targets, self.tail_cap)
-        for shell in sorted(self.shells):
-            running = running.merge(self.shells[shell])
-            yield running
+    def prefixes(self) -> list[TiltStats]:
+        """Cumulative statistics of shells ``0..k`` for each shell ``k`` present, in order.
+
+        Computed at once rather than by a chain of merges: with ``R_k = max_{j<=k} r_max_j`` and every
+        shell re-centred on the first shell's shift, prefix ``k`` holds
+        ``sum_{j<=k} exp((r_max_j - R_k)/beta)^p * moments_j[p]`` (the merge's rescaling, all factors
+        <= 1) and the top ``tail_cap`` rows of the shells' tails.
+        """
+        if not self.shells:
+            return []
+        order = sorted(self.shells)
+        states = [self.shells[shell] for shell in order]
+        shift = states[0].shift
+        r_max = np.array([state.r_max for state in states])
+        running_max = np.maximum.accumulate(r_max)
+        moments = np.stack([state.moments @ _recentre_matrix(state.shift - shift) for state in states])  # [K, 3, B, C]
+        included = np.tril(np.ones((len(states), len(states)), dtype=bool))  # [prefix k, shell j]
+        gap = np.where(included, r_max[None, :] - running_max[:, None], -np.inf)  # <= 0; -inf: shell not in prefix
+        scale = np.exp(gap[:, :, None] / self.betas)  # [k, j, B]
+        powers = np.stack([included[:, :, None] * np.ones_like(scale), scale, scale * scale], axis=2)  # [k, j, 3, B]
+        prefix_moments = np.einsum("kjpb,jpbc->kpbc", powers, moments)
+        counts = np.cumsum([state.n for state in states])
+        rows = np.concatenate([state.tail for state in states])
+        owner = np.repeat(np.arange(len(states)), [state.tail.shape[0] for state in states])
+        ranked = np.lexsort(tuple(-rows[:, column] for column in reversed(range(rows.shape[1]))))
+        rows, owner = rows[ranked], owner[ranked]
+        return [
+            TiltStats(self.betas, int(counts[k]), float(running_max[k]), shift.copy(), prefix_moments[k],
+                      rows[owner <= k][: self.tail_cap].copy(), self.tail_cap)
+            for k in range(len(states))
+        ]
 
     def total(self) -> TiltStats:
-        """Statistics of every sample absorbed."""
-        running = TiltStats.empty(self.betas, self.n_targets, self.tail_cap)
-        for shell in sorted(self.shells):
-            running = running.merge(self.shells[shell])
-        return running
+        """Statistics of every sample absorbed (the last prefix; an empty state when there is none)."""
+        prefixes = self.prefixes()
+        return prefixes[-1] if prefixes else TiltStats.empty(self.betas, self.n_targets, self.tail_cap)
 
     def to_bytes(self) -> bytes:
         """A class-free record of every field: raw little-endian int64 and float64 arrays (``FORMAT_VERSION``).

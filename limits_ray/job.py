@@ -373,7 +373,7 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None,
     betas = np.asarray(config.analysis.betas)
 
     planned = sum(targets.values()) * config.generation.n
-    store = SampleStore(store_root, config.store.buckets or auto_buckets(planned))
+    store = SampleStore(store_root, config.store.buckets or auto_buckets(planned, len(targets)))
     store.check_manifest(setup_identity(config))
     run_id = uuid.uuid4().hex[:16]
     work = store_root.join(".runs", run_id)

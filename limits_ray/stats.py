@@ -195,28 +195,41 @@ class TiltStats:
             tail_cap: rows of the largest ``r`` kept for k-hat (see the class).
         """
         targets = np.asarray(targets, dtype=np.float64)
+        if targets.ndim == 2 and targets.shape[0] == 0 and targets.shape[1]:
+            return cls.empty(betas, targets.shape[1], tail_cap)
+        return cls.from_segments(betas, targets, np.array([0, targets.shape[0] if targets.ndim else 0]), tail_cap)[0]
+
+    @classmethod
+    def from_segments(cls, betas: np.ndarray, targets: np.ndarray, bounds: np.ndarray,
+                      tail_cap: int = TAIL_CAP) -> list["TiltStats"]:
+        """:meth:`from_samples` of each non-empty row segment ``targets[bounds[s]:bounds[s + 1]]``, checked once."""
+        targets = np.asarray(targets, dtype=np.float64)
         if targets.ndim != 2 or targets.shape[1] == 0:
             raise ValueError(f"targets must be a 2-d [samples, columns] array, got shape {targets.shape}")
-        state = cls.empty(betas, targets.shape[1], tail_cap)
-        if targets.shape[0] == 0:
-            return state
+        template = cls.empty(betas, targets.shape[1], tail_cap)
         if not np.all(np.isfinite(targets)):
             raise ValueError("targets contain NaN or infinite rewards")
-        state.tail = _top_rows(targets, state.tail_cap)
-        state.n = targets.shape[0]
-        state.r_max = float(targets[:, 0].max())
-        state.shift = targets.mean(axis=0)
-        inverse_betas = 1.0 / state.betas
-        rows = min(state.n, _CHUNK_ROWS)
+        bounds = np.asarray(bounds, dtype=np.int64)
+        if np.any(np.diff(bounds) <= 0):
+            raise ValueError(f"segments must be non-empty and in order, got bounds {bounds.tolist()}")
+        if bounds.size < 2:
+            return []
+        inverse_betas = 1.0 / template.betas
+        rows = int(min(np.diff(bounds).max(), _CHUNK_ROWS))
         # Work buffers reused by every chunk: the weights u (rows 0..B-1), u^2 (rows B..2B-1) and a
         # row of ones (row 2B, for the plain sums), then the polynomial rows [1, y-c, (y-c)^2].
-        weights = np.empty((2 * state.betas.size + 1, rows))
+        weights = np.empty((2 * template.betas.size + 1, rows))
         weights[-1] = 1.0
         poly = np.empty((1 + 2 * targets.shape[1], rows))
-        for start in range(0, state.n, _CHUNK_ROWS):
-            block = targets[start : start + _CHUNK_ROWS]
-            state._absorb(block, inverse_betas, weights, poly)
-        return state
+        states = []
+        for first, stop in zip(bounds[:-1], bounds[1:]):
+            segment = targets[first:stop]
+            state = cls(template.betas, segment.shape[0], float(segment[:, 0].max()), segment.mean(axis=0),
+                        np.zeros_like(template.moments), _top_rows(segment, template.tail_cap), template.tail_cap)
+            for start in range(0, state.n, _CHUNK_ROWS):
+                state._absorb(segment[start : start + _CHUNK_ROWS], inverse_betas, weights, poly)
+            states.append(state)
+        return states
 
     def _absorb(self, block: np.ndarray, inverse_betas: np.ndarray, weights: np.ndarray, poly: np.ndarray) -> None:
         """Add one block's sums in place (shift and r_max already cover the block).
@@ -363,7 +376,12 @@ def finalize_many(states: list[TiltStats]) -> TiltEstimate:
     ess = s0**2 / s2
     k_hat = khat_many([state.tail[:, 0] for state in states], n, betas)
     reliable = ((k_hat < khat_thresholds(n)[:, None]) | np.isnan(k_hat)) & (ess >= ESS_FLOOR)
-    gain_if4, kl_if4 = _tail_if4(states, shift, r_max, mean_plain, mean_tilt, ratio)
+    # The interval SEs exist only where reliable: the tail terms and t quantiles are computed there only.
+    used = np.flatnonzero(reliable.any(axis=1))
+    gain_if4, kl_if4 = np.zeros(gain.shape), np.zeros(kl.shape)
+    if used.size:
+        gain_if4[used], kl_if4[used] = _tail_if4([states[index] for index in used], shift[used], r_max[used],
+                                                 mean_plain[used], mean_tilt[used], ratio[used])
     return TiltEstimate(
         betas=np.broadcast_to(betas, (n.size, betas.size)).copy(),
         n=n,
@@ -371,11 +389,11 @@ def finalize_many(states: list[TiltStats]) -> TiltEstimate:
         mean_base=mean_plain + shift,
         mean_tilted=mean_tilt + shift[:, None, :],
         gain=gain,
-        gain_se=np.where(reliable[:, :, None], gain_se_delta * _t_ratio(gain_if2, gain_if4), np.nan),
+        gain_se=gain_se_delta * _t_ratio(gain_if2, gain_if4, reliable[:, :, None]),
         gain_se_delta=gain_se_delta,
         gain_bc=gain + tilt2_dev / s0[:, :, None] ** 2,
         kl=kl,
-        kl_se=np.where(reliable, kl_se_delta * _t_ratio(kl_if2, kl_if4), np.nan),
+        kl_se=kl_se_delta * _t_ratio(kl_if2, kl_if4, reliable),
         kl_se_delta=kl_se_delta,
         kl_bc=kl + tilt2_dev[:, :, 0] / (betas * s0**2) - (s2 / s0**2 - 1.0 / count) / 2,
         reverse_kl=reverse_kl,
@@ -428,9 +446,15 @@ def _tail_if4(states: list[TiltStats], shift: np.ndarray, r_max: np.ndarray, mea
     return gain_if4, kl_if4
 
 
-def _t_ratio(if2: np.ndarray, if4: np.ndarray) -> np.ndarray:
-    """``t_df(0.975) / z(0.975)`` with ``df = max(if2^2 / (2 if4), 1)``; 1 (normal) where ``if4 = 0``."""
+def _t_ratio(if2: np.ndarray, if4: np.ndarray, reliable: np.ndarray) -> np.ndarray:
+    """``t_df(0.975) / z(0.975)`` with ``df = max(if2^2 / (2 if4), 1)``; 1 (normal) where ``if4 = 0``; NaN
+    where not ``reliable`` (broadcast to ``if2``'s shape)."""
+    reliable = np.broadcast_to(reliable, if2.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(if4 > 0, np.clip(if2, 0, None) ** 2 / (2.0 * if4), np.inf)
     df = np.maximum(np.where(np.isnan(df), np.inf, df), 1.0)
-    return np.where(np.isinf(df), 1.0, stdtrit(np.where(np.isinf(df), 1.0, df), 0.975) / _Z975)
+    ratio = np.full(if2.shape, np.nan)
+    ratio[reliable] = 1.0
+    student = reliable & np.isfinite(df)
+    ratio[student] = stdtrit(df[student], 0.975) / _Z975
+    return ratio

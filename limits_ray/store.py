@@ -40,7 +40,8 @@ __all__ = [
     "auto_buckets", "flatten_rounds", "merge_statistics", "rounds_key",
 ]
 
-SAMPLES_PER_BUCKET = 1_000_000  # the aim of automatic bucket counts
+SAMPLES_PER_BUCKET = 1_000_000  # automatic bucket counts aim at most this many samples per bucket
+PROMPTS_PER_BUCKET = 1_000  # ... and at most this many prompts (a bucket's tables take ~2 ms per prompt: ~2 s)
 MAX_BUCKETS = 4096
 STORED_ROUND_COLUMNS = ("prompt_id", "round", "seed")
 STORED_SAMPLE_COLUMNS = ("sample_idx", "response_tokens", "logprob", "finish_reason")
@@ -70,9 +71,13 @@ def merge_statistics(current: dict[str, DyadicStats] | None, other: dict[str, Dy
     return {name: current[name].merge(other[name]) for name in current}
 
 
-def auto_buckets(samples: int) -> int:
-    """Buckets for a new store expected to hold ``samples``: one per :data:`SAMPLES_PER_BUCKET`, 1 to 4096."""
-    return int(min(MAX_BUCKETS, max(1, -(-int(samples) // SAMPLES_PER_BUCKET))))
+def auto_buckets(samples: int, prompts: int = 0) -> int:
+    """Buckets for a new store expected to hold ``samples`` of ``prompts``: one per
+    :data:`SAMPLES_PER_BUCKET` samples or per :data:`PROMPTS_PER_BUCKET` prompts, whichever gives more,
+    1 to 4096. Buckets are the unit of parallel work of the per-prompt tables: many small prompts
+    need several buckets even when their samples would fit one."""
+    wanted = max(-(-int(samples) // SAMPLES_PER_BUCKET), -(-int(prompts) // PROMPTS_PER_BUCKET))
+    return int(min(MAX_BUCKETS, max(1, wanted)))
 
 
 def rounds_key(keys: list[tuple[str, int]]) -> str:
