@@ -54,6 +54,9 @@ def bon_kl_bound(n: np.ndarray) -> np.ndarray:
     return np.log(n) - (n - 1) / n
 
 
+_JACKKNIFE_ELEMENTS = 1 << 20  # float64 elements of one [k, N, E] work array (8 MiB)
+
+
 def _order_statistic_weights(n_samples: int, sizes: np.ndarray) -> np.ndarray:
     """``[K, N]`` weights ``C(i-1, n-1) / C(N, n)`` of the i-th smallest sample (1-based), 0 for i < n.
 
@@ -141,15 +144,19 @@ def jackknife_best_of_n(sorted_evals: np.ndarray, level_of_sample: np.ndarray, l
     own_count = np.maximum(level_counts - 1, 1)[level_of_sample, None]
     own_mean = (group_sum[level_of_sample] - sorted_evals) / own_count
     weights = _order_statistic_weights(n_samples - 1, sizes[usable])  # [K', N - 1]
-    cumulative = np.concatenate([np.zeros((weights.shape[0], 1)), np.cumsum(weights, axis=1)], axis=1)  # C(0..N-1)
-    unshifted = (cumulative[:, np.minimum(ends, n_samples - 1)] - cumulative[:, starts])[:, :, None] * group_mean
-    shifted = (cumulative[:, ends - 1] - cumulative[:, np.maximum(starts - 1, 0)])[:, :, None] * group_mean
-    below = np.cumsum(unshifted, axis=1) - unshifted  # [K', G, E]
-    above = np.cumsum(shifted[:, ::-1], axis=1)[:, ::-1] - shifted
-    own = (cumulative[:, ends - 1] - cumulative[:, starts])[:, :, None]
-    leave_one_out = (below + above)[:, level_of_sample] + own[:, level_of_sample] * own_mean  # [K', N, E]
-    reward_se[usable] = _jackknife_se(leave_one_out)
-    gain_se[usable] = _jackknife_se(leave_one_out - mean_without)
+    rows = np.flatnonzero(usable)
+    step = max(1, _JACKKNIFE_ELEMENTS // (n_samples * columns))  # values of n at once: bounds the [k, N, E] arrays
+    for start in range(0, rows.size, step):
+        chunk = slice(start, start + step)
+        cumulative = np.concatenate([np.zeros((weights[chunk].shape[0], 1)), np.cumsum(weights[chunk], axis=1)], axis=1)
+        unshifted = (cumulative[:, np.minimum(ends, n_samples - 1)] - cumulative[:, starts])[:, :, None] * group_mean
+        shifted = (cumulative[:, ends - 1] - cumulative[:, np.maximum(starts - 1, 0)])[:, :, None] * group_mean
+        below = np.cumsum(unshifted, axis=1) - unshifted  # [k, G, E]
+        above = np.cumsum(shifted[:, ::-1], axis=1)[:, ::-1] - shifted
+        own = (cumulative[:, ends - 1] - cumulative[:, starts])[:, :, None]
+        leave_one_out = (below + above)[:, level_of_sample] + own[:, level_of_sample] * own_mean  # [k, N, E]
+        reward_se[rows[chunk]] = _jackknife_se(leave_one_out)
+        gain_se[rows[chunk]] = _jackknife_se(leave_one_out - mean_without)
     return reward_se, gain_se
 
 

@@ -107,6 +107,8 @@ class PromptRows:
 
     def add(self, prompt_id: str, statistics: dict[str, DyadicStats], samples: PromptSamples | None = None) -> None:
         """One prompt: its statistics, and its rewards when best-of-n is on (they are not kept)."""
+        if not next(iter(statistics.values())).n:
+            raise ValueError(f"prompt {prompt_id!r}: no samples: cannot estimate anything from an empty state")
         if self.best_of_n:
             if samples is None:
                 raise ValueError(f"prompt {prompt_id!r}: best-of-n needs its rewards")

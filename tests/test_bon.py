@@ -389,3 +389,17 @@ def test_jackknife_intervals_cover_the_exact_best_of_n_reward(discrete):
     np.testing.assert_allclose(np.sqrt(np.mean(errors**2, axis=0)), rewards.std(axis=0), rtol=0.15)
     # binomial sd at 95% over 400 replicates is 1.1%; the jackknife is conservative for U-statistics
     assert np.all(coverage >= 0.90) and np.all(coverage <= 0.995), coverage
+
+
+def test_jackknife_in_chunks_of_n_gives_the_same_errors(monkeypatch):
+    """The leave-one-out arrays are built a few values of n at a time (bounded memory at large N)."""
+    import limits_ray.bon as bon
+
+    rng = np.random.default_rng(4)
+    align, evals = rng.integers(0, 20, 256).astype(float), rng.normal(size=(256, 2))
+    whole = best_of_n(align, evals)
+    monkeypatch.setattr(bon, "_JACKKNIFE_ELEMENTS", 2 * 256 * 2)  # two values of n per chunk
+    chunked = best_of_n(align, evals)
+    np.testing.assert_allclose(chunked.reward_se, whole.reward_se, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(chunked.gain_se, whole.gain_se, rtol=1e-12, atol=1e-15)
+    assert np.isfinite(whole.reward_se[:-1]).all() and np.isnan(whole.reward_se[-1]).all()  # n = N has none

@@ -374,3 +374,36 @@ def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
         for column in [f.name for f in SCHEMAS[name] if f.type == pa.float64()]:
             np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=1e-9, atol=1e-12)
     assert 0 < offline.frontier["reliable"].to_numpy().mean() < 1  # both kinds of cell are compared
+
+
+def test_prompt_rows_give_the_same_tables_in_any_batch_size_and_refuse_an_empty_prompt(monkeypatch):
+    """Estimates are finalized a batch of prompts at a time: batch boundaries change no row and no order."""
+    import limits_ray.reduce as reduce
+    from limits_ray.config import AnalysisConfig
+    from limits_ray.convergence import DyadicStats
+
+    rng = np.random.default_rng(3)
+    sizes = [1, 20, 64, 100, 700]  # k-hat inf (n <= 20), fitted, a tail cut by N
+    table = pa.table({
+        "prompt_id": np.repeat([f"p{i}" for i in range(len(sizes))], sizes),
+        "sample_idx": np.concatenate([np.arange(n) for n in sizes]),
+        "a": rng.standard_t(3, sum(sizes)), "b": rng.integers(0, 4, sum(sizes)).astype(float),
+    })
+    config = AnalysisConfig(betas="0.1:10:5")
+    whole = reduce.reduce_table(table, ["a", "b"], config)
+    monkeypatch.setattr(reduce, "PROMPT_BATCH", 2)
+    batched = reduce.reduce_table(table, ["a", "b"], config)
+    for name in ("frontier", "convergence", "bon", "frontier_mean"):
+        got, want = getattr(batched, name), getattr(whole, name)
+        assert got.schema == want.schema and got.num_rows == want.num_rows > 0, name
+        for column in got.column_names:
+            x, y = got[column].to_numpy(zero_copy_only=False), want[column].to_numpy(zero_copy_only=False)
+            if x.dtype.kind == "f":  # the padded tail sums of a batch may round differently
+                np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-15, err_msg=f"{name}.{column}")
+            else:
+                assert (x == y).all(), f"{name}.{column}"
+    rows = reduce.PromptRows({name: reduce.TableBuilder(name) for name in ("frontier", "convergence", "bon")},
+                             config.plan(["a", "b"]), best_of_n=False)
+    empty = {align.name: DyadicStats(np.asarray(config.betas), 2) for align, _ in config.plan(["a", "b"])}
+    with pytest.raises(ValueError, match="prompt 'x': no samples"):
+        rows.add("x", empty)
