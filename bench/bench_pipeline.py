@@ -155,13 +155,11 @@ def job_mapping(args: argparse.Namespace, models: dict[str, Path], out_dir: Path
     if args.gpu:
         gen_gpus, rm_gpus = args.stage_gpus
         # Engines sharing one GPU must split its memory; with a GPU per stage vLLM's default is kept.
-        gen_engine = {"dtype": "bfloat16"}
-        rm_engine = {"dtype": "bfloat16"}
-        if gen_gpus < 1:
-            gen_engine["gpu_memory_utilization"] = 0.55
-            rm_engine["gpu_memory_utilization"] = 0.2
-        generation = {"num_gpus": gen_gpus, "num_cpus": 1, "batch_size": args.batch_size, "engine_kwargs": gen_engine}
-        rm = {"num_gpus": rm_gpus, "num_cpus": 1, "engine_kwargs": rm_engine}
+        shared = gen_gpus < 1
+        generation = {"num_gpus": gen_gpus, "num_cpus": 1, "batch_size": args.batch_size,
+                      "engine_kwargs": {"dtype": "bfloat16"}, **({"gpu_memory_utilization": 0.55} if shared else {})}
+        rm = {"num_gpus": rm_gpus, "num_cpus": 1, "engine_kwargs": {"dtype": "bfloat16"},
+              **({"gpu_memory_utilization": 0.2} if shared else {})}
         rm_b = {"num_gpus": rm_gpus, "num_cpus": 1}
     else:
         engine = {"dtype": "float32", "enforce_eager": True}
@@ -350,9 +348,10 @@ def side_main(args: argparse.Namespace) -> int:
     """Child process: run one side, write its measurements as JSON."""
     mapping = json.loads(Path(args.mapping).read_text())
     if not args.gpu:
+        from limits_ray.config import EngineResources
         from limits_ray.generation import set_cpu_env_defaults
 
-        set_cpu_env_defaults()
+        set_cpu_env_defaults(EngineResources())
     shutil.rmtree(mapping["output_dir"], ignore_errors=True)
     result = run_baseline(mapping) if args.side == "baseline" else run_pipeline(mapping)
     result["wall"] = time.perf_counter() - _STARTED

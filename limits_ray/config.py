@@ -164,11 +164,97 @@ class PromptsConfig:
             raise ConfigError(f"prompts.template {self.template!r} must contain {{prompt}}")
 
 
+EXECUTOR_BACKENDS = ("mp", "ray")
+PLACEMENT_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "gpu_memory_utilization"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineResources:
+    """Where one stage's actors run and how big their engines are (generation and rewards share these keys).
+
+    Attributes:
+        concurrency: actors of the stage: ``N`` (a fixed pool) or ``[min, max]`` (Ray Data grows and
+            shrinks the pool between them with the work queued).
+        num_gpus: GPUs per engine shard; 0 runs the engine on CPU (and only then are vLLM's CPU variables
+            set). With ``tensor_parallel_size * pipeline_parallel_size > 1`` it must be 1.
+        num_cpus: CPUs per actor.
+        tensor_parallel_size, pipeline_parallel_size: vLLM parallelism (``vllm`` engines only): one engine
+            spans ``tp * pp`` GPUs.
+        distributed_executor_backend: how a multi-GPU engine starts its workers, always passed to vLLM:
+            ``mp`` (default: the actor reserves all ``tp * pp`` GPUs of one node and vLLM starts one
+            process per GPU) or ``ray`` (the actor takes no GPU; a PACK placement group of ``tp * pp``
+            ``{GPU: 1, CPU: 1}`` bundles is made for vLLM's Ray workers and removed when the run ends;
+            it needs a fixed ``concurrency``).
+            A single-GPU or CPU engine runs in the actor's process (vLLM's ``uni``).
+        accelerator_type: the Ray accelerator type the actors need (e.g. ``H100``); empty: any.
+        gpu_memory_utilization: vLLM's share of each GPU's memory (0: vLLM's default, 0.9); set it
+            below 0.9 when a reward engine shares GPUs with generation.
+    """
+
+    concurrency: tuple[int, ...] = (1,)
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"
+    accelerator_type: str = ""
+    gpu_memory_utilization: float = 0.0
+
+    def __post_init__(self) -> None:
+        concurrency = self.concurrency
+        if isinstance(concurrency, (list, tuple)) and all(isinstance(value, int) for value in concurrency):
+            object.__setattr__(self, "concurrency", tuple(concurrency))
+        elif isinstance(concurrency, int) and not isinstance(concurrency, bool):
+            object.__setattr__(self, "concurrency", (concurrency,))
+        else:
+            raise ConfigError(f"concurrency must be an integer N or [min, max], got {concurrency!r}")
+
+    def check_resources(self, where: str, engine: bool) -> None:
+        """Raise :class:`ConfigError` naming ``where`` for inconsistent settings; ``engine``: a vLLM engine.
+
+        The engine's size and backend belong to these keys, not to ``engine_kwargs`` (where vLLM would
+        get them without the actor reserving the GPUs they need)."""
+        if len(self.concurrency) not in (1, 2) or min(self.concurrency) < 1 or self.concurrency[0] > self.concurrency[-1]:
+            raise ConfigError(f"{where}.concurrency must be N >= 1 or [min, max] with 1 <= min <= max, got {list(self.concurrency)}")
+        placed = sorted(set(getattr(self, "engine_kwargs", {})) & PLACEMENT_KEYS)
+        if placed:
+            raise ConfigError(f"{where}.engine_kwargs: {placed} set where the actors are placed; move them out of "
+                              f"engine_kwargs to {where}.{placed[0]} (and its siblings)")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"{where}.distributed_executor_backend {self.distributed_executor_backend!r}: valid "
+                              f"backends are {list(EXECUTOR_BACKENDS)}")
+        if not 0 <= self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{where}.gpu_memory_utilization must lie in [0, 1] (0: vLLM's default), got "
+                              f"{self.gpu_memory_utilization}")
+        if self.gpus_per_engine > 1 and not engine:
+            raise ConfigError(f"{where}: tensor and pipeline parallelism need a vllm engine; set both sizes to 1")
+        if self.gpus_per_engine > 1 and self.distributed_executor_backend == "ray" and len(set(self.concurrency)) > 1:
+            raise ConfigError(f"{where}: the ray backend needs a fixed concurrency (each new actor reserves a placement "
+                              f"group until the run ends, so a pool that shrinks and grows would strand GPUs); got "
+                              f"{list(self.concurrency)}")
+        if self.gpus_per_engine > 1 and self.num_gpus != 1:
+            raise ConfigError(f"{where}.num_gpus must be 1 (one GPU per shard) with tensor_parallel_size x "
+                              f"pipeline_parallel_size = {self.gpus_per_engine}, got {self.num_gpus}")
+
+    @property
+    def gpus_per_engine(self) -> int:
+        """``tensor_parallel_size * pipeline_parallel_size``."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def max_actors(self) -> int:
+        """The most actors the stage runs (``concurrency`` or its max)."""
+        return self.concurrency[-1]
+
+
 GENERATION_KINDS = ("vllm", "synthetic")
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
+class GenerationConfig(EngineResources):
     """Sampling from the base model with vLLM (one engine per actor), or synthetic samples.
 
     ``kind: synthetic`` is a test and benchmark tool, not a model: each round's responses are drawn
@@ -189,8 +275,8 @@ class GenerationConfig:
         n: samples per request: one request is one *round*, seeded by (prompt_id, round).
         seed: the run's base seed; round seeds derive from (seed, prompt_id, round).
         temperature, top_p, max_tokens, stop: vLLM sampling parameters.
-        concurrency: number of generation actors.
-        num_gpus, num_cpus: resources per actor; ``tensor_parallel_size`` GPUs per engine.
+        concurrency, num_gpus, num_cpus, tensor_parallel_size, pipeline_parallel_size,
+        distributed_executor_backend, accelerator_type, gpu_memory_utilization: see :class:`EngineResources`.
         batch_size: requests per actor call.
         max_model_len: the engine's context length (0: the model's).
         timeout_s: a generation batch running longer than this is taken for a hung engine: its actor
@@ -208,16 +294,13 @@ class GenerationConfig:
     top_p: float = 1.0
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
-    concurrency: int = 1
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    tensor_parallel_size: int = 1
     batch_size: int = 8
     max_model_len: int = 0
     timeout_s: float = 1800.0
     engine_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n < 1 or self.samples_per_prompt < 1 or self.samples_per_prompt % self.n:
             raise ConfigError(
                 f"generation.samples_per_prompt ({self.samples_per_prompt}) must be a positive multiple "
@@ -232,6 +315,10 @@ class GenerationConfig:
                 "generation.model is required for kind vllm: give a model directory or hub name "
                 "(or kind: synthetic for model-free test and benchmark runs)"
             )
+        if self.kind == "vllm":  # synthetic generation has no engine: only its concurrency applies
+            self.check_resources("generation", engine=True)
+        else:
+            EngineResources(concurrency=self.concurrency).check_resources("generation", engine=False)
 
     @property
     def rounds(self) -> int:
@@ -243,7 +330,7 @@ REWARD_KINDS = ("vllm", "transformers", "function")
 
 
 @dataclass(frozen=True)
-class RewardModelConfig:
+class RewardModelConfig(EngineResources):
     """One reward: a sequence classifier (vLLM pooling or transformers) or a Python function.
 
     Attributes:
@@ -256,7 +343,10 @@ class RewardModelConfig:
         function: ``module:function`` taking ``(prompts, responses)`` lists, returning floats.
         input_template: ``str.format`` template with ``{prompt}`` and ``{response}``.
         chat_template: render ``[user: prompt, assistant: response]`` with the RM tokenizer's template.
-        concurrency, num_gpus, num_cpus, batch_size: actors, resources per actor, samples per call.
+        concurrency, num_gpus, num_cpus, tensor_parallel_size, pipeline_parallel_size,
+        distributed_executor_backend, accelerator_type, gpu_memory_utilization: see
+            :class:`EngineResources` (parallelism and the backend apply to ``vllm`` rewards only).
+        batch_size: samples per call.
         engine_kwargs: further ``vllm.LLM`` arguments.
     """
 
@@ -267,19 +357,18 @@ class RewardModelConfig:
     function: str = ""
     input_template: str = "{prompt}{response}"
     chat_template: bool = False
-    concurrency: int = 1
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
     batch_size: int = 64
     engine_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.kind not in REWARD_KINDS:
             raise ConfigError(f"rewards[{self.name}].kind {self.kind!r}: valid kinds are {list(REWARD_KINDS)}")
         if self.kind == "function" and ":" not in self.function:
             raise ConfigError(f"rewards[{self.name}].function must be 'module:function', got {self.function!r}")
         if self.kind != "function" and not self.model:
             raise ConfigError(f"rewards[{self.name}]: kind {self.kind!r} needs a model path")
+        self.check_resources(f"rewards[{self.name}]", engine=self.kind == "vllm")
 
 
 @dataclass(frozen=True)
@@ -489,6 +578,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     if annotation in (int, float, str, bool):
         if annotation is bool and not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        if annotation is int and (isinstance(value, bool) or isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected int, got {value!r}")
         try:
             return annotation(value)
         except (TypeError, ValueError):

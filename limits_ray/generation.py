@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from limits_ray.config import GenerationConfig, engine_revision_kwargs
+from limits_ray.config import EngineResources, GenerationConfig, engine_revision_kwargs
+from limits_ray.placement import vllm_parallel_kwargs
 from limits_ray.faults import engine_call
 
 __all__ = [
@@ -54,26 +55,21 @@ def prompt_token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer.encode(text))
 
 
-def has_gpu() -> bool:
-    """Whether a CUDA device is visible to this process."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+def set_cpu_env_defaults(resources: EngineResources) -> None:
+    """For an engine configured to run on CPU (``num_gpus: 0``), set the vLLM CPU variables not already set.
 
-
-def set_cpu_env_defaults() -> None:
-    """On a machine without a GPU, set the vLLM CPU variables that are not already set."""
-    if has_gpu():
+    Decided by the config, not by probing: an actor of a multi-GPU engine on the ``ray`` backend
+    holds no GPU itself (its workers do), so it would look like a CPU machine.
+    """
+    if resources.num_gpus:
         return
     for name, value in CPU_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
 
 def engine_kwargs(config: GenerationConfig) -> dict[str, Any]:
-    """``vllm.LLM`` keyword arguments for the generation config."""
-    kwargs: dict[str, Any] = {"seed": config.seed, "tensor_parallel_size": config.tensor_parallel_size}
+    """``vllm.LLM`` keyword arguments for the generation config (its size and backend: :func:`vllm_parallel_kwargs`)."""
+    kwargs: dict[str, Any] = {"seed": config.seed, **vllm_parallel_kwargs(config)}
     if config.max_model_len:
         kwargs["max_model_len"] = config.max_model_len
     kwargs.update(config.engine_kwargs)
@@ -106,7 +102,7 @@ class Generator:
     """
 
     def __init__(self, config: GenerationConfig, add_special_tokens: bool = True) -> None:
-        set_cpu_env_defaults()
+        set_cpu_env_defaults(config)
         from vllm import LLM
 
         self.config = config

@@ -24,6 +24,7 @@ from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import (
     Quarantine, Watchdog, error_chain, fail_actor, inject_test_fault, is_engine_fault, run_failing_fast, run_with_quarantine,
 )
+from limits_ray.placement import EnginePlacement
 from limits_ray.progress import Progress
 from limits_ray.rounds import round_lengths, to_arrow
 from limits_ray.storage import Location
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from limits_ray.bucket_work import BucketContext
 
 __all__ = [
-    "PipelineError", "StageTimes", "Timed", "engine_remote_args", "generation_stage", "root_cause",
+    "PipelineError", "StageTimes", "Timed", "generation_stage", "released", "root_cause",
     "run_stages", "scorer_stage", "store_rounds",
 ]
 
@@ -138,33 +139,6 @@ def store_rounds(batch: dict[str, np.ndarray], *, context: "BucketContext", keep
     return output
 
 
-def engine_remote_args(generation: GenerationConfig) -> dict[str, Any]:
-    """Ray remote arguments for an actor owning one vLLM engine of ``generation.model``.
-
-    Without GPUs the engine runs in the actor's process (the stage sets vLLM's CPU variables). With
-    tensor parallelism, the actor takes no GPU itself and a PACK placement group of one
-    ``{GPU: 1, CPU: 1}`` bundle per shard is created for vLLM's Ray executor (as ``ray.data.llm``).
-    """
-    args: dict[str, Any] = {"num_cpus": generation.num_cpus}
-    if generation.tensor_parallel_size == 1:
-        args["num_gpus"] = generation.num_gpus
-        return args
-    args["num_gpus"] = 0
-    args["ray_remote_args_fn"] = _placement_group_strategy(generation.tensor_parallel_size)
-    return args
-
-
-def _placement_group_strategy(bundles: int):
-    def strategy() -> dict[str, Any]:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * bundles, strategy="PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
-
-    return strategy
-
-
 @dataclass
 class StageTimes:
     """Busy seconds per stage (summed over actors) and wall time of the whole stream."""
@@ -199,16 +173,18 @@ def remote_args_accepted() -> Iterator[None]:
 
 
 def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: bool, faults: dict[str, Any] | None = None,
-                     stage: type | None = None, name: str = "generate", batch_retries: int = 3):
+                     stage: type | None = None, name: str = "generate", batch_retries: int = 3,
+                     placements: list[EnginePlacement] | None = None):
     """The actor pool sampling rounds with ``stage``: by default :class:`~limits_ray.generation.Generator`
     (one vLLM engine per actor), or :class:`~limits_ray.generation.SyntheticGenerator` for
     ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only). A batch running
-    past ``generation.timeout_s`` ends its actor (:class:`~limits_ray.faults.Watchdog`)."""
-    from ray.data import ActorPoolStrategy
-
+    past ``generation.timeout_s`` ends its actor (:class:`~limits_ray.faults.Watchdog`). The stage's
+    :class:`~limits_ray.placement.EnginePlacement` is appended to ``placements``: release it when the
+    dataset is consumed."""
     from limits_ray.generation import Generator, SyntheticGenerator
 
     synthetic = generation.kind == "synthetic"
+    placement = _placement(generation, not synthetic, placements)
     with remote_args_accepted():
         return dataset.map_batches(
             Timed,
@@ -216,32 +192,48 @@ def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: 
                 "stage": stage or (SyntheticGenerator if synthetic else Generator), "name": name, "config": generation,
                 "add_special_tokens": add_special_tokens, "timeout_s": generation.timeout_s, **(faults or {}),
             },
-            compute=ActorPoolStrategy(size=generation.concurrency),
+            compute=placement.pool(),
             batch_size=generation.batch_size,
-            **({"num_cpus": generation.num_cpus} if synthetic else engine_remote_args(generation)),
+            **({"num_cpus": generation.num_cpus} if synthetic else placement.remote_args()),
             **restart_args(batch_retries),
         )
 
 
 def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, faults: dict[str, Any] | None = None,
-                 batch_retries: int = 3):
-    """One actor pool scoring whole rounds; ``reward.batch_size`` samples per call, rounded to rounds."""
-    from ray.data import ActorPoolStrategy
-
+                 batch_retries: int = 3, placements: list[EnginePlacement] | None = None):
+    """One actor pool scoring whole rounds; ``reward.batch_size`` samples per call, rounded to rounds
+    (placement as :func:`generation_stage`)."""
     from limits_ray.scoring import make_scorer_class
 
+    placement = _placement(reward, reward.kind == "vllm", placements)
     with remote_args_accepted():
         return dataset.map_batches(
             Timed,
             fn_constructor_kwargs={
                 "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward, **(faults or {}),
             },
-            compute=ActorPoolStrategy(size=reward.concurrency),
+            compute=placement.pool(),
             batch_size=max(1, reward.batch_size // samples_per_round),
-            num_cpus=reward.num_cpus,
-            num_gpus=reward.num_gpus,
+            **placement.remote_args(),
             **restart_args(batch_retries),
         )
+
+
+def _placement(resources, engine: bool, placements: list[EnginePlacement] | None) -> EnginePlacement:
+    placement = EnginePlacement(resources, engine)
+    if placements is not None:
+        placements.append(placement)
+    return placement
+
+
+@contextlib.contextmanager
+def released(placements: list[EnginePlacement]) -> Iterator[list[EnginePlacement]]:
+    """Yield ``placements`` (for the stages to fill); remove their placement groups on the way out."""
+    try:
+        yield placements
+    finally:
+        for placement in placements:
+            placement.release()
 
 
 def check_quarantined(quarantine: Quarantine, count: int, total_rounds: int, fraction: float) -> None:
@@ -276,15 +268,27 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
         "max_quarantined_fraction": config.max_quarantined_fraction,
     }
     started = time.perf_counter()
-    dataset = generation_stage(requests, generation, not config.prompts.chat_template, faults,
-                               batch_retries=config.batch_retries)
-    for reward in config.rewards:
-        dataset = scorer_stage(dataset, reward, generation.n, faults, config.batch_retries)
-    dataset = dataset.map_batches(
-        store_rounds, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
-        batch_size=max(1, config.store.batch_samples // generation.n),
-    )
-    actors = {"generate": generation.concurrency, **{f"score_{reward.name}": reward.concurrency for reward in config.rewards}}
+    with released([]) as placements:
+        dataset = generation_stage(requests, generation, not config.prompts.chat_template, faults,
+                                   batch_retries=config.batch_retries, placements=placements)
+        for reward in config.rewards:
+            dataset = scorer_stage(dataset, reward, generation.n, faults, config.batch_retries, placements)
+        dataset = dataset.map_batches(
+            store_rounds, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
+            batch_size=max(1, config.store.batch_samples // generation.n),
+        )
+        done = _consume(dataset, config, quarantine, times, total_rounds, stored_rounds)
+    times.rounds = done
+    times.wall = time.perf_counter() - started
+    return times
+
+
+def _consume(dataset, config: JobConfig, quarantine: Quarantine, times: StageTimes, total_rounds: int,
+             stored_rounds: int) -> int:
+    """Drain the stages' output (small per-batch rows), with progress and the quarantine limit; returns rounds done."""
+    generation = config.generation
+    planned = total_rounds + stored_rounds
+    actors = {"generate": generation.max_actors, **{f"score_{reward.name}": reward.max_actors for reward in config.rewards}}
     progress = Progress(total_rounds, generation.n, actors, from_store=stored_rounds).start()
     done, counted = 0, time.perf_counter()
     try:
@@ -307,6 +311,4 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
     finally:
         progress.update(0, 0, quarantined=quarantine.count())
         progress.close()
-    times.rounds = done
-    times.wall = time.perf_counter() - started
-    return times
+    return done

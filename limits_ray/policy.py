@@ -163,7 +163,7 @@ class BaseLogprobScorer:
     """
 
     def __init__(self, config: GenerationConfig) -> None:
-        set_cpu_env_defaults()
+        set_cpu_env_defaults(config)
         from vllm import LLM, SamplingParams
 
         # the base generation's engine (its seed only draws the one discarded token of each pass)
@@ -227,11 +227,11 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
     Needs Ray initialised.
     """
     import ray
-    from ray.data import ActorPoolStrategy
 
     from limits_ray.pipeline import (
-        StageTimes, Timed, engine_remote_args, generation_stage, remote_args_accepted, restart_args, scorer_stage,
+        StageTimes, Timed, generation_stage, released, remote_args_accepted, restart_args, scorer_stage,
     )
+    from limits_ray.placement import EnginePlacement
     from limits_ray.progress import Progress
 
     generation = policy_generation_config(config, policy)
@@ -246,33 +246,34 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
         for prompt in prompts for round_index in range(generation.rounds)
     ]
     base = config.generation
-    dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
-    dataset = generation_stage(
-        dataset, generation, not config.prompts.chat_template, stage=PolicyGenerator, name=f"generate_{policy.name}",
-        batch_retries=config.batch_retries,
-    )
-    with remote_args_accepted():
-        dataset = dataset.map_batches(
-            Timed,
-            fn_constructor_kwargs={"stage": BaseLogprobScorer, "name": "base_logprob", "config": base},
-            compute=ActorPoolStrategy(size=base.concurrency),
-            batch_size=generation.batch_size,
-            **engine_remote_args(base),
-            **restart_args(config.batch_retries),
-        )
-    for reward in config.rewards:
-        dataset = scorer_stage(dataset, reward, generation.n, batch_retries=config.batch_retries)
     rewards = [reward.name for reward in config.rewards]
-    actors = {f"generate_{policy.name}": generation.concurrency, "base_logprob": base.concurrency,
-              **{f"score_{reward.name}": reward.concurrency for reward in config.rewards}}
-    progress = Progress(len(requests), generation.n, actors, label=f"policy {policy.name}").start()
+    actors = {f"generate_{policy.name}": generation.max_actors, "base_logprob": base.max_actors,
+              **{f"score_{reward.name}": reward.max_actors for reward in config.rewards}}
     tables = []
-    try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            tables.append(_flatten(batch, rewards))
-            progress.update(len(batch["prompt_id"]), tables[-1].num_rows, StageTimes().add(batch))
-    finally:
-        progress.close()
+    with released([EnginePlacement(base, engine=True)]) as placements:
+        dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
+        dataset = generation_stage(
+            dataset, generation, not config.prompts.chat_template, stage=PolicyGenerator, name=f"generate_{policy.name}",
+            batch_retries=config.batch_retries, placements=placements,
+        )
+        with remote_args_accepted():
+            dataset = dataset.map_batches(
+                Timed,
+                fn_constructor_kwargs={"stage": BaseLogprobScorer, "name": "base_logprob", "config": base},
+                compute=placements[0].pool(),
+                batch_size=generation.batch_size,
+                **placements[0].remote_args(),
+                **restart_args(config.batch_retries),
+            )
+        for reward in config.rewards:
+            dataset = scorer_stage(dataset, reward, generation.n, batch_retries=config.batch_retries, placements=placements)
+        progress = Progress(len(requests), generation.n, actors, label=f"policy {policy.name}").start()
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                tables.append(_flatten(batch, rewards))
+                progress.update(len(batch["prompt_id"]), tables[-1].num_rows, StageTimes().add(batch))
+        finally:
+            progress.close()
     if not tables:
         raise RuntimeError(f"policy {policy.name}: no samples came back")
     return pa.concat_tables(tables).sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])

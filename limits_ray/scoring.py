@@ -24,6 +24,7 @@ import numpy as np
 from limits_ray.config import RewardModelConfig, engine_revision_kwargs, hub_kwargs
 from limits_ray.faults import engine_call
 from limits_ray.generation import set_cpu_env_defaults
+from limits_ray.placement import vllm_parallel_kwargs
 from limits_ray.rounds import per_round, per_sample, regroup, round_lengths
 
 __all__ = [
@@ -142,11 +143,12 @@ class VllmRewardScorer(RewardScorer):
         pinned = hub_kwargs(config.revision)
         check_single_label(config, AutoConfig.from_pretrained(config.model, **pinned).num_labels)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, **pinned) if config.chat_template else None
-        set_cpu_env_defaults()
+        set_cpu_env_defaults(config)
         from vllm import LLM
         from vllm.pooling_params import PoolingParams
 
-        self.llm = LLM(model=config.model, runner="pooling", **{**config.engine_kwargs, **engine_revision_kwargs(config.revision)})
+        self.llm = LLM(model=config.model, runner="pooling", **{
+            **vllm_parallel_kwargs(config), **config.engine_kwargs, **engine_revision_kwargs(config.revision)})
         self.pooling_params = PoolingParams(use_activation=False)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:

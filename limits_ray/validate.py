@@ -11,8 +11,8 @@ Checked: model paths (local directories must exist and hold ``config.json``; hub
 pass unchecked, so a missing local path written ``dir/name`` passes too), reward functions
 (imported), sampling parameters (through vLLM's own ``SamplingParams``), the prompts file or dataset
 (opened: a ``save_to_disk`` directory, or the dataset's builder, which reads hub metadata),
-alignment/evaluation rewards against the reward names, actor counts, batch sizes and
-tensor_parallel_size, and that ``output_dir`` can be created.
+alignment/evaluation rewards against the reward names, batch sizes and resources per actor (actor
+counts and engine sizes are checked when the config loads), and that ``output_dir`` can be created.
 """
 
 from __future__ import annotations
@@ -143,11 +143,8 @@ def _check_counts(config: JobConfig) -> None:
     stages: list[tuple[str, Any]] = [("generation", config.generation)]
     stages += [(f"rewards[{reward.name}]", reward) for reward in config.rewards]
     for key, section in stages:
-        for name in ("concurrency", "batch_size", "tensor_parallel_size"):
-            if not hasattr(section, name):
-                continue
-            if getattr(section, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(section, name)}")
+        if section.batch_size < 1:
+            raise ConfigError(f"{key}.batch_size: must be >= 1, got {section.batch_size}")
         for name in ("num_cpus", "num_gpus"):
             if getattr(section, name) < 0:
                 raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(section, name)}")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from _tiny import ENGINE_KWARGS, session_tiny_models
-from limits_ray.config import GenerationConfig
+from limits_ray.config import EngineResources, GenerationConfig
 from limits_ray.generation import (
-    OUTPUT_COLUMNS, SYNTHETIC_VOCABULARY, Generator, SyntheticGenerator, has_gpu, prompt_token_count, round_seed,
+    OUTPUT_COLUMNS, SYNTHETIC_VOCABULARY, Generator, SyntheticGenerator, prompt_token_count, round_seed,
     set_cpu_env_defaults, synthetic_word_probabilities,
 )
 from limits_ray.rounds import ROUND_COLUMNS, per_round, per_sample, round_lengths
@@ -75,11 +75,12 @@ def test_round_seed_is_stable_and_bounded() -> None:
     assert all(0 <= seed < 2**31 for seed in seeds)
 
 
-@pytest.mark.skipif(has_gpu(), reason="the CPU defaults apply only without a GPU")
-def test_cpu_env_defaults_keep_existing_values(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_env_defaults_follow_the_config_and_keep_existing_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    set_cpu_env_defaults()
+    set_cpu_env_defaults(EngineResources(num_gpus=1))  # a GPU engine: nothing set, whatever this machine has
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    set_cpu_env_defaults(EngineResources(num_gpus=0))
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 

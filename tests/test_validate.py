@@ -146,7 +146,11 @@ def test_an_alignment_reward_that_is_not_a_reward(tmp_path, good, capsys):
 
 def test_an_actor_count_below_one(tmp_path, good, capsys):
     config = _with(good, lambda c: c["generation"].update(concurrency=0))
-    assert _error(tmp_path, config, capsys) == "limits-ray run: error: generation.concurrency: must be >= 1, got 0"
+    message = _error(tmp_path, config, capsys)
+    assert message.startswith("limits-ray run: error: ") and "config.yaml.generation" in message
+    assert message.endswith("generation.concurrency must be N >= 1 or [min, max] with 1 <= min <= max, got [0]")
+    config = _with(good, lambda c: c["generation"].update(batch_size=0))
+    assert _error(tmp_path, config, capsys) == "limits-ray run: error: generation.batch_size: must be >= 1, got 0"
 
 
 def test_an_output_dir_that_cannot_be_created(tmp_path, good, capsys):
