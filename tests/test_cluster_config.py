@@ -99,3 +99,40 @@ def test_validation_is_not_vacuous(raw):
     broken["available_node_types"]["gpu_worker"]["min_worker"] = 0  # a typo Ray must reject
     with pytest.raises(jsonschema.ValidationError, match="min_worker"):
         validate_config(prepare_config(broken))
+
+
+REPO = CLUSTER_YAML.parent
+# Host memory (GiB) and GPUs of the instance types cluster.yaml may name (AWS's published sizes).
+INSTANCE_SIZES = {"g5.xlarge": (16, 1), "g5.2xlarge": (32, 1), "g5.4xlarge": (64, 1), "g5.12xlarge": (192, 4),
+                  "g5.48xlarge": (768, 8), "g6e.xlarge": (32, 1), "p4d.24xlarge": (1152, 8), "p5.48xlarge": (2048, 8)}
+ZEPHYR_WEIGHTS_GB = 14.5  # 7.24e9 parameters in bf16
+
+
+def _ray_pin() -> str:
+    pyproject = (REPO / "pyproject.toml").read_text()
+    return next(line.split("==")[1].strip('", ') for line in pyproject.splitlines() if line.strip().startswith('"ray['))
+
+
+def test_every_node_starts_from_ray_s_release_image_of_the_pinned_version(raw):
+    image = f"rayproject/ray:{_ray_pin()}-py311-gpu"
+    assert raw["docker"]["image"] == image
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert f"ARG RAY_IMAGE={image}" in dockerfile  # the prebuilt image extends the same base
+    assert 'pip install --no-cache-dir -e ".[gpu]"' in dockerfile
+
+
+def test_gpu_workers_have_host_memory_for_a_7b_engine_next_to_the_object_store(raw):
+    """vLLM reads the weights through host memory; Ray's object store takes 30% of it by default."""
+    for name, node in gpu_worker_types(raw).items():
+        memory_gib, gpus = INSTANCE_SIZES[node["node_config"]["InstanceType"]]
+        assert node["resources"]["GPU"] == gpus, name
+        assert 0.7 * memory_gib / gpus >= 1.5 * ZEPHYR_WEIGHTS_GB, (name, memory_gib, gpus)
+
+
+def test_the_zephyr_config_fits_one_engine_per_worker_gpu(raw):
+    from limits_ray.config import JobConfig, load_yaml
+
+    config = load_yaml(JobConfig, REPO / "configs" / "zephyr_safety.yaml")
+    gpus_per_node = min(node["resources"]["GPU"] for node in gpu_worker_types(raw).values())
+    for stage in (config.generation, *[reward for reward in config.rewards if reward.kind != "function"]):
+        assert stage.num_gpus * stage.gpus_per_engine <= gpus_per_node  # one engine never spans nodes here
