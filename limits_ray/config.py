@@ -278,6 +278,10 @@ class GenerationConfig(EngineResources):
         concurrency, num_gpus, num_cpus, tensor_parallel_size, pipeline_parallel_size,
         distributed_executor_backend, accelerator_type, gpu_memory_utilization: see :class:`EngineResources`.
         batch_size: requests per actor call.
+        logprobs: also store each sample's log-probability under the model (vLLM's
+            ``cumulative_logprob``, before temperature/top-p; NaN when off). Nothing in the frontier
+            uses it, so it is off by default and vLLM computes no log-probabilities; a policy's
+            samples always get theirs (their KL needs them), and synthetic samples theirs (exact, free).
         max_model_len: the engine's context length (0: the model's).
         timeout_s: a generation batch running longer than this is taken for a hung engine: its actor
             ends, Ray starts a new one and retries the batch (``batch_retries``); 0: no limit.
@@ -295,6 +299,7 @@ class GenerationConfig(EngineResources):
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
     batch_size: int = 8
+    logprobs: bool = False
     max_model_len: int = 0
     timeout_s: float = 1800.0
     engine_kwargs: dict = dataclasses.field(default_factory=dict)

@@ -95,7 +95,7 @@ class Generator:
     :mod:`limits_ray.rounds`) with ``prompt_id``, ``prompt``, ``prompt_text``, ``round``, ``seed``
     and the sample columns (``n`` values per row) ``sample_idx``, ``response``, ``response_tokens`` (int64),
     ``logprob`` (float64, the sampled sequence's log-probability under the model, before
-    temperature/top-p) and ``finish_reason``.
+    temperature/top-p; NaN unless ``config.logprobs``) and ``finish_reason``.
 
     ``add_special_tokens=False`` is for prompts rendered with a chat template, which already carries
     the tokenizer's special tokens (vLLM would otherwise add a second BOS).
@@ -121,7 +121,7 @@ class Generator:
             top_p=config.top_p,
             max_tokens=config.max_tokens,
             stop=list(config.stop) or None,
-            logprobs=0,
+            logprobs=0 if config.logprobs else None,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -158,7 +158,7 @@ class Generator:
             "sample_idx": [round * self.config.n + completion.index for completion in completions],
             "response": [completion.text for completion in completions],
             "response_tokens": [len(completion.token_ids) for completion in completions],
-            "logprob": [_logprob(completion, prompt_id) for completion in completions],
+            "logprob": [_logprob(completion, prompt_id) if self.config.logprobs else np.nan for completion in completions],
             "finish_reason": [str(completion.finish_reason) for completion in completions],
         }
 

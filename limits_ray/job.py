@@ -44,17 +44,8 @@ from limits_ray.store import SampleStore, auto_buckets
 
 STATISTICS_FORMAT = 3  # bump when the serialised statistics change: stored statistics of another format are recomputed
 
-__all__ = ["RunReport", "StoredResult", "analysis_key", "check_model_path", "model_fingerprint", "run_job", "setup_identity",
+__all__ = ["RunReport", "StoredResult", "analysis_key", "model_fingerprint", "run_job", "setup_identity",
            "stored_round_counts"]
-
-
-def check_model_path(model: str, where: str) -> None:
-    """Fail fast on a local model path that does not exist (hub names ``org/name`` pass through)."""
-    if Path(model).expanduser().exists():
-        return
-    looks_local = model.startswith(("/", ".", "~")) or model.count("/") != 1
-    if looks_local:
-        raise ConfigError(f"{where}: model path {model!r} does not exist; build it (limits-ray make-tiny-models) or fix the path")
 
 
 def model_fingerprint(model: str, revision: str = "") -> str:

@@ -194,11 +194,11 @@ class BaseLogprobScorer:
 
 def policy_generation_config(config: JobConfig, policy: PolicyConfig) -> GenerationConfig:
     """The checkpoint's sampling setup: the base run's sampling parameters and resources, its own model,
-    ``n``, samples, seed and engine arguments (over the base's)."""
+    ``n``, samples, seed and engine arguments (over the base's), with log-probabilities (its KL needs them)."""
     seed = policy.seed if policy.seed >= 0 else round_seed(config.generation.seed, f"policy:{policy.name}", 0)
     return dataclasses.replace(
         config.generation, model=policy.model, revision=policy.revision, samples_per_prompt=policy.samples_per_prompt, n=policy.n, seed=seed,
-        engine_kwargs={**config.generation.engine_kwargs, **policy.engine_kwargs},
+        engine_kwargs={**config.generation.engine_kwargs, **policy.engine_kwargs}, logprobs=True,
     )
 
 
@@ -499,13 +499,13 @@ def _base_samples(config: JobConfig, prompt_ids: set[str]) -> pa.Table:
 def compare(config: JobConfig, options: CompareOptions = CompareOptions()) -> CompareResult:
     """Run the base job, place every ``config.policies`` checkpoint and best-of-n against the frontier,
     and write the proxy-vs-gold and ensemble studies, figures and ``compare.md`` (see the module doc)."""
-    from limits_ray.job import _load_prompt_set, check_model_path, run_job
+    from limits_ray.job import _load_prompt_set, run_job
     from limits_ray.policy_plots import write_compare_report
+    from limits_ray.validate import validate_job
 
     if not config.store.enabled:
         raise ConfigError("compare reads the base samples from the sample store: set store.enabled: true")
-    for policy in config.policies:
-        check_model_path(policy.model, f"policies[{policy.name}].model")
+    validate_job(config)  # every model (the policies' too) before the base run starts
     options = _resolve(config, options)
     started = time.perf_counter()
     result, _ = run_job(config)

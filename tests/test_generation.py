@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -57,7 +58,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 def generator(tiny: TinyModels) -> Generator:
     config = GenerationConfig(
         model=str(tiny.policy), samples_per_prompt=2 * N, n=N, seed=7, max_tokens=MAX_TOKENS,
-        engine_kwargs=ENGINE_KWARGS,
+        engine_kwargs=ENGINE_KWARGS, logprobs=True,
     )
     return Generator(config)
 
@@ -114,6 +115,23 @@ def test_reproducible_across_batches(generator: Generator, first: dict[str, np.n
     again = generator(requests([("p2", 3), ("p0", 1), ("p1", 5)]))
     for pid, rnd in (("p2", 3), ("p0", 1)):
         assert rows_of(again, pid, rnd) == rows_of(first, pid, rnd)  # bit-for-bit, logprobs included
+
+
+@pytest.mark.slow
+def test_without_logprobs_the_same_samples_come_with_nan_logprobs(generator: Generator, first: dict[str, np.ndarray]) -> None:
+    """The default: vLLM computes no log-probabilities (nothing in the frontier uses them); sampling is unchanged."""
+    config = generator.config
+    generator.config = dataclasses.replace(config, logprobs=False)
+    try:
+        assert generator.sampling_params("p0", 0).logprobs is None
+        plain = generator(requests([("p0", 1), ("p2", 3)]))
+    finally:
+        generator.config = config
+    assert generator.sampling_params("p0", 0).logprobs == 0
+    for pid, rnd in (("p0", 1), ("p2", 3)):
+        without, with_logprobs = rows_of(plain, pid, rnd), rows_of(first, pid, rnd)
+        assert np.isnan(without.pop("logprob")).all() and np.isfinite(with_logprobs.pop("logprob")).all()
+        assert without == with_logprobs
 
 
 @pytest.mark.slow

@@ -66,7 +66,8 @@ def test_store_holds_every_sample_once(tiny_run):
     table = ds.dataset(str(Path(config.store_uri) / "samples"), format="parquet").to_table()
     keys = set(zip(table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()))
     assert table.num_rows == len(keys) == 3 * 64
-    assert np.all(np.asarray(table["logprob"]) <= 0) and np.all(np.asarray(table["response_tokens"]) > 0)
+    assert np.all(np.asarray(table["response_tokens"]) > 0)
+    assert np.isnan(table["logprob"].to_numpy()).all()  # generation.logprobs is off: vLLM computed none
     for reward in ("rm", "rm_b", "length"):
         assert np.all(np.isfinite(table[reward].to_numpy()))
 
