@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 KEY_COLUMNS = ("prompt_id", "sample_idx")
+SAMPLE_ATTRIBUTES = ("logprob", "base_logprob")
+"""Float columns of the sample store and policy tables that describe a sample, not a reward: never a
+default reward column (``logprob`` is NaN unless ``generation.logprobs``)."""
 
 SCHEMAS: dict[str, pa.Schema] = {
     "frontier": pa.schema([
@@ -86,7 +89,7 @@ def _reward_columns(schema: pa.Schema, requested: tuple[str, ...], path: Path) -
     not_float = [name for name in requested if name not in floats]
     if not_float:
         raise InputError(f"--samples {path}: reward column(s) {not_float} are not float; float columns: {floats}")
-    columns = list(requested) or floats
+    columns = list(requested) or [name for name in floats if name not in SAMPLE_ATTRIBUTES]
     if not columns:
         raise InputError(f"--samples {path}: no float reward column; the file has {names}")
     return columns

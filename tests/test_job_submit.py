@@ -59,6 +59,9 @@ def ray_head(tmp_path):
     command = [
         str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--temp-dir={temp_dir}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        # the job agent's HTTP port, free rather than Ray's fixed default (52365): a local Ray of another test
+        # still closing holds that one, and the agent then serves no job API ("No available agent")
+        f"--dashboard-agent-listen-port={_free_port()}",
         "--num-cpus=4", "--disable-usage-stats",
     ]
     with log.open("w") as output:

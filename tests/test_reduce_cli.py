@@ -168,9 +168,9 @@ def test_non_float_columns_are_ignored_and_rewards_select(tmp_path, capsys):
     rows = 2 * 8
     write_samples(tmp_path / "s.parquet", prompts=2, n=8,
                   response=pa.array(["text"] * rows), tokens=pa.array(np.arange(rows), pa.int64()),
-                  flag=pa.array([True] * rows))
+                  flag=pa.array([True] * rows), logprob=pa.array([math.nan] * rows))  # the store's, logprobs off
     assert run(capsys, "reduce", "--samples", tmp_path / "s.parquet", "--out", tmp_path / "all", "--betas", "1")[0] == 0
-    assert set(read_outputs(tmp_path / "all")["frontier"]["align"].to_pylist()) == {"a", "b", "gold"}
+    assert set(read_outputs(tmp_path / "all")["frontier"]["align"].to_pylist()) == {"a", "b", "gold"}  # no logprob
     code, _, _ = run(capsys, "reduce", "--samples", tmp_path / "s.parquet", "--out", tmp_path / "some",
                      "--betas", "1", "--rewards", "gold,b")
     assert code == 0
