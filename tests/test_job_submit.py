@@ -27,10 +27,16 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (the probes stay open together, so the OS cannot hand one out twice)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -51,17 +57,17 @@ def ray_head(tmp_path):
     """A Ray head of our own (token auth disabled, as the CLI must match), killed with its process group."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    dashboard_port = _free_port()
+    dashboard_port, gcs_port, agent_port = _free_ports(3)
     log = tmp_path / "head.log"
     # A temp dir of its own (short: Unix socket paths are limited) keeps this head's address file out
     # of /tmp/ray, where a later plain ray.init() would find it after the head is gone.
     temp_dir = tempfile.mkdtemp(prefix="lr-", dir="/tmp")
     command = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--temp-dir={temp_dir}",
+        str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--temp-dir={temp_dir}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         # the job agent's HTTP port, free rather than Ray's fixed default (52365): a local Ray of another test
         # still closing holds that one, and the agent then serves no job API ("No available agent")
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-listen-port={agent_port}",
         "--num-cpus=4", "--disable-usage-stats",
     ]
     with log.open("w") as output:
