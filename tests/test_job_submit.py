@@ -77,9 +77,11 @@ def ray_head(tmp_path):
         _wait_for_dashboard(url, head, log)
         yield url, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
         try:
+            os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=60)
+        except ProcessLookupError:  # the head had exited (its start failed): the error above says why
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
