@@ -320,10 +320,13 @@ class GenerationConfig(EngineResources):
                 "generation.model is required for kind vllm: give a model directory or hub name "
                 "(or kind: synthetic for model-free test and benchmark runs)"
             )
-        if self.kind == "vllm":  # synthetic generation has no engine: only its concurrency applies
-            self.check_resources("generation", engine=True)
-        else:
-            EngineResources(concurrency=self.concurrency).check_resources("generation", engine=False)
+        self.placed.check_resources("generation", engine=self.kind == "vllm")
+
+    @property
+    def placed(self) -> EngineResources:
+        """The resources that apply: all of them for a vLLM engine; for synthetic generation (no engine,
+        no device) only ``concurrency`` and ``num_cpus``."""
+        return self if self.kind == "vllm" else EngineResources(concurrency=self.concurrency, num_cpus=self.num_cpus)
 
     @property
     def rounds(self) -> int:

@@ -184,7 +184,7 @@ def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: 
     from limits_ray.generation import Generator, SyntheticGenerator
 
     synthetic = generation.kind == "synthetic"
-    placement = _placement(generation, not synthetic, placements)
+    placement = _placement(generation.placed, not synthetic, placements)
     with remote_args_accepted():
         return dataset.map_batches(
             Timed,
@@ -194,7 +194,7 @@ def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: 
             },
             compute=placement.pool(),
             batch_size=generation.batch_size,
-            **({"num_cpus": generation.num_cpus} if synthetic else placement.remote_args()),
+            **placement.remote_args(),
             **restart_args(batch_retries),
         )
 

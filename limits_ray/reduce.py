@@ -107,7 +107,8 @@ class PromptRows:
 
     def add(self, prompt_id: str, statistics: dict[str, DyadicStats], samples: PromptSamples | None = None) -> None:
         """One prompt: its statistics, and its rewards when best-of-n is on (they are not kept)."""
-        if not next(iter(statistics.values())).n:
+        samples_held = next(iter(statistics.values())).n
+        if not samples_held:
             raise ValueError(f"prompt {prompt_id!r}: no samples: cannot estimate anything from an empty state")
         if self.best_of_n:
             if samples is None:
@@ -115,7 +116,7 @@ class PromptRows:
             bon_rows(self.builders["bon"], samples, self.plan)
         self.prompt_ids.append(prompt_id)
         self.statistics.append(statistics)
-        self.samples += next(iter(statistics.values())).n
+        self.samples += samples_held
         if len(self.prompt_ids) >= PROMPT_BATCH or self.samples >= BATCH_SAMPLES:
             self.flush()
 
