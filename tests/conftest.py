@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# The tests start and stop many local Ray instances in this one process. A GCS client of a stopped
+# instance that is still used after ``ray.shutdown()`` ends the process with exit status 1 once it has
+# not reached its GCS for 60 s ("Failed to connect to GCS within 60 seconds ... The program will
+# terminate", in a driver log here, 2.5 min after its shutdown): a pytest run that stops mid-way with
+# no summary. Set before Ray is imported, this gives that client a day; clusters the tests start with
+# ``ray start`` keep Ray's default (tests/_cluster.py).
+os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "86400")
 
 import pytest
 

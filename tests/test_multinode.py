@@ -1,0 +1,165 @@
+"""A multi-node cluster on this machine: a head and two worker nodes with fake GPUs, each a ``ray start``
+process of its own, and the tiny job sent to it with ``ray job submit``.
+
+The generation stage is a tensor-parallel (TP=2, ``mp`` backend) vLLM engine on each worker node and
+the reward actors hold a GPU each; the engines really run on CPU (fake GPUs only steer placement).
+The first run is uninterrupted: where its actors ran is read back from Ray's state API. The second
+loses a worker node mid-run (its raylet is killed) and must end with the first run's results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from _cluster import RayNode, start_head, start_worker, submit, wait_for_nodes
+from _tiny import tiny_job_mapping
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["The cat sat on the", "Once upon a time", "The river ran quietly past", "In the morning the"]
+SAMPLES = 64
+GPUS_PER_NODE = 6  # one node alone holds every actor (2 engines of 2 GPUs, 2 rewards of 1): a lost node's
+                   # actors can be restarted on the other
+# The engines run on CPU although Ray hands them (fake) GPUs: vLLM's CPU settings come from the job's env.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+              "VLLM_CPU_OMP_THREADS_BIND": "nobind"}  # TP workers share this machine's cores: no NUMA binding
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head (no GPU; the job's driver) and worker nodes ``node_a`` and ``node_b`` with 6 fake GPUs each."""
+    logs = tmp_path_factory.mktemp("cluster")
+    head, url, gcs = start_head(logs, num_cpus=1)
+    workers: dict[str, RayNode] = {}
+    try:
+        for name in ("node_a", "node_b"):
+            workers[name] = start_worker(gcs, logs, name, num_cpus=4, num_gpus=GPUS_PER_NODE)
+        wait_for_nodes(url, [head, *workers.values()])
+        yield url, workers
+    finally:
+        for node in [*workers.values(), head]:
+            node.stop()
+
+
+def _config(models, tmp_path: Path, name: str) -> Path:
+    mapping = tiny_job_mapping(models, Path("runs") / name, ray_address="", prompts={"inline": PROMPTS})
+    mapping["generation"].update(samples_per_prompt=SAMPLES, n=16, batch_size=1, num_cpus=0.5, num_gpus=1,
+                                 tensor_parallel_size=2, distributed_executor_backend="mp", concurrency=2)
+    mapping["rewards"] = [{"name": "length", "kind": "function", "function": "limits_ray.reward_functions:response_length",
+                           "num_cpus": 0.25, "num_gpus": 1, "concurrency": 2}]
+    mapping["analysis"]["align"] = ["length"]
+    mapping["store"] = {"batch_samples": 16}  # a part per round: the node is killed once some are stored
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
+def _submit(url: str, config: Path, root: Path):
+    return submit(url, REPO, {"env_vars": {"LIMITS_RAY_ROOT": str(root), **ENGINE_ENV}},
+                  ["python", "jobs/frontier.py", "--config", str(config)])
+
+
+def _parts(samples: Path) -> int:
+    return len(list(samples.rglob("part-*.parquet"))) if samples.is_dir() else 0
+
+
+def _frontier(out_dir: Path):
+    return pq.read_table(out_dir / "frontier.parquet").sort_by(
+        [("prompt_id", "ascending"), ("align", "ascending"), ("beta", "ascending")])
+
+
+def _stage_actors(url: str, job_id: str) -> list[dict]:
+    """The job's Ray Data actors: node, GPUs and state of each."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=url, detail=True, limit=10_000, filters=[("job_id", "=", job_id)])
+    return [{"node": actor.node_id, "gpus": float(actor.required_resources.get("GPU", 0.0)),
+             "restarts": int(actor.num_restarts or 0)}
+            for actor in actors if "MapWorker" in (actor.repr_name or actor.class_name)]
+
+
+def _node_names(url: str) -> dict[str, str]:
+    from ray.util.state import list_nodes
+
+    return {node.node_id: next((name for name in ("node_a", "node_b") if name in node.resources_total), "head")
+            for node in list_nodes(address=url, detail=True)}
+
+
+def _job_id(url: str, submit_output: str) -> str:
+    """The Ray job id (what actors record) of the submission ``ray job submit`` printed."""
+    import re
+
+    from ray.util.state import list_jobs
+
+    submission = re.search(r"Job '(\S+)' submitted successfully", submit_output).group(1)
+    (job,) = [job for job in list_jobs(address=url) if job.submission_id == submission]
+    return job.job_id
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tiny_models, tmp_path_factory):
+    url, _ = cluster
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    result = _submit(url, _config(tiny_models, tmp_path, "whole"), tmp_path)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    return tmp_path / "runs" / "whole", _job_id(url, result.stdout)
+
+
+def test_engines_spread_over_both_workers_without_oversubscribing_a_node(cluster, uninterrupted):
+    url, _ = cluster
+    out_dir, job_id = uninterrupted
+    names = _node_names(url)
+    actors = _stage_actors(url, job_id)
+    engines = [actor for actor in actors if actor["gpus"] == 2]  # TP=2: each engine holds 2 GPUs of one node
+    rewards = [actor for actor in actors if actor["gpus"] == 1]
+    assert len(engines) == 2 and len(rewards) == 2, actors
+    assert {names[actor["node"]] for actor in engines} == {"node_a", "node_b"}, actors
+    assert "head" not in {names[actor["node"]] for actor in actors}  # no GPU there
+    for node in ("node_a", "node_b"):
+        held = sum(actor["gpus"] for actor in actors if names[actor["node"]] == node)
+        assert held <= GPUS_PER_NODE, (node, actors)
+    assert set(_frontier(out_dir)["n"].to_pylist()) == {SAMPLES}
+    assert json.loads((out_dir / "report.json").read_text())["quarantined"] == []
+
+
+def test_a_lost_worker_node_mid_run_leaves_the_results_unchanged(cluster, uninterrupted, tiny_models, tmp_path):
+    url, workers = cluster
+    reference, _ = uninterrupted
+    out_dir = tmp_path / "runs" / "lost"
+    samples = out_dir / "store" / "samples"
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=_submit(url, _config(tiny_models, tmp_path, "lost"), tmp_path)))
+    runner.start()
+    deadline = time.monotonic() + 900
+    while _parts(samples) == 0:
+        assert runner.is_alive() and time.monotonic() < deadline, "the run ended before any round was stored"
+        time.sleep(0.2)
+    stored_at_kill = _parts(samples)
+    os.kill(workers["node_b"].raylet_pid(), signal.SIGKILL)
+    runner.join()
+    result = outcome["result"]
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert stored_at_kill < _parts(samples)  # the node was lost mid-run
+    lost_actors = [actor for actor in _stage_actors(url, _job_id(url, result.stdout)) if actor["gpus"]]
+    assert any(actor["restarts"] for actor in lost_actors), lost_actors  # its actors were restarted elsewhere
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["quarantined"] == []
+    stored = ds.dataset(str(samples), format="parquet").to_table(columns=["prompt_id", "sample_idx"])
+    assert stored.num_rows == len(set(zip(stored["prompt_id"].to_pylist(), stored["sample_idx"].to_pylist()))) \
+        == len(PROMPTS) * SAMPLES
+    a, b = _frontier(reference), _frontier(out_dir)
+    assert a["prompt_id"].to_pylist() == b["prompt_id"].to_pylist() and a["n"].to_pylist() == b["n"].to_pylist()
+    for column in ("gain", "gain_se", "kl", "kl_se"):
+        np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=column)
