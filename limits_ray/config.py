@@ -278,6 +278,10 @@ class GenerationConfig(EngineResources):
         concurrency, num_gpus, num_cpus, tensor_parallel_size, pipeline_parallel_size,
         distributed_executor_backend, accelerator_type, gpu_memory_utilization: see :class:`EngineResources`.
         batch_size: requests per actor call.
+        batches_in_flight: calls (batches) each generation actor runs at once, their requests in its one
+            engine together (:class:`~limits_ray.generation.SharedEngine`): the engine starts the next
+            batch while the last one's slowest samples finish and its rows are built and handed on;
+            1: one batch at a time. vLLM only (synthetic generation runs one at a time).
         logprobs: also store each sample's log-probability under the model (vLLM's
             ``cumulative_logprob``, before temperature/top-p; NaN when off). Nothing in the frontier
             uses it, so it is off by default and vLLM computes no log-probabilities; a policy's
@@ -299,6 +303,7 @@ class GenerationConfig(EngineResources):
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
     batch_size: int = 8
+    batches_in_flight: int = 2
     logprobs: bool = False
     max_model_len: int = 0
     timeout_s: float = 1800.0
@@ -315,6 +320,8 @@ class GenerationConfig(EngineResources):
             raise ConfigError(f"generation.kind {self.kind!r}: valid kinds are {list(GENERATION_KINDS)}")
         if self.timeout_s < 0:
             raise ConfigError(f"generation.timeout_s must be >= 0 (0: no limit), got {self.timeout_s}")
+        if self.batches_in_flight < 1:
+            raise ConfigError(f"generation.batches_in_flight must be >= 1 (1: one batch at a time), got {self.batches_in_flight}")
         if self.kind == "vllm" and not self.model:
             raise ConfigError(
                 "generation.model is required for kind vllm: give a model directory or hub name "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from limits_ray.placement import vllm_parallel_kwargs
 from limits_ray.faults import engine_call
 
 __all__ = [
-    "CPU_ENV_DEFAULTS", "Generator", "OUTPUT_COLUMNS", "SYNTHETIC_VOCABULARY", "SyntheticGenerator", "WordTokenizer",
+    "CPU_ENV_DEFAULTS", "Generator", "OUTPUT_COLUMNS", "SharedEngine", "SYNTHETIC_VOCABULARY", "SyntheticGenerator", "WordTokenizer",
     "prompt_token_count", "round_seed", "synthetic_word_probabilities",
 ]
 
@@ -87,6 +88,44 @@ def empty_output(n: int) -> dict[str, np.ndarray]:
     }
 
 
+class SharedEngine:
+    """One ``vllm.LLM`` engine serving several callers (threads) at once, each waiting for its own requests.
+
+    A caller adds its requests with ``LLM.enqueue`` and then steps the engine
+    (``LLM.llm_engine.step()``), one thread at a time under a lock, until all of its requests have
+    finished; finished outputs of other callers' requests are kept for them. So a batch's requests join
+    the engine's running set while an earlier batch's last samples are still decoding, and a caller
+    that has its outputs builds its rows while the others keep the engine busy: the equivalent, for an
+    engine in the actor's own process, of ``ray.data.llm``'s several batches in flight on vLLM's async
+    engine. An error inside ``step`` reaches the caller that was stepping (the engine is then broken
+    for every caller: see :mod:`limits_ray.faults`).
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.lock = threading.Lock()
+        self.finished: dict[str, Any] = {}
+
+    def generate(self, prompts: list[str], params: list[Any], tokenization_kwargs: dict[str, Any]) -> list[Any]:
+        """The ``RequestOutput`` of each prompt, in order (as ``LLM.generate`` returns them)."""
+        with self.lock:
+            internal_ids = self.llm.enqueue(prompts, params, use_tqdm=False, tokenization_kwargs=tokenization_kwargs)
+        # ``enqueue`` returns the engine's ids ("<id>-<8 random characters>"); outputs carry the LLM's own
+        # request id, a counter (vLLM's ``InputProcessor.assign_request_id``)
+        request_ids = [request_id.rsplit("-", 1)[0] for request_id in internal_ids]
+        while True:
+            with self.lock:
+                if all(request_id in self.finished for request_id in request_ids):
+                    return [self.finished.pop(request_id) for request_id in request_ids]
+                engine = self.llm.llm_engine
+                if not engine.has_unfinished_requests():
+                    missing = [request_id for request_id in request_ids if request_id not in self.finished]
+                    raise RuntimeError(f"vLLM has no unfinished requests but requests {missing} never finished")
+                for output in engine.step():
+                    if output.finished:
+                        self.finished[output.request_id] = output
+
+
 class Generator:
     """Draws ``config.n`` samples per request with one vLLM engine; for ``map_batches``.
 
@@ -108,6 +147,7 @@ class Generator:
         self.config = config
         self.add_special_tokens = add_special_tokens
         self.llm = LLM(model=config.model, **engine_kwargs(config))
+        self.engine = SharedEngine(self.llm)
 
     def sampling_params(self, prompt_id: str, round: int):
         """The seeded ``SamplingParams`` of one request."""
@@ -125,7 +165,8 @@ class Generator:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Generate every request of ``batch`` in one ``llm.generate`` call; one output row per round."""
+        """Generate every request of ``batch`` in the shared engine; one output row per round. Threads
+        may call this at once (``generation.batches_in_flight``)."""
         missing = [column for column in REQUEST_COLUMNS if column not in batch]
         if missing:
             raise KeyError(f"generation input lacks column(s) {missing}; got {sorted(batch)}")
@@ -137,9 +178,7 @@ class Generator:
             return empty_output(self.config.n)
         params = [self.sampling_params(pid, rnd) for pid, rnd in zip(prompt_ids, rounds)]
         with engine_call("vLLM generate"):
-            outputs = self.llm.generate(
-                prompts, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": self.add_special_tokens},
-            )
+            outputs = self.engine.generate(prompts, params, {"add_special_tokens": self.add_special_tokens})
         rows = [
             {"prompt_text": text, **self._round(pid, prompt, rnd, param.seed, output)}
             for pid, prompt, text, rnd, param, output in zip(prompt_ids, prompts, texts, rounds, params, outputs)

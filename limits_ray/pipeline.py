@@ -177,7 +177,8 @@ def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: 
                      placements: list[EnginePlacement] | None = None):
     """The actor pool sampling rounds with ``stage``: by default :class:`~limits_ray.generation.Generator`
     (one vLLM engine per actor), or :class:`~limits_ray.generation.SyntheticGenerator` for
-    ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only). A batch running
+    ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only). A vLLM actor runs
+    ``generation.batches_in_flight`` batches at once in its one engine. A batch running
     past ``generation.timeout_s`` ends its actor (:class:`~limits_ray.faults.Watchdog`). The stage's
     :class:`~limits_ray.placement.EnginePlacement` is appended to ``placements``: release it when the
     dataset is consumed."""
@@ -192,7 +193,7 @@ def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: 
                 "stage": stage or (SyntheticGenerator if synthetic else Generator), "name": name, "config": generation,
                 "add_special_tokens": add_special_tokens, "timeout_s": generation.timeout_s, **(faults or {}),
             },
-            compute=placement.pool(),
+            compute=placement.pool(1 if synthetic else generation.batches_in_flight),
             batch_size=generation.batch_size,
             **placement.remote_args(),
             **restart_args(batch_retries),

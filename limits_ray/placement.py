@@ -69,12 +69,18 @@ class EnginePlacement:
             args["num_gpus"] = resources.num_gpus * (resources.gpus_per_engine if self.engine else 1)
         return args
 
-    def pool(self):
-        """The stage's ``ActorPoolStrategy``: fixed size, or autoscaling between ``[min, max]``."""
+    def pool(self, calls_per_actor: int = 1):
+        """The stage's ``ActorPoolStrategy``: fixed size, or autoscaling between ``[min, max]``; with
+        ``calls_per_actor > 1`` each actor runs that many calls at once, in threads (and has as many
+        batches again queued)."""
         from ray.data import ActorPoolStrategy
 
         low, high = self.resources.concurrency[0], self.resources.concurrency[-1]
-        return ActorPoolStrategy(size=low) if low == high else ActorPoolStrategy(min_size=low, max_size=high)
+        size = {"size": low} if low == high else {"min_size": low, "max_size": high}
+        if calls_per_actor > 1:
+            size.update(max_concurrent_calls_per_actor=calls_per_actor, enable_true_multi_threading=True,
+                        max_tasks_in_flight_per_actor=2 * calls_per_actor)
+        return ActorPoolStrategy(**size)
 
     def bundles(self) -> list[dict[str, float]]:
         """One ``{GPU: 1, CPU: 1}`` bundle per engine shard (with the accelerator type's label); the first

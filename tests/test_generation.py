@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -115,6 +116,47 @@ def test_reproducible_across_batches(generator: Generator, first: dict[str, np.n
     again = generator(requests([("p2", 3), ("p0", 1), ("p1", 5)]))
     for pid, rnd in (("p2", 3), ("p0", 1)):
         assert rows_of(again, pid, rnd) == rows_of(first, pid, rnd)  # bit-for-bit, logprobs included
+
+
+@pytest.mark.slow
+def test_batches_in_flight_share_the_engine_and_each_gets_its_own_rounds(generator: Generator,
+                                                                         first: dict[str, np.ndarray]) -> None:
+    """Three batches called at once (threads, as Ray Data runs ``batches_in_flight`` calls): the engine
+    holds their requests together, and each batch gets exactly its rounds, bit-for-bit as alone."""
+    batches = [[("p2", 3), ("p0", 7)], [("p0", 1), ("p1", 2)], [("p1", 0), ("p0", 0)]]
+    engine = generator.llm.llm_engine
+    step, held = engine.step, []
+
+    def counted_step():
+        held.append(engine.get_num_unfinished_requests())
+        return step()
+
+    start = threading.Barrier(len(batches))
+    outputs: list = [None] * len(batches)
+
+    def call(index: int) -> None:
+        start.wait()
+        outputs[index] = generator(requests(batches[index]))
+
+    engine.step = counted_step
+    try:
+        threads = [threading.Thread(target=call, args=(index,)) for index in range(len(batches))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        del engine.step
+    assert max(held) > 2 * N  # more than one batch's samples were in the engine at once
+    assert generator.engine.finished == {}
+    in_first = set(zip(first["prompt_id"], first["round"]))
+    for pairs, output in zip(batches, outputs):
+        assert list(zip(output["prompt_id"], output["round"])) == pairs
+        alone = generator(requests(pairs))
+        for pid, rnd in pairs:
+            assert rows_of(output, pid, rnd) == rows_of(alone, pid, rnd)
+            if (pid, rnd) in in_first:
+                assert rows_of(output, pid, rnd) == rows_of(first, pid, rnd)
 
 
 @pytest.mark.slow

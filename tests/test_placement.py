@@ -56,6 +56,7 @@ def test_a_function_reward_ignores_engine_sizes_and_keeps_its_gpus():
      "a fixed concurrency"),
     ({"concurrency": 1.5}, "concurrency\\[0\\]: expected int, got 1.5"),
     ({"engine_kwargs": {"tensor_parallel_size": 2}}, "engine_kwargs: \\['tensor_parallel_size'\\] set where the actors are placed"),
+    ({"batches_in_flight": 0}, "batches_in_flight must be >= 1"),
 ])
 def test_inconsistent_engine_settings_are_refused_naming_the_key(mapping, message):
     with pytest.raises(ConfigError, match=f"generation.*{message}"):
@@ -71,6 +72,14 @@ def test_synthetic_generation_takes_no_device_settings():
     synthetic = from_mapping(GenerationConfig, {"kind": "synthetic", "num_gpus": 1, "tensor_parallel_size": 2,
                                                 "concurrency": [1, 3]})
     assert synthetic.max_actors == 3  # the engine settings are ignored (documented), the pool is not
+
+
+def test_batches_in_flight_are_concurrent_calls_in_threads_of_each_actor():
+    placement = EnginePlacement(EngineResources(concurrency=(1, 3)), engine=True)
+    one_at_a_time, three = placement.pool(), placement.pool(3)
+    assert one_at_a_time.max_concurrent_calls_per_actor in (None, 1) and not one_at_a_time.enable_true_multi_threading
+    assert three.max_concurrent_calls_per_actor == 3 and three.enable_true_multi_threading
+    assert three.max_tasks_in_flight_per_actor == 6 and (three.min_size, three.max_size) == (1, 3)
 
 
 def test_concurrency_is_a_fixed_pool_or_a_range():
