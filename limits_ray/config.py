@@ -287,8 +287,9 @@ class GenerationConfig(EngineResources):
             uses it, so it is off by default and vLLM computes no log-probabilities; a policy's
             samples always get theirs (their KL needs them), and synthetic samples theirs (exact, free).
         max_model_len: the engine's context length (0: the model's).
-        timeout_s: a generation batch running longer than this is taken for a hung engine: its actor
-            ends, Ray starts a new one and retries the batch (``batch_retries``); 0: no limit.
+        timeout_s: a generation batch running longer than this (its time sharing the engine with the
+            other batches in flight included) is taken for a hung engine: its actor ends, Ray starts a
+            new one and retries the batch (``batch_retries``); 0: no limit.
         engine_kwargs: further ``vllm.LLM`` arguments.
     """
 
@@ -529,6 +530,9 @@ class JobConfig:
             not rounds to leave out.
         batch_retries: how often a batch is retried on a new actor after its actor ended (an engine
             fault, ``generation.timeout_s``, a lost node); actors themselves are always restarted.
+        cluster_retries: how often the stages start again, resuming from the sample store, after the
+            cluster failed under them (an actor that cannot be reached while its node is being
+            declared dead, a lost object: :func:`~limits_ray.faults.is_cluster_fault`).
         ray_address: ``ray.init`` address; empty: ``RAY_ADDRESS`` if set (as under ``ray job submit``),
             else a new local instance; ``auto``: the cluster already running on this machine.
     """
@@ -549,6 +553,7 @@ class JobConfig:
     attempts: int = 2
     max_quarantined_fraction: float = 0.01
     batch_retries: int = 3
+    cluster_retries: int = 2
 
     def __post_init__(self) -> None:
         if self.attempts < 2:
@@ -557,6 +562,8 @@ class JobConfig:
             raise ConfigError(f"max_quarantined_fraction must lie in [0, 1], got {self.max_quarantined_fraction}")
         if self.batch_retries < 0:
             raise ConfigError(f"batch_retries must be >= 0, got {self.batch_retries}")
+        if self.cluster_retries < 0:
+            raise ConfigError(f"cluster_retries must be >= 0, got {self.cluster_retries}")
         names = [reward.name for reward in self.rewards]
         if not names:
             raise ConfigError("rewards: give at least one reward model or function")

@@ -35,12 +35,17 @@ from limits_ray.storage import Location
 
 __all__ = [
     "EngineFault", "Quarantine", "QuarantinedRound", "RoundFailure", "Watchdog", "engine_call", "error_chain",
-    "fail_actor", "inject_test_fault", "is_engine_fault", "run_failing_fast", "run_with_quarantine",
+    "fail_actor", "inject_test_fault", "is_cluster_fault", "is_engine_fault", "run_failing_fast", "run_with_quarantine",
 ]
 
 ENGINE_FAULT_EXIT_CODE = 75  # the actor's exit status after an engine fault (EX_TEMPFAIL: try again)
 ENGINE_FAULT_TYPES = ("EngineDeadError", "EngineGenerateError", "OutOfMemoryError", "AcceleratorError")
 ENGINE_FAULT_MESSAGES = ("out of memory", "cuda error")
+# Ray's errors when the cluster fails under a task: a node lost, an actor unreachable meanwhile, an object gone.
+CLUSTER_FAULT_TYPES = (
+    "ActorUnavailableError", "ActorDiedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
+    "ObjectReconstructionFailedError", "ObjectFetchTimedOutError", "WorkerCrashedError",
+)
 # Errors about the request itself (too long an input, a bad value): the round's fault, not the engine's.
 REQUEST_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 REQUEST_ERROR_TYPES = ("VLLMClientError",)  # vLLM's request errors (VLLMValidationError is one)
@@ -84,6 +89,12 @@ def is_engine_fault(error: BaseException) -> bool:
         or any(message in str(current).lower() for message in ENGINE_FAULT_MESSAGES)
         for current in error_chain(error)
     )
+
+
+def is_cluster_fault(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it wraps) is Ray's report of a cluster failure under the stages
+    (``CLUSTER_FAULT_TYPES``): the run resumes from the sample store instead of stopping."""
+    return any(type(current).__name__ in CLUSTER_FAULT_TYPES for current in error_chain(error))
 
 
 def is_request_error(error: BaseException) -> bool:
@@ -156,7 +167,12 @@ def inject_test_fault(stage_name: str, stage: Any, calls: int) -> None:
         except FileNotFoundError:
             continue
         if fault == "engine_dead":
-            stage.llm.llm_engine.engine_core.shutdown()
+            shutdown = stage.llm.llm_engine.engine_core.shutdown
+            engine = getattr(stage, "engine", None)  # a shared engine is shut down between two of its steps
+            if engine is None:
+                shutdown()
+            else:
+                engine.call(shutdown)
         else:
             time.sleep(3600)
 

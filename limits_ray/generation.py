@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import threading
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -91,39 +93,102 @@ def empty_output(n: int) -> dict[str, np.ndarray]:
 class SharedEngine:
     """One ``vllm.LLM`` engine serving several callers (threads) at once, each waiting for its own requests.
 
-    A caller adds its requests with ``LLM.enqueue`` and then steps the engine
-    (``LLM.llm_engine.step()``), one thread at a time under a lock, until all of its requests have
-    finished; finished outputs of other callers' requests are kept for them. So a batch's requests join
-    the engine's running set while an earlier batch's last samples are still decoding, and a caller
-    that has its outputs builds its rows while the others keep the engine busy: the equivalent, for an
-    engine in the actor's own process, of ``ray.data.llm``'s several batches in flight on vLLM's async
-    engine. An error inside ``step`` reaches the caller that was stepping (the engine is then broken
-    for every caller: see :mod:`limits_ray.faults`).
+    A thread of its own (the engine loop) owns the engine: between two ``LLM.llm_engine.step()`` calls it
+    adds the requests callers have submitted (``LLM.enqueue``), and hands each caller its outputs once
+    all of its requests have finished. So a batch's requests join the engine's running set while an
+    earlier batch's last samples are still decoding, and a caller that has its outputs builds its rows
+    while the engine keeps running: the equivalent, for an engine in the actor's own process, of
+    ``ray.data.llm``'s several batches in flight on vLLM's async engine. A request error (a prompt vLLM
+    refuses) reaches the caller that submitted it; an error inside ``step`` reaches every waiting
+    caller, and every later one (the engine is broken: see :mod:`limits_ray.faults`).
     """
 
     def __init__(self, llm: Any) -> None:
         self.llm = llm
-        self.lock = threading.Lock()
-        self.finished: dict[str, Any] = {}
+        self.submitted: queue.Queue = queue.Queue()
+        self.broken: BaseException | None = None
+        threading.Thread(target=self._loop, name="vllm-engine-loop", daemon=True).start()
 
     def generate(self, prompts: list[str], params: list[Any], tokenization_kwargs: dict[str, Any]) -> list[Any]:
         """The ``RequestOutput`` of each prompt, in order (as ``LLM.generate`` returns them)."""
-        with self.lock:
-            internal_ids = self.llm.enqueue(prompts, params, use_tqdm=False, tokenization_kwargs=tokenization_kwargs)
+        def enqueue() -> list[str]:
+            return self.llm.enqueue(prompts, params, use_tqdm=False, tokenization_kwargs=tokenization_kwargs)
+        return self._submit(enqueue, requests=True)
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` in the engine loop between two steps (nothing else touches the engine meanwhile)."""
+        return self._submit(function, requests=False)
+
+    def _submit(self, function: Callable[[], Any], requests: bool) -> Any:
+        done: Future = Future()
+        self.submitted.put((function, requests, done))
+        return done.result()
+
+    def _loop(self) -> None:
+        waiting: dict[str, _Caller] = {}  # request id -> the caller it belongs to
+        engine = self.llm.llm_engine
+        while True:
+            if not waiting:  # idle: wait for work
+                self._admit(self.submitted.get(), waiting)
+            while True:
+                try:
+                    self._admit(self.submitted.get_nowait(), waiting)
+                except queue.Empty:
+                    break
+            if not waiting:
+                continue
+            try:
+                outputs = engine.step()
+            except BaseException as error:  # noqa: BLE001 - handed to the callers, whose stages sort it
+                self.broken = error
+                for caller in set(waiting.values()):
+                    caller.done.set_exception(error)
+                waiting.clear()
+                continue
+            for output in outputs:
+                if output.finished and output.request_id in waiting:
+                    waiting.pop(output.request_id).finish(output)
+            if not engine.has_unfinished_requests() and waiting:
+                lost = RuntimeError(f"vLLM has no unfinished requests but requests {sorted(waiting)} never finished")
+                for caller in set(waiting.values()):
+                    caller.done.set_exception(lost)
+                waiting.clear()
+
+    def _admit(self, item: tuple[Callable[[], Any], bool, Future], waiting: dict[str, "_Caller"]) -> None:
+        """Run one submitted function; for requests, remember whose they are."""
+        function, requests, done = item
+        if self.broken is not None:
+            done.set_exception(self.broken)
+            return
+        try:
+            result = function()
+        except BaseException as error:  # noqa: BLE001 - vLLM has aborted a refused batch's requests
+            done.set_exception(error)
+            return
+        if not requests:
+            done.set_result(result)
+            return
         # ``enqueue`` returns the engine's ids ("<id>-<8 random characters>"); outputs carry the LLM's own
         # request id, a counter (vLLM's ``InputProcessor.assign_request_id``)
-        request_ids = [request_id.rsplit("-", 1)[0] for request_id in internal_ids]
-        while True:
-            with self.lock:
-                if all(request_id in self.finished for request_id in request_ids):
-                    return [self.finished.pop(request_id) for request_id in request_ids]
-                engine = self.llm.llm_engine
-                if not engine.has_unfinished_requests():
-                    missing = [request_id for request_id in request_ids if request_id not in self.finished]
-                    raise RuntimeError(f"vLLM has no unfinished requests but requests {missing} never finished")
-                for output in engine.step():
-                    if output.finished:
-                        self.finished[output.request_id] = output
+        caller = _Caller([request_id.rsplit("-", 1)[0] for request_id in result], done)
+        if not caller.request_ids:
+            done.set_result([])
+        for request_id in caller.request_ids:
+            waiting[request_id] = caller
+
+
+class _Caller:
+    """The requests of one :meth:`SharedEngine.generate` call and the outputs finished so far."""
+
+    def __init__(self, request_ids: list[str], done: Future) -> None:
+        self.request_ids = request_ids
+        self.done = done
+        self.outputs: dict[str, Any] = {}
+
+    def finish(self, output: Any) -> None:
+        self.outputs[output.request_id] = output
+        if len(self.outputs) == len(self.request_ids):
+            self.done.set_result([self.outputs[request_id] for request_id in self.request_ids])
 
 
 class Generator:

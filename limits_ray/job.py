@@ -34,7 +34,7 @@ from limits_ray.bucket_work import (
 )
 from limits_ray.buckets import bucket_name, bucket_of
 from limits_ray.config import ConfigError, JobConfig, hub_kwargs
-from limits_ray.faults import Quarantine
+from limits_ray.faults import Quarantine, is_cluster_fault
 from limits_ray.frontier import mean_from_sums
 from limits_ray.io import SCHEMAS
 from limits_ray.prompts import PromptSet
@@ -305,11 +305,20 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     buckets = _write_prompts(work, prompt_set, targets, starts, store.buckets)
     quarantine = Quarantine(store.quarantine, run_id)
     _init_ray(config.ray_address)
-    prepared = _run_buckets(prepare_bucket, context, buckets)
-    todo = sum(int(counts["todo"]) for counts in prepared)
-    requests = _read_todo(work) if todo else None
-    stored = sum(int(counts["stored"]) for counts in prepared)
-    times = run_stages(config, requests, todo, context, quarantine, stored_rounds=stored)
+    for retry in range(config.cluster_retries + 1):
+        work.join("todo").delete_tree()  # a retry's todo: what the store still lacks
+        prepared = _run_buckets(prepare_bucket, context, buckets)
+        todo = sum(int(counts["todo"]) for counts in prepared)
+        requests = _read_todo(work) if todo else None
+        stored = sum(int(counts["stored"]) for counts in prepared)
+        try:
+            times = run_stages(config, requests, todo, context, quarantine, stored_rounds=stored)
+            break
+        except PipelineError as error:
+            if retry == config.cluster_retries or not is_cluster_fault(error):
+                raise
+            print(f"limits-ray: the cluster failed under the stages ({error}); resuming from the sample store "
+                  f"(cluster retry {retry + 1} of {config.cluster_retries})", file=sys.stderr, flush=True)
     quarantined = quarantine.records()
     _clear_tables(output)
     summaries = _run_buckets(finalize_bucket, context, buckets, output, {record.prompt_id for record in quarantined},

@@ -12,10 +12,11 @@ nothing but counts reaches the driver, and a round is merged at most once.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -58,11 +59,45 @@ def root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
+class BusyClock:
+    """Busy time of an actor whose calls may overlap (threads): the time during which at least one call
+    runs. :meth:`stop` returns the busy time not yet reported by any call, so the sums of what the
+    calls report is the actor's busy time, counted once."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.running = 0
+        self.busy = 0.0
+        self.since = 0.0
+        self.reported = 0.0
+
+    def _advance(self) -> None:
+        now = self.clock()
+        if self.running:
+            self.busy += now - self.since
+        self.since = now
+
+    def start(self) -> None:
+        with self.lock:
+            self._advance()
+            self.running += 1
+
+    def stop(self) -> float:
+        """End one call; returns the busy seconds to report for it."""
+        with self.lock:
+            self._advance()
+            self.running -= 1
+            seconds, self.reported = self.busy - self.reported, self.busy
+            return seconds
+
+
 class Timed:
     """Wraps a stage class for ``map_batches``: records busy time, sorts faults (:mod:`limits_ray.faults`).
 
-    Adds the column ``seconds_<name>``: the call's wall time (the conversion to Arrow included)
-    divided among the batch's rows, so summing it over the output gives the stage's busy time.
+    Adds the column ``seconds_<name>``: the actor's busy time (the conversion to Arrow included)
+    since its previous call ended, divided among the batch's rows, so summing it over the output gives
+    the stage's busy time, also when an actor runs several calls at once (:class:`BusyClock`).
     An engine fault, or a stage call running past ``timeout_s`` (> 0), ends the actor so that Ray Data
     restarts it and retries the batch. With ``quarantine_dir`` set and ``fail_fast`` off, a batch
     whose rounds fail otherwise is retried round by round and rounds that still fail are
@@ -83,23 +118,25 @@ class Timed:
         self.total_rounds = total_rounds
         self.max_quarantined_fraction = max_quarantined_fraction
         self.calls = 0
+        self.clock = BusyClock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         """Yield the stage's output for ``batch`` as Arrow (:func:`~limits_ray.rounds.to_arrow`; nothing when
         every round was quarantined), so rounds travel as typed list columns rather than pickled objects."""
-        started = time.perf_counter()
+        self.clock.start()
         try:
             output = self._run(batch)
+            table = None if output is None or len(output["prompt_id"]) == 0 else to_arrow(output)
         except Exception as error:  # noqa: BLE001 - sorted by kind: an engine fault replaces the actor
             if is_engine_fault(error):
                 fail_actor(self.name, root_cause(error))
             raise
+        finally:
+            busy = self.clock.stop()
         self.calls += 1
-        if output is None or len(output["prompt_id"]) == 0:
-            return
-        table = to_arrow(output)
-        seconds = np.full(table.num_rows, (time.perf_counter() - started) / table.num_rows)
-        yield table.append_column(f"seconds_{self.name}", pa.array(seconds, pa.float64()))
+        if table is not None:
+            seconds = np.full(table.num_rows, busy / table.num_rows)
+            yield table.append_column(f"seconds_{self.name}", pa.array(seconds, pa.float64()))
 
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         if self.quarantine is None:

@@ -56,10 +56,13 @@ class RayNode:
             raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
 
     def raylet_pid(self) -> int:
-        """The pid of this node's raylet (a child of its ``ray start`` process)."""
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            if child.name() == "raylet":
-                return child.pid
+        """The pid of this node's raylet (a direct child of its ``ray start`` process)."""
+        for child in psutil.Process(self.process.pid).children():
+            try:
+                if child.name() == "raylet":
+                    return child.pid
+            except psutil.NoSuchProcess:  # a short-lived child that has just exited
+                continue
         raise RuntimeError(f"no raylet under ray start pid {self.process.pid}:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
@@ -74,13 +77,14 @@ class RayNode:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _start(arguments: list[str], log: Path) -> RayNode:
+def _start(arguments: list[str], agent_port: int, log: Path) -> RayNode:
+    """``ray start`` with ``arguments``; the agent's HTTP port is a free one rather than Ray's fixed
+    default (52365): a local Ray of another test still closing may hold that one, and the agent then
+    serves no job API ("No available agent"). Draw every port of a cluster in one :func:`free_ports`
+    call: drawn one at a time, two of them can come back equal."""
     # A temp dir of its own (short: Unix socket paths are limited) keeps the node's address file out
     # of /tmp/ray, where a later plain ray.init() would find it after the node is gone.
     temp_dir = tempfile.mkdtemp(prefix="lr-", dir="/tmp")
-    # the agent's HTTP port free rather than Ray's fixed default (52365): a local Ray of another test
-    # still closing may hold that one, and the agent then serves no job API ("No available agent")
-    (agent_port,) = free_ports(1)
     command = [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}",
                f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats", *arguments]
     with log.open("w") as output:
@@ -91,10 +95,10 @@ def _start(arguments: list[str], log: Path) -> RayNode:
 
 def start_head(log_dir: Path, num_cpus: int, num_gpus: int = 0) -> tuple[RayNode, str, str]:
     """A head with the dashboard (for ``ray job submit``); returns it, the dashboard URL and the GCS address."""
-    dashboard_port, gcs_port = free_ports(2)
+    dashboard_port, gcs_port, agent_port = free_ports(3)
     head = _start(["--head", f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                    f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"],
-                  log_dir / "head.log")
+                  agent_port, log_dir / "head.log")
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait(lambda: urllib.request.urlopen(f"{url}/api/version", timeout=2), head, "the dashboard")
@@ -104,10 +108,14 @@ def start_head(log_dir: Path, num_cpus: int, num_gpus: int = 0) -> tuple[RayNode
     return head, url, f"127.0.0.1:{gcs_port}"
 
 
-def start_worker(gcs_address: str, log_dir: Path, name: str, num_cpus: int, num_gpus: int) -> RayNode:
-    """A worker node joining ``gcs_address`` with (fake) GPUs and the custom resource ``{name: 1}``."""
-    return _start([f"--address={gcs_address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-                   f"--resources={json.dumps({name: 1})}"], log_dir / f"{name}.log")
+def start_workers(gcs_address: str, log_dir: Path, names: list[str], num_cpus: int, num_gpus: int) -> dict[str, RayNode]:
+    """Worker nodes joining ``gcs_address``, each with (fake) GPUs and the custom resource ``{name: 1}``
+    (not waited for: see :func:`wait_for_nodes`)."""
+    workers: dict[str, RayNode] = {}
+    for name, agent_port in zip(names, free_ports(len(names))):
+        workers[name] = _start([f"--address={gcs_address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+                                f"--resources={json.dumps({name: 1})}"], agent_port, log_dir / f"{name}.log")
+    return workers
 
 
 def wait_for_nodes(url: str, nodes: list[RayNode], timeout: float = 180) -> None:

@@ -86,6 +86,18 @@ def test_engine_faults_are_told_from_round_faults():
             raise AssertionError("group is not initialized")
 
 
+def test_a_lost_node_is_a_cluster_fault_and_a_round_error_is_not():
+    from ray.exceptions import ActorUnavailableError, NodeDiedError
+
+    from limits_ray.faults import is_cluster_fault
+
+    unreachable = ActorUnavailableError("RpcError: failed to connect to all addresses", b"\x00" * 16)
+    assert is_cluster_fault(_raised_from(PipelineError("the pipeline stopped"), unreachable))
+    assert is_cluster_fault(NodeDiedError("node 1 died"))
+    assert not is_cluster_fault(_raised_from(PipelineError("the pipeline stopped"), ValueError("reward 'rm' is nan")))
+    assert not is_cluster_fault(EngineFault("vLLM generate failed"))
+
+
 def test_an_engine_fault_is_raised_not_quarantined(tmp_path):
     quarantine = Quarantine(open_location(str(tmp_path)), "run")
 
@@ -170,3 +182,22 @@ def test_a_stage_stops_the_run_once_its_quarantine_passes_the_fraction(tmp_path)
     assert output.num_rows == 1
     with pytest.raises(PipelineError, match=r"2 of 10 rounds were quarantined, more than max_quarantined_fraction"):
         list(timed(_batch(["c", "a"])))  # round 1 of "a": a second record
+
+
+def test_the_busy_clock_counts_overlapping_calls_once():
+    from limits_ray.pipeline import BusyClock
+
+    now = [0.0]
+    clock = BusyClock(clock=lambda: now[0])
+    clock.start()
+    now[0] = 1.0
+    clock.start()  # a second call while the first runs
+    now[0] = 3.0
+    first = clock.stop()  # busy 0 -> 3
+    now[0] = 4.0
+    second = clock.stop()  # busy 3 -> 4, not counted again for the first call's time
+    now[0] = 10.0  # idle: not busy
+    clock.start()
+    now[0] = 10.5
+    third = clock.stop()
+    assert (first, second, third) == (3.0, 1.0, 0.5)

@@ -148,7 +148,6 @@ def test_batches_in_flight_share_the_engine_and_each_gets_its_own_rounds(generat
     finally:
         del engine.step
     assert max(held) > 2 * N  # more than one batch's samples were in the engine at once
-    assert generator.engine.finished == {}
     in_first = set(zip(first["prompt_id"], first["round"]))
     for pairs, output in zip(batches, outputs):
         assert list(zip(output["prompt_id"], output["round"])) == pairs
