@@ -2,7 +2,7 @@
 
 Not a test: run it by hand and it rewrites its own section of docs/benchmarks.md.
 
-    .venv/bin/python bench/bench_pipeline.py                 # tiny models on CPU (about 25 min on 2 cores)
+    .venv/bin/python bench/bench_pipeline.py                 # tiny models on CPU (about 6 min on 2 cores)
     .venv/bin/python bench/bench_pipeline.py --no-docs       # measure and print only
     python bench/bench_pipeline.py --gpu                     # GPU machine with vllm and ray installed:
                                                              # a ~1B Llama with random weights
@@ -590,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="real-size random-weight models on the GPU")
     parser.add_argument("--size", choices=sorted(SIZES), default="1b", help="--gpu model shape")
     parser.add_argument("--build-only", action="store_true", help="build the models and the config, then stop")
-    parser.add_argument("--prompts", type=int, help="prompts (CPU default 16, GPU 64)")
-    parser.add_argument("--samples", type=int, help="samples per prompt (CPU default 1024, GPU 1024)")
+    parser.add_argument("--prompts", type=int, help="prompts (CPU default 8, GPU 64)")
+    parser.add_argument("--samples", type=int, help="samples per prompt (CPU default 256, GPU 1024)")
     parser.add_argument("--n", type=int, help="samples per request (CPU default 64, GPU 128)")
     parser.add_argument("--max-tokens", type=int, help="CPU default 32, GPU 256")
     parser.add_argument("--batch-size", type=int, help="rounds per generation call (CPU default 8, GPU 16)")
@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
     defaults = ({"prompts": 64, "samples": 1024, "n": 128, "max_tokens": 256, "batch_size": 16, "score_batch": 2048}
                 if args.gpu else
-                {"prompts": 16, "samples": 1024, "n": 64, "max_tokens": 32, "batch_size": 8, "score_batch": 512})
+                {"prompts": 8, "samples": 256, "n": 64, "max_tokens": 32, "batch_size": 8, "score_batch": 512})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -126,8 +126,10 @@ def _unmerged_rounds(samples: pa.Table, merged: MergedBucket) -> pa.Table:
     return samples if all(keep) else samples.filter(pa.array(keep))
 
 
-def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[str]]:
-    """Compact the bucket and write this run's missing rounds to ``todo/``; returns counts.
+def prepare_bucket(context: BucketContext, bucket: int, skip: frozenset[tuple[str, int]] = frozenset(),
+                   ) -> dict[str, int | list[str]]:
+    """Compact the bucket and write this run's missing rounds to ``todo/``, except the (prompt_id, round)
+    pairs in ``skip`` (rounds this run has quarantined); returns counts.
 
     Returns ``{"todo": rounds to generate, "stored": rounds of this run already stored, "corrupt": [...],
     "seconds": busy time}``.
@@ -142,7 +144,7 @@ def prepare_bucket(context: BucketContext, bucket: int) -> dict[str, int | list[
         for round_index in range(row["start"], row["target"]):
             if round_index in have:
                 stored += 1
-            else:
+            elif (row["prompt_id"], round_index) not in skip:
                 for name, _ in PROMPT_FIELDS:
                     todo[name].append(row[name])
                 todo["round"].append(round_index)

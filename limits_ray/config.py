@@ -530,9 +530,10 @@ class JobConfig:
             not rounds to leave out.
         batch_retries: how often a batch is retried on a new actor after its actor ended (an engine
             fault, ``generation.timeout_s``, a lost node); actors themselves are always restarted.
-        cluster_retries: how often the stages start again, resuming from the sample store, after the
-            cluster failed under them (an actor that cannot be reached while its node is being
-            declared dead, a lost object: :func:`~limits_ray.faults.is_cluster_fault`).
+        cluster_retries: how often the stages start again, resuming from the sample store, after a
+            node was lost under them and Ray reported it as their error (an actor that could not be
+            reached while its node was being declared dead, a lost object:
+            :func:`~limits_ray.faults.is_cluster_fault`); other errors stop the run at once.
         ray_address: ``ray.init`` address; empty: ``RAY_ADDRESS`` if set (as under ``ray job submit``),
             else a new local instance; ``auto``: the cluster already running on this machine.
     """

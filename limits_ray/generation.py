@@ -99,8 +99,8 @@ class SharedEngine:
     earlier batch's last samples are still decoding, and a caller that has its outputs builds its rows
     while the engine keeps running: the equivalent, for an engine in the actor's own process, of
     ``ray.data.llm``'s several batches in flight on vLLM's async engine. A request error (a prompt vLLM
-    refuses) reaches the caller that submitted it; an error inside ``step`` reaches every waiting
-    caller, and every later one (the engine is broken: see :mod:`limits_ray.faults`).
+    refuses) reaches the caller that submitted it; any other error in the loop (inside ``step``)
+    reaches every waiting caller and every later one: the engine is broken (see :mod:`limits_ray.faults`).
     """
 
     def __init__(self, llm: Any) -> None:
@@ -126,6 +126,17 @@ class SharedEngine:
 
     def _loop(self) -> None:
         waiting: dict[str, _Caller] = {}  # request id -> the caller it belongs to
+        try:
+            self._serve(waiting)
+        except BaseException as error:  # noqa: BLE001 - the engine is broken: every caller, now and later, is told
+            self.broken = error
+            for caller in set(waiting.values()):
+                caller.fail(error)
+            while True:
+                self._admit(self.submitted.get(), waiting)
+
+    def _serve(self, waiting: dict[str, "_Caller"]) -> None:
+        """Admit submissions between steps, step while any caller waits; returns only by raising."""
         engine = self.llm.llm_engine
         while True:
             if not waiting:  # idle: wait for work
@@ -137,22 +148,11 @@ class SharedEngine:
                     break
             if not waiting:
                 continue
-            try:
-                outputs = engine.step()
-            except BaseException as error:  # noqa: BLE001 - handed to the callers, whose stages sort it
-                self.broken = error
-                for caller in set(waiting.values()):
-                    caller.done.set_exception(error)
-                waiting.clear()
-                continue
-            for output in outputs:
+            for output in engine.step():
                 if output.finished and output.request_id in waiting:
                     waiting.pop(output.request_id).finish(output)
-            if not engine.has_unfinished_requests() and waiting:
-                lost = RuntimeError(f"vLLM has no unfinished requests but requests {sorted(waiting)} never finished")
-                for caller in set(waiting.values()):
-                    caller.done.set_exception(lost)
-                waiting.clear()
+            if waiting and not engine.has_unfinished_requests():
+                raise RuntimeError(f"vLLM has no unfinished requests but requests {sorted(waiting)} never finished")
 
     def _admit(self, item: tuple[Callable[[], Any], bool, Future], waiting: dict[str, "_Caller"]) -> None:
         """Run one submitted function; for requests, remember whose they are."""
@@ -189,6 +189,10 @@ class _Caller:
         self.outputs[output.request_id] = output
         if len(self.outputs) == len(self.request_ids):
             self.done.set_result([self.outputs[request_id] for request_id in self.request_ids])
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
 
 
 class Generator:

@@ -43,6 +43,7 @@ from limits_ray.storage import Location, check_writable, open_location
 from limits_ray.store import SampleStore, auto_buckets
 
 STATISTICS_FORMAT = 3  # bump when the serialised statistics change: stored statistics of another format are recomputed
+NODE_DEATH_WAIT_S = 60.0  # how long a cluster fault waits for Ray to record the lost node before the run stops
 
 __all__ = ["RunReport", "StoredResult", "analysis_key", "model_fingerprint", "run_job", "setup_identity",
            "stored_round_counts"]
@@ -296,29 +297,61 @@ def _clear_tables(output: Location) -> None:
             location.delete_tree()
 
 
+@dataclasses.dataclass
+class StreamedRounds:
+    """What streaming a run's missing rounds did (over every attempt)."""
+
+    generated: int
+    from_store: int
+    corrupt: list[str]
+    prepare_seconds: float
+    busy: dict[str, float]
+
+
+def _stream_missing_rounds(config: JobConfig, context: BucketContext, buckets: list[int],
+                           quarantine: Quarantine) -> StreamedRounds:
+    """Plan each bucket's missing rounds and stream them through the stages into the store.
+
+    When a node is lost under the stages and Ray reports it as their error, start again from the store
+    (up to ``config.cluster_retries`` times), leaving out the rounds this run quarantined.
+    """
+    from limits_ray.pipeline import PipelineError, run_stages
+
+    work = context.work
+    first_stored, corrupt, prepare_seconds = None, [], 0.0
+    for retry in range(config.cluster_retries + 1):
+        work.join("todo").delete_tree()  # a retry's todo: what the store still lacks
+        skip = frozenset((record.prompt_id, record.round) for record in quarantine.records()) if retry else frozenset()
+        prepared = _run_buckets(prepare_bucket, context, buckets, skip)
+        todo = sum(int(counts["todo"]) for counts in prepared)
+        requests = _read_todo(work) if todo else None
+        stored = sum(int(counts["stored"]) for counts in prepared)
+        first_stored = stored if first_stored is None else first_stored
+        corrupt += [path for counts in prepared for path in counts["corrupt"]]
+        prepare_seconds += sum(float(counts["seconds"]) for counts in prepared)
+        alive = _alive_nodes()
+        try:
+            times = run_stages(config, requests, todo, context, quarantine, stored_rounds=stored)
+            break
+        except PipelineError as error:
+            if retry == config.cluster_retries or not is_cluster_fault(error) or not (lost := _lost_nodes(alive)):
+                raise
+            print(f"limits-ray: {len(lost)} node(s) lost under the stages ({error}); resuming from the sample "
+                  f"store (cluster retry {retry + 1} of {config.cluster_retries})", file=sys.stderr, flush=True)
+    # earlier attempts' rounds were in the store when the last one began
+    return StreamedRounds(times.rounds + stored - first_stored, first_stored, corrupt, prepare_seconds, times.busy)
+
+
 def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: dict[str, int], starts: dict[str, int],
          output: Location, run_id: str, started: float) -> tuple[pa.Table, RunReport]:
     """The run after its checks: plan buckets, stream the missing rounds, finalize buckets, write the results."""
-    from limits_ray.pipeline import PipelineError, run_stages
+    from limits_ray.pipeline import PipelineError
 
     store, work = context.store, context.work
     buckets = _write_prompts(work, prompt_set, targets, starts, store.buckets)
     quarantine = Quarantine(store.quarantine, run_id)
     _init_ray(config.ray_address)
-    for retry in range(config.cluster_retries + 1):
-        work.join("todo").delete_tree()  # a retry's todo: what the store still lacks
-        prepared = _run_buckets(prepare_bucket, context, buckets)
-        todo = sum(int(counts["todo"]) for counts in prepared)
-        requests = _read_todo(work) if todo else None
-        stored = sum(int(counts["stored"]) for counts in prepared)
-        try:
-            times = run_stages(config, requests, todo, context, quarantine, stored_rounds=stored)
-            break
-        except PipelineError as error:
-            if retry == config.cluster_retries or not is_cluster_fault(error):
-                raise
-            print(f"limits-ray: the cluster failed under the stages ({error}); resuming from the sample store "
-                  f"(cluster retry {retry + 1} of {config.cluster_retries})", file=sys.stderr, flush=True)
+    streamed = _stream_missing_rounds(config, context, buckets, quarantine)
     quarantined = quarantine.records()
     _clear_tables(output)
     summaries = _run_buckets(finalize_bucket, context, buckets, output, {record.prompt_id for record in quarantined},
@@ -333,16 +366,14 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
         prompts=len(prompt_set.prompts),
         skipped_prompts=[dataclasses.asdict(skipped) for skipped in prompt_set.skipped],
         duplicate_prompts=dict(prompt_set.duplicates),
-        rounds_generated=times.rounds,
-        rounds_from_store=stored,
-        samples_generated=times.rounds * config.generation.n,
+        rounds_generated=streamed.generated,
+        rounds_from_store=streamed.from_store,
+        samples_generated=streamed.generated * config.generation.n,
         samples=sum(summary.samples for summary in summaries),
         quarantined=[dataclasses.asdict(record) for record in quarantined],
-        corrupt_store_files=[path for counts in prepared for path in counts["corrupt"]]
-        + [path for summary in summaries for path in summary.corrupt],
+        corrupt_store_files=streamed.corrupt + [path for summary in summaries for path in summary.corrupt],
         wall_seconds=time.perf_counter() - started,
-        stage_seconds={**times.busy, "statistics": sum(float(counts["seconds"]) for counts in prepared)
-                       + sum(summary.seconds for summary in summaries)},
+        stage_seconds={**streamed.busy, "statistics": streamed.prepare_seconds + sum(summary.seconds for summary in summaries)},
         versions=_versions(),
         config=dataclasses.asdict(config),
     )
@@ -421,6 +452,22 @@ def _write_figures(result: ReduceResult, output: Location, title: str) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for path in write_plots(result, scratch, title=title):
             output.join(path.name).write_bytes(path.read_bytes())
+
+
+def _alive_nodes() -> set[str]:
+    """Ids of the cluster's live nodes."""
+    import ray
+
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+def _lost_nodes(alive: set[str], wait_s: float = NODE_DEATH_WAIT_S) -> set[str]:
+    """The nodes of ``alive`` that are dead now, waiting up to ``wait_s`` for Ray to declare one dead
+    (a task can fail on an unreachable actor before its node's death is recorded)."""
+    deadline = time.monotonic() + wait_s
+    while not (lost := alive - _alive_nodes()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return lost
 
 
 def _read_todo(work: Location):

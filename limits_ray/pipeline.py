@@ -83,11 +83,14 @@ class BusyClock:
             self._advance()
             self.running += 1
 
-    def stop(self) -> float:
-        """End one call; returns the busy seconds to report for it."""
+    def stop(self, report: bool = True) -> float:
+        """End one call; returns the busy seconds to report for it (``report=False``: a call that reports
+        nothing, whose time the next reporting call takes up)."""
         with self.lock:
             self._advance()
             self.running -= 1
+            if not report:
+                return 0.0
             seconds, self.reported = self.busy - self.reported, self.busy
             return seconds
 
@@ -124,6 +127,7 @@ class Timed:
         """Yield the stage's output for ``batch`` as Arrow (:func:`~limits_ray.rounds.to_arrow`; nothing when
         every round was quarantined), so rounds travel as typed list columns rather than pickled objects."""
         self.clock.start()
+        table = None
         try:
             output = self._run(batch)
             table = None if output is None or len(output["prompt_id"]) == 0 else to_arrow(output)
@@ -132,7 +136,7 @@ class Timed:
                 fail_actor(self.name, root_cause(error))
             raise
         finally:
-            busy = self.clock.stop()
+            busy = self.clock.stop(report=table is not None)
         self.calls += 1
         if table is not None:
             seconds = np.full(table.num_rows, busy / table.num_rows)

@@ -201,3 +201,9 @@ def test_the_busy_clock_counts_overlapping_calls_once():
     now[0] = 10.5
     third = clock.stop()
     assert (first, second, third) == (3.0, 1.0, 0.5)
+    clock.start()
+    now[0] = 11.0
+    assert clock.stop(report=False) == 0.0  # a call with no rows to carry its time
+    clock.start()
+    now[0] = 11.5
+    assert clock.stop() == 1.0  # the next call that reports takes it up
