@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,16 +123,20 @@ class PolicyGenerator(Generator):
     saw) and ``response_token_ids`` (``[rows, n, max_tokens]`` int64, padded with -1).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._calls = threading.local()  # per call: several batches may be in flight (generation.batches_in_flight)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._token_ids: list[tuple[str, list[list[int]]]] = []
+        self._calls.token_ids = token_ids = []
         output = super().__call__(batch)
         width = self.config.max_tokens
-        responses = np.full((len(self._token_ids), self.config.n, width), -1, dtype=np.int64)
-        for row, (_, samples) in enumerate(self._token_ids):
+        responses = np.full((len(token_ids), self.config.n, width), -1, dtype=np.int64)
+        for row, (_, samples) in enumerate(token_ids):
             for column, ids in enumerate(samples):
                 responses[row, column, :len(ids)] = ids[:width]
-        prompts = np.empty(len(self._token_ids), dtype=object)
-        prompts[:] = [prompt for prompt, _ in self._token_ids]
+        prompts = np.empty(len(token_ids), dtype=object)
+        prompts[:] = [prompt for prompt, _ in token_ids]
         output["prompt_token_ids"] = prompts
         output["response_token_ids"] = responses
         return output
@@ -139,7 +144,7 @@ class PolicyGenerator(Generator):
     def _round(self, prompt_id: str, prompt: str, round: int, seed: int, output: Any) -> dict[str, Any]:
         row = super()._round(prompt_id, prompt, round, seed, output)
         completions = sorted(output.outputs, key=lambda completion: completion.index)
-        self._token_ids.append((_token_text(output.prompt_token_ids), [list(c.token_ids) for c in completions]))
+        self._calls.token_ids.append((_token_text(output.prompt_token_ids), [list(c.token_ids) for c in completions]))
         return row
 
 
