@@ -18,12 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from _results import assert_same_frontier, assert_store_has_each_sample_once, frontier, stored_parts
 from _cluster import start_head, start_workers, submit, wait_for_nodes
 from _tiny import tiny_job_mapping
 
@@ -70,15 +68,6 @@ def _config(models, tmp_path: Path, name: str) -> Path:
 def _submit(url: str, config: Path, root: Path):
     return submit(url, REPO, {"env_vars": {"LIMITS_RAY_ROOT": str(root), **ENGINE_ENV}},
                   ["python", "jobs/frontier.py", "--config", str(config)])
-
-
-def _parts(samples: Path) -> int:
-    return len(list(samples.rglob("part-*.parquet"))) if samples.is_dir() else 0
-
-
-def _frontier(out_dir: Path):
-    return pq.read_table(out_dir / "frontier.parquet").sort_by(
-        [("prompt_id", "ascending"), ("align", "ascending"), ("beta", "ascending")])
 
 
 def _stage_actors(url: str, job_id: str = "", state: str = "") -> list[dict]:
@@ -142,7 +131,7 @@ def test_each_engine_holds_two_gpus_of_one_node_and_no_actor_runs_on_the_head(cl
     assert len(engines) == 2 and len(rewards) == 2 and len(actors) == 4, actors
     assert len({actor["node"] for actor in engines}) == 2  # 3 GPUs a node: the engines are on two workers
     assert "head" not in {names[actor["node"]] for actor in actors}, actors
-    assert set(_frontier(out_dir)["n"].to_pylist()) == {SAMPLES}
+    assert set(frontier(out_dir)["n"].to_pylist()) == {SAMPLES}
     assert json.loads((out_dir / "report.json").read_text())["quarantined"] == []
 
 
@@ -150,18 +139,17 @@ def test_a_lost_worker_node_mid_run_leaves_the_results_unchanged(cluster, uninte
     url, workers = cluster
     reference, _ = uninterrupted
     out_dir = tmp_path / "runs" / "lost"
-    samples = out_dir / "store" / "samples"
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=_submit(url, _config(tiny_models, tmp_path, "lost"), tmp_path)))
     runner.start()
     busy = _wait_for_a_busy_engine(url, runner)
-    stored_at_kill = _parts(samples)
+    stored_at_kill = stored_parts(out_dir / "store")
     lost = _node_names(url)[busy["node"]]
     os.kill(workers[lost].raylet_pid(), signal.SIGKILL)
     runner.join()
     result = outcome["result"]
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert stored_at_kill < _parts(samples)  # the node was lost mid-run, with rounds left to store
+    assert stored_at_kill < stored_parts(out_dir / "store")  # the node was lost mid-run, with rounds left to store
     # Ray restarts the lost actors elsewhere, or (when the batches sent to the lost engine used up their
     # retries while Ray declared the node dead) the job starts the stages again from the store
     names = _node_names(url)
@@ -172,10 +160,5 @@ def test_a_lost_worker_node_mid_run_leaves_the_results_unchanged(cluster, uninte
     assert result.stdout.count("resuming from the sample store") <= 2  # cluster_retries
     report = json.loads((out_dir / "report.json").read_text())
     assert report["quarantined"] == []
-    stored = ds.dataset(str(samples), format="parquet").to_table(columns=["prompt_id", "sample_idx"])
-    assert stored.num_rows == len(set(zip(stored["prompt_id"].to_pylist(), stored["sample_idx"].to_pylist()))) \
-        == len(PROMPTS) * SAMPLES
-    a, b = _frontier(reference), _frontier(out_dir)
-    assert a["prompt_id"].to_pylist() == b["prompt_id"].to_pylist() and a["n"].to_pylist() == b["n"].to_pylist()
-    for column in ("gain", "gain_se", "kl", "kl_se"):
-        np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=column)
+    assert_store_has_each_sample_once(out_dir / "store", len(PROMPTS) * SAMPLES)
+    assert_same_frontier(reference, out_dir, columns=("gain", "gain_se", "kl", "kl_se"))

@@ -11,13 +11,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from _results import assert_same_frontier, assert_store_has_each_sample_once, frontier, stored_parts
 from _tiny import tiny_job_mapping
 from limits_ray.config import JobConfig, from_mapping
 from limits_ray.job import run_job
@@ -78,29 +77,6 @@ def _mapping(models, out_dir: Path, **overrides) -> dict:
     return mapping
 
 
-def _frontier(out_dir: Path):
-    return pq.read_table(out_dir / "frontier.parquet").sort_by(
-        [("prompt_id", "ascending"), ("align", "ascending"), ("beta", "ascending")])
-
-
-def _assert_same_frontier(left: Path, right: Path) -> None:
-    a, b = _frontier(left), _frontier(right)
-    assert a["prompt_id"].to_pylist() == b["prompt_id"].to_pylist()
-    assert a["n"].to_pylist() == b["n"].to_pylist()
-    for column in ("gain", "gain_se", "kl", "kl_se", "ess"):
-        np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=column)
-
-
-def _assert_store_has_each_sample_once(store: Path, expected: int) -> None:
-    table = ds.dataset(str(store / "samples"), format="parquet").to_table(columns=["prompt_id", "sample_idx"])
-    keys = set(zip(table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()))
-    assert table.num_rows == len(keys) == expected
-
-
-def _parts(store: Path) -> int:
-    return len(list((store / "samples").rglob("part-*.parquet"))) if (store / "samples").is_dir() else 0
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_models, tmp_path_factory, ray_with_faulty_rewards) -> Path:
     """An uninterrupted run to compare every interrupted one with."""
@@ -115,7 +91,7 @@ def test_killed_actors_are_restarted_and_nothing_is_counted_twice(reference, tin
 
     def kill_workers_mid_run() -> None:
         deadline = time.monotonic() + 300
-        while _parts(Path(config.store_uri)) == 0 and time.monotonic() < deadline:
+        while stored_parts(Path(config.store_uri)) == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         for process in psutil.process_iter(["cmdline"]):
             if process.info["cmdline"] and process.info["cmdline"][0].startswith("ray::MapWorker"):
@@ -127,9 +103,9 @@ def test_killed_actors_are_restarted_and_nothing_is_counted_twice(reference, tin
     _, report = run_job(config)
     killer.join()
     assert killed, "no actor process was found to kill"
-    assert _parts(Path(config.store_uri)) > 0 and report.quarantined == []
-    _assert_store_has_each_sample_once(Path(config.store_uri), 3 * 128)
-    _assert_same_frontier(reference, tmp_path)
+    assert stored_parts(Path(config.store_uri)) > 0 and report.quarantined == []
+    assert_store_has_each_sample_once(Path(config.store_uri), 3 * 128)
+    assert_same_frontier(reference, tmp_path)
 
 
 def test_driver_killed_three_times_gives_the_same_frontier(reference, tiny_models, tmp_path):
@@ -141,23 +117,23 @@ def test_driver_killed_three_times_gives_the_same_frontier(reference, tiny_model
     chance = random.Random(3)
     interrupted = 0
     for _ in range(3):
-        before = _parts(store)
+        before = stored_parts(store)
         driver = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
-        while _parts(store) == before and driver.poll() is None and time.monotonic() < deadline:
+        while stored_parts(store) == before and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(chance.uniform(0.0, 0.5))
         if driver.poll() is None:  # a run that already finished (its rounds were all stored) is not killed
             os.killpg(driver.pid, signal.SIGKILL)
             interrupted += 1
         driver.wait()
-    assert interrupted >= 1 and _parts(store) > 0
+    assert interrupted >= 1 and stored_parts(store) > 0
     finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-4000:]
     assert "from the store" in finished.stdout
-    _assert_store_has_each_sample_once(store, 3 * 128)
-    _assert_same_frontier(reference, tmp_path / "out")
+    assert_store_has_each_sample_once(store, 3 * 128)
+    assert_same_frontier(reference, tmp_path / "out")
 
 
 @pytest.mark.parametrize("fault", ["engine_dead", "hang"])
@@ -173,8 +149,8 @@ def test_a_dead_or_hung_engine_is_replaced_and_its_batch_retried(fault, referenc
     _, report = run_job(from_mapping(JobConfig, mapping))
     assert not armed.exists() and armed.with_name(armed.name + ".fired").exists(), "the fault never fired"
     assert report.quarantined == []
-    _assert_store_has_each_sample_once(tmp_path / "store", 3 * 128)
-    _assert_same_frontier(reference, tmp_path)
+    assert_store_has_each_sample_once(tmp_path / "store", 3 * 128)
+    assert_same_frontier(reference, tmp_path)
 
 
 def test_a_nan_reward_beyond_the_quarantined_fraction_stops_the_run(tiny_models, tmp_path, ray_with_faulty_rewards):
@@ -194,7 +170,7 @@ def test_a_nan_reward_quarantines_its_prompt_and_names_it(tiny_models, tmp_path,
     river = {record["prompt_id"] for record in report.quarantined}
     assert len(river) == 1
     assert all("'bad' is nan" in record["error"] and record["stage"] == "score_bad" for record in report.quarantined)
-    frontier_prompts = set(_frontier(tmp_path)["prompt_id"].to_pylist())
+    frontier_prompts = set(frontier(tmp_path)["prompt_id"].to_pylist())
     assert len(frontier_prompts) == 2 and not frontier_prompts & river
 
 
