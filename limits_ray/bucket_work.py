@@ -6,8 +6,11 @@ A run's prompts are split by :func:`limits_ray.buckets.bucket_of`. For each buck
   written since the last compaction (:func:`compact`), and writes the rounds this run still has to
   generate (``todo``) for the bucket's prompts;
 - :func:`finalize_bucket`: compacts again (now with this run's rounds), writes the bucket's shard of
-  ``frontier``, ``convergence`` and ``bon``, and returns only per-(align, eval, beta) sums and a few
-  prompts' rows for the figures.
+  ``bon`` and, under ``work/ungated``, of ``frontier`` and ``convergence`` before the cross-prompt
+  reliability gate, and returns their per-cell k-hat sums (:func:`limits_ray.reliability_gate.khat_sums`);
+- :func:`gate_bucket`: once the driver has added every bucket's k-hat sums, gates the bucket's
+  ``frontier`` and ``convergence`` shards with them, writes them into the output and returns only
+  per-(align, eval, beta) sums and a few prompts' rows for the figures.
 
 Each task reads one bucket of the store; the driver sees counts and sums whose size does not grow
 with samples or prompts. The functions are plain Python: the job runs them as Ray tasks.
@@ -15,6 +18,7 @@ with samples or prompts. The functions are plain Python: the job runs them as Ra
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -24,13 +28,15 @@ import pyarrow as pa
 
 from limits_ray.buckets import bucket_name
 from limits_ray.frontier import frontier_sums
-from limits_ray.io import PromptSamples, iter_prompts
+from limits_ray.io import SCHEMAS, PromptSamples, iter_prompts
 from limits_ray.reduce import Plan, PromptRows, TableBuilder, prompt_statistics
+from limits_ray.reliability_gate import POOLED_TABLES, apply_pooled, khat_sums
 from limits_ray.storage import Location
 from limits_ray.store import MergedBucket, SampleStore
 
 __all__ = [
-    "BucketContext", "BucketSummary", "PROMPTS_SCHEMA", "TODO_SCHEMA", "bucket_round_counts", "compact", "finalize_bucket", "prepare_bucket",
+    "BucketContext", "BucketSummary", "PROMPTS_SCHEMA", "TODO_SCHEMA", "bucket_round_counts", "compact", "finalize_bucket",
+    "gate_bucket", "prepare_bucket",
     "round_statistics",
 ]
 
@@ -67,12 +73,17 @@ class BucketContext:
 
 @dataclass
 class BucketSummary:
-    """What a finished bucket tells the driver: small, whatever the bucket's size."""
+    """What a finalized bucket tells the driver: small, whatever the bucket's size.
+
+    ``khat_sums``: per pooled table (:data:`limits_ray.reliability_gate.POOLED_TABLES`), its per-cell
+    k-hat sums; ``sums`` and ``plot_rows`` are filled in by :func:`gate_bucket`.
+    """
 
     bucket: int
     prompts: int
     samples: int
-    sums: pa.Table
+    khat_sums: dict[str, pa.Table]
+    sums: pa.Table | None = None
     plot_rows: dict[str, pa.Table] = field(default_factory=dict)
     incomplete: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
@@ -180,10 +191,14 @@ def _bucket_samples(context: BucketContext, bucket: int, prompt_ids: set[str]) -
     return {prompt.prompt_id: prompt for prompt in iter_prompts(table, context.rewards, extra=("round",))}
 
 
+def _shard(location: Location, name: str, bucket: int) -> Location:
+    return location.join(f"{name}.parquet", f"part-{bucket:05d}.parquet")
+
+
 def _write_shards(output: Location, bucket: int, tables: dict[str, pa.Table]) -> None:
     for name, table in tables.items():
         if table.num_rows:
-            output.join(f"{name}.parquet", f"part-{bucket:05d}.parquet").write_table(table)
+            _shard(output, name, bucket).write_table(table)
 
 
 def _plot_rows(table: pa.Table, prompt_ids: list[str]) -> pa.Table:
@@ -194,7 +209,8 @@ def _plot_rows(table: pa.Table, prompt_ids: list[str]) -> pa.Table:
 
 def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip: set[str], best_of_n: bool,
                     convergence: bool) -> BucketSummary:
-    """Write the bucket's shard of the per-prompt tables into ``output``; returns sums and counts.
+    """Write the bucket's shard of ``bon`` into ``output`` and those of the pooled tables into ``work/ungated``
+    (:func:`gate_bucket` finishes them); returns their k-hat sums and counts.
 
     Each prompt's results come from its rounds ``start .. target - 1`` (usually every stored round:
     then from the merged statistics; else recomputed from the stored rewards). Prompts in ``skip``
@@ -226,10 +242,35 @@ def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip:
         rows.add(prompt_id, statistics, chosen)
     rows.flush()
     tables = {name: builder.table() for name, builder in builders.items()}
+    ungated = {name: tables.pop(name) for name in POOLED_TABLES}
+    _write_shards(context.work.join("ungated"), bucket, ungated)
     _write_shards(output, bucket, tables)
     shown = sorted(complete)[:PLOT_PROMPTS]
     return BucketSummary(
-        bucket=bucket, prompts=len(complete), samples=total, sums=frontier_sums(tables["frontier"]),
+        bucket=bucket, prompts=len(complete), samples=total,
+        khat_sums={name: khat_sums(table, name) for name, table in ungated.items()},
         plot_rows={name: _plot_rows(table, shown) for name, table in tables.items()},
         incomplete=sorted(set(wanted) - set(complete)), corrupt=corrupt, seconds=time.perf_counter() - started,
+    )
+
+
+def gate_bucket(context: BucketContext, summary: BucketSummary, output: Location,
+                pooled: dict[str, pa.Table]) -> BucketSummary:
+    """Gate the bucket's ``work/ungated`` shards with the run's merged k-hat sums ``pooled``
+    (:func:`limits_ray.reliability_gate.apply_pooled`) and write them into ``output``.
+
+    Returns ``summary`` with the frontier's per-(align, eval, beta) sums and the plot rows of the
+    bucket's first :data:`PLOT_PROMPTS` prompts.
+    """
+    started = time.perf_counter()
+    tables = {}
+    for name in POOLED_TABLES:
+        source = _shard(context.work.join("ungated"), name, summary.bucket)
+        tables[name] = apply_pooled(source.read_table(), pooled[name], name) if source.exists() else SCHEMAS[name].empty_table()
+    _write_shards(output, summary.bucket, tables)
+    shown = sorted(set(tables["frontier"]["prompt_id"].to_pylist()))[:PLOT_PROMPTS]
+    return dataclasses.replace(
+        summary, sums=frontier_sums(tables["frontier"]),
+        plot_rows={**summary.plot_rows, **{name: _plot_rows(table, shown) for name, table in tables.items()}},
+        seconds=summary.seconds + time.perf_counter() - started,
     )

@@ -43,7 +43,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
         ("n", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
         ("kl_se", pa.float64()), ("ess", pa.float64()), ("gain_bc", pa.float64()), ("kl_bc", pa.float64()),
-        ("khat", pa.float64()), ("reliable", pa.bool_()),
+        ("khat", pa.float64()), ("body_sd", pa.float64()), ("khat_pooled", pa.float64()),
+        ("reliable", pa.bool_()),
     ]),
     "frontier_mean": pa.schema([
         ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
@@ -59,7 +60,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "convergence": pa.schema([
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
         ("n_samples", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
-        ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("reliable", pa.bool_()),
+        ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("body_sd", pa.float64()),
+        ("khat_pooled", pa.float64()), ("reliable", pa.bool_()),
     ]),
 }
 

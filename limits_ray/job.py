@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from limits_ray.bucket_work import (
-    PROMPTS_SCHEMA, BucketContext, BucketSummary, bucket_round_counts, finalize_bucket, prepare_bucket,
+    PROMPTS_SCHEMA, BucketContext, BucketSummary, bucket_round_counts, finalize_bucket, gate_bucket, prepare_bucket,
 )
 from limits_ray.buckets import bucket_name, bucket_of
 from limits_ray.config import ConfigError, JobConfig, hub_kwargs
@@ -39,6 +39,7 @@ from limits_ray.frontier import mean_from_sums
 from limits_ray.io import SCHEMAS
 from limits_ray.prompts import PromptSet
 from limits_ray.reduce import Plan, ReduceResult
+from limits_ray.reliability_gate import POOLED_TABLES, merge_khat_sums
 from limits_ray.storage import Location, check_writable, open_location
 from limits_ray.store import SampleStore, auto_buckets
 
@@ -236,13 +237,14 @@ class StoredResult:
         return self._table("convergence")
 
 
-def _run_buckets(function, context: BucketContext, buckets: list[int], *args: Any) -> list[Any]:
-    """``function(context, bucket, *args)`` for every bucket as Ray tasks; results in bucket order."""
+def _run_buckets(function, context: BucketContext, buckets: list[Any], *args: Any) -> list[Any]:
+    """``function(context, bucket, *args)`` for every bucket (an index, or its summary) as Ray tasks; results
+    in bucket order."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=3)(function)
-    shared = ray.put(context)
-    return ray.get([task.remote(shared, bucket, *args) for bucket in buckets])
+    shared, common = ray.put(context), [ray.put(arg) for arg in args]
+    return ray.get([task.remote(shared, bucket, *common) for bucket in buckets])
 
 
 def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], starts: Mapping[str, int],
@@ -359,6 +361,8 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     if not sum(summary.prompts for summary in summaries):
         reasons = "; ".join(map(str, quarantined[:3]))
         raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")
+    pooled = {name: merge_khat_sums([summary.khat_sums[name] for summary in summaries], name) for name in POOLED_TABLES}
+    summaries = _run_buckets(gate_bucket, context, summaries, output, pooled)
     frontier_mean = mean_from_sums([summary.sums for summary in summaries])
     output.join("frontier_mean.parquet").write_table(frontier_mean)
     report = RunReport(

@@ -4,9 +4,12 @@ The input (a Parquet file or directory, any row order) is streamed, never read w
 (:mod:`limits_ray.partition`: the ``bucket=NNNNN`` directories of a sample store, else a spill into
 about ``bucket_rows`` rows per bucket) are reduced one at a time: read, validated and sorted as
 :func:`limits_ray.io.read_samples` does, then reduced prompt by prompt with the per-prompt functions
-of :mod:`limits_ray.reduce`. Each bucket writes its shard of each per-prompt table and returns the
-small per-(align, eval, beta) sums (:func:`limits_ray.frontier.frontier_sums`) that the caller adds
-into ``frontier_mean``. Peak memory is set by the largest bucket, not by the input.
+of :mod:`limits_ray.reduce`. Each bucket writes its shard of each per-prompt table (those of
+``frontier`` and ``convergence`` under ``<name>.ungated``) and returns their small per-cell k-hat sums
+(:func:`limits_ray.reliability_gate.khat_sums`); once they are added up, a second pass over the buckets
+gates those shards (:func:`limits_ray.reliability_gate.apply_pooled`, a batch of rows at a time) and
+returns the per-(align, eval, beta) sums (:func:`limits_ray.frontier.frontier_sums`) that the caller
+adds into ``frontier_mean``. Peak memory is set by the largest bucket, not by the input.
 
 Output in ``out_dir``: ``frontier.parquet``, ``bon.parquet`` and ``convergence.parquet`` are
 directories of shards ``part-NNNNN.parquet`` (one per bucket; ``pq.read_table`` and pandas read a
@@ -39,8 +42,9 @@ from limits_ray.frontier import frontier_sums, mean_from_sums, merge_sums
 from limits_ray.io import KEY_COLUMNS, SCHEMAS, InputError, iter_prompts, open_samples, read_columns, validate_samples, write_table
 from limits_ray.partition import Bucket, bucket_count, input_buckets, spill, spilled_buckets
 from limits_ray.reduce import PromptRows, TableBuilder, prompt_statistics
+from limits_ray.reliability_gate import POOLED_TABLES, apply_pooled, khat_sums, merge_khat_sums
 
-__all__ = ["BucketResult", "DEFAULT_BUCKET_ROWS", "OfflineResult", "PER_PROMPT", "reduce_bucket", "reduce_dataset"]
+__all__ = ["BucketResult", "DEFAULT_BUCKET_ROWS", "OfflineResult", "PER_PROMPT", "gate_bucket", "reduce_bucket", "reduce_dataset"]
 
 DEFAULT_BUCKET_ROWS = 1_000_000
 """Rows per spilled bucket: the reducer holds one bucket (about 40 bytes a row per reward column) at a time."""
@@ -52,12 +56,12 @@ T = TypeVar("T")
 
 @dataclass
 class BucketResult:
-    """What one bucket returns: its counts, frontier sums and (when asked) its prompts' 64-bit sha1 keys."""
+    """What one bucket returns: its counts, k-hat sums per pooled table and (when asked) its prompts' 64-bit sha1 keys."""
 
     bucket: int
     rows: int
     prompts: int
-    sums: pa.Table
+    khat_sums: dict[str, pa.Table]
     prompt_keys: np.ndarray
 
 
@@ -79,16 +83,19 @@ class OfflineResult:
 
 
 class _ShardWriter:
-    """Writes one bucket's shard of each per-prompt table, flushing the row builders as they fill."""
+    """Writes one bucket's shard of each per-prompt table, flushing the row builders as they fill.
+
+    The pooled tables go to ``<name>.ungated`` (see the module doc), with their k-hat sums kept.
+    """
 
     def __init__(self, staging: Path, bucket: int) -> None:
         self.builders = {name: TableBuilder(name) for name in PER_PROMPT}
         self.writers = {}
         for name in PER_PROMPT:
-            directory = staging / f"{name}.parquet"
-            directory.mkdir(parents=True, exist_ok=True)
-            self.writers[name] = pq.ParquetWriter(directory / f"part-{bucket:05d}.parquet", SCHEMAS[name])
-        self.sums: list[pa.Table] = [frontier_sums(SCHEMAS["frontier"].empty_table())]
+            path = _shard_path(staging, name, bucket, ungated=name in POOLED_TABLES)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[name] = pq.ParquetWriter(path, SCHEMAS[name])
+        self.sums = {name: [khat_sums(SCHEMAS[name].empty_table(), name)] for name in POOLED_TABLES}
         self.rows, self.counted = 0, dict.fromkeys(PER_PROMPT, 0)
 
     def maybe_flush(self) -> None:
@@ -105,16 +112,37 @@ class _ShardWriter:
             table = builder.table()
             if table.num_rows:
                 self.writers[name].write_table(table)
-                if name == "frontier":
-                    self.sums.append(frontier_sums(table))
+                if name in self.sums:
+                    self.sums[name].append(khat_sums(table, name))
             self.builders[name] = TableBuilder(name)
         self.rows, self.counted = 0, dict.fromkeys(PER_PROMPT, 0)
 
-    def close(self) -> pa.Table:
+    def close(self) -> dict[str, pa.Table]:
         self.flush()
         for writer in self.writers.values():
             writer.close()
-        return merge_sums(self.sums)
+        return {name: merge_khat_sums(sums, name) for name, sums in self.sums.items()}
+
+
+def _shard_path(staging: Path, name: str, bucket: int, ungated: bool = False) -> Path:
+    return staging / f"{name}.{'ungated' if ungated else 'parquet'}" / f"part-{bucket:05d}.parquet"
+
+
+def gate_bucket(bucket: int, staging: str, pooled: dict[str, pa.Table]) -> pa.Table:
+    """Gate bucket ``bucket``'s ungated shards with the merged k-hat sums ``pooled``, ``FLUSH_ROWS`` rows at
+    a time, into its final shards; returns the frontier sums of the gated rows."""
+    sums = [frontier_sums(SCHEMAS["frontier"].empty_table())]
+    for name in POOLED_TABLES:
+        source, target = _shard_path(Path(staging), name, bucket, ungated=True), _shard_path(Path(staging), name, bucket)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(target, SCHEMAS[name]) as writer:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=FLUSH_ROWS):
+                gated = apply_pooled(pa.Table.from_batches([batch], SCHEMAS[name]), pooled[name], name)
+                writer.write_table(gated)
+                if name == "frontier":
+                    sums.append(frontier_sums(gated))
+        source.unlink()
+    return merge_sums(sums)
 
 
 def prompt_keys(prompt_ids: Sequence[str]) -> np.ndarray:
@@ -247,7 +275,9 @@ def reduce_dataset(samples_path: str | Path, out_dir: str | Path, config: Analys
         results = _map(reduce_bucket, calls, slots)
         if partitioned:
             _check_whole_prompts(results, source)
-        frontier_mean = mean_from_sums(merge_sums([r.sums for r in results]))
+        pooled = {name: merge_khat_sums([r.khat_sums[name] for r in results], name) for name in POOLED_TABLES}
+        sums = _map(gate_bucket, [(r.bucket, str(staging), pooled) for r in results], slots)
+        frontier_mean = mean_from_sums(merge_sums(sums))
         write_table(frontier_mean, staging / "frontier_mean.parquet")
         paths = _publish(staging, out_dir)
     finally:

@@ -21,6 +21,15 @@ Stan's ``posterior``/``loo`` packages (../shared/MATH.md, "Reliability of the im
 ``k_hat < 0.5``: the weights have finite variance (delta-method errors apply); up to
 ``min(1 - 1/log10 N, 0.7)``: usable; above: the estimate is not to be trusted.
 
+One prompt's k-hat is noisy (sampling SD about ``(1 + k)/sqrt(M)``: 0.14 at ``N = 1000``, ``k = 0.5``),
+and where the true shape is near or above 0.5 the prompts whose sample missed the upper tail are the
+ones with a small k-hat, a low estimate and a small SE: a per-prompt cut keeps exactly those. So
+:func:`pooled_khat` shrinks each prompt's k-hat toward what the other prompts of the same
+(align, eval, beta[, N]) cell predict for it from a covariate (the spread of its rewards below the
+fitted tail, over beta), by how much the prompts differ beyond that and their sampling noise
+(empirical Bayes, method of moments), and a prompt is reliable only where that pooled k-hat is below
+:data:`POOLED_KHAT_LIMIT` = 0.45 as well (:mod:`limits_ray.reliability_gate` applies it to the tables).
+
 The weights ``exp(r/beta)`` are ordered by ``r`` for every ``beta > 0``, so the largest ``M + 1``
 rewards give the tail at every beta: :func:`khat` takes only them.
 """
@@ -29,10 +38,21 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_threshold", "khat_thresholds", "tail_size"]
+__all__ = [
+    "POOLED_KHAT_LIMIT", "POOL_SUMS", "TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_pool_sums", "khat_sd", "khat_threshold",
+    "khat_thresholds", "pooled_khat", "tail_size",
+]
 
 TAIL_CAP = 1024
 """Default number of largest rewards kept per state: exact k-hat for N <= 116,281 (M + 1 <= 1024)."""
+
+POOLED_KHAT_LIMIT = 0.45
+"""Pooled k-hats (:func:`pooled_khat`) at or above this are not reliable.
+
+The weights have finite variance for ``k < 0.5``; the margin is for ``k`` at the bound, where the
+variance is infinite and a cell's pooled k-hat straddles 0.5 (its SD over ``C`` prompts is about
+``0.14/sqrt(C)`` at ``N = 1000``), which splits a cell of alike prompts into a reliable part that
+under-covers (bench/bench_coverage.py measures both limits)."""
 
 _MIN_EXCEEDANCES = 5  # fewer points above the cutoff: no fit (as arviz and posterior)
 _PRIOR_WEIGHT, _PRIOR_SHAPE, _PRIOR_BS = 10.0, 0.5, 3.0
@@ -137,3 +157,65 @@ def _fit_rows(log_w: np.ndarray) -> np.ndarray:
             exceed = np.exp(log_w[chosen, :count]) - np.exp(cutoff[chosen, None])
             out[chosen] = gpd_fit(exceed[:, ::-1])[0]
     return out
+
+
+def khat_sd(khat_values: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Sampling SD of k-hat: ``sqrt(M) (1 + max(k, 0)) / (M + 10)``.
+
+    The maximum-likelihood SD of a generalized Pareto shape fitted to ``M`` exceedances is
+    ``(1 + k)/sqrt(M)`` (Smith, "Estimating tails of probability distributions", Ann. Statist. 15(3),
+    1987); the weak prior ``(M k + 10 * 0.5)/(M + 10)`` scales it by ``M/(M + 10)``. ``M`` is
+    :func:`tail_size` capped by :data:`TAIL_CAP` as in :func:`khat_many`. Measured SDs of k-hat
+    over 600-1000 simulated prompts, ``N`` = 250-4000, k-hat 0.1-0.8, are 0.97-1.05 times this for
+    exponential rewards (exactly Pareto weights; tests/test_psis.py) and 0.92-0.97 times it for
+    Gaussian ones.
+    """
+    tail = np.minimum(tail_size(np.maximum(np.asarray(n), 1)), TAIL_CAP - 1).astype(np.float64)
+    return np.sqrt(tail) * (1.0 + np.clip(khat_values, 0.0, None)) / (tail + _PRIOR_WEIGHT)
+
+
+POOL_SUMS = ("count", "x_sum", "x_sq_sum", "k_sum", "xk_sum", "k_sq_sum", "var_sum")
+"""The per-cell sums of :func:`khat_pool_sums`, in order."""
+
+
+def khat_pool_sums(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, axis: int = 0) -> tuple[np.ndarray, ...]:
+    """:data:`POOL_SUMS` over the rows where k-hat and the covariate are finite, along ``axis``:
+    ``(count, sum x, sum x^2, sum k, sum x k, sum k^2, sum sd^2)``; sums of prompt sets add up."""
+    used = np.isfinite(khat_values) & np.isfinite(covariate)
+    k = np.where(used, khat_values, 0.0)
+    x = np.where(used, covariate, 0.0)
+    variance = np.where(used, khat_sd(k, n) ** 2, 0.0)
+    return tuple(value.sum(axis=axis) for value in (used.astype(np.float64), x, x * x, k, x * k, k * k, variance))
+
+
+def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, count: np.ndarray, x_sum: np.ndarray,
+                x_sq_sum: np.ndarray, k_sum: np.ndarray, xk_sum: np.ndarray, k_sq_sum: np.ndarray,
+                var_sum: np.ndarray) -> np.ndarray:
+    """Each prompt's k-hat shrunk toward what its covariate predicts from its cell (empirical Bayes).
+
+    The Fay-Herriot model (Fay & Herriot, "Estimates of income for small places", JASA 74(366), 1979;
+    Morris, "Parametric empirical Bayes inference", JASA 78(381), 1983): ``k_x = a + b c_x + u_x``,
+    ``u_x ~ (0, tau^2)`` across the prompts of a cell, observed with sampling noise ``sd_x``
+    (:func:`khat_sd`). With the cell sums of :func:`khat_pool_sums` over its ``C`` prompts: ``a``, ``b``
+    by least squares of k-hat on the covariate ``c`` (``b = 0`` when ``C < 3`` or ``c`` does not vary),
+    ``tau^2 = max(RSS/(C - p) - mean sd^2, 0)`` (``p`` = 2 fitted coefficients, 1 without a slope) and
+    ``lam = tau^2 / (tau^2 + sd_x^2)``; the result is ``m_x + lam (k_x - m_x)``, ``m_x = a + b c_x``.
+    Prompts that differ from the fitted line no more than their noise all get the line's value;
+    prompts that clearly differ keep their own k-hat. A cell of fewer than 2 prompts, and a row whose
+    k-hat or covariate is not finite, keep their own value. Arrays broadcast.
+    """
+    count = np.asarray(count, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x_mean, k_mean = x_sum / count, k_sum / count
+        xx = x_sq_sum - count * x_mean * x_mean
+        xk = xk_sum - count * x_mean * k_mean
+        kk = k_sq_sum - count * k_mean * k_mean
+        sloped = (count >= 3) & (xx > 1e-12 * np.maximum(x_sq_sum, 1e-300))
+        slope = np.where(sloped, xk / xx, 0.0)
+        residual = np.clip(kk - slope * xk, 0.0, None)
+        tau2 = np.clip(residual / (count - np.where(sloped, 2.0, 1.0)) - var_sum / count, 0.0, None)
+        line = k_mean + slope * (covariate - x_mean)
+        sd2 = khat_sd(khat_values, n) ** 2
+        weight = np.where(tau2 > 0, tau2 / (tau2 + sd2), 0.0)
+        shrunk = line + weight * (khat_values - line)
+    return np.where((count >= 2) & np.isfinite(khat_values) & np.isfinite(covariate), shrunk, khat_values)

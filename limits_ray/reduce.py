@@ -20,6 +20,7 @@ from limits_ray.config import AnalysisConfig
 from limits_ray.convergence import DyadicStats
 from limits_ray.frontier import mean_frontier
 from limits_ray.io import SCHEMAS, PromptSamples, iter_prompts, read_samples, write_table
+from limits_ray.reliability_gate import pool_whole
 from limits_ray.reward_spec import RewardSpec
 from limits_ray.stats import TiltEstimate, finalize_many
 
@@ -144,9 +145,11 @@ class PromptRows:
 
 
 FRONTIER_ROW = {"n": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se", "ess": "ess",
-                "gain_bc": "gain_bc", "kl_bc": "kl_bc", "khat": "khat", "reliable": "reliable"}
+                "gain_bc": "gain_bc", "kl_bc": "kl_bc", "khat": "khat", "body_sd": "body_sd", "khat_pooled": "khat",
+                "reliable": "reliable"}
 CONVERGENCE_ROW = {"n_samples": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se",
-                   "ess": "ess", "khat": "khat", "reliable": "reliable"}
+                   "ess": "ess", "khat": "khat", "body_sd": "body_sd", "khat_pooled": "khat",
+                   "reliable": "reliable"}
 """Row column -> :class:`limits_ray.stats.TiltEstimate` field, per table."""
 _PER_EVAL = {"gain", "gain_se", "gain_bc"}  # fields with a target-column axis
 
@@ -216,9 +219,11 @@ class ReduceResult:
 
 
 def finish(frontier: TableBuilder, bon: TableBuilder, convergence: TableBuilder) -> ReduceResult:
-    """Assemble the result, averaging the per-prompt frontier over prompts."""
-    frontier_table = frontier.table()
-    return ReduceResult(frontier_table, mean_frontier(frontier_table), bon.table(), convergence.table())
+    """Assemble the result: the cross-prompt reliability gate (:mod:`limits_ray.reliability_gate`), then the
+    per-prompt frontier averaged over prompts."""
+    frontier_table, convergence_table = (pool_whole(builder.table(), name)
+                                         for name, builder in (("frontier", frontier), ("convergence", convergence)))
+    return ReduceResult(frontier_table, mean_frontier(frontier_table), bon.table(), convergence_table)
 
 
 def reduce_prompts(prompts: Iterable[PromptSamples], plan: Plan, config: AnalysisConfig) -> ReduceResult:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import stdtrit
 
-from limits_ray.psis import TAIL_CAP, khat_many, khat_thresholds
+from limits_ray.psis import TAIL_CAP, khat_many, khat_thresholds, tail_size
 
 __all__ = ["ESS_FLOOR", "TiltStats", "TiltEstimate", "finalize_many"]
 
@@ -44,6 +44,7 @@ with 19 degrees of freedom is already 2.09, and the weights are rarely that beni
 where k-hat cannot be fitted (the largest rewards tied: bounded weights, k-hat NaN) and at small N.
 """
 _Z975 = 1.959963984540054
+_DF_DIVISOR = 3.0  # df = nu / 3 (see TiltStats.finalize)
 
 _CHUNK_ROWS = 4096  # rows per update chunk: bounds the [2B + 1, rows] work buffers (about 4 MiB at B = 64)
 
@@ -74,6 +75,10 @@ class TiltEstimate:
         jeffreys: ``[B]`` ``kl + reverse_kl``; Theorem 1: ``gain[:, 0] == betas * jeffreys``.
         ess: ``[B]`` Kish effective sample size ``(sum w)^2 / sum w^2``.
         khat: ``[B]`` Pareto k-hat of the weights (:func:`limits_ray.psis.khat`).
+        body_sd: standard deviation of the alignment reward ``r`` over the samples below the fitted
+            tail (all but the ``M + 1`` largest, ``M`` :func:`limits_ray.psis.tail_size`); NaN with
+            fewer than 2 such samples. The covariate of the pooled k-hat (:mod:`limits_ray.reliability_gate`):
+            a spread of the rewards that a missed upper tail hardly moves.
         reliable: ``[B]`` ``khat < min(1 - 1/log10 N, 0.7)`` (or k-hat NaN: tied top rewards) and
             ``ess >= ESS_FLOOR``.
     """
@@ -95,6 +100,7 @@ class TiltEstimate:
     jeffreys: np.ndarray
     ess: np.ndarray
     khat: np.ndarray
+    body_sd: np.ndarray
     reliable: np.ndarray
 
     def select(self, index: int) -> "TiltEstimate":
@@ -301,7 +307,8 @@ class TiltStats:
           ``IF_KL,i = w_i ((r_i - R_r)/beta - 1)/mean(w) + 1``, with
           ``se^2 = sum_i IF_i^2 / (N (N - 1))``;
         - ``ESS = (sum w)^2 / sum w^2`` (Kish) and ``khat`` (:func:`limits_ray.psis.khat` on the tail);
-          ``reliable = (khat < min(1 - 1/log10 N, 0.7) or khat is NaN) and ESS >= ESS_FLOOR``;
+          ``reliable = (khat < min(1 - 1/log10 N, 0.7) or khat is NaN) and ESS >= ESS_FLOOR`` (the
+          per-prompt test; the result tables also ask the pooled k-hat of :mod:`limits_ray.reliability_gate`);
         - first-order bias corrections (second-order Taylor expansion of a ratio of means and of
           ``log mean(w)``): ``E[R_y_hat] - R_y ~ -E[w^2 (y - R_y)] / (N E[w]^2)`` and
           ``E[log mean(w)] - log E[w] ~ -Var(w) / (2 N E[w]^2)``, estimated by
@@ -309,14 +316,15 @@ class TiltStats:
           ``kl_bc = kl + sum w^2 (r - R_r) / (beta (sum w)^2) - (1/ESS - 1/N) / 2``;
         - interval standard errors ``gain_se = gain_se_delta t_df(0.975) / z(0.975)`` (likewise ``kl_se``),
           so that ``gain_bc +- 1.96 gain_se`` is a 95% interval: ``t_df`` is Student's quantile with
-          ``df = max(nu / 2, 1)``, ``nu = (sum IF^2)^2 / sum_tail IF^4`` the effective number of terms
+          ``df = max(nu / 3, 1)``, ``nu = (sum IF^2)^2 / sum_tail IF^4`` the effective number of terms
           behind the variance estimate (``N/3`` for normal influence terms, a handful when a few
           weights dominate). ``sum_tail`` runs over the tail rows (all samples while ``N <= tail_cap``;
-          beyond, the body's terms are left out, which can only raise ``nu``). The halving is an
+          beyond, the body's terms are left out, which can only raise ``nu``). The factor is an
           empirical calibration (bench/bench_coverage.py): Satterthwaite's ``2 nu`` assumes the error
           independent of the SE, but with heavy weights a sample that missed the upper tail has both a
-          low estimate and a small SE; ``nu/2`` restores the coverage there and stays at ~0.95 where
-          the weights are benign.
+          low estimate and a small SE; with the pooled k-hat gate of the tables
+          (:mod:`limits_ray.reliability_gate`), ``nu/3`` keeps the coverage at or above 0.90 wherever an
+          interval is given, and at 0.92-0.98 where the weights are benign.
           Where not ``reliable`` the variance may be infinite and ``gain_se``, ``kl_se`` are NaN.
 
         ``kl_se`` comes from a difference of nearly equal sums when ``beta`` is far above the spread
@@ -400,8 +408,25 @@ def finalize_many(states: list[TiltStats]) -> TiltEstimate:
         jeffreys=kl + reverse_kl,
         ess=ess,
         khat=k_hat,
+        body_sd=_body_sd(states, n, plain[:, 1], plain[:, 1 + y_count], shift[:, 0]),
         reliable=reliable,
     )
+
+
+def _body_sd(states: list[TiltStats], n: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
+             shift: np.ndarray) -> np.ndarray:
+    """``[S]`` SD of ``r`` without the ``min(M + 1, T)`` largest: the sums of all ``N`` (centred by ``shift``)
+    less those of the top tail rows; states with the same count removed are done together."""
+    removed = np.array([min(int(tail_size(count)) + 1, state.tail.shape[0]) for state, count in zip(states, n)])
+    top, top_sq = np.zeros(n.size), np.zeros(n.size)
+    for count in np.unique(removed[removed > 0]):
+        chosen = np.flatnonzero(removed == count)
+        rows = np.stack([states[index].tail[:count, 0] for index in chosen]) - shift[chosen, None]
+        top[chosen], top_sq[chosen] = rows.sum(axis=1), (rows * rows).sum(axis=1)
+    body = (n - removed).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        variance = ((total_sq - top_sq) - (total - top) ** 2 / body) / (body - 1.0)
+    return np.where(body >= 2, np.sqrt(np.clip(variance, 0.0, None)), np.nan)
 
 
 _IF4_ELEMENTS = 1 << 20  # float64 elements of one [states, B, T, Y] work array in _tail_if4 (8 MiB)
@@ -447,11 +472,11 @@ def _tail_if4(states: list[TiltStats], shift: np.ndarray, r_max: np.ndarray, mea
 
 
 def _t_ratio(if2: np.ndarray, if4: np.ndarray, reliable: np.ndarray) -> np.ndarray:
-    """``t_df(0.975) / z(0.975)`` with ``df = max(if2^2 / (2 if4), 1)``; 1 (normal) where ``if4 = 0``; NaN
+    """``t_df(0.975) / z(0.975)`` with ``df = max(if2^2 / (3 if4), 1)``; 1 (normal) where ``if4 = 0``; NaN
     where not ``reliable`` (broadcast to ``if2``'s shape)."""
     reliable = np.broadcast_to(reliable, if2.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        df = np.where(if4 > 0, np.clip(if2, 0, None) ** 2 / (2.0 * if4), np.inf)
+        df = np.where(if4 > 0, np.clip(if2, 0, None) ** 2 / (_DF_DIVISOR * if4), np.inf)
     df = np.maximum(np.where(np.isnan(df), np.inf, df), 1.0)
     ratio = np.full(if2.shape, np.nan)
     ratio[reliable] = 1.0

@@ -19,7 +19,7 @@ from limits_ray.io import SCHEMAS
 def per_prompt_table(rows: list[dict]) -> pa.Table:
     """Rows as a frontier table; reliability columns a row leaves out default to a reliable, unbiased cell."""
     defaults = {"gain_bc": lambda row: row["gain"], "kl_bc": lambda row: row["kl"], "khat": lambda row: 0.3,
-                "reliable": lambda row: True}
+                "khat_pooled": lambda row: row.get("khat", 0.3), "body_sd": lambda row: 1.0, "reliable": lambda row: True}
     columns = {name: [row[name] if name in row else defaults[name](row) for row in rows] for name in SCHEMAS["frontier"].names}
     return pa.table(columns, schema=SCHEMAS["frontier"])
 

@@ -26,13 +26,14 @@ def samples_table(prompts=("p0", "p1"), n=5, seed=0, **extra) -> pa.Table:
 def test_contract_schemas():
     assert SCHEMAS["frontier"].names == [
         "prompt_id", "align", "eval", "beta", "n", "gain", "gain_se", "kl", "kl_se", "ess", "gain_bc", "kl_bc", "khat",
-        "reliable"]
+        "body_sd", "khat_pooled", "reliable"]
     assert SCHEMAS["frontier_mean"].names == [
         "align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se", "gain_spread_se", "kl_spread_se",
         "gain_bc", "kl_bc", "reliable"]
     assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl", "reward_se", "gain_se"]
     assert SCHEMAS["convergence"].names == [
-        "prompt_id", "align", "eval", "beta", "n_samples", "gain", "gain_se", "kl", "kl_se", "ess", "khat", "reliable"]
+        "prompt_id", "align", "eval", "beta", "n_samples", "gain", "gain_se", "kl", "kl_se", "ess", "khat", "body_sd", "khat_pooled",
+        "reliable"]
     assert SCHEMAS["frontier"].field("reliable").type == pa.bool_()
     assert SCHEMAS["frontier_mean"].field("reliable").type == pa.float64()
     assert SCHEMAS["frontier"].field("n").type == pa.int64()

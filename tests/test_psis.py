@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from limits_ray.psis import gpd_fit, khat, khat_threshold, tail_size
+from limits_ray.psis import gpd_fit, khat, khat_pool_sums, khat_sd, khat_threshold, pooled_khat, tail_size
 
 BETAS = np.array([0.3, 1.0, 3.0])
 # Fixed data: quantiles of three reward distributions (no random stream involved).
@@ -91,3 +91,61 @@ def test_ties_and_underflow():
     assert np.isnan(khat(tied, 200, BETAS)).all()
     spread = np.linspace(0.0, 100.0, 1000)
     assert khat(spread, 1000, np.array([1e-4]))[0] == np.inf  # 1000 nats between neighbours
+
+
+# ----------------------------------------------------------------------------------------------
+# the pooled k-hat
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, beta", [(250, 1.5), (1000, 2.0), (1000, 5.0), (4000, 1.25)])
+def test_khat_sd_is_the_spread_of_khat_over_simulated_prompts(n, beta):
+    """Exponential rewards: the weights are exactly Pareto with k = 1/beta; 600 prompts per case."""
+    rng = np.random.default_rng(int(n + 100 * beta))
+    fitted = np.array([khat(np.sort(rng.exponential(size=n))[-200:], n, np.array([beta]))[0] for _ in range(600)])
+    ratio = fitted.std() / khat_sd(fitted.mean(), np.array(n))
+    assert 0.85 < ratio < 1.1, ratio  # sd of a sample sd over 600 draws: about 3%
+
+
+def pool(fitted: np.ndarray, n: np.ndarray, covariate: np.ndarray) -> np.ndarray:
+    return pooled_khat(fitted, n, covariate, *khat_pool_sums(fitted, n, covariate))
+
+
+def test_pooled_khat_shrinks_prompts_that_differ_by_noise_only_to_their_mean():
+    rng = np.random.default_rng(5)
+    n = np.full(500, 1000)
+    same = 0.6 + khat_sd(0.6, n) * rng.normal(size=500)  # one true shape, sampling noise only
+    pooled = pool(same, n, 1.0 + 0.01 * rng.normal(size=500))  # a covariate that explains nothing
+    assert np.ptp(pooled) < 0.03 and abs(pooled.mean() - 0.6) < 0.02
+    assert (same < 0.45).mean() > 0.1 and not (pooled < 0.5).any()  # the cell's prompts are judged together
+
+
+def test_pooled_khat_follows_the_covariate_where_it_explains_the_shapes():
+    """Three kinds of prompt, k = 0.25 x for covariate x = 1, 2, 3: each prompt gets its kind's shape."""
+    rng = np.random.default_rng(7)
+    n = np.full(900, 1000)
+    covariate = np.repeat([1.0, 2.0, 3.0], 300)
+    fitted = 0.25 * covariate + khat_sd(0.25 * covariate, n) * rng.normal(size=900)
+    pooled = pool(fitted, n, covariate)
+    np.testing.assert_allclose(pooled, 0.25 * covariate, atol=0.03)
+    assert (fitted[300:600] < 0.45).mean() > 0.2  # the x = 2 kind (k = 0.5): a fifth would pass alone
+
+
+def test_pooled_khat_keeps_prompts_that_clearly_differ_beyond_the_covariate():
+    rng = np.random.default_rng(6)
+    n = np.full(600, 1000)
+    true = np.repeat([0.1, 0.9], 300)
+    fitted = true + khat_sd(true, n) * rng.normal(size=600)
+    pooled = pool(fitted, n, np.ones(600))  # the covariate does not tell the kinds apart
+    assert (pooled[:300] < 0.5).mean() > 0.97 and (pooled[300:] >= 0.5).mean() > 0.97
+    assert np.corrcoef(pooled, fitted)[0, 1] > 0.999
+
+
+def test_pooled_khat_of_lone_prompts_and_non_finite_values_is_their_own():
+    n = np.array([1000, 1000, 1000, 1000])
+    k = np.array([0.3, np.nan, np.inf, 0.8])
+    x = np.array([1.0, 1.0, 1.0, np.nan])
+    np.testing.assert_array_equal(pool(k[:1], n[:1], x[:1]), k[:1])
+    sums = khat_pool_sums(k, n, x)
+    assert sums[0] == 1 and sums[3] == 0.3 and sums[5] == pytest.approx(0.09)  # count, sum k, sum k^2
+    pooled = pooled_khat(k, n, x, *sums)
+    assert pooled[0] == 0.3 and np.isnan(pooled[1]) and pooled[2] == np.inf and pooled[3] == 0.8

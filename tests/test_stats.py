@@ -123,8 +123,8 @@ def reference(targets: np.ndarray, beta: float) -> dict:
         "gain_bc": tilted - base + ((u * u)[:, None] * (targets - tilted)).sum(axis=0) / u.sum() ** 2,
         "kl_bc": kl + ((u * u) * (r - tilted[0])).sum() / (beta * u.sum() ** 2)
         - ((u * u).sum() / u.sum() ** 2 - 1 / n) / 2,
-        "gain_df": (influence_gain**2).sum(axis=0) ** 2 / (influence_gain**4).sum(axis=0) / 2,
-        "kl_df": (influence_kl**2).sum() ** 2 / (influence_kl**4).sum() / 2,
+        "gain_df": (influence_gain**2).sum(axis=0) ** 2 / (influence_gain**4).sum(axis=0) / 3,  # df = nu / 3 (TiltStats.finalize)
+        "kl_df": (influence_kl**2).sum() ** 2 / (influence_kl**4).sum() / 3,
     }
 
 
