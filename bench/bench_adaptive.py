@@ -42,23 +42,29 @@ sys.path.insert(0, str(ROOT))
 from _report import DOCS, cpu_description, update_docs  # noqa: E402
 from limits_ray.adaptive import MIN_ESS_FRACTION, is_reliable, plan_wave  # noqa: E402
 from limits_ray.exact import gaussian_gain, gaussian_kl  # noqa: E402
+from limits_ray.psis import POOLED_KHAT_LIMIT, khat_pool_sums, pooled_khat  # noqa: E402
 from limits_ray.stats import TiltStats  # noqa: E402
 
 SECTION = "## Adaptive sampling (bench/bench_adaptive.py)"
 
 
 def estimates(stats: list[TiltStats]) -> tuple[np.ndarray, ...]:
-    """(gain, gain_se, kl, kl_se, reliable, gain_se_delta, kl_se_delta), each [P, B].
+    """(gain, gain_se, kl, kl_se, reliable), each [P, B], as the job's tables give them.
 
-    ``gain_se``, ``kl_se`` are the interval SEs the job plans with (NaN where a prompt's own
-    reliability test fails); ``reliable`` is that test and Kish ESS/N (as the job's
-    :func:`limits_ray.adaptive.frontier_reliable`, without the tables' cross-prompt gate).
+    ``reliable``: each prompt's own test, the cross-prompt gate over the P prompts at each beta
+    (:mod:`limits_ray.reliability_gate`), and Kish ESS/N (:func:`limits_ray.adaptive.frontier_reliable`);
+    ``gain_se``, ``kl_se``: the interval SEs, NaN where not reliable.
     """
     finals = [state.finalize() for state in stats]
+    khat, body_sd = np.stack([f.khat for f in finals]), np.stack([f.body_sd for f in finals])
+    size = np.repeat([f.n for f in finals], khat.shape[1]).reshape(khat.shape)
+    covariate = body_sd.reshape(-1, 1) / finals[0].betas
+    pooled = pooled_khat(khat, size, covariate, *khat_pool_sums(khat, size, covariate, axis=0))
     reliable = np.stack([f.reliable & is_reliable(f.ess, np.full(f.ess.shape, f.n)) for f in finals])
-    return (np.stack([f.gain[:, 0] for f in finals]), np.stack([f.gain_se[:, 0] for f in finals]),
-            np.stack([f.kl for f in finals]), np.stack([f.kl_se for f in finals]), reliable,
-            np.stack([f.gain_se_delta[:, 0] for f in finals]), np.stack([f.kl_se_delta for f in finals]))
+    reliable &= ~(pooled >= POOLED_KHAT_LIMIT)
+    gain_se = np.where(reliable, np.stack([f.gain_se[:, 0] for f in finals]), np.nan)
+    kl_se = np.where(reliable, np.stack([f.kl_se for f in finals]), np.nan)
+    return np.stack([f.gain[:, 0] for f in finals]), gain_se, np.stack([f.kl for f in finals]), kl_se, reliable
 
 
 def reported(estimate: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -202,7 +208,7 @@ def main() -> int:
         f"- Machine: {cpu_description()}; Python {platform.python_version()}, numpy {np.__version__}",
         f"- Setup: {args.prompts} prompts with Gaussian rewards, sigma log-spaced 0.1 to 1.0 (exact gain sigma^2/beta, "
         f"KL sigma^2/(2 beta^2)); betas {', '.join(f'{b:.3g}' for b in betas)}; tolerance {args.tol} on gain_se and "
-        f"kl_se at every beta, and Kish ESS/N >= {MIN_ESS_FRACTION} (`is_reliable`) to stop; pilot: {args.initial} "
+        f"kl_se at every beta, and reliable there (each prompt's own test, the cross-prompt gate over the prompts, and Kish ESS/N >= {MIN_ESS_FRACTION}) to stop; pilot: {args.initial} "
         f"samples per prompt first, rounds of {args.step}, growth <= x{args.growth:g} per wave, cap "
         f"{args.max_samples:,}; {args.reps} replicates ({args.uniform_reps} per N of the uniform grid).",
         "",

@@ -30,10 +30,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -128,6 +129,21 @@ def _shard_path(staging: Path, name: str, bucket: int, ungated: bool = False) ->
     return staging / f"{name}.{'ungated' if ungated else 'parquet'}" / f"part-{bucket:05d}.parquet"
 
 
+def _whole_prompts(source: pq.ParquetFile, schema: pa.Schema) -> Iterator[pa.Table]:
+    """``source``'s rows (grouped by prompt) about ``FLUSH_ROWS`` at a time, each table ending with a prompt's last row."""
+    carried = schema.empty_table()
+    for batch in source.iter_batches(batch_size=FLUSH_ROWS):
+        rows = pa.concat_tables([carried, pa.Table.from_batches([batch], schema)])
+        ids = rows["prompt_id"]
+        last = ids[rows.num_rows - 1]
+        keep = rows.num_rows - int(pc.sum(pc.equal(ids, last)).as_py())  # the last prompt may go on
+        carried = rows.slice(keep)
+        if keep:
+            yield rows.slice(0, keep)
+    if carried.num_rows:
+        yield carried
+
+
 def gate_bucket(bucket: int, staging: str, pooled: dict[str, pa.Table]) -> pa.Table:
     """Gate bucket ``bucket``'s ungated shards with the merged k-hat sums ``pooled``, ``FLUSH_ROWS`` rows at
     a time, into its final shards; returns the frontier sums of the gated rows."""
@@ -136,11 +152,11 @@ def gate_bucket(bucket: int, staging: str, pooled: dict[str, pa.Table]) -> pa.Ta
         source, target = _shard_path(Path(staging), name, bucket, ungated=True), _shard_path(Path(staging), name, bucket)
         target.parent.mkdir(parents=True, exist_ok=True)
         with pq.ParquetWriter(target, SCHEMAS[name]) as writer:
-            for batch in pq.ParquetFile(source).iter_batches(batch_size=FLUSH_ROWS):
-                gated = apply_pooled(pa.Table.from_batches([batch], SCHEMAS[name]), pooled[name], name)
+            for rows in _whole_prompts(pq.ParquetFile(source), SCHEMAS[name]):
+                gated = apply_pooled(rows, pooled[name], name)
                 writer.write_table(gated)
                 if name == "frontier":
-                    sums.append(frontier_sums(gated))
+                    sums.append(frontier_sums(gated))  # whole prompts: every (align, eval, beta) group
         source.unlink()
     return merge_sums(sums)
 

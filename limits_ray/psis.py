@@ -24,8 +24,8 @@ Stan's ``posterior``/``loo`` packages (../shared/MATH.md, "Reliability of the im
 One prompt's k-hat is noisy (sampling SD about ``(1 + k)/sqrt(M)``: 0.14 at ``N = 1000``, ``k = 0.5``),
 and where the true shape is near or above 0.5 the prompts whose sample missed the upper tail are the
 ones with a small k-hat, a low estimate and a small SE: a per-prompt cut keeps exactly those. So
-:func:`pooled_khat` shrinks each prompt's k-hat toward what the other prompts of the same
-(align, eval, beta[, N]) cell predict for it from a covariate (the spread of its rewards below the
+:func:`pooled_khat` shrinks each prompt's k-hat toward what the prompts of its
+(align, eval, beta[, N]) cell, itself included, predict for it from a covariate (the spread of its rewards below the
 fitted tail, over beta), by how much the prompts differ beyond that and their sampling noise
 (empirical Bayes, method of moments), and a prompt is reliable only where that pooled k-hat is below
 :data:`POOLED_KHAT_LIMIT` = 0.45 as well (:mod:`limits_ray.reliability_gate` applies it to the tables).
@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "POOLED_KHAT_LIMIT", "POOL_SUMS", "TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_pool_sums", "khat_sd", "khat_threshold",
+    "POOLED_KHAT_LIMIT", "POOL_MIN_PROMPTS", "POOL_SUMS", "TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_pool_sums", "khat_sd", "khat_threshold",
     "khat_thresholds", "pooled_khat", "tail_size",
 ]
 
@@ -174,6 +174,9 @@ def khat_sd(khat_values: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.sqrt(tail) * (1.0 + np.clip(khat_values, 0.0, None)) / (tail + _PRIOR_WEIGHT)
 
 
+POOL_MIN_PROMPTS = 10
+"""Fewest prompts (with finite k-hat and covariate) of a cell that :func:`pooled_khat` pools; below, NaN."""
+
 POOL_SUMS = ("count", "x_sum", "x_sq_sum", "k_sum", "xk_sum", "k_sq_sum", "var_sum")
 """The per-cell sums of :func:`khat_pool_sums`, in order."""
 
@@ -197,12 +200,13 @@ def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, c
     Morris, "Parametric empirical Bayes inference", JASA 78(381), 1983): ``k_x = a + b c_x + u_x``,
     ``u_x ~ (0, tau^2)`` across the prompts of a cell, observed with sampling noise ``sd_x``
     (:func:`khat_sd`). With the cell sums of :func:`khat_pool_sums` over its ``C`` prompts: ``a``, ``b``
-    by least squares of k-hat on the covariate ``c`` (``b = 0`` when ``C < 3`` or ``c`` does not vary),
+    by least squares of k-hat on the covariate ``c`` (``b = 0`` when ``c`` does not vary),
     ``tau^2 = max(RSS/(C - p) - mean sd^2, 0)`` (``p`` = 2 fitted coefficients, 1 without a slope) and
     ``lam = tau^2 / (tau^2 + sd_x^2)``; the result is ``m_x + lam (k_x - m_x)``, ``m_x = a + b c_x``.
     Prompts that differ from the fitted line no more than their noise all get the line's value;
-    prompts that clearly differ keep their own k-hat. A cell of fewer than 2 prompts, and a row whose
-    k-hat or covariate is not finite, keep their own value. Arrays broadcast.
+    prompts that clearly differ keep their own k-hat. NaN (not pooled) in a cell of fewer than
+    :data:`POOL_MIN_PROMPTS` prompts (too few to tell noise from spread) and where the row's k-hat or
+    covariate is not finite. Arrays broadcast.
     """
     count = np.asarray(count, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -210,7 +214,7 @@ def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, c
         xx = x_sq_sum - count * x_mean * x_mean
         xk = xk_sum - count * x_mean * k_mean
         kk = k_sq_sum - count * k_mean * k_mean
-        sloped = (count >= 3) & (xx > 1e-12 * np.maximum(x_sq_sum, 1e-300))
+        sloped = xx > 1e-12 * np.maximum(x_sq_sum, 1e-300)
         slope = np.where(sloped, xk / xx, 0.0)
         residual = np.clip(kk - slope * xk, 0.0, None)
         tau2 = np.clip(residual / (count - np.where(sloped, 2.0, 1.0)) - var_sum / count, 0.0, None)
@@ -218,4 +222,4 @@ def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, c
         sd2 = khat_sd(khat_values, n) ** 2
         weight = np.where(tau2 > 0, tau2 / (tau2 + sd2), 0.0)
         shrunk = line + weight * (khat_values - line)
-    return np.where((count >= 2) & np.isfinite(khat_values) & np.isfinite(covariate), shrunk, khat_values)
+    return np.where((count >= POOL_MIN_PROMPTS) & np.isfinite(khat_values) & np.isfinite(covariate), shrunk, np.nan)

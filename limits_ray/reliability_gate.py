@@ -2,8 +2,8 @@
 
 A prompt's own k-hat cannot tell a benign tail from an upper tail its sample missed
 (:mod:`limits_ray.psis`), so a row is ``reliable`` only if its own test passes
-(:meth:`limits_ray.stats.TiltStats.finalize`) and its k-hat shrunk toward what the other prompts of
-its cell predict for it, ``khat_pooled`` (:func:`limits_ray.psis.pooled_khat`, the covariate
+(:meth:`limits_ray.stats.TiltStats.finalize`) and its k-hat shrunk toward what the prompts of its
+cell (itself included) predict for it, ``khat_pooled`` (:func:`limits_ray.psis.pooled_khat`, the covariate
 ``body_sd / beta``), is below :data:`limits_ray.psis.POOLED_KHAT_LIMIT`; where it is not, ``gain_se``
 and ``kl_se`` are NaN.
 
@@ -58,7 +58,7 @@ def merge_khat_sums(sums: list[pa.Table], name: str) -> pa.Table:
 
 def _group_sum(table: pa.Table, keys: list[str]) -> pa.Table:
     grouped = table.group_by(keys, use_threads=False).aggregate([(column, "sum") for column in _SUMS])
-    return grouped.rename_columns([*keys, *_SUMS])
+    return pa.table({**{key: grouped[key] for key in keys}, **{column: grouped[f"{column}_sum"] for column in _SUMS}})
 
 
 def apply_pooled(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
@@ -66,9 +66,9 @@ def apply_pooled(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
 
     Before the gate a table's ``khat_pooled`` is its own ``khat`` (:class:`limits_ray.reduce.PromptRows`).
 
-    ``sums``: the merged :func:`khat_sums` of every prompt of the run (a cell missing from it keeps
-    each row's own k-hat). A NaN k-hat (tied top rewards: bounded weights) passes the gate, as it
-    passes the per-prompt test.
+    ``sums``: the merged :func:`khat_sums` of every prompt of the run. Where ``khat_pooled`` is NaN
+    (a cell of fewer than :data:`limits_ray.psis.POOL_MIN_PROMPTS` prompts, or missing from ``sums``;
+    a k-hat that is not finite) only the row's own test applies.
     """
     keys = list(POOLED_TABLES[name])
     indexed = table.select(keys).append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))

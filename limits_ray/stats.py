@@ -415,9 +415,14 @@ def finalize_many(states: list[TiltStats]) -> TiltEstimate:
 
 def _body_sd(states: list[TiltStats], n: np.ndarray, total: np.ndarray, total_sq: np.ndarray,
              shift: np.ndarray) -> np.ndarray:
-    """``[S]`` SD of ``r`` without the ``min(M + 1, T)`` largest: the sums of all ``N`` (centred by ``shift``)
-    less those of the top tail rows; states with the same count removed are done together."""
+    """``[S]`` SD of ``r`` without the ``min(M + 1, T)`` largest: from the tail's other rows where it holds
+    every sample (``N <= T``), else the sums of all ``N`` (centred by ``shift``) less those of the top
+    tail rows; states with the same count removed are done together."""
     removed = np.array([min(int(tail_size(count)) + 1, state.tail.shape[0]) for state, count in zip(states, n)])
+    whole = np.array([state.tail.shape[0] == count for state, count in zip(states, n)])
+    out = np.full(n.size, np.nan)
+    for index in np.flatnonzero(whole & (n - removed >= 2)):
+        out[index] = states[index].tail[removed[index]:, 0].std(ddof=1)
     top, top_sq = np.zeros(n.size), np.zeros(n.size)
     for count in np.unique(removed[removed > 0]):
         chosen = np.flatnonzero(removed == count)
@@ -426,7 +431,7 @@ def _body_sd(states: list[TiltStats], n: np.ndarray, total: np.ndarray, total_sq
     body = (n - removed).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         variance = ((total_sq - top_sq) - (total - top) ** 2 / body) / (body - 1.0)
-    return np.where(body >= 2, np.sqrt(np.clip(variance, 0.0, None)), np.nan)
+    return np.where(whole, out, np.where(body >= 2, np.sqrt(np.clip(variance, 0.0, None)), np.nan))
 
 
 _IF4_ELEMENTS = 1 << 20  # float64 elements of one [states, B, T, Y] work array in _tail_if4 (8 MiB)

@@ -76,6 +76,16 @@ def test_one_file_in_any_order_equals_the_in_memory_reduce(tmp_path, bucket_rows
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "s.parquet"]  # no staging or spill left
 
 
+def test_flushes_and_gate_batches_that_cut_through_prompts_change_nothing(tmp_path, monkeypatch):
+    """37 rows a flush and a gate batch: batches end inside a prompt's rows (each has more than 37)."""
+    import limits_ray.offline as offline
+
+    monkeypatch.setattr(offline, "FLUSH_ROWS", 37)
+    pq.write_table(samples(), tmp_path / "s.parquet")
+    reduce_dataset(tmp_path / "s.parquet", tmp_path / "out", CONFIG, bucket_rows=300)
+    assert_same_result(tmp_path / "out", reduce_samples(tmp_path / "s.parquet", CONFIG))
+
+
 def test_many_files_equal_one_file(tmp_path):
     table = samples(prompts=30, seed=1)
     (tmp_path / "parts").mkdir()

@@ -141,3 +141,31 @@ def test_synthetic_job_end_to_end_without_a_model(ray_local, tmp_path):
     assert stored.num_rows == 3 * 64 and np.all(stored["logprob"].to_numpy() < 0)
     assert json.loads((Path(config.store_uri) / "manifest.json").read_text())["identity"]["base_model"] == "synthetic"
     assert "pickled python objects" not in _ray_worker_logs()
+
+
+def test_the_job_gates_reliability_across_buckets_as_the_in_memory_reduce(ray_local, tmp_path):
+    """24 prompts in 4 store buckets: the per-cell k-hat sums of every bucket gate each bucket's rows, so
+    the job's tables equal a reduce of its store in one piece (khat_pooled and reliable included)."""
+    config = from_mapping(JobConfig, {
+        "name": "gate-test", "output_dir": str(tmp_path / "out"), "ray_address": "local",
+        "prompts": {"inline": [f"prompt number {index}" for index in range(24)]},
+        "generation": {"kind": "synthetic", "samples_per_prompt": 64, "n": 64, "max_tokens": 24, "num_cpus": 0.5},
+        "rewards": [{"name": "length", "kind": "function", "function": "limits_ray.reward_functions:response_length",
+                     "num_cpus": 0.5}],
+        "store": {"buckets": 4},
+        "analysis": {"betas": "0.02:10:6", "best_of_n": False},
+    })
+    result, _ = run_job(config)
+    offline = reduce_samples(Path(config.store_uri) / "samples", AnalysisConfig(
+        betas=config.analysis.betas, rewards=("length",), best_of_n=False))
+    assert len({path.name for path in (Path(config.output_dir) / "frontier.parquet").iterdir()}) > 1  # shards
+    for name in ("frontier", "convergence"):
+        keys = [(c, "ascending") for c in ("prompt_id", "align", "eval", "n_samples", "beta") if c in SCHEMAS[name].names]
+        left, right = getattr(result, name).sort_by(keys), getattr(offline, name).sort_by(keys)
+        assert left.num_rows == right.num_rows > 0
+        for column in ("khat", "body_sd", "khat_pooled", "gain_se", "kl_se"):
+            np.testing.assert_allclose(left[column].to_numpy(), right[column].to_numpy(), rtol=1e-10, equal_nan=True,
+                                       err_msg=f"{name}.{column}")
+        assert left["reliable"].to_pylist() == right["reliable"].to_pylist()
+    pooled = result.frontier["khat_pooled"].to_numpy()
+    assert np.isfinite(pooled).mean() > 0.5  # 24 prompts per cell: pooled

@@ -73,11 +73,13 @@ def test_the_gate_of_parts_equals_the_gate_of_the_whole_table():
         assert 0 < column(whole, "reliable").mean() < 1
 
 
-def test_a_cell_missing_from_the_sums_keeps_its_own_khat():
-    table = ungated_tables(np.random.default_rng(23).normal(size=(5, 400)), [1.0])["frontier"]
-    gated = apply_pooled(table, khat_sums(table.slice(0, 0), "frontier"), "frontier")
-    np.testing.assert_array_equal(column(gated, "khat_pooled"), column(table, "khat"))
-    np.testing.assert_array_equal(column(gated, "reliable"), column(table, "reliable") & (column(table, "khat") < POOLED_KHAT_LIMIT))
+def test_small_or_missing_cells_are_not_pooled_and_keep_the_own_test():
+    """Five prompts at beta = 0.6 sigma (k-hat about 0.6): too few to pool, so the own test alone decides."""
+    table = ungated_tables(np.random.default_rng(23).normal(size=(5, 400)), [0.6])["frontier"]
+    for sums in (khat_sums(table, "frontier"), khat_sums(table.slice(0, 0), "frontier")):
+        gated = apply_pooled(table, sums, "frontier")
+        assert np.isnan(column(gated, "khat_pooled")).all()
+        np.testing.assert_array_equal(column(gated, "reliable"), column(table, "reliable"))
 
 
 def test_reported_intervals_cover_where_the_gate_says_reliable():
