@@ -2,7 +2,7 @@
 
 Not a test: run it by hand and it rewrites its own section of docs/benchmarks.md.
 
-    .venv/bin/python bench/bench_pipeline.py                 # tiny models on CPU (about 6 min on 2 cores)
+    .venv/bin/python bench/bench_pipeline.py                 # tiny models on CPU (about 13 min on 2 cores)
     .venv/bin/python bench/bench_pipeline.py --no-docs       # measure and print only
     python bench/bench_pipeline.py --gpu                     # GPU machine with vllm and ray installed:
                                                              # a ~1B Llama with random weights
@@ -23,9 +23,9 @@ Each side runs in a fresh subprocess (so each pays its own imports; ``--repeats`
 interleaved, the first side alternating) and times itself from its first line: imports, model or
 engine load, the work, and (pipeline) ``ray.init``, dataset execution, time to the first merged round
 and the actors' constructor times read off ``ray.timeline()``. The table reports wall times, their
-ratio, and the ratio without fixed startup costs (imports, ``ray.init``, engine/model loads; for the
-pipeline: everything before its dataset started executing plus the actors' constructors, which run
-before their first batch).
+ratio, and the ratio without fixed start-up and tear-down costs (imports, ``ray.init`` and
+``ray.shutdown``, engine/model loads; for the pipeline: everything before its dataset started
+executing plus the actors' constructors, which run before their first batch).
 """
 
 from __future__ import annotations
@@ -455,7 +455,7 @@ def wait_for_quiet(load: float, timeout: float) -> float:
 
 
 def fixed_costs(side: str, result: dict) -> float:
-    """Seconds of one run that do not grow with the workload: imports, Ray start, engine/model loads."""
+    """Seconds of one run that do not grow with the workload: imports, Ray start and stop, engine/model loads."""
     times = result["times"]
     if side == "baseline":
         return sum(v for k, v in times.items() if k == "import" or k.startswith("load_"))
@@ -464,7 +464,7 @@ def fixed_costs(side: str, result: dict) -> float:
     # before the generation actor is up). Fallback: the longest constructor.
     before = times["import"] + times["ray_init"] + result["stages"].get("before_stages", 0.0)
     ready = result["stages"].get("actors_ready")
-    return before + (ready if ready is not None else max(result.get("actor_init") or [0.0]))
+    return before + (ready if ready is not None else max(result.get("actor_init") or [0.0])) + result.get("shutdown", 0.0)
 
 
 def machine() -> dict[str, str]:
@@ -577,8 +577,8 @@ def reading(args, summary: dict) -> str:
     steady = sorted(p["steady_ratio"] for p in pairs)[len(pairs) // 2]
     verdict = "meets" if steady <= 1 + TARGET_OVERHEAD else "misses"
     return (
-        f"Median ratio pipeline / baseline without fixed startup costs (imports, `ray.init`, engine and model "
-        f"loads): {steady:.2f} ({100 * (steady - 1):+.0f}%), which {verdict} the target of at most "
+        f"Median ratio pipeline / baseline without fixed start-up and tear-down costs (imports, `ray.init` and "
+        f"`ray.shutdown`, engine and model loads): {steady:.2f} ({100 * (steady - 1):+.0f}%), which {verdict} the target of at most "
         f"+{100 * TARGET_OVERHEAD:.0f}%; end to end, start-up included: {ratio:.2f} ({100 * (ratio - 1):+.0f}%)."
     )
 
@@ -590,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="real-size random-weight models on the GPU")
     parser.add_argument("--size", choices=sorted(SIZES), default="1b", help="--gpu model shape")
     parser.add_argument("--build-only", action="store_true", help="build the models and the config, then stop")
-    parser.add_argument("--prompts", type=int, help="prompts (CPU default 8, GPU 64)")
-    parser.add_argument("--samples", type=int, help="samples per prompt (CPU default 256, GPU 1024)")
+    parser.add_argument("--prompts", type=int, help="prompts (CPU default 16, GPU 64)")
+    parser.add_argument("--samples", type=int, help="samples per prompt (CPU default 1024, GPU 1024)")
     parser.add_argument("--n", type=int, help="samples per request (CPU default 64, GPU 128)")
     parser.add_argument("--max-tokens", type=int, help="CPU default 32, GPU 256")
     parser.add_argument("--batch-size", type=int, help="rounds per generation call (CPU default 8, GPU 16)")
@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
     defaults = ({"prompts": 64, "samples": 1024, "n": 128, "max_tokens": 256, "batch_size": 16, "score_batch": 2048}
                 if args.gpu else
-                {"prompts": 8, "samples": 256, "n": 64, "max_tokens": 32, "batch_size": 8, "score_batch": 512})
+                {"prompts": 16, "samples": 1024, "n": 64, "max_tokens": 32, "batch_size": 8, "score_batch": 512})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
