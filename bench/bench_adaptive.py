@@ -60,10 +60,10 @@ def estimates(stats: list[TiltStats]) -> tuple[np.ndarray, ...]:
     size = np.repeat([f.n for f in finals], khat.shape[1]).reshape(khat.shape)
     covariate = body_sd.reshape(-1, 1) / finals[0].betas
     pooled = pooled_khat(khat, size, covariate, *khat_pool_sums(khat, size, covariate, axis=0))
-    reliable = np.stack([f.reliable & is_reliable(f.ess, np.full(f.ess.shape, f.n)) for f in finals])
-    reliable &= ~(pooled >= POOLED_KHAT_LIMIT)
-    gain_se = np.where(reliable, np.stack([f.gain_se[:, 0] for f in finals]), np.nan)
-    kl_se = np.where(reliable, np.stack([f.kl_se for f in finals]), np.nan)
+    gated = np.stack([f.reliable for f in finals]) & ~(pooled >= POOLED_KHAT_LIMIT)  # the tables' `reliable`
+    reliable = gated & np.stack([is_reliable(f.ess, np.full(f.ess.shape, f.n)) for f in finals])
+    gain_se = np.where(gated, np.stack([f.gain_se[:, 0] for f in finals]), np.nan)
+    kl_se = np.where(gated, np.stack([f.kl_se for f in finals]), np.nan)
     return np.stack([f.gain[:, 0] for f in finals]), gain_se, np.stack([f.kl for f in finals]), kl_se, reliable
 
 

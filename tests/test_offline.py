@@ -77,7 +77,7 @@ def test_one_file_in_any_order_equals_the_in_memory_reduce(tmp_path, bucket_rows
 
 
 def test_flushes_and_gate_batches_that_cut_through_prompts_change_nothing(tmp_path, monkeypatch):
-    """37 rows a flush and a gate batch: batches end inside a prompt's rows (each has more than 37)."""
+    """37 rows a flush and a gate batch: batches end inside prompts (16 frontier rows each, more convergence rows)."""
     import limits_ray.offline as offline
 
     monkeypatch.setattr(offline, "FLUSH_ROWS", 37)

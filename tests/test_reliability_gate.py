@@ -74,8 +74,9 @@ def test_the_gate_of_parts_equals_the_gate_of_the_whole_table():
 
 
 def test_small_or_missing_cells_are_not_pooled_and_keep_the_own_test():
-    """Five prompts at beta = 0.6 sigma (k-hat about 0.6): too few to pool, so the own test alone decides."""
-    table = ungated_tables(np.random.default_rng(23).normal(size=(5, 400)), [0.6])["frontier"]
+    """Nine prompts at beta = 0.6 sigma (k-hat about 0.55): too few to pool, so the own test alone decides."""
+    table = ungated_tables(np.random.default_rng(23).normal(size=(9, 400)), [0.6])["frontier"]
+    assert (column(table, "reliable") & (column(table, "khat") >= POOLED_KHAT_LIMIT)).any()  # a 0.45 cut would bite
     for sums in (khat_sums(table, "frontier"), khat_sums(table.slice(0, 0), "frontier")):
         gated = apply_pooled(table, sums, "frontier")
         assert np.isnan(column(gated, "khat_pooled")).all()
