@@ -30,6 +30,8 @@ POOLED_TABLES: dict[str, tuple[str, ...]] = {
 """The tables the gate applies to, and the columns naming a cell of each."""
 _SIZE = {"frontier": "n", "convergence": "n_samples"}  # the sample-count column of each table
 _SUMS = tuple(f"pool_{name}" for name in POOL_SUMS)
+GATE_ROWS = 1 << 17
+"""Rows :func:`apply_pooled` gates at once."""
 
 
 def _covariate(table: pa.Table) -> np.ndarray:
@@ -42,13 +44,18 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
 
 
 def khat_sums(table: pa.Table, name: str) -> pa.Table:
-    """Per-cell sums :data:`limits_ray.psis.POOL_SUMS` (:func:`khat_pool_sums`) of ``table``."""
+    """Per-cell sums :data:`limits_ray.psis.POOL_SUMS` (:func:`khat_pool_sums`) of ``table``, :data:`GATE_ROWS`
+    rows at a time."""
     keys = list(POOLED_TABLES[name])
-    khat = _column(table, "khat").astype(np.float64)
-    parts = khat_pool_sums(khat[None, :], _column(table, _SIZE[name])[None, :], _covariate(table)[None, :])
-    columns = {key: table[key] for key in keys}
-    columns.update({name: pa.array(np.asarray(value, dtype=np.float64)) for name, value in zip(_SUMS, parts)})
-    return _group_sum(pa.table(columns), keys)
+    parts = []
+    for start in range(0, max(table.num_rows, 1), GATE_ROWS):
+        rows = table.slice(start, GATE_ROWS)
+        khat = _column(rows, "khat").astype(np.float64)
+        values = khat_pool_sums(khat[None, :], _column(rows, _SIZE[name])[None, :], _covariate(rows)[None, :])
+        columns = {key: rows[key] for key in keys}
+        columns.update({field: pa.array(np.asarray(value, dtype=np.float64)) for field, value in zip(_SUMS, values)})
+        parts.append(_group_sum(pa.table(columns), keys))
+    return parts[0] if len(parts) == 1 else merge_khat_sums(parts, name)
 
 
 def merge_khat_sums(sums: list[pa.Table], name: str) -> pa.Table:
@@ -68,8 +75,16 @@ def apply_pooled(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
 
     ``sums``: the merged :func:`khat_sums` of every prompt of the run. Where ``khat_pooled`` is NaN
     (a cell of fewer than :data:`limits_ray.psis.POOL_MIN_PROMPTS` prompts, or missing from ``sums``;
-    a k-hat that is not finite) only the row's own test applies.
+    a k-hat that is not finite) only the row's own test applies. Rows are gated
+    :data:`GATE_ROWS` at a time (each row needs only its cell's sums), which bounds the join's memory.
     """
+    if table.num_rows > GATE_ROWS:
+        return pa.concat_tables([_gate(table.slice(start, GATE_ROWS), sums, name)
+                                 for start in range(0, table.num_rows, GATE_ROWS)])
+    return _gate(table, sums, name)
+
+
+def _gate(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
     keys = list(POOLED_TABLES[name])
     indexed = table.select(keys).append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     joined = indexed.join(sums, keys=keys, join_type="left outer", use_threads=False).sort_by("_row")

@@ -73,6 +73,23 @@ def test_the_gate_of_parts_equals_the_gate_of_the_whole_table():
         assert 0 < column(whole, "reliable").mean() < 1
 
 
+def test_gating_in_slices_of_rows_changes_nothing(monkeypatch):
+    """Tables longer than GATE_ROWS are summed and gated a slice at a time (slices cut through cells)."""
+    import limits_ray.reliability_gate as gate
+
+    table = ungated_tables(np.random.default_rng(25).normal(size=(30, 300)), [0.5, 0.8, 1.5])["convergence"]
+    whole = pool_whole(table, "convergence")
+    monkeypatch.setattr(gate, "GATE_ROWS", 7)
+    sliced = pool_whole(table, "convergence")
+    assert table.num_rows > 50 * 7
+    for field in whole.schema:  # the sums of slices add in another order: equal up to rounding
+        if pa.types.is_floating(field.type):
+            np.testing.assert_allclose(column(sliced, field.name), column(whole, field.name), rtol=1e-12, equal_nan=True)
+        else:
+            assert sliced[field.name].equals(whole[field.name]), field.name
+    assert 0 < column(whole, "reliable").mean() < 1 and np.isfinite(column(whole, "khat_pooled")).any()
+
+
 def test_small_or_missing_cells_are_not_pooled_and_keep_the_own_test():
     """Nine prompts at beta = 0.6 sigma (k-hat about 0.55): too few to pool, so the own test alone decides."""
     table = ungated_tables(np.random.default_rng(23).normal(size=(9, 400)), [0.6])["frontier"]
