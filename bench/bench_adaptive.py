@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from _report import DOCS, cpu_description, update_docs  # noqa: E402
 from limits_ray.adaptive import MIN_ESS_FRACTION, is_reliable, plan_wave  # noqa: E402
 from limits_ray.exact import gaussian_gain, gaussian_kl  # noqa: E402
-from limits_ray.psis import POOLED_KHAT_LIMIT, khat_pool_sums, pooled_khat  # noqa: E402
+from limits_ray.psis import passes_gate, pooled_khat_of_cells  # noqa: E402
 from limits_ray.stats import TiltStats  # noqa: E402
 
 SECTION = "## Adaptive sampling (bench/bench_adaptive.py)"
@@ -59,8 +59,7 @@ def estimates(stats: list[TiltStats]) -> tuple[np.ndarray, ...]:
     khat, body_sd = np.stack([f.khat for f in finals]), np.stack([f.body_sd for f in finals])
     size = np.repeat([f.n for f in finals], khat.shape[1]).reshape(khat.shape)
     covariate = body_sd.reshape(-1, 1) / finals[0].betas
-    pooled = pooled_khat(khat, size, covariate, *khat_pool_sums(khat, size, covariate, axis=0))
-    gated = np.stack([f.reliable for f in finals]) & ~(pooled >= POOLED_KHAT_LIMIT)  # the tables' `reliable`
+    gated = passes_gate(np.stack([f.reliable for f in finals]), pooled_khat_of_cells(khat, size, covariate))
     reliable = gated & np.stack([is_reliable(f.ess, np.full(f.ess.shape, f.n)) for f in finals])
     gain_se = np.where(gated, np.stack([f.gain_se[:, 0] for f in finals]), np.nan)
     kl_se = np.where(gated, np.stack([f.kl_se for f in finals]), np.nan)

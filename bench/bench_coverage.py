@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from _report import DOCS, cpu_description, update_docs  # noqa: E402
 from limits_ray.exact import gaussian_gain, gaussian_kl  # noqa: E402
 from limits_ray.frontier import TRUSTED_FRACTION  # noqa: E402
-from limits_ray.psis import POOLED_KHAT_LIMIT, khat_pool_sums, pooled_khat  # noqa: E402
+from limits_ray.psis import POOLED_KHAT_LIMIT, passes_gate, pooled_khat_of_cells  # noqa: E402
 from limits_ray.stats import TiltStats  # noqa: E402
 
 SECTION = "## Coverage and reliability (bench/bench_coverage.py)"
@@ -70,9 +70,7 @@ def pooled_reliable(khat: np.ndarray, own: np.ndarray, n: int, covariate: np.nda
                     limit: float = POOLED_KHAT_LIMIT) -> np.ndarray:
     """``[reps, B]`` flags of the tables: the per-prompt test and the pooled k-hat over the reps (the cell's
     prompts), ``covariate`` ``body_sd / beta`` as in limits_ray/reliability_gate.py."""
-    size = np.full(khat.shape, n)
-    pooled = pooled_khat(khat, size, covariate, *khat_pool_sums(khat, size, covariate, axis=0))
-    return own & ~(pooled >= limit)
+    return passes_gate(own, pooled_khat_of_cells(khat, np.full(khat.shape, n), covariate), limit)
 
 
 def simulate(name: str, n: int, reps: int, seed: int) -> list[dict]:

@@ -39,8 +39,9 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "POOLED_KHAT_LIMIT", "POOL_MIN_PROMPTS", "POOL_SUMS", "TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_pool_sums", "khat_sd", "khat_threshold",
-    "khat_thresholds", "pooled_khat", "tail_size",
+    "POOLED_KHAT_LIMIT", "POOL_MIN_PROMPTS", "POOL_SUMS", "TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_pool_sums",
+    "khat_pool_terms", "khat_sd", "khat_threshold", "khat_thresholds", "passes_gate", "pooled_khat", "pooled_khat_of_cells",
+    "tail_size",
 ]
 
 TAIL_CAP = 1024
@@ -181,14 +182,19 @@ POOL_SUMS = ("count", "x_sum", "x_sq_sum", "k_sum", "xk_sum", "k_sq_sum", "var_s
 """The per-cell sums of :func:`khat_pool_sums`, in order."""
 
 
-def khat_pool_sums(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, axis: int = 0) -> tuple[np.ndarray, ...]:
-    """:data:`POOL_SUMS` over the rows where k-hat and the covariate are finite, along ``axis``:
-    ``(count, sum x, sum x^2, sum k, sum x k, sum k^2, sum sd^2)``; sums of prompt sets add up."""
+def khat_pool_terms(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each row's terms of :data:`POOL_SUMS`, ``(1, x, x^2, k, x k, k^2, sd^2)``; zeros where k-hat or the
+    covariate is not finite (the row is not pooled)."""
     used = np.isfinite(khat_values) & np.isfinite(covariate)
     k = np.where(used, khat_values, 0.0)
     x = np.where(used, covariate, 0.0)
     variance = np.where(used, khat_sd(k, n) ** 2, 0.0)
-    return tuple(value.sum(axis=axis) for value in (used.astype(np.float64), x, x * x, k, x * k, k * k, variance))
+    return used.astype(np.float64), x, x * x, k, x * k, k * k, variance
+
+
+def khat_pool_sums(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, axis: int = 0) -> tuple[np.ndarray, ...]:
+    """:data:`POOL_SUMS` along ``axis`` (:func:`khat_pool_terms` summed); sums of prompt sets add up."""
+    return tuple(term.sum(axis=axis) for term in khat_pool_terms(khat_values, n, covariate))
 
 
 def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, count: np.ndarray, x_sum: np.ndarray,
@@ -223,3 +229,14 @@ def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, c
         weight = np.where(tau2 > 0, tau2 / (tau2 + sd2), 0.0)
         shrunk = line + weight * (khat_values - line)
     return np.where((count >= POOL_MIN_PROMPTS) & np.isfinite(khat_values) & np.isfinite(covariate), shrunk, np.nan)
+
+
+def pooled_khat_of_cells(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, axis: int = 0) -> np.ndarray:
+    """:func:`pooled_khat` of arrays whose ``axis`` runs over the prompts of each cell (all in memory)."""
+    sums = (np.expand_dims(total, axis) for total in khat_pool_sums(khat_values, n, covariate, axis=axis))
+    return pooled_khat(khat_values, n, covariate, *sums)
+
+
+def passes_gate(own_reliable: np.ndarray, pooled: np.ndarray, limit: float = POOLED_KHAT_LIMIT) -> np.ndarray:
+    """The tables' ``reliable``: the row's own test and a pooled k-hat below ``limit`` (or NaN: not pooled)."""
+    return np.asarray(own_reliable, bool) & ~(pooled >= limit)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from limits_ray.psis import POOL_SUMS, POOLED_KHAT_LIMIT, khat_pool_sums, pooled_khat
+from limits_ray.psis import POOL_SUMS, khat_pool_terms, passes_gate, pooled_khat
 
 __all__ = ["POOLED_TABLES", "apply_pooled", "khat_sums", "merge_khat_sums", "pool_whole"]
 
@@ -44,16 +44,15 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
 
 
 def khat_sums(table: pa.Table, name: str) -> pa.Table:
-    """Per-cell sums :data:`limits_ray.psis.POOL_SUMS` (:func:`khat_pool_sums`) of ``table``, :data:`GATE_ROWS`
+    """Per-cell sums :data:`limits_ray.psis.POOL_SUMS` (:func:`khat_pool_terms`) of ``table``, :data:`GATE_ROWS`
     rows at a time."""
     keys = list(POOLED_TABLES[name])
     parts = []
     for start in range(0, max(table.num_rows, 1), GATE_ROWS):
         rows = table.slice(start, GATE_ROWS)
-        khat = _column(rows, "khat").astype(np.float64)
-        values = khat_pool_sums(khat[None, :], _column(rows, _SIZE[name])[None, :], _covariate(rows)[None, :])
+        terms = khat_pool_terms(_column(rows, "khat").astype(np.float64), _column(rows, _SIZE[name]), _covariate(rows))
         columns = {key: rows[key] for key in keys}
-        columns.update({field: pa.array(np.asarray(value, dtype=np.float64)) for field, value in zip(_SUMS, values)})
+        columns.update({field: pa.array(term) for field, term in zip(_SUMS, terms)})
         parts.append(_group_sum(pa.table(columns), keys))
     return parts[0] if len(parts) == 1 else merge_khat_sums(parts, name)
 
@@ -90,7 +89,7 @@ def _gate(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
     joined = indexed.join(sums, keys=keys, join_type="left outer", use_threads=False).sort_by("_row")
     cell = [np.nan_to_num(_column(joined, field).astype(np.float64)) for field in _SUMS]  # absent cell: count 0
     pooled = pooled_khat(_column(table, "khat").astype(np.float64), _column(table, _SIZE[name]), _covariate(table), *cell)
-    reliable = _column(table, "reliable").astype(bool) & ~(pooled >= POOLED_KHAT_LIMIT)
+    reliable = passes_gate(_column(table, "reliable"), pooled)
     out = table
     for field in ("gain_se", "kl_se"):
         values = _column(out, field).astype(np.float64)

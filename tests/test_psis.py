@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from limits_ray.psis import gpd_fit, khat, khat_pool_sums, khat_sd, khat_threshold, pooled_khat, tail_size
+from limits_ray.psis import gpd_fit, khat, khat_pool_sums, khat_sd, khat_threshold, pooled_khat, pooled_khat_of_cells, tail_size
 
 BETAS = np.array([0.3, 1.0, 3.0])
 # Fixed data: quantiles of three reward distributions (no random stream involved).
@@ -111,15 +111,11 @@ def test_khat_sd_is_the_spread_of_khat_over_simulated_prompts(draw, n, beta, low
     assert low < ratio < high, ratio  # sd of a sample sd over 600 draws: about 3%
 
 
-def pool(fitted: np.ndarray, n: np.ndarray, covariate: np.ndarray) -> np.ndarray:
-    return pooled_khat(fitted, n, covariate, *khat_pool_sums(fitted, n, covariate))
-
-
 def test_pooled_khat_shrinks_prompts_that_differ_by_noise_only_to_their_mean():
     rng = np.random.default_rng(5)
     n = np.full(500, 1000)
     same = 0.6 + khat_sd(0.6, n) * rng.normal(size=500)  # one true shape, sampling noise only
-    pooled = pool(same, n, 1.0 + 0.01 * rng.normal(size=500))  # a covariate that explains nothing
+    pooled = pooled_khat_of_cells(same, n, 1.0 + 0.01 * rng.normal(size=500))  # a covariate that explains nothing
     assert np.ptp(pooled) < 0.03 and abs(pooled.mean() - 0.6) < 0.02
     assert (same < 0.45).mean() > 0.1 and not (pooled < 0.5).any()  # the cell's prompts are judged together
 
@@ -130,7 +126,7 @@ def test_pooled_khat_follows_the_covariate_where_it_explains_the_shapes():
     n = np.full(900, 1000)
     covariate = np.repeat([1.0, 2.0, 3.0], 300)
     fitted = 0.25 * covariate + khat_sd(0.25 * covariate, n) * rng.normal(size=900)
-    pooled = pool(fitted, n, covariate)
+    pooled = pooled_khat_of_cells(fitted, n, covariate)
     np.testing.assert_allclose(pooled, 0.25 * covariate, atol=0.03)
     assert (fitted[300:600] < 0.45).mean() > 0.2  # the x = 2 kind (k = 0.5): a fifth would pass alone
 
@@ -140,7 +136,7 @@ def test_pooled_khat_keeps_prompts_that_clearly_differ_beyond_the_covariate():
     n = np.full(600, 1000)
     true = np.repeat([0.1, 0.9], 300)
     fitted = true + khat_sd(true, n) * rng.normal(size=600)
-    pooled = pool(fitted, n, np.ones(600))  # the covariate does not tell the kinds apart
+    pooled = pooled_khat_of_cells(fitted, n, np.ones(600))  # the covariate does not tell the kinds apart
     assert (pooled[:300] < 0.5).mean() > 0.97 and (pooled[300:] >= 0.5).mean() > 0.97
     assert np.corrcoef(pooled, fitted)[0, 1] > 0.999
 
@@ -154,5 +150,5 @@ def test_pooled_khat_is_nan_in_small_cells_and_for_non_finite_values():
     assert np.isnan(pooled_khat(k, n, x, *sums)).all()  # 9 < POOL_MIN_PROMPTS prompts with finite values
     k[2:] = 0.3 + 0.01 * np.arange(10)  # ten prompts: pooled, and shrunk (a spread of 0.03 is noise here)
     x[2] = 1.0
-    pooled = pooled_khat(k, n, x, *khat_pool_sums(k, n, x))
+    pooled = pooled_khat_of_cells(k, n, x)
     assert np.isnan(pooled[:2]).all() and np.ptp(pooled[2:]) < 1e-12 and pooled[2] == pytest.approx(k[2:].mean())
