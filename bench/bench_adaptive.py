@@ -2,13 +2,13 @@
 
 Each simulated prompt has Gaussian rewards N(0, sigma_p^2) (sigma_p spread over a range, so
 prompts differ in how many samples they need); aligned on itself, its exact gain is
-``sigma^2 / beta`` and its exact KL ``sigma^2 / (2 beta^2)`` (limits_ray.exact). Statistics are
-:class:`limits_ray.stats.TiltStats`, merged wave by wave exactly as the job merges rounds; the
-decisions are :func:`limits_ray.adaptive.plan_wave`'s with :func:`limits_ray.adaptive.is_reliable`.
+``sigma^2 / beta`` and its exact KL ``sigma^2 / (2 beta^2)`` (limits_ray.core.exact). Statistics are
+:class:`limits_ray.core.tilt.TiltStats`, merged wave by wave exactly as the job merges rounds; the
+decisions are :func:`limits_ray.runs.adaptive.plan_wave`'s with :func:`limits_ray.runs.adaptive.is_reliable`.
 
 Schemes: the pilot alone (the old rule: report the estimates of the samples that decided to stop),
 and pilot + confirmation (report the estimates of ``N_x`` fresh samples per prompt, ``N_x`` the
-pilot's final count; what :func:`limits_ray.adaptive.run_adaptive` does).
+pilot's final count; what :func:`limits_ray.runs.adaptive.run_adaptive` does).
 
 Stopping bias: per beta, the bias of the prompt-mean gain (and KL) over R replicates, in units of
 the reported se of the prompt mean ``sqrt(sum_x se_x^2) / P`` (the interval SEs; its Monte Carlo
@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _report import DOCS, cpu_description, update_docs  # noqa: E402
-from limits_ray.adaptive import MIN_ESS_FRACTION, is_reliable, plan_wave  # noqa: E402
-from limits_ray.exact import gaussian_gain, gaussian_kl  # noqa: E402
-from limits_ray.psis import passes_gate, pooled_khat_of_cells  # noqa: E402
-from limits_ray.stats import TiltStats  # noqa: E402
+from limits_ray.runs.adaptive import MIN_ESS_FRACTION, is_reliable, plan_wave  # noqa: E402
+from limits_ray.core.exact import gaussian_gain, gaussian_kl  # noqa: E402
+from limits_ray.core.psis import passes_gate, pooled_khat_of_cells  # noqa: E402
+from limits_ray.core.tilt import TiltStats  # noqa: E402
 
 SECTION = "## Adaptive sampling (bench/bench_adaptive.py)"
 
@@ -52,7 +52,7 @@ def estimates(stats: list[TiltStats]) -> tuple[np.ndarray, ...]:
     """(gain, gain_se, kl, kl_se, reliable), each [P, B], as the job's tables give them.
 
     ``reliable``: each prompt's own test, the cross-prompt gate over the P prompts at each beta
-    (:mod:`limits_ray.reliability_gate`), and Kish ESS/N (:func:`limits_ray.adaptive.frontier_reliable`);
+    (:mod:`limits_ray.core.reliability`), and Kish ESS/N (:func:`limits_ray.runs.adaptive.frontier_reliable`);
     ``gain_se``, ``kl_se``: the interval SEs, NaN where not reliable.
     """
     finals = [state.finalize() for state in stats]

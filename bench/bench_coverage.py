@@ -2,7 +2,7 @@
 
 Simulated prompts with exact answers, each an independent data set of N rewards aligned on itself:
 
-- Gaussian rewards N(0, 1): ``gain = 1/beta``, ``KL = 1/(2 beta^2)`` (limits_ray.exact); the
+- Gaussian rewards N(0, 1): ``gain = 1/beta``, ``KL = 1/(2 beta^2)`` (limits_ray.core.exact); the
   weights are log-normal (all moments finite, but heavy before N is large when beta < 1);
 - exponential rewards Exp(1), a heavier tail: the tilt by ``exp(r/beta)`` is Exp(1 - 1/beta)
   (``beta > 1``), so ``gain = 1/(beta - 1)``, ``KL = 1/(beta - 1) - log(beta/(beta - 1))``, and the
@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _report import DOCS, cpu_description, update_docs  # noqa: E402
-from limits_ray.exact import gaussian_gain, gaussian_kl  # noqa: E402
-from limits_ray.frontier import TRUSTED_FRACTION  # noqa: E402
-from limits_ray.psis import POOLED_KHAT_LIMIT, passes_gate, pooled_khat_of_cells  # noqa: E402
-from limits_ray.stats import TiltStats  # noqa: E402
+from limits_ray.core.exact import gaussian_gain, gaussian_kl  # noqa: E402
+from limits_ray.core.frontier import TRUSTED_FRACTION  # noqa: E402
+from limits_ray.core.psis import POOLED_KHAT_LIMIT, passes_gate, pooled_khat_of_cells  # noqa: E402
+from limits_ray.core.tilt import TiltStats  # noqa: E402
 
 SECTION = "## Coverage and reliability (bench/bench_coverage.py)"
 GAUSSIAN_BETAS = np.array([0.25, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 3.0])
@@ -69,7 +69,7 @@ cell differ in k-hat (sigma 2 at beta is sigma 1 at beta/2), which the pooled k-
 def pooled_reliable(khat: np.ndarray, own: np.ndarray, n: int, covariate: np.ndarray,
                     limit: float = POOLED_KHAT_LIMIT) -> np.ndarray:
     """``[reps, B]`` flags of the tables: the per-prompt test and the pooled k-hat over the reps (the cell's
-    prompts), ``covariate`` ``body_sd / beta`` as in limits_ray/reliability_gate.py."""
+    prompts), ``covariate`` ``body_sd / beta`` as in limits_ray/core/reliability.py."""
     return passes_gate(own, pooled_khat_of_cells(khat, np.full(khat.shape, n), covariate), limit)
 
 
@@ -129,7 +129,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, seconds: float, load: s
         f"Gaussian with mixed sigma (a third each of sigma = {', '.join(f'{v:g}' for v in MIXED_SCALES)}: the prompts "
         "of one cell differ in k-hat as sigma 2 at beta is sigma 1 at beta/2; exact values per prompt).",
         "- Columns: *k-hat* median over prompts; *reliable* fraction of prompts flagged reliable by the "
-        "tables' rule (own test and pooled k-hat over the cell's prompts, `limits_ray/reliability_gate.py`); "
+        "tables' rule (own test and pooled k-hat over the cell's prompts, `limits_ray/core/reliability.py`); "
         "*plain*: coverage of `gain ± 1.96 gain_se_delta` (the plain delta-method interval) over all "
         "prompts; *reported*: coverage of `gain_bc ± 1.96 gain_se` over the reliable prompts (the others "
         "have no interval); *bias*: mean error of `gain` / `gain_bc` over all prompts, in units of the "

@@ -11,11 +11,11 @@ Not a test: run it by hand and it rewrites its own section of docs/benchmarks.md
 Both sides do the same work on the same job config (same prompts, rounds, seeded ``SamplingParams``,
 reward models and statistics):
 
-* baseline: one Python process, no Ray. ``limits_ray.generation.Generator`` (one ``vllm.LLM``) draws
-  every round in one ``generate`` call, each reward scorer (``limits_ray.scoring.make_scorer_class``)
-  scores every sample in one call, and ``limits_ray.reduce.reduce_prompts`` computes the statistics,
+* baseline: one Python process, no Ray. ``limits_ray.pipeline.generation.Generator`` (one ``vllm.LLM``) draws
+  every round in one ``generate`` call, each reward scorer (``limits_ray.pipeline.scoring.make_scorer_class``)
+  scores every sample in one call, and ``limits_ray.core.tables.reduce_prompts`` computes the statistics,
   best-of-n and convergence; the result tables and plots are written as the job writes them.
-* pipeline: ``limits_ray.job.run_job(config)`` on a new local Ray instance (``ray_address: local``):
+* pipeline: ``limits_ray.runs.job.run_job(config)`` on a new local Ray instance (``ray_address: local``):
   Ray Data actors for generation and each reward, the statistics stage, the sample store, the
   driver-side reducer, the result tables and plots.
 
@@ -201,8 +201,8 @@ def _prepare(config) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from limits_ray.job import _max_prompt_tokens
-    from limits_ray.prompts import load_prompts
+    from limits_ray.runs.job import _max_prompt_tokens
+    from limits_ray.pipeline.prompts import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
     prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
@@ -229,12 +229,12 @@ def run_baseline(mapping: dict) -> dict:
     import numpy as np
 
     from limits_ray.config import JobConfig, from_mapping
-    from limits_ray.generation import Generator
-    from limits_ray.io import PromptSamples
-    from limits_ray.plots import write_plots
-    from limits_ray.reduce import reduce_prompts
-    from limits_ray.rounds import per_round, per_sample, round_lengths
-    from limits_ray.scoring import make_scorer_class
+    from limits_ray.pipeline.generation import Generator
+    from limits_ray.storage.sample_io import PromptSamples
+    from limits_ray.outputs.figures import write_plots
+    from limits_ray.core.tables import reduce_prompts
+    from limits_ray.storage.rounds import per_round, per_sample, round_lengths
+    from limits_ray.pipeline.scoring import make_scorer_class
 
     config = from_mapping(JobConfig, mapping)
     batch = _prepare(config)
@@ -294,9 +294,9 @@ def run_pipeline(mapping: dict) -> dict:
     mark = time.perf_counter()
     import ray
 
-    from limits_ray import pipeline
+    from limits_ray.pipeline import stages as pipeline
     from limits_ray.config import JobConfig, from_mapping
-    from limits_ray.job import run_job
+    from limits_ray.runs.job import run_job
 
     config = from_mapping(JobConfig, mapping)
     times["import"] = time.perf_counter() - mark
@@ -349,7 +349,7 @@ def side_main(args: argparse.Namespace) -> int:
     mapping = json.loads(Path(args.mapping).read_text())
     if not args.gpu:
         from limits_ray.config import EngineResources
-        from limits_ray.generation import set_cpu_env_defaults
+        from limits_ray.pipeline.generation import set_cpu_env_defaults
 
         set_cpu_env_defaults(EngineResources())
     shutil.rmtree(mapping["output_dir"], ignore_errors=True)

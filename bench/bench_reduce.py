@@ -71,8 +71,8 @@ def write_input(path: Path, prompts: int, seed: int = 0) -> None:
 def child(case: str, samples: str, out: str) -> None:
     """Run one case in this (fresh) interpreter; print ``{"rss_mib", "seconds"}`` as JSON."""
     from limits_ray.config import AnalysisConfig
-    from limits_ray.offline import reduce_dataset
-    from limits_ray.reduce import reduce_samples
+    from limits_ray.runs.reduce import reduce_dataset
+    from limits_ray.core.tables import reduce_samples
 
     config = AnalysisConfig(betas=BETAS)
     started = time.perf_counter()

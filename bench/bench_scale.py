@@ -6,16 +6,16 @@ Not a test: run it by hand and it rewrites its own section of docs/benchmarks.md
     .venv/bin/python bench/bench_scale.py                # the issue's sizes: up to 1e5 prompts, 1e5 samples, 1e7 stored
     .venv/bin/python bench/bench_scale.py --quick --no-docs --only prompts   # measure and print one series
 
-Every case is ``limits_ray.job.run_job`` end to end (Ray Data stages, sample store, streaming
+Every case is ``limits_ray.runs.job.run_job`` end to end (Ray Data stages, sample store, streaming
 statistics, best-of-n, result tables, plots) with ``generation.kind: synthetic`` (no model: seeded
-random responses, see :class:`limits_ray.generation.SyntheticGenerator`) and one Python-function
+random responses, see :class:`limits_ray.pipeline.generation.SyntheticGenerator`) and one Python-function
 reward (``limits_ray.reward_functions:response_length``), on a new local Ray instance and a store in
 a temporary directory. Series:
 
 * prompts: P prompts x 64 samples (one round of n = 64 each), P = 1e2, 1e3, 1e4, 1e5;
 * samples: 100 prompts x N samples, N = 1e2 .. 1e5 (rounds of n = min(N, 1000));
 * nightly: a store of 100 prompts x R rounds of 100 samples (R = 1, 10, 100, 1000: 1e4 .. 1e7
-  samples) is built by one night of ``limits_ray.nightly.run_night``, then the next night adds one
+  samples) is built by one night of ``limits_ray.runs.nightly.run_night``, then the next night adds one
   round per prompt (1e4 samples) and is timed: it should cost time in proportion to the new round.
   Best-of-n is off in this series: it reads every stored reward of a prompt, which is O(store).
 
@@ -124,7 +124,7 @@ def run_case(spec: dict) -> dict:
             out.update(nightly_case(work, spec))
         else:
             config = from_mapping(JobConfig, job_mapping(work, spec["prompts"], spec["samples"], spec["n"]))
-            from limits_ray.job import run_job
+            from limits_ray.runs.job import run_job
 
             started = time.perf_counter()
             _, report = run_job(config)
@@ -141,7 +141,7 @@ def run_case(spec: dict) -> dict:
 def nightly_case(work: Path, spec: dict) -> dict:
     """Night 1 builds a store of ``spec['rounds']`` rounds per prompt; night 2 (timed) adds one round per prompt."""
     from limits_ray.config import JobConfig, from_mapping
-    from limits_ray.nightly import run_night
+    from limits_ray.runs.nightly import run_night
 
     mapping = job_mapping(work, NIGHTLY_PROMPTS, spec["rounds"] * NIGHTLY_N, NIGHTLY_N)
     mapping["nightly"] = {"rounds_per_night": 1}

@@ -50,9 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _report import DOCS, cpu_description, cpu_model, update_docs  # noqa: E402
-from limits_ray.bon import best_of_n  # noqa: E402
-from limits_ray.convergence import DyadicStats  # noqa: E402
-from limits_ray.stats import TiltStats  # noqa: E402
+from limits_ray.core.bon import best_of_n  # noqa: E402
+from limits_ray.core.dyadic import DyadicStats  # noqa: E402
+from limits_ray.core.tilt import TiltStats  # noqa: E402
 
 SECTION = "## Statistics core (bench/bench_stats.py)"
 N_BETAS = 64

@@ -1,4 +1,4 @@
-"""Large-N convergence study (see limits_ray/study.py).
+"""Large-N convergence study (see limits_ray/runs/study.py).
 
     python jobs/convergence.py --config configs/tiny.yaml --max-n 1024 [--out DIR] [--tolerance 0.05]
     ray job submit --working-dir . -- python jobs/convergence.py --config configs/pythia_tldr.yaml --max-n 65536
@@ -16,8 +16,8 @@ import argparse
 import sys
 
 from limits_ray.config import ConfigError, JobConfig, load_yaml
-from limits_ray.logs import route_logs
-from limits_ray.study import run_study
+from limits_ray.pipeline.logs import route_logs
+from limits_ray.runs.study import run_study
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Nightly incremental recomputation (see limits_ray/nightly.py).
+"""Nightly incremental recomputation (see limits_ray/runs/nightly.py).
 
     python jobs/nightly.py --config configs/tiny_nightly.yaml [--date 2026-11-28]
     ray job submit --working-dir . -- python jobs/nightly.py --config configs/pythia_tldr.yaml
@@ -14,8 +14,8 @@ import argparse
 import sys
 
 from limits_ray.config import ConfigError, JobConfig, load_yaml
-from limits_ray.logs import route_logs
-from limits_ray.nightly import run_night, today
+from limits_ray.pipeline.logs import route_logs
+from limits_ray.runs.nightly import run_night, today
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,17 +11,17 @@ from typing import Callable, Sequence
 import pyarrow.parquet as pq
 
 from limits_ray.config import AnalysisConfig, ConfigError, JobConfig
-from limits_ray.frontier import TRUSTED_FRACTION, FrontierPoint, point_at_kl
-from limits_ray.io import InputError
-from limits_ray.numbers import format_number
-from limits_ray.offline import DEFAULT_BUCKET_ROWS
-from limits_ray.pipeline import PipelineError
+from limits_ray.core.frontier import TRUSTED_FRACTION, FrontierPoint, point_at_kl
+from limits_ray.storage.sample_io import InputError
+from limits_ray.outputs.numbers import format_number
+from limits_ray.runs.reduce import DEFAULT_BUCKET_ROWS
+from limits_ray.pipeline.stages import PipelineError
 
 __all__ = ["main"]
 
 
 def _reduce(args: argparse.Namespace) -> int:
-    from limits_ray.offline import reduce_dataset
+    from limits_ray.runs.reduce import reduce_dataset
 
     config = AnalysisConfig(
         betas=args.betas,
@@ -70,10 +70,10 @@ def _untrusted(point: FrontierPoint) -> str:
 
 
 def _load_job(args: argparse.Namespace) -> JobConfig:
-    """The job config of ``--config``, validated (:mod:`limits_ray.validate`), logs routed (:mod:`limits_ray.logs`)."""
+    """The job config of ``--config``, validated (:mod:`limits_ray.runs.validate`), logs routed (:mod:`limits_ray.pipeline.logs`)."""
     from limits_ray.config import load_yaml
-    from limits_ray.logs import route_logs
-    from limits_ray.validate import validate_job
+    from limits_ray.pipeline.logs import route_logs
+    from limits_ray.runs.validate import validate_job
 
     config = load_yaml(JobConfig, args.config)
     validate_job(config)
@@ -84,11 +84,11 @@ def _load_job(args: argparse.Namespace) -> JobConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from limits_ray.job import run_job
+    from limits_ray.runs.job import run_job
 
     config = _load_job(args)
     if config.adaptive.enabled:
-        from limits_ray.adaptive import run_adaptive
+        from limits_ray.runs.adaptive import run_adaptive
 
         summary = run_adaptive(config)
         for index, wave in enumerate(summary["waves"]):
@@ -105,8 +105,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from limits_ray.policy import CompareOptions, compare
-    from limits_ray.policy_plots import compare_lines
+    from limits_ray.runs.compare import CompareOptions, compare
+    from limits_ray.outputs.compare_report import compare_lines
 
     config = _load_job(args)
     options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta)
@@ -119,7 +119,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from limits_ray.report import write_report
+    from limits_ray.outputs.report import write_report
 
     for path in write_report(args.results, args.out, title=args.title, tolerance=args.tolerance):
         print(f"wrote {path}")
@@ -127,8 +127,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from limits_ray.status import format_status, store_status
-    from limits_ray.storage import open_location
+    from limits_ray.outputs.status import format_status, store_status
+    from limits_ray.storage.location import open_location
 
     location = open_location(args.path, endpoint_override=args.endpoint_override, where="status")
     for line in format_status(store_status(location)):

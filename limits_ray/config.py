@@ -16,7 +16,7 @@ from typing import Any, Mapping, TypeVar
 import numpy as np
 import yaml
 
-from limits_ray.reward_spec import RewardSpec
+from limits_ray.core.reward_spec import RewardSpec
 
 __all__ = [
     "AdaptiveConfig", "AnalysisConfig", "ConfigError", "GenerationConfig", "JobConfig", "NightlyConfig",
@@ -258,7 +258,7 @@ class GenerationConfig(EngineResources):
     """Sampling from the base model with vLLM (one engine per actor), or synthetic samples.
 
     ``kind: synthetic`` is a test and benchmark tool, not a model: each round's responses are drawn
-    by :class:`~limits_ray.generation.SyntheticGenerator` from numpy's generator seeded by the round
+    by :class:`~limits_ray.pipeline.generation.SyntheticGenerator` from numpy's generator seeded by the round
     seed (random length 1..``max_tokens`` words of a small vocabulary, with their exact
     log-probability), so the whole pipeline (rewards, store, statistics, tables, plots) runs at scale
     without a model, GPU or tokenizer. ``model``, ``temperature``, ``top_p``, ``stop``, the engine and
@@ -279,7 +279,7 @@ class GenerationConfig(EngineResources):
         distributed_executor_backend, accelerator_type, gpu_memory_utilization: see :class:`EngineResources`.
         batch_size: requests per actor call.
         batches_in_flight: calls (batches) each generation actor runs at once, their requests in its one
-            engine together (:class:`~limits_ray.generation.SharedEngine`): the engine starts the next
+            engine together (:class:`~limits_ray.pipeline.generation.SharedEngine`): the engine starts the next
             batch while the last one's slowest samples finish and its rows are built and handed on;
             1: one batch at a time. vLLM only (synthetic generation runs one at a time).
         logprobs: also store each sample's log-probability under the model (vLLM's
@@ -439,7 +439,7 @@ class PolicyConfig:
     """An aligned policy (PPO/GRPO checkpoint, ...) to place against the frontier.
 
     Sampled with the base run's sampling parameters (temperature, top_p, max_tokens, stop) on the
-    same prompts and scored by the same rewards (``limits-ray compare``, :mod:`limits_ray.policy`).
+    same prompts and scored by the same rewards (``limits-ray compare``, :mod:`limits_ray.runs.compare`).
     Its KL is ``E_pi[log pi - log pi0]`` with both log-probabilities those of the raw models
     (before temperature and top-p), so it is the KL of the sampling distribution only at
     temperature 1 and top_p 1 (a warning says so otherwise).
@@ -488,7 +488,7 @@ class NightlyConfig:
 @dataclass(frozen=True)
 class AdaptiveConfig:
     """Adaptive sampling: a pilot decides each prompt's N (stop once its standard errors are under
-    tolerance and its weights reliable), then N fresh samples give the results (:mod:`limits_ray.adaptive`).
+    tolerance and its weights reliable), then N fresh samples give the results (:mod:`limits_ray.runs.adaptive`).
 
     Attributes:
         enabled: sample adaptively instead of ``samples_per_prompt`` for every prompt.
@@ -533,7 +533,7 @@ class JobConfig:
         cluster_retries: how often the stages start again, resuming from the sample store, after a
             node was lost under them and Ray reported it as their error (an actor that could not be
             reached while its node was being declared dead, a lost object:
-            :func:`~limits_ray.faults.is_cluster_fault`); other errors stop the run at once.
+            :func:`~limits_ray.pipeline.faults.is_cluster_fault`); other errors stop the run at once.
         ray_address: ``ray.init`` address; empty: ``RAY_ADDRESS`` if set (as under ``ray job submit``),
             else a new local instance; ``auto``: the cluster already running on this machine.
     """

@@ -202,7 +202,7 @@ def build_tiny_models(out_dir: Path, seed: int = 0) -> TinyModels:
         path = getattr(models, name)
         shutil.rmtree(path, ignore_errors=True)
         build(tokenizer, path, derive_seed(seed, name))
-    from limits_ray.policy import blend_checkpoint
+    from limits_ray.runs.compare import blend_checkpoint
 
     shutil.rmtree(models.policy_blend, ignore_errors=True)
     blend_checkpoint(models.policy, models.policy_b, BLEND_WEIGHT, models.policy_blend)

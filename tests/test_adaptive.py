@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from limits_ray.adaptive import is_reliable, plan_wave, prompt_errors, worst_ratio
-from limits_ray.exact import gaussian_gain, gaussian_kl
-from limits_ray.stats import TiltStats
+from limits_ray.runs.adaptive import is_reliable, plan_wave, prompt_errors, worst_ratio
+from limits_ray.core.exact import gaussian_gain, gaussian_kl
+from limits_ray.core.tilt import TiltStats
 
 
 def test_tight_prompts_stop_and_wide_ones_grow_by_the_projection():
@@ -107,7 +107,7 @@ def test_run_adaptive_on_the_tiny_models(tiny_models, tmp_path, ray_local):
     import json
 
     import pyarrow.parquet as pq
-    from limits_ray.adaptive import run_adaptive
+    from limits_ray.runs.adaptive import run_adaptive
     from _tiny import tiny_job
 
     tol = 0.07  # on these prompts: one is wider (its worst se at N = 32 is ~0.094), two are under it

@@ -1,4 +1,4 @@
-"""Tests of limits_ray.bon: the unbiased best-of-n reward and KL(pi_BoN || pi0), ties included.
+"""Tests of limits_ray.core.bon: the unbiased best-of-n reward and KL(pi_BoN || pi0), ties included.
 
 References: brute force over all C(N, n) subsets (the U-statistic's definition), brute force over
 all n-tuples of a finite response set (the with-replacement BoN policy), the hypergeometric law of
@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from limits_ray.bon import best_of_n, bon_kl_bound, bon_sizes, level_kl
-from limits_ray.exact import expected_max_normal, finite_bon
+from limits_ray.core.bon import best_of_n, bon_kl_bound, bon_sizes, level_kl
+from limits_ray.core.exact import expected_max_normal, finite_bon
 
 PROPERTY = settings(max_examples=80, deadline=None, derandomize=True, database=None)
 
@@ -374,7 +374,7 @@ def test_jackknife_intervals_cover_the_exact_best_of_n_reward(discrete):
     sizes, n_samples, reps = np.array([2, 4, 8]), 128, 400
     probs = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
     levels = np.array([0.0, 1.0, 1.5, 3.0, 4.0])
-    if discrete:  # ties everywhere; exact values by enumeration (limits_ray.exact)
+    if discrete:  # ties everywhere; exact values by enumeration (limits_ray.core.exact)
         exact = np.array([finite_bon(probs, levels, levels[:, None], int(n))[0][0] for n in sizes])
     else:
         exact = np.array([expected_max_normal(int(n)) for n in sizes])
@@ -393,7 +393,7 @@ def test_jackknife_intervals_cover_the_exact_best_of_n_reward(discrete):
 
 def test_jackknife_in_chunks_of_n_gives_the_same_errors(monkeypatch):
     """The leave-one-out arrays are built a few values of n at a time (bounded memory at large N)."""
-    import limits_ray.bon as bon
+    import limits_ray.core.bon as bon
 
     rng = np.random.default_rng(4)
     align, evals = rng.integers(0, 20, 256).astype(float), rng.normal(size=(256, 2))

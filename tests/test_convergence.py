@@ -1,4 +1,4 @@
-"""Tests of limits_ray.convergence: dyadic shells and prefix statistics."""
+"""Tests of limits_ray.core.dyadic: dyadic shells and prefix statistics."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from limits_ray.convergence import DyadicStats, shell_of
-from limits_ray.stats import TiltEstimate, TiltStats
+from limits_ray.core.dyadic import DyadicStats, shell_of
+from limits_ray.core.tilt import TiltEstimate, TiltStats
 
 BETAS = np.array([0.01, 0.3, 1.0, 10.0, 1e3])
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None,

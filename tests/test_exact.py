@@ -1,4 +1,4 @@
-"""Tests of limits_ray.exact, the oracles: each is checked against an independent computation
+"""Tests of limits_ray.core.exact, the oracles: each is checked against an independent computation
 (direct sums in another form, tuple enumeration, quadrature of the tilted Gaussian, closed forms
 of E[max of n normals], Monte Carlo)."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from limits_ray.bon import bon_kl_bound
-from limits_ray.exact import expected_max_normal, finite_bon, finite_tilt, gaussian_gain, gaussian_kl
+from limits_ray.core.bon import bon_kl_bound
+from limits_ray.core.exact import expected_max_normal, finite_bon, finite_tilt, gaussian_gain, gaussian_kl
 
 PROBS = np.array([0.1, 0.25, 0.05, 0.3, 0.2, 0.1])
 R = np.array([1.0, -0.5, 2.0, 0.0, 1.0, 3.5])  # tie between responses 0 and 4

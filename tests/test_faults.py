@@ -1,4 +1,4 @@
-"""Fault classes (limits_ray.faults): quarantined rounds, engine faults that end the actor, the watchdog."""
+"""Fault classes (limits_ray.pipeline.faults): quarantined rounds, engine faults that end the actor, the watchdog."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from limits_ray.faults import (
+from limits_ray.pipeline.faults import (
     ENGINE_FAULT_EXIT_CODE, EngineFault, Quarantine, QuarantinedRound, RoundFailure, Watchdog, engine_call, is_engine_fault,
     run_with_quarantine,
 )
-from limits_ray.pipeline import PipelineError, Timed, check_quarantined, root_cause
-from limits_ray.storage import open_location
+from limits_ray.pipeline.stages import PipelineError, Timed, check_quarantined, root_cause
+from limits_ray.storage.location import open_location
 
 
 def _batch(prompt_ids: list[str]) -> dict[str, np.ndarray]:
@@ -89,7 +89,7 @@ def test_engine_faults_are_told_from_round_faults():
 def test_a_lost_node_is_a_cluster_fault_and_a_round_error_is_not():
     from ray.exceptions import ActorUnavailableError, NodeDiedError
 
-    from limits_ray.faults import is_cluster_fault
+    from limits_ray.pipeline.faults import is_cluster_fault
 
     unreachable = ActorUnavailableError("RpcError: failed to connect to all addresses", b"\x00" * 16)
     assert is_cluster_fault(_raised_from(PipelineError("the pipeline stopped"), unreachable))
@@ -113,8 +113,8 @@ def test_an_engine_fault_is_raised_not_quarantined(tmp_path):
 ACTOR = """
 import sys, time
 import numpy as np
-from limits_ray.faults import engine_call
-from limits_ray.pipeline import Timed
+from limits_ray.pipeline.faults import engine_call
+from limits_ray.pipeline.stages import Timed
 
 class Stage:
     def __init__(self, fault):
@@ -185,7 +185,7 @@ def test_a_stage_stops_the_run_once_its_quarantine_passes_the_fraction(tmp_path)
 
 
 def test_the_busy_clock_counts_overlapping_calls_once():
-    from limits_ray.pipeline import BusyClock
+    from limits_ray.pipeline.stages import BusyClock
 
     now = [0.0]
     clock = BusyClock(clock=lambda: now[0])

@@ -1,4 +1,4 @@
-"""Tests of limits_ray.io: reading and validating scored samples, splitting prompts, writing tables."""
+"""Tests of limits_ray.storage.sample_io: reading and validating scored samples, splitting prompts, writing tables."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.io import SCHEMAS, InputError, iter_prompts, open_samples, read_samples, validate_samples, write_table
+from limits_ray.storage.sample_io import SCHEMAS, InputError, iter_prompts, open_samples, read_samples, validate_samples, write_table
 
 
 def samples_table(prompts=("p0", "p1"), n=5, seed=0, **extra) -> pa.Table:

@@ -17,7 +17,7 @@ import yaml
 
 from _tiny import tiny_job_mapping
 from limits_ray.config import JobConfig, from_mapping
-from limits_ray.job import run_job
+from limits_ray.runs.job import run_job
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = """
 import json, logging, sys
-from limits_ray.logs import ray_init_kwargs, route_logs
+from limits_ray.pipeline.logs import ray_init_kwargs, route_logs
 log_dir = route_logs(sys.argv[1], verbose=sys.argv[2] == "verbose")
 import ray.data
 for name in ("ray.data", "vllm.engine"):
@@ -48,7 +48,7 @@ def test_info_goes_to_the_run_directory_and_warnings_to_the_console(tmp_path):
     assert result["progress_bars"] is False
     assert result["kwargs"]["logging_level"] == 30
     runtime_env = result["kwargs"]["runtime_env"]
-    assert runtime_env["worker_process_setup_hook"] == "limits_ray.logs.setup_worker_logging"
+    assert runtime_env["worker_process_setup_hook"] == "limits_ray.pipeline.logs.setup_worker_logging"
     assert runtime_env["env_vars"]["LIMITS_RAY_LOG_DIR"] == str(log_dir.resolve())
     assert runtime_env["env_vars"]["VLLM_CONFIGURE_LOGGING"] == "0"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.job import stored_round_counts
-from limits_ray.nightly import next_targets, nightly_root, run_night, series_id
+from limits_ray.runs.job import stored_round_counts
+from limits_ray.runs.nightly import next_targets, nightly_root, run_night, series_id
 from _tiny import tiny_job
 
 

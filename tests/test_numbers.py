@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from limits_ray.numbers import MISSING, format_estimate, format_number
+from limits_ray.outputs.numbers import MISSING, format_estimate, format_number
 
 
 @pytest.mark.parametrize("value, text", [

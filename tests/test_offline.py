@@ -1,4 +1,4 @@
-"""Tests of limits_ray.offline: the bucket-by-bucket reduce equals the in-memory reduce_samples."""
+"""Tests of limits_ray.runs.reduce: the bucket-by-bucket reduce equals the in-memory reduce_samples."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.buckets import bucket_name, bucket_of
+from limits_ray.storage.buckets import bucket_name, bucket_of
 from limits_ray.config import AnalysisConfig
-from limits_ray.io import SCHEMAS, InputError
-from limits_ray.offline import PER_PROMPT, reduce_dataset
-from limits_ray.reduce import ReduceResult, reduce_samples
+from limits_ray.storage.sample_io import SCHEMAS, InputError
+from limits_ray.runs.reduce import PER_PROMPT, reduce_dataset
+from limits_ray.core.tables import ReduceResult, reduce_samples
 
 CONFIG = AnalysisConfig(betas="0.2:5:4", align=("a", "mean(a,b)"), evals=("a", "b"))
 KEYS = {"frontier": ["prompt_id", "align", "eval", "beta"], "bon": ["prompt_id", "align", "eval", "n"],
@@ -78,7 +78,7 @@ def test_one_file_in_any_order_equals_the_in_memory_reduce(tmp_path, bucket_rows
 
 def test_flushes_and_gate_batches_that_cut_through_prompts_change_nothing(tmp_path, monkeypatch):
     """37 rows a flush and a gate batch: batches end inside prompts (16 frontier rows each, more convergence rows)."""
-    import limits_ray.offline as offline
+    import limits_ray.runs.reduce as offline
 
     monkeypatch.setattr(offline, "FLUSH_ROWS", 37)
     pq.write_table(samples(), tmp_path / "s.parquet")

@@ -1,4 +1,4 @@
-"""Tests of limits_ray.partition: bucket directories of an input, and the spill into buckets."""
+"""Tests of limits_ray.storage.partition: bucket directories of an input, and the spill into buckets."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.buckets import bucket_name, bucket_of
-from limits_ray.io import InputError
-from limits_ray import partition
-from limits_ray.partition import Bucket, bucket_count, group_rows, input_buckets, spill, spilled_buckets
+from limits_ray.storage.buckets import bucket_name, bucket_of
+from limits_ray.storage.sample_io import InputError
+from limits_ray.storage import partition
+from limits_ray.storage.partition import Bucket, bucket_count, group_rows, input_buckets, spill, spilled_buckets
 
 
 def table(prompts: int = 20, n: int = 6) -> pa.Table:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from limits_ray.config import ConfigError, EngineResources, GenerationConfig, RewardModelConfig, from_mapping
-from limits_ray.placement import EnginePlacement, vllm_parallel_kwargs
+from limits_ray.pipeline.placement import EnginePlacement, vllm_parallel_kwargs
 
 
 def test_a_cpu_or_single_gpu_engine_reserves_its_devices_on_the_actor():
@@ -126,7 +126,7 @@ def fake_gpus():
 def _probe(placement: EnginePlacement, rows: int = 8) -> dict[str, np.ndarray]:
     import ray
 
-    from limits_ray.pipeline import remote_args_accepted
+    from limits_ray.pipeline.stages import remote_args_accepted
 
     with remote_args_accepted():
         dataset = ray.data.range(rows, override_num_blocks=rows).map_batches(

@@ -11,10 +11,10 @@ import pytest
 
 from _tiny import tiny_job, tiny_job_mapping
 from limits_ray.config import PolicyConfig
-from limits_ray.policy import POLICY_SCHEMA, CompareOptions, blend_checkpoint, compare, policy_estimates, sample_policy
-from limits_ray.policy_stats import exact_kl
-from limits_ray.prompts import Prompt
-from limits_ray.reward_spec import RewardSpec
+from limits_ray.runs.compare import POLICY_SCHEMA, CompareOptions, blend_checkpoint, compare, policy_estimates, sample_policy
+from limits_ray.core.policy_stats import exact_kl
+from limits_ray.pipeline.prompts import Prompt
+from limits_ray.core.reward_spec import RewardSpec
 
 pytestmark = pytest.mark.slow
 

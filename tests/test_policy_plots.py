@@ -6,8 +6,8 @@ import math
 
 import pyarrow as pa
 
-from limits_ray.policy import POLICY_SCHEMA
-from limits_ray.policy_plots import BON_FOOTNOTE, compare_lines
+from limits_ray.runs.compare import POLICY_SCHEMA
+from limits_ray.outputs.compare_report import BON_FOOTNOTE, compare_lines
 
 NAN = math.nan
 
@@ -53,7 +53,7 @@ def test_compare_lines_without_best_of_n_has_no_footnote():
 
 
 def test_markdown_table_has_units_and_no_nan():
-    from limits_ray.policy_plots import _markdown_table
+    from limits_ray.outputs.compare_report import _markdown_table
 
     lines = _markdown_table(_table(), ["policy", "kl", "kl_se", "gain"])
     assert lines[0] == "| policy | KL [nats] | KL SE [nats] | gain [reward] |"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from limits_ray.policy_stats import (
+from limits_ray.core.policy_stats import (
     between_or_within_se, exact_kl, frontier_gain_at_kl, frontier_slope_at_kl, gap_se, hash_normal,
     inverse_sqrt_reference, mean_over_prompts, prompt_estimate,
 )
@@ -169,11 +169,11 @@ def test_inverse_sqrt_reference():
     np.testing.assert_allclose(curve, [0.8, 0.4, 0.2])
 
 
-# The table builders of limits_ray.policy on synthetic inputs (no Ray, no vLLM).
+# The table builders of limits_ray.runs.compare on synthetic inputs (no Ray, no vLLM).
 
 import pyarrow as pa  # noqa: E402
 
-from limits_ray.policy import POLICY_SCHEMA, bon_points, ensemble_table, policy_points, proxy_gold_table  # noqa: E402
+from limits_ray.runs.compare import POLICY_SCHEMA, bon_points, ensemble_table, policy_points, proxy_gold_table  # noqa: E402
 
 
 def _frontier_mean() -> pa.Table:

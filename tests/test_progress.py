@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from limits_ray.progress import Progress, format_duration
+from limits_ray.pipeline.progress import Progress, format_duration
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Tests for :mod:`limits_ray.prompts`: every source, ids, rendering, skips and errors (all local, no hub)."""
+"""Tests for :mod:`limits_ray.pipeline.prompts`: every source, ids, rendering, skips and errors (all local, no hub)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from limits_ray.config import ConfigError, PromptsConfig, from_mapping
-from limits_ray.prompts import Prompt, PromptSet, SkippedPrompt, load_prompts, prompt_id_for
+from limits_ray.pipeline.prompts import Prompt, PromptSet, SkippedPrompt, load_prompts, prompt_id_for
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message.role }}|> {{ message.content }} {% endfor %}"

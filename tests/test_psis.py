@@ -1,4 +1,4 @@
-"""Tests of limits_ray.psis: the Pareto k-hat against arviz's PSIS and against known tails."""
+"""Tests of limits_ray.core.psis: the Pareto k-hat against arviz's PSIS and against known tails."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from limits_ray.psis import gpd_fit, khat, khat_pool_sums, khat_sd, khat_threshold, pooled_khat, pooled_khat_of_cells, tail_size
+from limits_ray.core.psis import gpd_fit, khat, khat_pool_sums, khat_sd, khat_threshold, pooled_khat, pooled_khat_of_cells, tail_size
 
 BETAS = np.array([0.3, 1.0, 3.0])
 # Fixed data: quantiles of three reward distributions (no random stream involved).

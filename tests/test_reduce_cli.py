@@ -1,4 +1,4 @@
-"""Tests of limits_ray.reduce and the ``limits-ray`` CLI, run in-process on small Parquet files."""
+"""Tests of limits_ray.core.tables and the ``limits-ray`` CLI, run in-process on small Parquet files."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.bon import best_of_n
+from limits_ray.core.bon import best_of_n
 from limits_ray.cli import main
-from limits_ray.io import SCHEMAS
-from limits_ray.stats import TiltStats
+from limits_ray.storage.sample_io import SCHEMAS
+from limits_ray.core.tilt import TiltStats
 
 OUTPUTS = ("frontier", "frontier_mean", "bon", "convergence")
 
@@ -338,11 +338,11 @@ def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
     rows from the merged statistics) and the offline reduce give the same tables: khat and reliable
     exactly, the floats to rounding."""
     from limits_ray.config import AnalysisConfig
-    from limits_ray.convergence import DyadicStats
-    from limits_ray.io import iter_prompts
-    from limits_ray.reduce import PromptRows, TableBuilder, prompt_statistics, reduce_table
-    from limits_ray.reliability_gate import pool_whole
-    from limits_ray.store import MergedBucket
+    from limits_ray.core.dyadic import DyadicStats
+    from limits_ray.storage.sample_io import iter_prompts
+    from limits_ray.core.tables import PromptRows, TableBuilder, prompt_statistics, reduce_table
+    from limits_ray.core.reliability import pool_whole
+    from limits_ray.storage.sample_store import MergedBucket
 
     rng = np.random.default_rng(12)
     prompts, n = 3, 600
@@ -379,9 +379,9 @@ def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
 
 def test_prompt_rows_give_the_same_tables_in_any_batch_size_and_refuse_an_empty_prompt(monkeypatch):
     """Estimates are finalized a batch of prompts at a time: batch boundaries change no row and no order."""
-    import limits_ray.reduce as reduce
+    import limits_ray.core.tables as reduce
     from limits_ray.config import AnalysisConfig
-    from limits_ray.convergence import DyadicStats
+    from limits_ray.core.dyadic import DyadicStats
 
     rng = np.random.default_rng(3)
     sizes = [1, 20, 64, 100, 700]  # k-hat inf (n <= 20), fitted, a tail cut by N

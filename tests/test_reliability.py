@@ -19,10 +19,10 @@ import yaml
 from _results import assert_same_frontier, assert_store_has_each_sample_once, frontier, stored_parts
 from _tiny import tiny_job_mapping
 from limits_ray.config import JobConfig, from_mapping
-from limits_ray.job import run_job
-from limits_ray.faults import TEST_FAULTS_ENV
-from limits_ray.pipeline import PipelineError
-from limits_ray.prompts import prompt_id_for
+from limits_ray.runs.job import run_job
+from limits_ray.pipeline.faults import TEST_FAULTS_ENV
+from limits_ray.pipeline.stages import PipelineError
+from limits_ray.pipeline.prompts import prompt_id_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def raise_for_river(prompts, responses):
 @pytest.fixture(scope="module")
 def ray_with_faulty_rewards(tmp_path_factory):
     """Local Ray whose workers can import the test's reward module (through PYTHONPATH) and see the
-    directory where tests arm engine faults (``$LIMITS_RAY_TEST_FAULTS``, see limits_ray.faults)."""
+    directory where tests arm engine faults (``$LIMITS_RAY_TEST_FAULTS``, see limits_ray.pipeline.faults)."""
     import ray
 
     module_dir = tmp_path_factory.mktemp("faulty_rewards")

@@ -1,4 +1,4 @@
-"""The cross-prompt reliability gate of the per-prompt tables (limits_ray.reliability_gate)."""
+"""The cross-prompt reliability gate of the per-prompt tables (limits_ray.core.reliability)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from limits_ray.config import AnalysisConfig
-from limits_ray.exact import gaussian_gain, gaussian_kl
-from limits_ray.psis import POOLED_KHAT_LIMIT
-from limits_ray.reduce import PromptRows, TableBuilder, reduce_table
-from limits_ray.reliability_gate import apply_pooled, khat_sums, merge_khat_sums, pool_whole
+from limits_ray.core.exact import gaussian_gain, gaussian_kl
+from limits_ray.core.psis import POOLED_KHAT_LIMIT
+from limits_ray.core.tables import PromptRows, TableBuilder, reduce_table
+from limits_ray.core.reliability import apply_pooled, khat_sums, merge_khat_sums, pool_whole
 
 
 def ungated_tables(rewards: np.ndarray, betas: list[float]) -> dict[str, pa.Table]:
     """Frontier and convergence rows of prompts ``rewards[p]`` (one reward ``r``), before the gate."""
-    from limits_ray.io import PromptSamples
-    from limits_ray.reduce import prompt_statistics
+    from limits_ray.storage.sample_io import PromptSamples
+    from limits_ray.core.tables import prompt_statistics
 
     config = AnalysisConfig(betas=tuple(betas), best_of_n=False)
     plan = config.plan(["r"])
@@ -75,7 +75,7 @@ def test_the_gate_of_parts_equals_the_gate_of_the_whole_table():
 
 def test_gating_in_slices_of_rows_changes_nothing(monkeypatch):
     """Tables longer than GATE_ROWS are summed and gated a slice at a time (slices cut through cells)."""
-    import limits_ray.reliability_gate as gate
+    import limits_ray.core.reliability as gate
 
     table = ungated_tables(np.random.default_rng(25).normal(size=(30, 300)), [0.5, 0.8, 1.5])["convergence"]
     whole = pool_whole(table, "convergence")

@@ -12,7 +12,7 @@ import pytest
 
 from limits_ray.cli import main
 from limits_ray.config import AnalysisConfig
-from limits_ray.reduce import reduce_samples
+from limits_ray.core.tables import reduce_samples
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_report_of_a_directory_without_results_fails_cleanly(tmp_path, capsys):
 
 
 def test_load_result_reads_the_sharded_tables_of_reduce(results, tmp_path):
-    from limits_ray.offline import reduce_dataset
-    from limits_ray.report import load_result
+    from limits_ray.runs.reduce import reduce_dataset
+    from limits_ray.outputs.report import load_result
 
     config = AnalysisConfig(betas="0.1:10:9", align=("gold", "proxy"), evals=("gold",))
     reduce_dataset(results.parent / "samples.parquet", tmp_path / "sharded", config, bucket_rows=300)
@@ -77,8 +77,8 @@ def _copy_with_reliable(results, out, reliable):
 
 
 def test_report_opens_with_a_summary(results):
-    from limits_ray.frontier import point_at_kl
-    from limits_ray.report import ESS_FLOOR, load_result, summary_lines
+    from limits_ray.core.frontier import point_at_kl
+    from limits_ray.outputs.report import ESS_FLOOR, load_result, summary_lines
 
     result = load_result(results)
     result.frontier = result.frontier.drop_columns(["reliable"])  # results written before the column: the ESS floor
@@ -105,7 +105,7 @@ def test_report_opens_with_a_summary(results):
 
 
 def test_the_summary_uses_the_reliable_column_when_there_is_one(results, tmp_path):
-    from limits_ray.report import load_result, summary_lines
+    from limits_ray.outputs.report import load_result, summary_lines
 
     everywhere = _copy_with_reliable(results, tmp_path / "all", lambda table: [True] * table.num_rows)
     lines = summary_lines(load_result(everywhere))

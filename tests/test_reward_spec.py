@@ -1,11 +1,11 @@
-"""Tests of limits_ray.reward_spec: ``NAME`` and ``mean(a,b,...)``."""
+"""Tests of limits_ray.core.reward_spec: ``NAME`` and ``mean(a,b,...)``."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from limits_ray.reward_spec import RewardSpec
+from limits_ray.core.reward_spec import RewardSpec
 
 
 @pytest.mark.parametrize("text", ["a", "gold", "proxy_0", "_rm", "rm.v1-large", "  gold  ", "mean"])

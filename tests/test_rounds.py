@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from limits_ray.rounds import ARROW_TYPES, is_round_layout, per_round, per_sample, regroup, round_lengths, to_arrow
+from limits_ray.storage.rounds import ARROW_TYPES, is_round_layout, per_round, per_sample, regroup, round_lengths, to_arrow
 
 
 def test_two_dimensional_rounds():

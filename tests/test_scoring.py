@@ -10,7 +10,7 @@ import pytest
 
 from _tiny import ENGINE_KWARGS, session_tiny_models
 from limits_ray.config import RewardModelConfig
-from limits_ray.scoring import (
+from limits_ray.pipeline.scoring import (
     FunctionRewardScorer, TransformersRewardScorer, VllmRewardScorer, make_scorer_class, render_reward_inputs,
 )
 from limits_ray.tiny_models import TinyModels
@@ -101,7 +101,7 @@ def test_a_chat_template_reward_receives_the_source_prompt_once(tiny: TinyModels
     from transformers import AutoTokenizer
 
     from limits_ray.config import PromptsConfig
-    from limits_ray.prompts import load_prompts
+    from limits_ray.pipeline.prompts import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.policy)
     prompt = load_prompts(PromptsConfig(inline=("Why is the sea salty?",), chat_template=True), tokenizer, 64).prompts[0]

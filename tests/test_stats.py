@@ -1,7 +1,7 @@
-"""Tests of limits_ray.stats: mergeable tilt statistics and their estimators.
+"""Tests of limits_ray.core.tilt: mergeable tilt statistics and their estimators.
 
 Reference values come from the formulas of MATH.md computed independently here (direct sums,
-per-sample influence functions), from exact enumeration (limits_ray.exact) and from Gaussian
+per-sample influence functions), from exact enumeration (limits_ray.core.exact) and from Gaussian
 closed forms; nothing is copied from the implementation's output.
 """
 
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from limits_ray.exact import finite_tilt, gaussian_gain, gaussian_kl
-from limits_ray.stats import TiltEstimate, TiltStats
+from limits_ray.core.exact import finite_tilt, gaussian_gain, gaussian_kl
+from limits_ray.core.tilt import TiltEstimate, TiltStats
 
 BETAS = np.array([1e-3, 3e-2, 0.5, 1.0, 7.0, 1e2, 1e3])
 PROPERTY = settings(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from limits_ray.storage import StorageError, check_writable, open_location
+from limits_ray.storage.location import StorageError, check_writable, open_location
 
 
 def test_local_paths_and_file_uris_are_the_same_absolute_directory(tmp_path, monkeypatch):

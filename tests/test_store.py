@@ -6,13 +6,13 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from limits_ray.bucket_work import BucketContext, compact
-from limits_ray.buckets import bucket_of
+from limits_ray.pipeline.bucket_tasks import BucketContext, compact
+from limits_ray.storage.buckets import bucket_of
 from limits_ray.config import AnalysisConfig
-from limits_ray.reduce import prompt_statistics
-from limits_ray.io import PromptSamples
-from limits_ray.storage import open_location
-from limits_ray.store import SampleStore, StoreMismatchError, flatten_rounds
+from limits_ray.core.tables import prompt_statistics
+from limits_ray.storage.sample_io import PromptSamples
+from limits_ray.storage.location import open_location
+from limits_ray.storage.sample_store import SampleStore, StoreMismatchError, flatten_rounds
 
 BETAS = np.array([0.1, 1.0, 10.0])
 PLAN = AnalysisConfig(betas=tuple(BETAS)).plan(["rm"])

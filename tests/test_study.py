@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from limits_ray.config import AnalysisConfig
-from limits_ray.reduce import reduce_samples
-from limits_ray.study import settle_table, study_from_table, summarize, write_study
+from limits_ray.core.tables import reduce_samples
+from limits_ray.runs.study import settle_table, study_from_table, summarize, write_study
 from _tiny import tiny_job
 
 
@@ -68,8 +68,8 @@ def test_the_convergence_table_has_errors_and_ess_on_known_gaussian_rewards(tmp_
 
 @pytest.mark.slow
 def test_study_generates_only_missing_rounds(tiny_models, tmp_path, ray_local):
-    from limits_ray.job import run_job
-    from limits_ray.study import run_study
+    from limits_ray.runs.job import run_job
+    from limits_ray.runs.study import run_study
 
     config = tiny_job(
         tiny_models, tmp_path, generation={"samples_per_prompt": 32},

@@ -1,0 +1,253 @@
+"""The reducer: scored samples (or their merged statistics) to the four result tables.
+
+The per-prompt steps are separate so that the offline command (``limits-ray reduce``) and the
+streaming pipeline share them: :func:`prompt_statistics` turns one prompt's rewards into
+mergeable :class:`DyadicStats`; :class:`PromptRows` turns statistics (and rewards, for best-of-n:
+:func:`bon_rows`) into rows, finalizing a batch of prompts at once; :func:`finish` averages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from limits_ray.core.bon import best_of_n
+from limits_ray.config import AnalysisConfig
+from limits_ray.core.dyadic import DyadicStats
+from limits_ray.core.frontier import mean_frontier
+from limits_ray.storage.sample_io import SCHEMAS, PromptSamples, iter_prompts, read_samples, write_table
+from limits_ray.core.reliability import pool_whole
+from limits_ray.core.reward_spec import RewardSpec
+from limits_ray.core.tilt import TiltEstimate, finalize_many
+
+__all__ = [
+    "Plan", "PromptRows", "ReduceResult", "TableBuilder", "bon_rows", "finish", "prompt_statistics", "reduce_prompts",
+    "reduce_samples", "reduce_table", "target_specs",
+]
+
+Plan = list[tuple[RewardSpec, list[RewardSpec]]]
+"""``[(align, [evals])]``: which rewards align and which evaluate (see AnalysisConfig.plan)."""
+
+
+def target_specs(align: RewardSpec, evals: list[RewardSpec]) -> list[RewardSpec]:
+    """Columns of the statistics for one alignment reward: itself first, then distinct evals."""
+    return [align, *[spec for spec in dict.fromkeys(evals) if spec != align]]
+
+
+def _eval_index(align: RewardSpec, evals: list[RewardSpec]) -> list[int]:
+    targets = target_specs(align, evals)
+    return [targets.index(spec) for spec in evals]
+
+
+class TableBuilder:
+    """Collects column blocks for one result schema; scalars broadcast to the block length."""
+
+    def __init__(self, name: str) -> None:
+        self.schema = SCHEMAS[name]
+        self.blocks: list[dict[str, np.ndarray]] = []
+
+    def add(self, length: int, **columns: object) -> None:
+        """Append ``length`` rows; each schema column given as an array or a scalar."""
+        block = {}
+        for field in self.schema:
+            value = columns[field.name]
+            block[field.name] = value if isinstance(value, np.ndarray) else np.full(length, value, dtype=object)
+        self.blocks.append(block)
+
+    def table(self) -> pa.Table:
+        """The rows added so far as a table of the schema."""
+        if not self.blocks:
+            return self.schema.empty_table()
+        arrays = [
+            pa.array(np.concatenate([block[field.name] for block in self.blocks]), type=field.type)
+            for field in self.schema
+        ]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+def prompt_statistics(samples: PromptSamples, plan: Plan, betas: np.ndarray) -> dict[str, DyadicStats]:
+    """One prompt's mergeable statistics per alignment reward, in dyadic shells of sample_idx."""
+    statistics = {}
+    for align, evals in plan:
+        targets = np.stack([spec.values(samples.rewards) for spec in target_specs(align, evals)], axis=1)
+        statistics[align.name] = DyadicStats(np.asarray(betas), targets.shape[1]).update(samples.sample_idx, targets)
+    return statistics
+
+
+PROMPT_BATCH = 256
+"""Most prompts whose estimates :class:`PromptRows` finalizes at once."""
+BATCH_SAMPLES = 1 << 16
+"""A batch also closes once its prompts hold this many samples (bounds the prefix states it keeps)."""
+
+
+class PromptRows:
+    """Adds prompts' frontier, convergence and best-of-n rows to table builders, batching the estimates.
+
+    The estimates of a batch of prompts (at most :data:`PROMPT_BATCH` prompts or
+    :data:`BATCH_SAMPLES` samples) are finalized together (:func:`limits_ray.core.tilt.finalize_many`);
+    the rows come out in the order of one prompt at a time (prompt, align, [prefix,] eval, beta).
+    Call :meth:`flush` before reading the builders.
+
+    Frontier rows are :class:`limits_ray.core.tilt.TiltEstimate`'s columns (``gain_se``/``kl_se`` its
+    interval SEs, NaN where not ``reliable``; ``khat``, ``ess`` and ``reliable`` depend on the align
+    reward only). Convergence rows are the estimates on every dyadic prefix (N = 1, 2, 4, ...
+    samples, and all N when N is not a power of two). Best-of-n rows: see :func:`bon_rows`.
+    """
+
+    def __init__(self, builders: dict[str, TableBuilder], plan: Plan, convergence: bool = True,
+                 best_of_n: bool = True) -> None:
+        self.builders, self.plan = builders, plan
+        self.convergence, self.best_of_n = convergence, best_of_n
+        self.prompt_ids: list[str] = []
+        self.statistics: list[dict[str, DyadicStats]] = []
+        self.samples = 0
+
+    def add(self, prompt_id: str, statistics: dict[str, DyadicStats], samples: PromptSamples | None = None) -> None:
+        """One prompt: its statistics, and its rewards when best-of-n is on (they are not kept)."""
+        samples_held = next(iter(statistics.values())).n
+        if not samples_held:
+            raise ValueError(f"prompt {prompt_id!r}: no samples: cannot estimate anything from an empty state")
+        if self.best_of_n:
+            if samples is None:
+                raise ValueError(f"prompt {prompt_id!r}: best-of-n needs its rewards")
+            bon_rows(self.builders["bon"], samples, self.plan)
+        self.prompt_ids.append(prompt_id)
+        self.statistics.append(statistics)
+        self.samples += samples_held
+        if len(self.prompt_ids) >= PROMPT_BATCH or self.samples >= BATCH_SAMPLES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Finalize the pending prompts and add their rows."""
+        if not self.prompt_ids:
+            return
+        frontier, convergence = [], []
+        for position, (align, evals) in enumerate(self.plan):
+            chains = [list(by_align[align.name].prefixes()) if self.convergence else [by_align[align.name].total()]
+                      for by_align in self.statistics]
+            lengths = np.array([len(chain) for chain in chains])
+            estimate = finalize_many([state for chain in chains for state in chain])
+            last = np.cumsum(lengths) - 1
+            frontier.append(_estimate_block(estimate, last, np.arange(len(chains)), position, align, evals, FRONTIER_ROW))
+            if self.convergence:
+                owner = np.repeat(np.arange(len(chains)), lengths)
+                convergence.append(_estimate_block(estimate, np.arange(owner.size), owner, position, align, evals,
+                                                   CONVERGENCE_ROW))
+        prompt_ids = np.array(self.prompt_ids, dtype=object)
+        _add_sorted(self.builders["frontier"], frontier, prompt_ids)
+        if self.convergence:
+            _add_sorted(self.builders["convergence"], convergence, prompt_ids)
+        self.prompt_ids, self.statistics, self.samples = [], [], 0
+
+
+FRONTIER_ROW = {"n": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se", "ess": "ess",
+                "gain_bc": "gain_bc", "kl_bc": "kl_bc", "khat": "khat", "body_sd": "body_sd", "khat_pooled": "khat",
+                "reliable": "reliable"}
+CONVERGENCE_ROW = {"n_samples": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se",
+                   "ess": "ess", "khat": "khat", "body_sd": "body_sd", "khat_pooled": "khat",
+                   "reliable": "reliable"}
+"""Row column -> :class:`limits_ray.core.tilt.TiltEstimate` field, per table."""
+_PER_EVAL = {"gain", "gain_se", "gain_bc"}  # fields with a target-column axis
+
+
+def _estimate_block(estimate: TiltEstimate, states: np.ndarray, owners: np.ndarray, align_position: int,
+                    align: RewardSpec, evals: list[RewardSpec], row: dict[str, str]) -> dict[str, np.ndarray]:
+    """Columns (and sort keys) of the rows of ``estimate``'s ``states``, each owned by prompt ``owners``.
+
+    Shapes before flattening: ``[states, evals, B]``.
+    """
+    shape = (states.size, len(evals), estimate.betas.shape[1])
+    columns = []
+    for column in _eval_index(align, evals):
+        block = {"beta": estimate.betas[states]}
+        for name, field in row.items():
+            values = getattr(estimate, field)[states]
+            block[name] = values[:, :, column] if field in _PER_EVAL else np.broadcast_to(
+                values.reshape(states.size, -1), (states.size, shape[2]))
+        columns.append(block)
+    block = {name: np.stack([part[name] for part in columns], axis=1).reshape(-1) for name in columns[0]}
+    block["eval"] = np.broadcast_to(np.array([spec.name for spec in evals], dtype=object)[None, :, None], shape).reshape(-1)
+    block["align"] = np.full(block["eval"].size, align.name, dtype=object)
+    block["_owner"] = np.broadcast_to(owners[:, None, None], shape).reshape(-1)
+    block["_align"] = np.full(block["eval"].size, align_position)
+    return block
+
+
+def _add_sorted(builder: TableBuilder, blocks: list[dict[str, np.ndarray]], prompt_ids: np.ndarray) -> None:
+    """Add the blocks' rows in prompt-major order (stable: align, then each block's own order)."""
+    merged = {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
+    order = np.lexsort((merged.pop("_align"), merged["_owner"]))
+    owners = merged.pop("_owner")[order]
+    columns = {name: values[order] for name, values in merged.items()}
+    builder.add(owners.size, prompt_id=prompt_ids[owners], **columns)
+
+
+def bon_rows(builder: TableBuilder, samples: PromptSamples, plan: Plan) -> None:
+    """Add one prompt's best-of-n rows for n = 1, 2, 4, ... <= N, with jackknife standard errors."""
+    for align, evals in plan:
+        evaluated = np.stack([spec.values(samples.rewards) for spec in evals], axis=1)
+        result = best_of_n(align.values(samples.rewards), evaluated)
+        for column, spec in enumerate(evals):
+            builder.add(
+                result.n.size, prompt_id=samples.prompt_id, align=align.name, eval=spec.name, n=result.n,
+                reward=result.reward[:, column], gain=result.gain[:, column], kl=result.kl,
+                reward_se=result.reward_se[:, column], gain_se=result.gain_se[:, column],
+            )
+
+
+@dataclass
+class ReduceResult:
+    """The four result tables of the Parquet contract."""
+
+    frontier: pa.Table
+    frontier_mean: pa.Table
+    bon: pa.Table
+    convergence: pa.Table
+
+    def write(self, out_dir: str | Path) -> list[Path]:
+        """Write ``<name>.parquet`` for each table into ``out_dir``; returns the paths."""
+        paths = []
+        for name in SCHEMAS:
+            path = Path(out_dir) / f"{name}.parquet"
+            write_table(getattr(self, name), path)
+            paths.append(path)
+        return paths
+
+
+def finish(frontier: TableBuilder, bon: TableBuilder, convergence: TableBuilder) -> ReduceResult:
+    """Assemble the result: the cross-prompt reliability gate (:mod:`limits_ray.core.reliability`), then the
+    per-prompt frontier averaged over prompts."""
+    frontier_table, convergence_table = (pool_whole(builder.table(), name)
+                                         for name, builder in (("frontier", frontier), ("convergence", convergence)))
+    return ReduceResult(frontier_table, mean_frontier(frontier_table), bon.table(), convergence_table)
+
+
+def reduce_prompts(prompts: Iterable[PromptSamples], plan: Plan, config: AnalysisConfig) -> ReduceResult:
+    """Reduce per-prompt samples to the result tables (one batch of prompts' statistics in memory at a time)."""
+    betas = np.asarray(config.betas)
+    builders = {name: TableBuilder(name) for name in ("frontier", "bon", "convergence")}
+    rows = PromptRows(builders, plan, config.convergence, config.best_of_n)
+    for samples in prompts:
+        rows.add(samples.prompt_id, prompt_statistics(samples, plan, betas), samples)
+    rows.flush()
+    return finish(builders["frontier"], builders["bon"], builders["convergence"])
+
+
+def reduce_table(table: pa.Table, reward_columns: list[str], config: AnalysisConfig) -> ReduceResult:
+    """Reduce a validated samples table sorted by (prompt_id, sample_idx) (see :func:`read_samples`)."""
+    plan = config.plan(reward_columns)
+    return reduce_prompts(iter_prompts(table, reward_columns), plan, config)
+
+
+def reduce_samples(samples_path: str | Path, config: AnalysisConfig) -> ReduceResult:
+    """Read, validate and reduce a Parquet file or directory of scored samples, all in memory.
+
+    For inputs that fit in memory (studies, tests); ``limits-ray reduce`` streams the input bucket by
+    bucket instead (:func:`limits_ray.runs.reduce.reduce_dataset`), with the same values.
+    """
+    table, reward_columns = read_samples(samples_path, config.rewards)
+    return reduce_table(table, reward_columns, config)

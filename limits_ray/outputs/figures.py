@@ -1,0 +1,334 @@
+"""Figures of a result: the frontier with its band and best-of-n points, convergence, ESS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+
+from limits_ray.core.frontier import TRUSTED_FRACTION, trusted_kl_range  # noqa: E402
+from limits_ray.core.tables import ReduceResult  # noqa: E402
+
+__all__ = [
+    "write_plots", "plot_frontier", "plot_convergence", "plot_ess", "plot_convergence_bands", "plot_frontier_by_n",
+    "plot_ess_prompts", "ess_source",
+]
+
+
+def _pairs(table: pa.Table) -> list[tuple[str, str]]:
+    return sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
+
+
+def _select(table: pa.Table, align: str, evaluation: str) -> pa.Table:
+    return table.filter(pc.and_(pc.equal(table["align"], align), pc.equal(table["eval"], evaluation)))
+
+
+def _counts(result: ReduceResult) -> tuple[int, int]:
+    """(prompts, median samples per prompt) for titles."""
+    frontier = result.frontier
+    if frontier.num_rows == 0:
+        return 0, 0
+    return len(set(frontier["prompt_id"].to_pylist())), int(np.median(frontier["n"].to_numpy()))
+
+
+def _draw_mean(axis, kl: np.ndarray, gain: np.ndarray, trusted: tuple[float, float] | None) -> None:
+    """The prompt-mean frontier: solid inside the trusted KL range, dashed outside it."""
+    inside = np.zeros(kl.size, bool) if trusted is None else (kl >= trusted[0]) & (kl <= trusted[1])
+    axis.plot(np.where(inside, kl, np.nan), gain, color="C0", lw=2, zorder=3, label="frontier (prompt mean)")
+    if not inside.all():
+        outside = ~inside
+        outside[1:] |= ~inside[:-1]  # join the dashed part to the last trusted point
+        outside[:-1] |= ~inside[1:]
+        axis.plot(np.where(outside, kl, np.nan), gain, color="C0", lw=1.5, ls="--", alpha=0.7, zorder=3,
+                  label=f"not trusted: < {TRUSTED_FRACTION:.0%} of prompts reliable (k-hat, ESS)")
+
+
+def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
+    """Prompt-averaged gain against KL per (align, eval), 95% band, per-prompt lines, best-of-n points.
+
+    The mean is solid over the trusted KL range (:func:`limits_ray.core.frontier.trusted_kl_range`) and
+    dashed beyond; the band is drawn where it exists (no band where some prompt has no interval).
+    """
+    prompts, samples = _counts(result)
+    pairs = _pairs(result.frontier_mean)
+    columns = min(2, len(pairs))
+    rows = -(-len(pairs) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows), squeeze=False)
+    for axis in axes.flat[len(pairs):]:
+        axis.set_visible(False)
+    for axis, (align, evaluation) in zip(axes.flat, pairs):
+        per_prompt = _select(result.frontier, align, evaluation)
+        for prompt_id in sorted(set(per_prompt["prompt_id"].to_pylist()))[:50]:
+            rows = per_prompt.filter(pc.equal(per_prompt["prompt_id"], prompt_id))
+            axis.plot(rows["kl"].to_numpy(), rows["gain"].to_numpy(), color="0.75", lw=0.5, zorder=1)
+        axis.plot([], [], color="0.75", lw=0.5, label="one prompt")
+        mean = _select(result.frontier_mean, align, evaluation)
+        kl, gain, band = mean["kl"].to_numpy(), mean["gain"].to_numpy(), 1.96 * mean["gain_se"].to_numpy()
+        axis.fill_between(kl, gain - band, gain + band, color="C0", alpha=0.3, zorder=2, label="95% band")
+        trusted = trusted_kl_range(result.frontier_mean, align, evaluation)
+        _draw_mean(axis, kl, gain, trusted)
+        bon = _select(result.bon, align, evaluation)
+        if bon.num_rows:
+            grouped = bon.group_by("n").aggregate([("kl", "mean"), ("gain", "mean")]).sort_by("n")
+            axis.plot(grouped["kl_mean"].to_numpy(), grouped["gain_mean"].to_numpy(), "o", color="C3",
+                      ms=5, zorder=4, label="best-of-n, n = 1, 2, 4, ...")
+        axis.set_xscale("symlog", linthresh=0.01)
+        axis.set_xlabel("KL(π_β ‖ π₀)  [nats]")
+        axis.set_ylabel(f"gain in {evaluation}  [reward units]")
+        trusted_text = "" if trusted is None else f"; trusted for KL {trusted[0]:.3g} to {trusted[1]:.3g} nats"
+        axis.set_title(f"align {align}, eval {evaluation}{trusted_text}", fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper left")
+    figure.suptitle(f"{title}: KL-reward frontier ({prompts} prompts, N = {samples} samples per prompt)", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_convergence(result: ReduceResult, path: Path, title: str) -> None:
+    """Prompt-averaged gain and KL against the number of samples N, for a few betas."""
+    prompts, _ = _counts(result)
+    if result.convergence.num_rows == 0:
+        return
+    align, evaluation = _pairs(result.convergence)[0]
+    table = _select(result.convergence, align, evaluation)
+    grouped = table.group_by(["beta", "n_samples"]).aggregate([("gain", "mean"), ("kl", "mean")])
+    betas = np.unique(grouped["beta"].to_numpy())
+    shown = betas[np.unique(np.linspace(0, betas.size - 1, min(5, betas.size)).round().astype(int))]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10.4, 4.2))
+    for color, beta in enumerate(shown):
+        rows = grouped.filter(pc.equal(grouped["beta"], beta)).sort_by("n_samples")
+        n = rows["n_samples"].to_numpy()
+        left.plot(n, rows["gain_mean"].to_numpy(), "o-", color=f"C{color}", ms=3, label=f"β = {beta:.3g}")
+        right.plot(n, rows["kl_mean"].to_numpy(), "o-", color=f"C{color}", ms=3, label=f"β = {beta:.3g}")
+    for axis, name in ((left, f"gain in {evaluation}  [reward units]"), (right, "KL(π_β ‖ π₀)  [nats]")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("samples per prompt N")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{title}: estimator convergence, align {align} ({prompts} prompts)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_ess(result: ReduceResult, path: Path, title: str) -> None:
+    """Median Kish effective sample size against beta, per alignment reward."""
+    prompts, samples = _counts(result)
+    figure, axis = plt.subplots(figsize=(5.6, 4.2))
+    for color, align in enumerate(sorted(set(result.frontier["align"].to_pylist()))):
+        rows = result.frontier.filter(pc.equal(result.frontier["align"], align))
+        grouped = rows.group_by("beta").aggregate([("ess", "approximate_median")]).sort_by("beta")
+        axis.plot(grouped["beta"].to_numpy(), grouped["ess_approximate_median"].to_numpy(), "o-", ms=3,
+                  color=f"C{color}", label=f"align {align}")
+    axis.axhline(samples, color="0.5", ls="--", lw=1, label=f"N = {samples}")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("β (KL penalty)")
+    axis.set_ylabel("effective sample size (Kish), median over prompts")
+    axis.set_title(f"{title}: ESS ({prompts} prompts)", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _shown_betas(betas: np.ndarray, count: int = 5) -> np.ndarray:
+    """Up to ``count`` betas spread evenly (in index) over the grid."""
+    betas = np.unique(betas)
+    return betas[np.unique(np.linspace(0, betas.size - 1, min(count, betas.size)).round().astype(int))]
+
+
+def _self_pairs(table: pa.Table, limit: int = 4) -> list[tuple[str, str]]:
+    """(align, eval) pairs, those evaluating the alignment reward itself first, at most ``limit``."""
+    pairs = _pairs(table)
+    return sorted(pairs, key=lambda pair: (pair[0] != pair[1], pair))[:limit]
+
+
+def _complete(table: pa.Table) -> pa.Table:
+    """Rows of a summary that every prompt reached (``prompts`` at its maximum)."""
+    prompts = table["prompts"].to_numpy()
+    return table.filter(pa.array(prompts == prompts.max())) if table.num_rows else table
+
+
+def plot_convergence_bands(summary: pa.Table, path: Path, title: str, settle: pa.Table | None = None) -> bool:
+    """Prompt-mean gain and KL against N for a few betas of the first (align, eval) pair, with bands.
+
+    ``summary`` is :func:`limits_ray.runs.study.summarize` output. Dark band: 95% Monte Carlo interval
+    of the prompt mean (when the summary has ``*_mc_se``); light band: 95% interval from the spread
+    across prompts. A vertical tick marks the N where the series settles (``settle``). Returns
+    whether a figure was written. Where the summary has ``reliable`` (fraction of reliable prompts),
+    points with fewer than 90% reliable prompts (k-hat, ESS) are drawn hollow.
+    """
+    if summary.num_rows == 0:
+        return False
+    summary = _complete(summary)
+    align, evaluation = _self_pairs(summary, 1)[0]
+    table = _select(summary, align, evaluation)
+    if np.unique(table["n_samples"].to_numpy()).size > 2:  # N = 1: gain and KL are 0 by construction
+        table = table.filter(pc.greater(table["n_samples"], 1))
+    shown = _shown_betas(table["beta"].to_numpy())
+    prompts = int(table["prompts"].to_numpy().max())
+    n_max = int(table["n_samples"].to_numpy().max())
+    figure, axes = plt.subplots(1, 2, figsize=(14.0, 4.6))
+    lowest = np.inf
+    for color, beta in enumerate(shown):
+        rows = table.filter(pc.equal(table["beta"], beta)).sort_by("n_samples")
+        n = rows["n_samples"].to_numpy()
+        match = None
+        if settle is not None and settle.num_rows:
+            match = _select(settle, align, evaluation)
+            match = match.filter(pc.equal(match["beta"], beta))
+            match = match if match.num_rows else None
+        label = f"β = {beta:.3g}" + ("" if match is None or match["settled"][0].as_py() else " (not settled)")
+        for axis, name in zip(axes, ("gain", "kl")):
+            mean = rows[name].to_numpy()
+            lowest = min(lowest, float(np.min(mean)))
+            axis.plot(n, mean, "o-", color=f"C{color}", ms=3, lw=1.5, label=label)
+            if "reliable" in rows.column_names:
+                weak = rows["reliable"].to_numpy() < TRUSTED_FRACTION
+                axis.plot(n[weak], mean[weak], "o", ms=7, mfc="white", color=f"C{color}", zorder=4)
+            floor = np.abs(mean) / 20  # log axis: clip bands that reach below zero
+            spread = 1.96 * np.nan_to_num(rows[f"{name}_spread_se"].to_numpy())
+            axis.fill_between(n, np.maximum(mean - spread, floor), mean + spread, color=f"C{color}", alpha=0.12, lw=0)
+            if f"{name}_mc_se" in rows.column_names:
+                band = 1.96 * np.nan_to_num(rows[f"{name}_mc_se"].to_numpy())
+                axis.fill_between(n, np.maximum(mean - band, floor), mean + band, color=f"C{color}", alpha=0.3, lw=0)
+            if match is not None and match["settled"][0].as_py():
+                at = max(int(match[f"settle_n_{name}"][0].as_py()), int(n[0]))
+                axis.plot([at], [mean[np.searchsorted(n, at)]], marker="v", ms=9, color=f"C{color}",
+                          markeredgecolor="k", zorder=5)
+    labels = (f"gain in {evaluation}  [reward units]", "KL(π_β ‖ π₀)  [nats]")
+    for axis, label in zip(axes, labels):
+        axis.set_xscale("log", base=2)
+        if lowest > 0:
+            axis.set_yscale("log")
+        else:
+            axis.set_yscale("symlog", linthresh=1e-3)
+        axis.set_xlabel("samples per prompt N")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    has_mc = "gain_mc_se" in table.column_names
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                   title_fontsize=8, title="prompt mean; 95% bands: "
+                   + ("dark Monte Carlo,\nlight spread across prompts" if has_mc else "spread across prompts"))
+    note = "\n▼: N from which the mean stays within tolerance of its largest-N value" if settle is not None else ""
+    if "reliable" in table.column_names:
+        note += f"\n○: fewer than {TRUSTED_FRACTION:.0%} of prompts reliable (Pareto k-hat of the weights, ESS)"
+    figure.suptitle(f"{title}: convergence of gain and KL, align {align} ({prompts} prompts, N ≤ {n_max}){note}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def plot_frontier_by_n(summary: pa.Table, path: Path, title: str) -> bool:
+    """The prompt-averaged frontier estimated from the first N samples, for several N (the paper's Fig. 4)."""
+    if summary.num_rows == 0:
+        return False
+    summary = _complete(summary)
+    pairs = _self_pairs(summary)
+    prompts = int(summary["prompts"].to_numpy().max())
+    all_n = np.unique(summary["n_samples"].to_numpy())
+    shown_n = all_n[all_n >= min(4, all_n.max())]
+    shown_n = shown_n[np.unique(np.linspace(0, shown_n.size - 1, min(6, shown_n.size)).round().astype(int))]
+    colors = plt.cm.viridis(np.linspace(0.0, 0.9, shown_n.size))
+    columns = min(2, len(pairs))
+    rows_count = -(-len(pairs) // columns)
+    figure, axes = plt.subplots(rows_count, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows_count), squeeze=False)
+    for axis in axes.flat[len(pairs):]:
+        axis.set_visible(False)
+    for axis, (align, evaluation) in zip(axes.flat, pairs):
+        table = _select(summary, align, evaluation)
+        for color, n in zip(colors, shown_n):
+            rows = table.filter(pc.equal(table["n_samples"], int(n))).sort_by("beta")
+            axis.plot(rows["kl"].to_numpy(), rows["gain"].to_numpy(), "o-", ms=2.5, lw=1.4, color=color, label=f"N = {n}")
+        axis.set_xscale("symlog", linthresh=0.01)
+        axis.set_xlabel("KL(π_β ‖ π₀)  [nats]")
+        axis.set_ylabel(f"gain in {evaluation}  [reward units]")
+        axis.set_title(f"align {align}, eval {evaluation}", fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper left")
+    figure.suptitle(f"{title}: frontier estimated from N samples per prompt ({prompts} prompts, N ≤ {shown_n.max()})",
+                    fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def ess_source(frontier: pa.Table) -> pa.Table:
+    """ESS rows (align, prompt_id, beta, n_samples, ess) from a frontier table (one eval per align)."""
+    rows = frontier.filter(pc.equal(frontier["align"], frontier["eval"]))
+    if rows.num_rows == 0:
+        rows = frontier
+    table = pa.table({"align": rows["align"], "prompt_id": rows["prompt_id"], "beta": rows["beta"],
+                      "n_samples": rows["n"], "ess": rows["ess"]})
+    _, keep = np.unique(np.stack([np.asarray(table["align"].to_pylist(), dtype=object).astype(str),
+                                  np.asarray(table["prompt_id"].to_pylist(), dtype=object).astype(str),
+                                  table["beta"].to_numpy().astype(str)]), axis=1, return_index=True)
+    return table.take(pa.array(np.sort(keep)))
+
+
+def plot_ess_prompts(ess: pa.Table, path: Path, title: str) -> bool:
+    """Kish ESS against beta: one thin line per prompt, the median over prompts bold, N dashed; per align."""
+    if ess.num_rows == 0:
+        return False
+    aligns = sorted(set(ess["align"].to_pylist()))[:4]
+    columns = min(2, len(aligns))
+    rows_count = -(-len(aligns) // columns)
+    figure, axes = plt.subplots(rows_count, columns, figsize=(max(5.8 * columns, 8.5), 4.3 * rows_count), squeeze=False)
+    for axis in axes.flat[len(aligns):]:
+        axis.set_visible(False)
+    prompts = len(set(ess["prompt_id"].to_pylist()))
+    n_values = ess["n_samples"].to_numpy()
+    for axis, align in zip(axes.flat, aligns):
+        table = ess.filter(pc.equal(ess["align"], align))
+        for prompt_id in sorted(set(table["prompt_id"].to_pylist()))[:100]:
+            rows = table.filter(pc.equal(table["prompt_id"], prompt_id)).sort_by("beta")
+            axis.plot(rows["beta"].to_numpy(), rows["ess"].to_numpy(), color="0.6", lw=0.6, zorder=1)
+        betas = np.unique(table["beta"].to_numpy())
+        all_betas, values = table["beta"].to_numpy(), table["ess"].to_numpy()
+        median = [np.median(values[all_betas == beta]) for beta in betas]
+        axis.plot(betas, median, "o-", color="C0", ms=3, lw=2, zorder=3, label="median over prompts")
+        axis.plot([], [], color="0.6", lw=0.6, label="one prompt")
+        n = int(np.median(table["n_samples"].to_numpy()))
+        axis.axhline(n, color="C3", ls="--", lw=1, label=f"N = {n} samples")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_ylim(0.8, n * 1.6)
+        axis.set_xlabel("β (KL penalty)  [reward units]")
+        axis.set_ylabel("effective sample size (Kish)  [samples]")
+        axis.set_title(f"align {align}", fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="lower right")
+    figure.suptitle(f"{title}: ESS against β ({prompts} prompts, N = {int(np.median(n_values))} per prompt)", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_plots(result: ReduceResult, out_dir: str | Path, title: str) -> list[Path]:
+    """Write frontier.png, convergence.png, ess.png and frontier_by_n.png into ``out_dir``; returns the paths."""
+    from limits_ray.runs.study import summarize
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "frontier.png", out_dir / "convergence.png", out_dir / "ess.png", out_dir / "frontier_by_n.png"]
+    plot_frontier(result, paths[0], title)
+    if result.convergence.num_rows:
+        summary = summarize(result.convergence)
+        plot_convergence_bands(summary, paths[1], title)
+        plot_frontier_by_n(summary, paths[3], title)
+    if result.frontier.num_rows:
+        plot_ess_prompts(ess_source(result.frontier), paths[2], title)
+    return [path for path in paths if path.exists()]
