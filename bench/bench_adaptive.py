@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _report import DOCS, cpu_description, update_docs  # noqa: E402
-from limits_ray.runs.adaptive import MIN_ESS_FRACTION, is_reliable, plan_wave  # noqa: E402
+from limits_ray.core.sampling_plan import plan_wave  # noqa: E402
+from limits_ray.core.reliability import MIN_ESS_FRACTION, is_reliable  # noqa: E402
 from limits_ray.core.exact import gaussian_gain, gaussian_kl  # noqa: E402
-from limits_ray.core.psis import passes_gate, pooled_khat_of_cells  # noqa: E402
+from limits_ray.core.reliability import passes_gate, pooled_khat_of_cells  # noqa: E402
 from limits_ray.core.tilt import TiltStats  # noqa: E402
 
 SECTION = "## Adaptive sampling (bench/bench_adaptive.py)"

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from _report import DOCS, cpu_description, update_docs  # noqa: E402
 from limits_ray.core.exact import gaussian_gain, gaussian_kl  # noqa: E402
-from limits_ray.core.frontier import TRUSTED_FRACTION  # noqa: E402
-from limits_ray.core.psis import POOLED_KHAT_LIMIT, passes_gate, pooled_khat_of_cells  # noqa: E402
+from limits_ray.core.reliability import TRUSTED_FRACTION  # noqa: E402
+from limits_ray.core.reliability import POOLED_KHAT_LIMIT, passes_gate, pooled_khat_of_cells  # noqa: E402
 from limits_ray.core.tilt import TiltStats  # noqa: E402
 
 SECTION = "## Coverage and reliability (bench/bench_coverage.py)"

@@ -201,11 +201,11 @@ def _prepare(config) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from limits_ray.runs.job import _max_prompt_tokens
+    from limits_ray.pipeline.prompts import max_prompt_tokens
     from limits_ray.pipeline.prompts import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
-    prompt_set = load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
+    prompt_set = load_prompts(config.prompts, tokenizer, max_prompt_tokens(config, tokenizer))
     rounds = [(prompt, rnd) for prompt in prompt_set.prompts for rnd in range(config.generation.rounds)]
     return {
         "prompt_id": np.array([prompt.prompt_id for prompt, _ in rounds], dtype=object),
@@ -230,9 +230,10 @@ def run_baseline(mapping: dict) -> dict:
 
     from limits_ray.config import JobConfig, from_mapping
     from limits_ray.pipeline.generation import Generator
-    from limits_ray.storage.sample_io import PromptSamples
+    from limits_ray.core.samples import PromptSamples
     from limits_ray.outputs.figures import write_plots
     from limits_ray.core.tables import reduce_prompts
+    from limits_ray.storage.results import write_result
     from limits_ray.storage.rounds import per_round, per_sample, round_lengths
     from limits_ray.pipeline.scoring import make_scorer_class
 
@@ -263,7 +264,7 @@ def run_baseline(mapping: dict) -> dict:
         prompts.append(PromptSamples(str(prompt_id), sample_idx[rows], {n: v[rows] for n, v in rewards.items()}))
     result = reduce_prompts(prompts, config.analysis.plan(names), config.analysis)
     output = Path(config.output_dir)
-    result.write(output)
+    write_result(result, output)
     lap("statistics")
     write_plots(result, output, title=config.name)
     lap("plots")

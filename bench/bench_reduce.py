@@ -70,14 +70,14 @@ def write_input(path: Path, prompts: int, seed: int = 0) -> None:
 
 def child(case: str, samples: str, out: str) -> None:
     """Run one case in this (fresh) interpreter; print ``{"rss_mib", "seconds"}`` as JSON."""
-    from limits_ray.config import AnalysisConfig
-    from limits_ray.runs.reduce import reduce_dataset
-    from limits_ray.core.tables import reduce_samples
+    from limits_ray.core.analysis import AnalysisConfig
+    from limits_ray.runs.reduce import reduce_dataset, reduce_samples
+    from limits_ray.storage.results import write_result
 
     config = AnalysisConfig(betas=BETAS)
     started = time.perf_counter()
     if case == "in memory":
-        reduce_samples(samples, config).write(out)
+        write_result(reduce_samples(samples, config), out)
     elif case == "buckets of 1e6 rows":
         reduce_dataset(samples, out, config)
     elif case != "import only":

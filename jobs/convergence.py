@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from limits_ray.config import ConfigError, JobConfig, load_yaml
+from limits_ray.config import JobConfig, load_yaml
+from limits_ray.core.errors import ConfigError
 from limits_ray.pipeline.logs import route_logs
 from limits_ray.runs.study import run_study
 

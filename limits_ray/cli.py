@@ -10,9 +10,12 @@ from typing import Callable, Sequence
 
 import pyarrow.parquet as pq
 
-from limits_ray.config import AnalysisConfig, ConfigError, JobConfig
-from limits_ray.core.frontier import TRUSTED_FRACTION, FrontierPoint, point_at_kl
-from limits_ray.storage.sample_io import InputError
+from limits_ray.config import JobConfig
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.errors import ConfigError
+from limits_ray.core.frontier import FrontierPoint, point_at_kl
+from limits_ray.core.reliability import TRUSTED_FRACTION
+from limits_ray.core.errors import InputError
 from limits_ray.outputs.numbers import format_number
 from limits_ray.runs.reduce import DEFAULT_BUCKET_ROWS
 from limits_ray.pipeline.stages import PipelineError
@@ -90,14 +93,14 @@ def _run(args: argparse.Namespace) -> int:
     if config.adaptive.enabled:
         from limits_ray.runs.adaptive import run_adaptive
 
-        summary = run_adaptive(config)
+        summary = run_adaptive(config, validated=True)
         for index, wave in enumerate(summary["waves"]):
             print(f"pilot wave {index}: {wave['samples']} samples, {wave['done']} of {summary['prompts']} prompts within "
                   f"tolerance and reliable")
         print(f"confirmation: {summary['pilot_samples']} fresh samples; the results are theirs")
         print(f"results, plots, report.json and adaptive.json in {config.output_dir}")
         return 0
-    _, report = run_job(config)
+    _, report = run_job(config, validated=True)
     for line in report.summary_lines():
         print(line)
     print(f"results, plots and report.json in {config.output_dir}")
@@ -110,7 +113,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     config = _load_job(args)
     options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta)
-    result = compare(config, options)
+    result = compare(config, options, validated=True)
     for line in compare_lines(result.policies):
         print(line)
     for path in result.paths:

@@ -27,7 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "CORPUS", "TinyModels", "build_tiny_models"]
+__all__ = ["CHAT_TEMPLATE", "CORPUS", "TinyModels", "blend_checkpoint", "build_tiny_models"]
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -202,9 +202,29 @@ def build_tiny_models(out_dir: Path, seed: int = 0) -> TinyModels:
         path = getattr(models, name)
         shutil.rmtree(path, ignore_errors=True)
         build(tokenizer, path, derive_seed(seed, name))
-    from limits_ray.runs.compare import blend_checkpoint
-
     shutil.rmtree(models.policy_blend, ignore_errors=True)
     blend_checkpoint(models.policy, models.policy_b, BLEND_WEIGHT, models.policy_blend)
     (out_dir / MARKER).write_text(json.dumps({"seed": seed, "version": FORMAT_VERSION}))
     return models
+
+
+def blend_checkpoint(base: str | Path, other: str | Path, weight: float, out: str | Path) -> Path:
+    """Save ``(1 - weight) * base + weight * other`` (every parameter) with the base's tokenizer to ``out``.
+
+    Two checkpoints of one architecture; a small ``weight`` gives a policy near pi0 (a stand-in for a
+    mildly aligned checkpoint whose KL lies inside the frontier's range). A no-op if ``out`` exists.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    target = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).state_dict()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_((1.0 - weight) * tensor + weight * target[name])
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from limits_ray.runs.adaptive import is_reliable, plan_wave, prompt_errors, worst_ratio
+from limits_ray.core.sampling_plan import plan_wave, prompt_errors, worst_ratio
+from limits_ray.core.reliability import is_reliable
 from limits_ray.core.exact import gaussian_gain, gaussian_kl
 from limits_ray.core.tilt import TiltStats
 

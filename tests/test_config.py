@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from limits_ray.config import (
-    AnalysisConfig, ConfigError, GenerationConfig, JobConfig, PromptsConfig, RewardModelConfig, StoreConfig,
-    from_mapping, load_yaml, parse_betas,
+    from_mapping, GenerationConfig, JobConfig, load_yaml, PromptsConfig, RewardModelConfig, StoreConfig,
 )
+from limits_ray.core.analysis import AnalysisConfig, parse_betas
+from limits_ray.core.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------
 # parse_betas

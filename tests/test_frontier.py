@@ -13,7 +13,7 @@ from limits_ray.core.frontier import (
     FrontierPoint, between_prompt_se, frontier_sums, mean_frontier, mean_from_sums, merge_moments, merge_sums, point_at_kl,
     trusted_kl_range,
 )
-from limits_ray.storage.sample_io import SCHEMAS
+from limits_ray.core.schemas import SCHEMAS
 
 
 def per_prompt_table(rows: list[dict]) -> pa.Table:
@@ -106,7 +106,7 @@ def test_spread_keeps_its_digits_when_prompts_agree_to_many_digits():
 
 
 def test_the_spread_se_is_the_convergence_study_s():
-    from limits_ray.runs.study import summarize
+    from limits_ray.core.convergence import summarize
 
     rows = random_frontier(5, 9, [0.5, 2.0], [("a", "a"), ("a", "b")])
     table = per_prompt_table(rows)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from limits_ray.storage.sample_io import SCHEMAS
+from limits_ray.core.schemas import SCHEMAS
 from _cluster import start_head, submit
 from _tiny import tiny_job_mapping
 

@@ -8,10 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from limits_ray.storage.buckets import bucket_name, bucket_of
-from limits_ray.config import AnalysisConfig
-from limits_ray.storage.sample_io import SCHEMAS, InputError
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.errors import InputError
+from limits_ray.core.schemas import SCHEMAS
 from limits_ray.runs.reduce import PER_PROMPT, reduce_dataset
-from limits_ray.core.tables import ReduceResult, reduce_samples
+from limits_ray.core.tables import ReduceResult
+from limits_ray.runs.reduce import reduce_samples
+from limits_ray.storage.results import write_result
 
 CONFIG = AnalysisConfig(betas="0.2:5:4", align=("a", "mean(a,b)"), evals=("a", "b"))
 KEYS = {"frontier": ["prompt_id", "align", "eval", "beta"], "bon": ["prompt_id", "align", "eval", "n"],
@@ -78,9 +81,11 @@ def test_one_file_in_any_order_equals_the_in_memory_reduce(tmp_path, bucket_rows
 
 def test_flushes_and_gate_batches_that_cut_through_prompts_change_nothing(tmp_path, monkeypatch):
     """37 rows a flush and a gate batch: batches end inside prompts (16 frontier rows each, more convergence rows)."""
+    import limits_ray.pipeline.bucket_tasks as bucket_tasks
     import limits_ray.runs.reduce as offline
 
     monkeypatch.setattr(offline, "FLUSH_ROWS", 37)
+    monkeypatch.setattr(bucket_tasks, "GATE_BATCH_ROWS", 37)
     pq.write_table(samples(), tmp_path / "s.parquet")
     reduce_dataset(tmp_path / "s.parquet", tmp_path / "out", CONFIG, bucket_rows=300)
     assert_same_result(tmp_path / "out", reduce_samples(tmp_path / "s.parquet", CONFIG))
@@ -165,7 +170,7 @@ def test_an_earlier_result_of_single_files_is_replaced(tmp_path):
     pq.write_table(samples(prompts=8), tmp_path / "s.parquet")
     expected = reduce_samples(tmp_path / "s.parquet", CONFIG)
     other = reduce_samples(tmp_path / "s.parquet", AnalysisConfig(betas=(1.0,)))
-    other.write(tmp_path / "out")
+    write_result(other, tmp_path / "out")
     assert (tmp_path / "out" / "frontier.parquet").is_file()
     reduce_dataset(tmp_path / "s.parquet", tmp_path / "out", CONFIG, bucket_rows=40)
     assert (tmp_path / "out" / "frontier.parquet").is_dir()

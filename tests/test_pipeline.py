@@ -13,11 +13,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.config import AnalysisConfig, GenerationConfig, JobConfig, RewardModelConfig, from_mapping
-from limits_ray.storage.sample_io import SCHEMAS
+from limits_ray.config import from_mapping, GenerationConfig, JobConfig, RewardModelConfig
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.schemas import SCHEMAS
 from limits_ray.runs.job import run_job
 from limits_ray.pipeline.stages import generation_stage, scorer_stage
-from limits_ray.core.tables import reduce_samples
+from limits_ray.runs.reduce import reduce_samples
 from limits_ray.pipeline.prompts import prompt_id_for
 from limits_ray.storage.rounds import ARROW_TYPES
 from _tiny import TINY_PROMPTS, tiny_job

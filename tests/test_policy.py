@@ -11,7 +11,10 @@ import pytest
 
 from _tiny import tiny_job, tiny_job_mapping
 from limits_ray.config import PolicyConfig
-from limits_ray.runs.compare import POLICY_SCHEMA, CompareOptions, blend_checkpoint, compare, policy_estimates, sample_policy
+from limits_ray.runs.compare import compare, CompareOptions
+from limits_ray.core.compare_tables import POLICY_SCHEMA, policy_estimates
+from limits_ray.pipeline.policy_stages import sample_policy
+from limits_ray.tiny_models import blend_checkpoint
 from limits_ray.core.policy_stats import exact_kl
 from limits_ray.pipeline.prompts import Prompt
 from limits_ray.core.reward_spec import RewardSpec

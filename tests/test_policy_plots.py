@@ -6,7 +6,7 @@ import math
 
 import pyarrow as pa
 
-from limits_ray.runs.compare import POLICY_SCHEMA
+from limits_ray.core.compare_tables import POLICY_SCHEMA
 from limits_ray.outputs.compare_report import BON_FOOTNOTE, compare_lines
 
 NAN = math.nan
@@ -53,9 +53,9 @@ def test_compare_lines_without_best_of_n_has_no_footnote():
 
 
 def test_markdown_table_has_units_and_no_nan():
-    from limits_ray.outputs.compare_report import _markdown_table
+    from limits_ray.outputs.compare_report import markdown_table
 
-    lines = _markdown_table(_table(), ["policy", "kl", "kl_se", "gain"])
+    lines = markdown_table(_table(), ["policy", "kl", "kl_se", "gain"])
     assert lines[0] == "| policy | KL [nats] | KL SE [nats] | gain [reward] |"
     assert lines[4] == "| best-of-1 | 0 | — | 0 |"
     assert "nan" not in "\n".join(lines)

@@ -173,7 +173,9 @@ def test_inverse_sqrt_reference():
 
 import pyarrow as pa  # noqa: E402
 
-from limits_ray.runs.compare import POLICY_SCHEMA, bon_points, ensemble_table, policy_points, proxy_gold_table  # noqa: E402
+from limits_ray.core.compare_tables import (
+    POLICY_SCHEMA, bon_points, ensemble_table, policy_points, proxy_gold_table,
+)  # noqa: E402
 
 
 def _frontier_mean() -> pa.Table:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from limits_ray.core.psis import gpd_fit, khat, khat_pool_sums, khat_sd, khat_threshold, pooled_khat, pooled_khat_of_cells, tail_size
+from limits_ray.core.psis import gpd_fit, khat, khat_sd, tail_size
+from limits_ray.core.reliability import khat_pool_sums, khat_threshold, pooled_khat, pooled_khat_of_cells
 
 BETAS = np.array([0.3, 1.0, 3.0])
 # Fixed data: quantiles of three reward distributions (no random stream involved).

@@ -37,6 +37,37 @@ def readme_commands(markdown: str) -> list[str]:
     return commands
 
 
+def readme_python(markdown: str) -> list[str]:
+    """The ```python blocks, in order."""
+    return re.findall(r"^```python\n(.*?)^```", markdown, flags=re.S | re.M)
+
+
+def test_readme_python_uses_only_the_public_api():
+    """README's Python imports only from ``limits_ray`` itself (its ``__init__`` names the public API)."""
+    import ast
+
+    import limits_ray
+
+    blocks = readme_python(README.read_text())
+    assert blocks, "README shows the Python API"
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("limits_ray"):
+                assert node.module == "limits_ray", f"README imports from {node.module}: use the public API"
+                assert all(alias.name in limits_ray.__all__ for alias in node.names)
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("limits_ray.") for alias in node.names)
+
+
+def test_every_public_name_resolves():
+    import limits_ray
+
+    for name in limits_ray.__all__:
+        assert getattr(limits_ray, name) is not None, name
+    with pytest.raises(AttributeError):
+        limits_ray.not_a_name  # noqa: B018
+
+
 def test_readme_commands_are_parsed_whole():
     commands = readme_commands(README.read_text())
     assert commands[:2] == ["./scripts/demo", "./scripts/test"]
@@ -79,6 +110,8 @@ def test_every_readme_command_runs_as_written_in_order(tmp_path):
     for command in readme_commands(README.read_text()):
         if command not in NOT_RUN:
             outputs[command] = _run(command, clone, env)
+    for block in readme_python(README.read_text()):
+        outputs[block] = _run(f"python -c {shlex.quote(block)}", clone, env)
     tiny = clone / "runs" / "tiny"
     for name in ("frontier.parquet", "frontier_mean.parquet", "bon.parquet", "convergence.parquet",
                  "report.json", "report.md", "frontier.png", "convergence.png", "ess.png"):

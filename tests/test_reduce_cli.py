@@ -12,7 +12,7 @@ import pytest
 
 from limits_ray.core.bon import best_of_n
 from limits_ray.cli import main
-from limits_ray.storage.sample_io import SCHEMAS
+from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tilt import TiltStats
 
 OUTPUTS = ("frontier", "frontier_mean", "bon", "convergence")
@@ -337,9 +337,9 @@ def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
     """The job's path (per-round statistics, serialised, merged in any order into a bucket's MergedBucket,
     rows from the merged statistics) and the offline reduce give the same tables: khat and reliable
     exactly, the floats to rounding."""
-    from limits_ray.config import AnalysisConfig
+    from limits_ray.core.analysis import AnalysisConfig
     from limits_ray.core.dyadic import DyadicStats
-    from limits_ray.storage.sample_io import iter_prompts
+    from limits_ray.core.samples import iter_prompts
     from limits_ray.core.tables import PromptRows, TableBuilder, prompt_statistics, reduce_table
     from limits_ray.core.reliability import pool_whole
     from limits_ray.storage.sample_store import MergedBucket
@@ -380,7 +380,7 @@ def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
 def test_prompt_rows_give_the_same_tables_in_any_batch_size_and_refuse_an_empty_prompt(monkeypatch):
     """Estimates are finalized a batch of prompts at a time: batch boundaries change no row and no order."""
     import limits_ray.core.tables as reduce
-    from limits_ray.config import AnalysisConfig
+    from limits_ray.core.analysis import AnalysisConfig
     from limits_ray.core.dyadic import DyadicStats
 
     rng = np.random.default_rng(3)

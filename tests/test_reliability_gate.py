@@ -6,16 +6,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from limits_ray.config import AnalysisConfig
+from limits_ray.core.analysis import AnalysisConfig
 from limits_ray.core.exact import gaussian_gain, gaussian_kl
-from limits_ray.core.psis import POOLED_KHAT_LIMIT
+from limits_ray.core.reliability import POOLED_KHAT_LIMIT
 from limits_ray.core.tables import PromptRows, TableBuilder, reduce_table
 from limits_ray.core.reliability import apply_pooled, khat_sums, merge_khat_sums, pool_whole
 
 
 def ungated_tables(rewards: np.ndarray, betas: list[float]) -> dict[str, pa.Table]:
     """Frontier and convergence rows of prompts ``rewards[p]`` (one reward ``r``), before the gate."""
-    from limits_ray.storage.sample_io import PromptSamples
+    from limits_ray.core.samples import PromptSamples
     from limits_ray.core.tables import prompt_statistics
 
     config = AnalysisConfig(betas=tuple(betas), best_of_n=False)

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from limits_ray.cli import main
-from limits_ray.config import AnalysisConfig
-from limits_ray.core.tables import reduce_samples
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.runs.reduce import reduce_samples
+from limits_ray.storage.results import write_result
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     pq.write_table(table, root / "samples.parquet")
     result = reduce_samples(root / "samples.parquet", AnalysisConfig(betas="0.1:10:9", align=("gold", "proxy"), evals=("gold",)))
-    result.write(root / "results")
+    write_result(result, root / "results")
     return root / "results"
 
 
@@ -53,7 +54,7 @@ def test_report_of_a_directory_without_results_fails_cleanly(tmp_path, capsys):
 
 def test_load_result_reads_the_sharded_tables_of_reduce(results, tmp_path):
     from limits_ray.runs.reduce import reduce_dataset
-    from limits_ray.outputs.report import load_result
+    from limits_ray.storage.results import load_result
 
     config = AnalysisConfig(betas="0.1:10:9", align=("gold", "proxy"), evals=("gold",))
     reduce_dataset(results.parent / "samples.parquet", tmp_path / "sharded", config, bucket_rows=300)
@@ -78,14 +79,16 @@ def _copy_with_reliable(results, out, reliable):
 
 def test_report_opens_with_a_summary(results):
     from limits_ray.core.frontier import point_at_kl
-    from limits_ray.outputs.report import ESS_FLOOR, load_result, summary_lines
+    from limits_ray.core.reliability import FALLBACK_ESS_FLOOR
+    from limits_ray.outputs.report import summary_lines
+    from limits_ray.storage.results import load_result
 
     result = load_result(results)
     result.frontier = result.frontier.drop_columns(["reliable"])  # results written before the column: the ESS floor
     lines = summary_lines(result)
     assert lines[0] == "## Summary" and "at least 90% of the prompts' estimates reliable (Kish ESS ≥ 10)" in lines[2]
     frontier = result.frontier.filter(pc.equal(result.frontier["align"], "gold")).to_pandas()
-    ok = (frontier["ess"] >= ESS_FLOOR).groupby(frontier["beta"]).mean() >= 0.9
+    ok = (frontier["ess"] >= FALLBACK_ESS_FLOOR).groupby(frontier["beta"]).mean() >= 0.9
     trusted = [beta for beta in sorted(ok.index, reverse=True)]
     trusted = trusted[: next((i for i, beta in enumerate(trusted) if not ok[beta]), len(trusted))]
     assert 0 < len(trusted) < len(ok)  # the synthetic case has both
@@ -105,7 +108,8 @@ def test_report_opens_with_a_summary(results):
 
 
 def test_the_summary_uses_the_reliable_column_when_there_is_one(results, tmp_path):
-    from limits_ray.outputs.report import load_result, summary_lines
+    from limits_ray.outputs.report import summary_lines
+    from limits_ray.storage.results import load_result
 
     everywhere = _copy_with_reliable(results, tmp_path / "all", lambda table: [True] * table.num_rows)
     lines = summary_lines(load_result(everywhere))

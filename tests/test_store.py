@@ -8,9 +8,9 @@ import pytest
 
 from limits_ray.pipeline.bucket_tasks import BucketContext, compact
 from limits_ray.storage.buckets import bucket_of
-from limits_ray.config import AnalysisConfig
+from limits_ray.core.analysis import AnalysisConfig
 from limits_ray.core.tables import prompt_statistics
-from limits_ray.storage.sample_io import PromptSamples
+from limits_ray.core.samples import PromptSamples
 from limits_ray.storage.location import open_location
 from limits_ray.storage.sample_store import SampleStore, StoreMismatchError, flatten_rounds
 

@@ -190,7 +190,7 @@ def test_a_revision_given_for_a_local_model_directory(tmp_path, good, capsys):
 
 
 def test_hub_models_are_identified_by_name_and_revision_and_unpinned_ones_warned_of(good, caplog):
-    from limits_ray.runs.job import setup_identity
+    from limits_ray.runs.identity import setup_identity
 
     pinned = _with(good, lambda c: c["generation"].update(model="org/base", revision="abc123"))
     unpinned = _with(good, lambda c: c["generation"].update(model="org/base"))

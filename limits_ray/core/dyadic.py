@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from limits_ray.core.psis import TAIL_CAP
-from limits_ray.core.tilt import TiltStats, _recentre_matrix
+from limits_ray.core.tilt import TiltStats, recentre_matrix
 
 FORMAT_VERSION = 2
 """Version of the :meth:`DyadicStats.to_bytes` record (2: raw arrays; 1 was an ``np.savez`` archive);
@@ -94,7 +94,7 @@ class DyadicStats:
         shift = states[0].shift
         r_max = np.array([state.r_max for state in states])
         running_max = np.maximum.accumulate(r_max)
-        moments = np.stack([state.moments @ _recentre_matrix(state.shift - shift) for state in states])  # [K, 3, B, C]
+        moments = np.stack([state.moments @ recentre_matrix(state.shift - shift) for state in states])  # [K, 3, B, C]
         included = np.tril(np.ones((len(states), len(states)), dtype=bool))  # [prefix k, shell j]
         gap = np.where(included, r_max[None, :] - running_max[:, None], -np.inf)  # <= 0; -inf: shell not in prefix
         scale = np.exp(gap[:, :, None] / self.betas)  # [k, j, B]

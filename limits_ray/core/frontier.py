@@ -32,15 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from limits_ray.storage.sample_io import SCHEMAS
+from limits_ray.core.reliability import TRUSTED_FRACTION, trusted_count
+from limits_ray.core.schemas import SCHEMAS
 
 __all__ = [
-    "TRUSTED_FRACTION", "FrontierPoint", "between_prompt_se", "frontier_sums", "mean_frontier", "mean_from_sums",
+    "FrontierPoint", "between_prompt_se", "frontier_sums", "mean_frontier", "mean_from_sums",
     "merge_moments", "merge_sums", "point_at_kl", "trusted_kl_range",
 ]
-
-TRUSTED_FRACTION = 0.9
-"""A beta of a prompt-averaged frontier is trusted when at least this fraction of prompts is reliable there."""
 
 KEYS = ["align", "eval", "beta"]
 SUM_COLUMNS = ("gain_var_sum", "kl_var_sum", "gain_bc_sum", "kl_bc_sum", "reliable_sum")
@@ -178,22 +176,12 @@ class FrontierPoint:
     trusted_kl: tuple[float, float] | None = None
 
 
-def _pair_rows(frontier_mean: pa.Table, align: str, eval: str) -> pa.Table:
-    rows = frontier_mean.filter(pc.and_(pc.equal(frontier_mean["align"], align), pc.equal(frontier_mean["eval"], eval)))
-    if rows.num_rows == 0:
-        pairs = sorted(set(zip(frontier_mean["align"].to_pylist(), frontier_mean["eval"].to_pylist())))
-        raise ValueError(f"no frontier for align={align!r} eval={eval!r}; available (align, eval): {pairs}")
-    return rows
-
-
-def trusted_kl_range(
-    frontier_mean: pa.Table, align: str, eval: str, min_reliable: float = TRUSTED_FRACTION
-) -> tuple[float, float] | None:
+def trusted_kl_range(frontier_mean: pa.Table, align: str, eval: str,
+                     min_reliable: float = TRUSTED_FRACTION) -> tuple[float, float] | None:
     """The KL range ``[KL(beta_max), KL(beta_t)]`` of one (align, eval) frontier that can be trusted.
 
-    Going down the beta grid from its largest beta, ``beta_t`` is the last beta before the first at
-    which fewer than ``min_reliable`` of the prompts are ``reliable`` (k-hat and ESS, see
-    :meth:`limits_ray.core.tilt.TiltStats.finalize`). None when the largest beta already fails, or when
+    ``beta_t`` is the smallest trusted beta (:func:`limits_ray.core.reliability.trusted_count` over the
+    ``reliable`` fractions from the largest beta down, at least ``min_reliable``). None when the largest beta already fails, or when
     the table has no ``reliable`` column (results written before it existed).
     """
     rows = _pair_rows(frontier_mean, align, eval)
@@ -201,9 +189,16 @@ def trusted_kl_range(
         return None
     order = np.argsort(rows["beta"].to_numpy())[::-1]
     kl, fraction = rows["kl"].to_numpy()[order], rows["reliable"].to_numpy()[order]
-    failing = np.flatnonzero(~(fraction >= min_reliable))
-    last = failing[0] if failing.size else kl.size
+    last = trusted_count(fraction, min_reliable)
     return None if last == 0 else (float(kl[0]), float(kl[last - 1]))
+
+
+def _pair_rows(frontier_mean: pa.Table, align: str, eval: str) -> pa.Table:
+    rows = frontier_mean.filter(pc.and_(pc.equal(frontier_mean["align"], align), pc.equal(frontier_mean["eval"], eval)))
+    if rows.num_rows == 0:
+        pairs = sorted(set(zip(frontier_mean["align"].to_pylist(), frontier_mean["eval"].to_pylist())))
+        raise ValueError(f"no frontier for align={align!r} eval={eval!r}; available (align, eval): {pairs}")
+    return rows
 
 
 def point_at_kl(frontier_mean: pa.Table, kl_budget: float, align: str, eval: str) -> FrontierPoint:

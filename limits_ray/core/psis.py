@@ -24,11 +24,11 @@ Stan's ``posterior``/``loo`` packages (../shared/MATH.md, "Reliability of the im
 One prompt's k-hat is noisy (sampling SD about ``(1 + k)/sqrt(M)``: 0.14 at ``N = 1000``, ``k = 0.5``),
 and where the true shape is near or above 0.5 the prompts whose sample missed the upper tail are the
 ones with a small k-hat, a low estimate and a small SE: a per-prompt cut keeps exactly those. So
-:func:`pooled_khat` shrinks each prompt's k-hat toward what the prompts of its
+:func:`limits_ray.core.reliability.pooled_khat` shrinks each prompt's k-hat toward what the prompts of its
 (align, eval, beta[, N]) cell, itself included, predict for it from a covariate (the spread of its rewards below the
 fitted tail, over beta), by how much the prompts differ beyond that and their sampling noise
 (empirical Bayes, method of moments), and a prompt is reliable only where that pooled k-hat is below
-:data:`POOLED_KHAT_LIMIT` = 0.45 as well (:mod:`limits_ray.core.reliability` applies it to the tables).
+0.45 as well: :mod:`limits_ray.core.reliability` owns those rules, this module the k-hat and its SD.
 
 The weights ``exp(r/beta)`` are ordered by ``r`` for every ``beta > 0``, so the largest ``M + 1``
 rewards give the tail at every beta: :func:`khat` takes only them.
@@ -38,22 +38,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = [
-    "POOLED_KHAT_LIMIT", "POOL_MIN_PROMPTS", "POOL_SUMS", "TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_pool_sums",
-    "khat_pool_terms", "khat_sd", "khat_threshold", "khat_thresholds", "passes_gate", "pooled_khat", "pooled_khat_of_cells",
-    "tail_size",
-]
+__all__ = ["TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_sd", "tail_size"]
 
 TAIL_CAP = 1024
 """Default number of largest rewards kept per state: exact k-hat for N <= 116,281 (M + 1 <= 1024)."""
-
-POOLED_KHAT_LIMIT = 0.45
-"""Pooled k-hats (:func:`pooled_khat`) at or above this are not reliable.
-
-The weights have finite variance for ``k < 0.5``; the margin is for ``k`` at the bound, where the
-variance is infinite and a cell's pooled k-hat straddles 0.5 (its SD over ``C`` prompts is about
-``0.14/sqrt(C)`` at ``N = 1000``), which splits a cell of alike prompts into a reliable part that
-under-covers (bench/bench_coverage.py measures both limits)."""
 
 _MIN_EXCEEDANCES = 5  # fewer points above the cutoff: no fit (as arviz and posterior)
 _PRIOR_WEIGHT, _PRIOR_SHAPE, _PRIOR_BS = 10.0, 0.5, 3.0
@@ -64,18 +52,6 @@ def tail_size(n: int | np.ndarray) -> np.ndarray:
     """``M = ceil(min(N/5, 3 sqrt(N)))``, the number of weights in the fitted tail."""
     n = np.asarray(n, dtype=np.float64)
     return np.ceil(np.minimum(n / 5.0, 3.0 * np.sqrt(n))).astype(np.int64)
-
-
-def khat_threshold(n: int) -> float:
-    """``min(1 - 1/log10 N, 0.7)``: the largest k-hat at which N samples give a usable estimate."""
-    return float(khat_thresholds(np.array([n]))[0])
-
-
-def khat_thresholds(n: np.ndarray) -> np.ndarray:
-    """:func:`khat_threshold` of each sample count in ``n`` (``-inf`` where ``N <= 1``)."""
-    n = np.asarray(n, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return np.where(n > 1, np.minimum(1.0 - 1.0 / np.log10(np.maximum(n, 2.0)), 0.7), -np.inf)
 
 
 def gpd_fit(exceedances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,68 +151,3 @@ def khat_sd(khat_values: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.sqrt(tail) * (1.0 + np.clip(khat_values, 0.0, None)) / (tail + _PRIOR_WEIGHT)
 
 
-POOL_MIN_PROMPTS = 10
-"""Fewest prompts (with finite k-hat and covariate) of a cell that :func:`pooled_khat` pools; below, NaN."""
-
-POOL_SUMS = ("count", "x_sum", "x_sq_sum", "k_sum", "xk_sum", "k_sq_sum", "var_sum")
-"""The per-cell sums of :func:`khat_pool_sums`, in order."""
-
-
-def khat_pool_terms(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Each row's terms of :data:`POOL_SUMS`, ``(1, x, x^2, k, x k, k^2, sd^2)``; zeros where k-hat or the
-    covariate is not finite (the row is not pooled)."""
-    used = np.isfinite(khat_values) & np.isfinite(covariate)
-    k = np.where(used, khat_values, 0.0)
-    x = np.where(used, covariate, 0.0)
-    variance = np.where(used, khat_sd(k, n) ** 2, 0.0)
-    return used.astype(np.float64), x, x * x, k, x * k, k * k, variance
-
-
-def khat_pool_sums(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, axis: int = 0) -> tuple[np.ndarray, ...]:
-    """:data:`POOL_SUMS` along ``axis`` (:func:`khat_pool_terms` summed); sums of prompt sets add up."""
-    return tuple(term.sum(axis=axis) for term in khat_pool_terms(khat_values, n, covariate))
-
-
-def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, count: np.ndarray, x_sum: np.ndarray,
-                x_sq_sum: np.ndarray, k_sum: np.ndarray, xk_sum: np.ndarray, k_sq_sum: np.ndarray,
-                var_sum: np.ndarray) -> np.ndarray:
-    """Each prompt's k-hat shrunk toward what its covariate predicts from its cell (empirical Bayes).
-
-    The Fay-Herriot model (Fay & Herriot, "Estimates of income for small places", JASA 74(366), 1979;
-    Morris, "Parametric empirical Bayes inference", JASA 78(381), 1983): ``k_x = a + b c_x + u_x``,
-    ``u_x ~ (0, tau^2)`` across the prompts of a cell, observed with sampling noise ``sd_x``
-    (:func:`khat_sd`). With the cell sums of :func:`khat_pool_sums` over its ``C`` prompts: ``a``, ``b``
-    by least squares of k-hat on the covariate ``c`` (``b = 0`` when ``c`` does not vary),
-    ``tau^2 = max(RSS/(C - p) - mean sd^2, 0)`` (``p`` = 2 fitted coefficients, 1 without a slope) and
-    ``lam = tau^2 / (tau^2 + sd_x^2)``; the result is ``m_x + lam (k_x - m_x)``, ``m_x = a + b c_x``.
-    Prompts that differ from the fitted line no more than their noise all get the line's value;
-    prompts that clearly differ keep their own k-hat. NaN (not pooled) in a cell of fewer than
-    :data:`POOL_MIN_PROMPTS` prompts (too few to tell noise from spread) and where the row's k-hat or
-    covariate is not finite. Arrays broadcast.
-    """
-    count = np.asarray(count, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x_mean, k_mean = x_sum / count, k_sum / count
-        xx = x_sq_sum - count * x_mean * x_mean
-        xk = xk_sum - count * x_mean * k_mean
-        kk = k_sq_sum - count * k_mean * k_mean
-        sloped = xx > 1e-12 * np.maximum(x_sq_sum, 1e-300)
-        slope = np.where(sloped, xk / xx, 0.0)
-        residual = np.clip(kk - slope * xk, 0.0, None)
-        tau2 = np.clip(residual / (count - np.where(sloped, 2.0, 1.0)) - var_sum / count, 0.0, None)
-        line = k_mean + slope * (covariate - x_mean)
-        sd2 = khat_sd(khat_values, n) ** 2
-        weight = np.where(tau2 > 0, tau2 / (tau2 + sd2), 0.0)
-        shrunk = line + weight * (khat_values - line)
-    return np.where((count >= POOL_MIN_PROMPTS) & np.isfinite(khat_values) & np.isfinite(covariate), shrunk, np.nan)
-
-
-def pooled_khat_of_cells(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, axis: int = 0) -> np.ndarray:
-    """:func:`pooled_khat` of arrays whose ``axis`` runs over the prompts of each cell (all in memory)."""
-    sums = (np.expand_dims(total, axis) for total in khat_pool_sums(khat_values, n, covariate, axis=axis))
-    return pooled_khat(khat_values, n, covariate, *sums)
-
-
-def passes_gate(own_reliable: np.ndarray, pooled: np.ndarray, limit: float = POOLED_KHAT_LIMIT) -> np.ndarray:
-    """The tables' ``reliable``: the row's own test and a pooled k-hat below ``limit`` (or NaN: not pooled)."""
-    return np.asarray(own_reliable, bool) & ~(pooled >= limit)

@@ -9,28 +9,25 @@ mergeable :class:`DyadicStats`; :class:`PromptRows` turns statistics (and reward
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 
+from limits_ray.core.analysis import AnalysisConfig, Plan
 from limits_ray.core.bon import best_of_n
-from limits_ray.config import AnalysisConfig
 from limits_ray.core.dyadic import DyadicStats
 from limits_ray.core.frontier import mean_frontier
-from limits_ray.storage.sample_io import SCHEMAS, PromptSamples, iter_prompts, read_samples, write_table
 from limits_ray.core.reliability import pool_whole
 from limits_ray.core.reward_spec import RewardSpec
+from limits_ray.core.samples import PromptSamples, iter_prompts
+from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tilt import TiltEstimate, finalize_many
 
 __all__ = [
-    "Plan", "PromptRows", "ReduceResult", "TableBuilder", "bon_rows", "finish", "prompt_statistics", "reduce_prompts",
-    "reduce_samples", "reduce_table", "target_specs",
+    "PromptRows", "ReduceResult", "TableBuilder", "bon_rows", "finish", "prompt_statistics", "reduce_prompts",
+    "reduce_table", "target_specs",
 ]
-
-Plan = list[tuple[RewardSpec, list[RewardSpec]]]
-"""``[(align, [evals])]``: which rewards align and which evaluate (see AnalysisConfig.plan)."""
 
 
 def target_specs(align: RewardSpec, evals: list[RewardSpec]) -> list[RewardSpec]:
@@ -201,21 +198,13 @@ def bon_rows(builder: TableBuilder, samples: PromptSamples, plan: Plan) -> None:
 
 @dataclass
 class ReduceResult:
-    """The four result tables of the Parquet contract."""
+    """The four result tables (:data:`limits_ray.core.schemas.SCHEMAS`) in memory
+    (:func:`limits_ray.storage.results.write_result` writes them, :func:`limits_ray.storage.results.load_result` reads them)."""
 
     frontier: pa.Table
     frontier_mean: pa.Table
     bon: pa.Table
     convergence: pa.Table
-
-    def write(self, out_dir: str | Path) -> list[Path]:
-        """Write ``<name>.parquet`` for each table into ``out_dir``; returns the paths."""
-        paths = []
-        for name in SCHEMAS:
-            path = Path(out_dir) / f"{name}.parquet"
-            write_table(getattr(self, name), path)
-            paths.append(path)
-        return paths
 
 
 def finish(frontier: TableBuilder, bon: TableBuilder, convergence: TableBuilder) -> ReduceResult:
@@ -238,16 +227,7 @@ def reduce_prompts(prompts: Iterable[PromptSamples], plan: Plan, config: Analysi
 
 
 def reduce_table(table: pa.Table, reward_columns: list[str], config: AnalysisConfig) -> ReduceResult:
-    """Reduce a validated samples table sorted by (prompt_id, sample_idx) (see :func:`read_samples`)."""
+    """Reduce a validated samples table sorted by (prompt_id, sample_idx) (see :func:`limits_ray.storage.sample_io.read_samples`)."""
     plan = config.plan(reward_columns)
     return reduce_prompts(iter_prompts(table, reward_columns), plan, config)
 
-
-def reduce_samples(samples_path: str | Path, config: AnalysisConfig) -> ReduceResult:
-    """Read, validate and reduce a Parquet file or directory of scored samples, all in memory.
-
-    For inputs that fit in memory (studies, tests); ``limits-ray reduce`` streams the input bucket by
-    bucket instead (:func:`limits_ray.runs.reduce.reduce_dataset`), with the same values.
-    """
-    table, reward_columns = read_samples(samples_path, config.rewards)
-    return reduce_table(table, reward_columns, config)

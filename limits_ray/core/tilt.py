@@ -30,19 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import stdtrit
 
-from limits_ray.core.psis import TAIL_CAP, khat_many, khat_thresholds, tail_size
+from limits_ray.core.psis import TAIL_CAP, khat_many, tail_size
+from limits_ray.core.reliability import khat_thresholds, own_reliable
 
-__all__ = ["ESS_FLOOR", "TiltStats", "TiltEstimate", "finalize_many"]
+__all__ = ["TiltEstimate", "TiltStats", "finalize_many", "recentre_matrix"]
 
-ESS_FLOOR = 20.0
-"""Smallest Kish ESS at which an estimate is called reliable.
-
-The delta-method interval treats the ratio estimator as a mean of ``ESS`` comparable terms; with
-fewer than about 20, a few samples carry the estimate, its sampling distribution is far from normal
-and the variance behind the SE is itself a mean over a handful of weights (Student's 97.5% quantile
-with 19 degrees of freedom is already 2.09, and the weights are rarely that benign). The floor matters most
-where k-hat cannot be fitted (the largest rewards tied: bounded weights, k-hat NaN) and at small N.
-"""
 _Z975 = 1.959963984540054
 _DF_DIVISOR = 3.0  # df = nu / 3 (see TiltStats.finalize)
 
@@ -122,7 +114,7 @@ def _polynomial(centred: np.ndarray, out: np.ndarray) -> np.ndarray:
     return poly
 
 
-def _recentre_matrix(delta: np.ndarray) -> np.ndarray:
+def recentre_matrix(delta: np.ndarray) -> np.ndarray:
     """Matrix ``M`` with ``[1, y+d, (y+d)^2] = [1, y, y^2] @ M`` for per-column shifts ``d``.
 
     Moving a state from shift ``c_old`` to ``c_new`` uses ``d = c_old - c_new``.
@@ -267,7 +259,7 @@ class TiltStats:
             return np.zeros_like(self.moments)
         scale = np.exp((self.r_max - r_max) / self.betas)  # <= 1 when r_max is the larger
         scaled = self.moments * np.stack([np.ones_like(scale), scale, scale * scale])[:, :, None]
-        return scaled @ _recentre_matrix(self.shift - shift)
+        return scaled @ recentre_matrix(self.shift - shift)
 
     def merge(self, other: "TiltStats") -> "TiltStats":
         """The statistics of the union of both sample sets (exact up to rounding).
@@ -383,7 +375,7 @@ def finalize_many(states: list[TiltStats]) -> TiltEstimate:
 
     ess = s0**2 / s2
     k_hat = khat_many([state.tail[:, 0] for state in states], n, betas)
-    reliable = ((k_hat < khat_thresholds(n)[:, None]) | np.isnan(k_hat)) & (ess >= ESS_FLOOR)
+    reliable = own_reliable(k_hat, khat_thresholds(n)[:, None], ess)
     # The interval SEs exist only where reliable: the tail terms and t quantiles are computed there only.
     used = np.flatnonzero(reliable.any(axis=1))
     gain_if4, kl_if4 = np.zeros(gain.shape), np.zeros(kl.shape)

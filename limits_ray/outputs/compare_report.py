@@ -24,7 +24,7 @@ import pyarrow.compute as pc  # noqa: E402
 
 from limits_ray.outputs.numbers import MISSING, format_estimate, format_number  # noqa: E402
 
-__all__ = ["BON_FOOTNOTE", "compare_lines", "plot_ensembles", "plot_policies", "plot_proxy_gold", "write_compare_report"]
+__all__ = ["BON_FOOTNOTE", "compare_lines", "markdown_table", "plot_ensembles", "plot_policies", "plot_proxy_gold", "write_compare_report"]
 
 BON_FOOTNOTE = (
     "best-of-n: no standard error; its KL is a function of n and the ties among the rewards "
@@ -175,7 +175,7 @@ HEADERS = {
 }
 
 
-def _markdown_table(table: pa.Table, columns: list[str]) -> list[str]:
+def markdown_table(table: pa.Table, columns: list[str]) -> list[str]:
     """Floats to 3 significant digits (0 for float-rounding zeros), a missing value as —; units in the headers."""
     lines = ["| " + " | ".join(HEADERS.get(column, column) for column in columns) + " |", "|" + "---|" * len(columns)]
     for row in table.select(columns).to_pylist():
@@ -205,7 +205,7 @@ def write_compare_report(
         "its gap is a lower bound.", "", "![policies](policies.png)", "",
     ]
     shown = policies.filter(pc.equal(policies["align"], policies["eval"]))
-    lines += _markdown_table(shown, ["policy", "eval", "kl", "kl_se", "gain", "gain_se", "frontier_gain", "beyond_grid", "gap", "gap_se"])
+    lines += markdown_table(shown, ["policy", "eval", "kl", "kl_se", "gain", "gain_se", "frontier_gain", "beyond_grid", "gap", "gap_se"])
     if shown.num_rows and "best_of_n" in shown["kind"].to_pylist():
         lines += ["", f"KL in nats, gains in reward units; {MISSING}: {BON_FOOTNOTE}."]
     if proxy_gold is not None:
@@ -222,7 +222,7 @@ def write_compare_report(
                   f"{float(ensembles['noise'][0].as_py()):.3g}), averaged and aligned to at β = "
                   f"{float(ensembles['beta'][0].as_py()):.3g}; the reference is c/√M fitted at M = 1.", "",
                   "![ensembles](ensembles.png)", ""]
-        lines += _markdown_table(ensembles, ["members", "kl", "gold_gain", "gold_gain_se", "gold_aligned_gain", "gap", "reference"])
+        lines += markdown_table(ensembles, ["members", "kl", "gold_gain", "gold_gain_se", "gold_aligned_gain", "gap", "reference"])
     lines += ["", f"Tables: policies.parquet, proxy_gold.parquet, ensembles.parquet; {seconds:.0f} s.", ""]
     paths.append(out_dir / "compare.md")
     paths[-1].write_text("\n".join(lines))

@@ -12,7 +12,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from limits_ray.core.frontier import TRUSTED_FRACTION, trusted_kl_range  # noqa: E402
+from limits_ray.core.convergence import summarize  # noqa: E402
+from limits_ray.core.frontier import trusted_kl_range  # noqa: E402
+from limits_ray.core.reliability import TRUSTED_FRACTION  # noqa: E402
 from limits_ray.core.tables import ReduceResult  # noqa: E402
 
 __all__ = [
@@ -319,8 +321,6 @@ def plot_ess_prompts(ess: pa.Table, path: Path, title: str) -> bool:
 
 def write_plots(result: ReduceResult, out_dir: str | Path, title: str) -> list[Path]:
     """Write frontier.png, convergence.png, ess.png and frontier_by_n.png into ``out_dir``; returns the paths."""
-    from limits_ray.runs.study import summarize
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "frontier.png", out_dir / "convergence.png", out_dir / "ess.png", out_dir / "frontier_by_n.png"]

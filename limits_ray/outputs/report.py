@@ -17,7 +17,7 @@ Reads ``frontier.parquet``, ``frontier_mean.parquet``, ``bon.parquet`` and ``con
 
 Trusted means: every prompt's estimate at that beta, and at every larger beta, is reliable, by the
 ``reliable`` column of ``frontier.parquet`` when it has one, else by its Kish ESS >= ``ess_floor``
-(default :data:`ESS_FLOOR`; :func:`reliable_rows`).
+(default :data:`limits_ray.core.reliability.FALLBACK_ESS_FLOOR`; :func:`limits_ray.core.reliability.reliable_rows`).
 """
 
 from __future__ import annotations
@@ -30,31 +30,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from limits_ray.core.frontier import TRUSTED_FRACTION, point_at_kl, trusted_kl_range
-from limits_ray.storage.sample_io import SCHEMAS, InputError
+from limits_ray.core.frontier import point_at_kl, trusted_kl_range
+from limits_ray.core.reliability import FALLBACK_ESS_FLOOR, RELIABLE_RULE, TRUSTED_FRACTION, reliable_rows, trusted_beta
+from limits_ray.core.errors import InputError
+from limits_ray.storage.results import load_result
 from limits_ray.outputs.numbers import format_estimate, format_number
+from limits_ray.outputs.figures import ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier, plot_frontier_by_n
+from limits_ray.core.convergence import settle_table, summarize
 from limits_ray.core.tables import ReduceResult
 
-__all__ = ["ESS_FLOOR", "load_result", "reliable_rows", "summary_lines", "trusted_beta", "write_report"]
+__all__ = ["summary_lines", "write_report"]
 
-ESS_FLOOR = 10.0
 BUDGETS = (0.1, 0.5, 1.0, 2.0, 4.0)
 BON_SHOWN = (2, 4, 16, 64, 256)  # best-of-n points in the summary, up to n = N/4 (the frontier is biased low beyond)
-
-
-def load_result(results_dir: str | Path) -> ReduceResult:
-    """The four result tables of ``results_dir``; missing optional tables (bon, convergence) are empty."""
-    results_dir = Path(results_dir)
-    tables = {}
-    for name, schema in SCHEMAS.items():
-        path = results_dir / f"{name}.parquet"
-        if path.exists():  # a file, or a directory of shards (limits-ray reduce)
-            tables[name] = pq.read_table(path)
-        elif name in ("frontier", "frontier_mean"):
-            raise InputError(f"{path} does not exist: point report at the output directory of a run or a reduce")
-        else:
-            tables[name] = schema.empty_table()
-    return ReduceResult(**tables)
 
 
 def _trusted_ranges(result: ReduceResult) -> list[str]:
@@ -81,29 +69,6 @@ def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
             lines.append(f"| {align} | {evaluation} | {budget:g} | {format_number(point.beta)} | {format_number(point.gain)} "
                          f"| {trusted} |")
     return lines
-
-
-def reliable_rows(frontier: pa.Table, ess_floor: float = ESS_FLOOR) -> np.ndarray:
-    """Per row of a ``frontier`` table, whether its estimate is reliable: its ``reliable`` column when
-    the table has one, else Kish ESS >= ``ess_floor``."""
-    if "reliable" in frontier.column_names:
-        return np.asarray(frontier["reliable"].to_pylist(), dtype=bool)
-    return frontier["ess"].to_numpy() >= ess_floor
-
-
-def trusted_beta(frontier: pa.Table, align: str, evaluation: str, reliable: np.ndarray) -> float | None:
-    """The smallest beta such that at it and every larger beta at least :data:`TRUSTED_FRACTION` of the
-    prompts' estimates are reliable (``None``: not even at the largest beta), the rule of
-    :func:`limits_ray.core.frontier.trusted_kl_range`. KL grows as beta falls, so the trusted KL range
-    ends at ``KL(trusted beta)``."""
-    mask = np.logical_and(np.asarray(frontier["align"].to_pylist()) == align, np.asarray(frontier["eval"].to_pylist()) == evaluation)
-    betas, ok = frontier["beta"].to_numpy()[mask], reliable[mask]
-    found = None
-    for beta in sorted(set(betas.tolist()), reverse=True):
-        if not ok[betas == beta].mean() >= TRUSTED_FRACTION:
-            break
-        found = beta
-    return found
 
 
 def _at_beta(table: pa.Table, align: str, evaluation: str, beta: float) -> dict:
@@ -156,7 +121,7 @@ def _where_to_sample(frontier: pa.Table, align: str, evaluation: str, beta: floa
             "would extend the trusted range most")
 
 
-def summary_lines(result: ReduceResult, ess_floor: float = ESS_FLOOR) -> list[str]:
+def summary_lines(result: ReduceResult, ess_floor: float = FALLBACK_ESS_FLOOR) -> list[str]:
     """The report's opening: per self-evaluated frontier (align = eval), the trusted KL range, the gain
     at the KL budgets inside it (95% error bars), best-of-n points and where more samples help most."""
     frontier, mean = result.frontier, result.frontier_mean
@@ -190,11 +155,6 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
 
     ``source`` names the results in the text (default: ``results_dir``).
     """
-    from limits_ray.outputs.figures import (
-        ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier, plot_frontier_by_n,
-    )
-    from limits_ray.runs.study import settle_table, summarize
-
     results_dir = Path(results_dir)
     out_dir = Path(out_dir or results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +199,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
     lines += ["## Gain at given KL budgets (prompt mean)", "", *_kl_points(result, (0.1, 0.5, 1.0, 2.0, 4.0)), ""]
     if "reliable" in result.frontier_mean.column_names:
         lines += ["## Where the estimates can be trusted", "",
-                  "Reliable: Pareto k-hat of the weights exp(r/beta) below min(1 - 1/log10 N, 0.7) and ESS >= 20.", "",
+                  f"Reliable: {RELIABLE_RULE}.", "",
                   *_trusted_ranges(result), ""]
     if settle is not None and settle.num_rows:
         unsettled = settle.filter(np.logical_not(settle["settled"].to_numpy(zero_copy_only=False)))

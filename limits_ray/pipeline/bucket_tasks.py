@@ -12,8 +12,14 @@ A run's prompts are split by :func:`limits_ray.storage.buckets.bucket_of`. For e
   ``frontier`` and ``convergence`` shards with them, writes them into the output and returns only
   per-(align, eval, beta) sums and a few prompts' rows for the figures.
 
-Each task reads one bucket of the store; the driver sees counts and sums whose size does not grow
-with samples or prompts. The functions are plain Python: the job runs them as Ray tasks.
+The last two are the two passes of the bucketed reduce, which the offline ``limits-ray reduce``
+(:mod:`limits_ray.runs.reduce`) shares: its first pass reads input files instead of the store, and its
+second is the same :func:`gate_shards`. Between the passes the driver adds the buckets' k-hat sums
+(:func:`limits_ray.core.reliability.merge_khat_sums`); after the second, their frontier sums
+(:func:`limits_ray.core.frontier.mean_from_sums`). Each task reads one bucket; the driver sees counts
+and sums whose size does not grow with samples or prompts. The functions are plain Python, their
+shared arguments first and the bucket last: the job runs them as Ray tasks
+(:func:`limits_ray.pipeline.cluster.map_tasks`).
 """
 
 from __future__ import annotations
@@ -25,25 +31,30 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from limits_ray.storage.buckets import bucket_name
-from limits_ray.core.frontier import frontier_sums
-from limits_ray.storage.sample_io import SCHEMAS, PromptSamples, iter_prompts
-from limits_ray.core.tables import Plan, PromptRows, TableBuilder, prompt_statistics
+from limits_ray.core.frontier import frontier_sums, merge_sums
+from limits_ray.core.samples import iter_prompts, PromptSamples
+from limits_ray.core.schemas import SCHEMAS
+from limits_ray.core.tables import prompt_statistics, PromptRows, TableBuilder
+from limits_ray.core.analysis import Plan
 from limits_ray.core.reliability import POOLED_TABLES, apply_pooled, khat_sums
 from limits_ray.storage.location import Location
 from limits_ray.storage.sample_store import MergedBucket, SampleStore
 
 __all__ = [
-    "BucketContext", "BucketSummary", "PROMPTS_SCHEMA", "TODO_SCHEMA", "bucket_round_counts", "compact", "finalize_bucket",
-    "gate_bucket", "prepare_bucket",
-    "round_statistics",
+    "BucketContext", "BucketSummary", "GATE_BATCH_ROWS", "PROMPTS_SCHEMA", "TODO_SCHEMA", "bucket_round_counts", "compact",
+    "finalize_bucket", "gate_bucket", "gate_shards", "prepare_bucket", "round_statistics", "shard", "whole_prompt_batches",
 ]
 
 PROMPT_FIELDS = [("prompt_id", pa.string()), ("prompt", pa.string()), ("prompt_text", pa.string())]
 PROMPTS_SCHEMA = pa.schema([*PROMPT_FIELDS, ("start", pa.int64()), ("target", pa.int64())])
 TODO_SCHEMA = pa.schema([*PROMPT_FIELDS, ("round", pa.int64())])
 PLOT_PROMPTS = 8  # prompts per bucket whose rows come back for the figures (the driver keeps at most 200)
+GATE_BATCH_ROWS = 200_000
+"""Rows :func:`gate_shards` reads, gates and writes at once (whole prompts)."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +148,7 @@ def _unmerged_rounds(samples: pa.Table, merged: MergedBucket) -> pa.Table:
     return samples if all(keep) else samples.filter(pa.array(keep))
 
 
-def prepare_bucket(context: BucketContext, bucket: int, skip: frozenset[tuple[str, int]] = frozenset(),
-                   ) -> dict[str, int | list[str]]:
+def prepare_bucket(context: BucketContext, skip: frozenset[tuple[str, int]], bucket: int) -> dict[str, int | list[str]]:
     """Compact the bucket and write this run's missing rounds to ``todo/``, except the (prompt_id, round)
     pairs in ``skip`` (rounds this run has quarantined); returns counts.
 
@@ -191,24 +201,23 @@ def _bucket_samples(context: BucketContext, bucket: int, prompt_ids: set[str]) -
     return {prompt.prompt_id: prompt for prompt in iter_prompts(table, context.rewards, extra=("round",))}
 
 
-def _shard(location: Location, name: str, bucket: int) -> Location:
+def shard(location: Location, name: str, bucket: int) -> Location:
+    """Bucket ``bucket``'s shard of table ``name`` in the results (or scratch) directory ``location``."""
     return location.join(f"{name}.parquet", f"part-{bucket:05d}.parquet")
 
 
 def _write_shards(output: Location, bucket: int, tables: dict[str, pa.Table]) -> None:
     for name, table in tables.items():
         if table.num_rows:
-            _shard(output, name, bucket).write_table(table)
+            shard(output, name, bucket).write_table(table)
 
 
 def _plot_rows(table: pa.Table, prompt_ids: list[str]) -> pa.Table:
-    import pyarrow.compute as pc
-
     return table.filter(pc.is_in(table["prompt_id"], pa.array(prompt_ids, pa.string())))
 
 
-def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip: set[str], best_of_n: bool,
-                    convergence: bool) -> BucketSummary:
+def finalize_bucket(context: BucketContext, output: Location, skip: set[str], best_of_n: bool, convergence: bool,
+                    bucket: int) -> BucketSummary:
     """Write the bucket's shard of ``bon`` into ``output`` and those of the pooled tables into ``work/ungated``
     (:func:`gate_bucket` finishes them); returns their k-hat sums and counts.
 
@@ -243,7 +252,7 @@ def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip:
     rows.flush()
     tables = {name: builder.table() for name, builder in builders.items()}
     ungated = {name: tables.pop(name) for name in POOLED_TABLES}
-    _write_shards(context.work.join("ungated"), bucket, ungated)
+    _write_shards(context.work.join("ungated"), bucket, ungated)  # gate_shards finishes them
     _write_shards(output, bucket, tables)
     shown = sorted(complete)[:PLOT_PROMPTS]
     return BucketSummary(
@@ -254,23 +263,63 @@ def finalize_bucket(context: BucketContext, bucket: int, output: Location, skip:
     )
 
 
-def gate_bucket(context: BucketContext, summary: BucketSummary, output: Location,
-                pooled: dict[str, pa.Table]) -> BucketSummary:
-    """Gate the bucket's ``work/ungated`` shards with the run's merged k-hat sums ``pooled``
-    (:func:`limits_ray.core.reliability.apply_pooled`) and write them into ``output``.
+def whole_prompt_batches(source: pq.ParquetFile, schema: pa.Schema, rows: int | None = None) -> Iterator[pa.Table]:
+    """``source``'s rows (grouped by prompt) about ``rows`` (default :data:`GATE_BATCH_ROWS`) at a time, each
+    table ending with a prompt's last row; a file that fits in one batch comes as one table."""
+    carried, ready = schema.empty_table(), None
+    for batch in source.iter_batches(batch_size=rows or GATE_BATCH_ROWS):
+        table = pa.concat_tables([carried, pa.Table.from_batches([batch], schema)])
+        ids = table["prompt_id"]
+        keep = table.num_rows - int(pc.sum(pc.equal(ids, ids[table.num_rows - 1])).as_py())  # the last prompt may go on
+        carried = table.slice(keep)
+        if keep:
+            if ready is not None:
+                yield ready
+            ready = table.slice(0, keep)
+    last = carried if ready is None else pa.concat_tables([ready, carried])
+    if last.num_rows:
+        yield last
+
+
+def gate_shards(ungated: Location, output: Location, bucket: int, pooled: dict[str, pa.Table],
+                plot_prompts: int = 0) -> tuple[pa.Table, dict[str, pa.Table]]:
+    """The second pass of the bucketed reduce, for one bucket: gate its shard of each pooled table under
+    ``ungated`` with the merged k-hat sums ``pooled`` of every bucket (:func:`limits_ray.core.reliability.apply_pooled`)
+    into its shard under ``output``, whole prompts about :data:`GATE_BATCH_ROWS` rows at a time.
+
+    Returns the frontier's per-(align, eval, beta) sums of the gated rows (:func:`limits_ray.core.frontier.frontier_sums`,
+    merged over the batches) and, per pooled table, the gated rows of the bucket's first ``plot_prompts``
+    prompts. The ungated shards are deleted. Used by the job (:func:`gate_bucket`) and by the offline
+    reduce (:mod:`limits_ray.runs.reduce`).
+    """
+    sums = [frontier_sums(SCHEMAS["frontier"].empty_table())]
+    shown: list[str] = []
+    plot_rows: dict[str, pa.Table] = {}
+    for name in POOLED_TABLES:
+        source = shard(ungated, name, bucket)
+        parts = []
+        if source.exists():
+            with shard(output, name, bucket).table_writer(SCHEMAS[name]) as writer:
+                for rows in whole_prompt_batches(source.parquet_file(), SCHEMAS[name]):
+                    gated = apply_pooled(rows, pooled[name], name)
+                    writer.write_table(gated)
+                    if name == "frontier":
+                        sums.append(frontier_sums(gated))  # whole prompts: every (align, eval, beta) group
+                        shown += [p for p in dict.fromkeys(gated["prompt_id"].to_pylist()) if p not in shown][:plot_prompts - len(shown)]
+                    if shown:
+                        parts.append(_plot_rows(gated, shown))
+            source.delete()
+        plot_rows[name] = pa.concat_tables(parts) if parts else SCHEMAS[name].empty_table()
+    return merge_sums(sums), plot_rows
+
+
+def gate_bucket(context: BucketContext, output: Location, pooled: dict[str, pa.Table], summary: BucketSummary) -> BucketSummary:
+    """The job's second pass for one bucket (:func:`gate_shards` of its ``work/ungated`` shards into ``output``).
 
     Returns ``summary`` with the frontier's per-(align, eval, beta) sums and the plot rows of the
     bucket's first :data:`PLOT_PROMPTS` prompts.
     """
     started = time.perf_counter()
-    tables = {}
-    for name in POOLED_TABLES:
-        source = _shard(context.work.join("ungated"), name, summary.bucket)
-        tables[name] = apply_pooled(source.read_table(), pooled[name], name) if source.exists() else SCHEMAS[name].empty_table()
-    _write_shards(output, summary.bucket, tables)
-    shown = sorted(set(tables["frontier"]["prompt_id"].to_pylist()))[:PLOT_PROMPTS]
-    return dataclasses.replace(
-        summary, sums=frontier_sums(tables["frontier"]),
-        plot_rows={**summary.plot_rows, **{name: _plot_rows(table, shown) for name, table in tables.items()}},
-        seconds=summary.seconds + time.perf_counter() - started,
-    )
+    sums, plot_rows = gate_shards(context.work.join("ungated"), output, summary.bucket, pooled, PLOT_PROMPTS)
+    return dataclasses.replace(summary, sums=sums, plot_rows={**summary.plot_rows, **plot_rows},
+                               seconds=summary.seconds + time.perf_counter() - started)

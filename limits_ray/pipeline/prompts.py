@@ -22,15 +22,20 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+import sys
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow.parquet as pq
 
-from limits_ray.config import ConfigError, PromptsConfig
+from limits_ray.config import JobConfig, PromptsConfig, hub_kwargs
+from limits_ray.core.errors import ConfigError
 
-__all__ = ["Prompt", "PromptSet", "SkippedPrompt", "load_prompts", "prompt_id_for", "render_prompt"]
+__all__ = [
+    "Prompt", "PromptSet", "SkippedPrompt", "load_prompt_set", "load_prompts", "max_prompt_tokens", "prompt_id_for",
+    "render_prompt",
+]
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -342,3 +347,31 @@ def _empty_message(description: str, result: PromptSet, max_prompt_tokens: int) 
         f"no prompts left from {description}: all {len(result.skipped)} were skipped "
         f"({', '.join(f'{count} {reason}' for reason, count in reasons.items())}); {'; '.join(fixes)}"
     )
+
+
+def max_prompt_tokens(config: JobConfig, tokenizer: Any) -> int:
+    """Room left for the prompt: the context length less ``max_tokens``."""
+    from transformers import AutoConfig
+
+    context = config.generation.max_model_len or AutoConfig.from_pretrained(
+        config.generation.model, **hub_kwargs(config.generation.revision)).max_position_embeddings
+    room = context - config.generation.max_tokens
+    if room <= 0:
+        raise ConfigError(f"generation.max_tokens ({config.generation.max_tokens}) leaves no room in a context of {context}")
+    return room
+
+
+def load_prompt_set(config: JobConfig) -> PromptSet:
+    """The job's prompts, rendered and length-checked with the base model's tokenizer.
+
+    With ``generation.kind: synthetic`` there is no model: prompts are rendered with
+    ``prompts.template`` only, counted in words and not length-checked.
+    """
+    if config.generation.kind == "synthetic":
+        from limits_ray.pipeline.generation import WordTokenizer
+
+        return load_prompts(config.prompts, WordTokenizer(), max_prompt_tokens=sys.maxsize)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.generation.model, **hub_kwargs(config.generation.revision))
+    return load_prompts(config.prompts, tokenizer, max_prompt_tokens(config, tokenizer))

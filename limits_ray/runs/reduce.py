@@ -5,11 +5,12 @@ The input (a Parquet file or directory, any row order) is streamed, never read w
 about ``bucket_rows`` rows per bucket) are reduced one at a time: read, validated and sorted as
 :func:`limits_ray.storage.sample_io.read_samples` does, then reduced prompt by prompt with the per-prompt functions
 of :mod:`limits_ray.core.tables`. Each bucket writes its shard of each per-prompt table (those of
-``frontier`` and ``convergence`` under ``<name>.ungated``) and returns their small per-cell k-hat sums
-(:func:`limits_ray.core.reliability.khat_sums`); once they are added up, a second pass over the buckets
-gates those shards (:func:`limits_ray.core.reliability.apply_pooled`, a batch of rows at a time) and
-returns the per-(align, eval, beta) sums (:func:`limits_ray.core.frontier.frontier_sums`) that the caller
-adds into ``frontier_mean``. Peak memory is set by the largest bucket, not by the input.
+``frontier`` and ``convergence`` under ``ungated/``) and returns their small per-cell k-hat sums
+(:func:`limits_ray.core.reliability.khat_sums`); once they are added up, the job's second pass
+(:func:`limits_ray.pipeline.bucket_tasks.gate_shards`) gates those shards a batch of whole prompts at
+a time and returns the per-(align, eval, beta) sums (:func:`limits_ray.core.frontier.frontier_sums`)
+that the caller adds into ``frontier_mean``. Peak memory is set by the largest bucket, not by the input.
+:func:`reduce_samples` is the same reduce of an input that fits in memory, all at once.
 
 Output in ``out_dir``: ``frontier.parquet``, ``bon.parquet`` and ``convergence.parquet`` are
 directories of shards ``part-NNNNN.parquet`` (one per bucket; ``pq.read_table`` and pandas read a
@@ -30,22 +31,29 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from limits_ray.config import AnalysisConfig
-from limits_ray.core.frontier import frontier_sums, mean_from_sums, merge_sums
-from limits_ray.storage.sample_io import KEY_COLUMNS, SCHEMAS, InputError, iter_prompts, open_samples, read_columns, validate_samples, write_table
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.errors import InputError
+from limits_ray.core.frontier import mean_from_sums, merge_sums
+from limits_ray.core.reliability import POOLED_TABLES, khat_sums, merge_khat_sums
+from limits_ray.core.samples import KEY_COLUMNS, iter_prompts
+from limits_ray.core.schemas import SCHEMAS
+from limits_ray.core.tables import PromptRows, ReduceResult, TableBuilder, prompt_statistics, reduce_table
+from limits_ray.pipeline.bucket_tasks import gate_shards, shard
+from limits_ray.pipeline.cluster import init_ray, map_tasks
+from limits_ray.storage.location import open_location
 from limits_ray.storage.partition import Bucket, bucket_count, input_buckets, spill, spilled_buckets
-from limits_ray.core.tables import PromptRows, TableBuilder, prompt_statistics
-from limits_ray.core.reliability import POOLED_TABLES, apply_pooled, khat_sums, merge_khat_sums
+from limits_ray.storage.sample_io import open_samples, read_columns, read_samples, validate_samples, write_table
 
-__all__ = ["BucketResult", "DEFAULT_BUCKET_ROWS", "OfflineResult", "PER_PROMPT", "gate_bucket", "reduce_bucket", "reduce_dataset"]
+__all__ = [
+    "BucketResult", "DEFAULT_BUCKET_ROWS", "OfflineResult", "PER_PROMPT", "reduce_bucket", "reduce_dataset", "reduce_samples",
+]
 
 DEFAULT_BUCKET_ROWS = 1_000_000
 """Rows per spilled bucket: the reducer holds one bucket (about 40 bytes a row per reward column) at a time."""
@@ -86,7 +94,7 @@ class OfflineResult:
 class _ShardWriter:
     """Writes one bucket's shard of each per-prompt table, flushing the row builders as they fill.
 
-    The pooled tables go to ``<name>.ungated`` (see the module doc), with their k-hat sums kept.
+    The pooled tables go to ``ungated/`` (see the module doc), with their k-hat sums kept.
     """
 
     def __init__(self, staging: Path, bucket: int) -> None:
@@ -126,39 +134,13 @@ class _ShardWriter:
 
 
 def _shard_path(staging: Path, name: str, bucket: int, ungated: bool = False) -> Path:
-    return staging / f"{name}.{'ungated' if ungated else 'parquet'}" / f"part-{bucket:05d}.parquet"
+    return shard(open_location(staging / "ungated" if ungated else staging), name, bucket).local_path
 
 
-def _whole_prompts(source: pq.ParquetFile, schema: pa.Schema) -> Iterator[pa.Table]:
-    """``source``'s rows (grouped by prompt) about ``FLUSH_ROWS`` at a time, each table ending with a prompt's last row."""
-    carried = schema.empty_table()
-    for batch in source.iter_batches(batch_size=FLUSH_ROWS):
-        rows = pa.concat_tables([carried, pa.Table.from_batches([batch], schema)])
-        ids = rows["prompt_id"]
-        last = ids[rows.num_rows - 1]
-        keep = rows.num_rows - int(pc.sum(pc.equal(ids, last)).as_py())  # the last prompt may go on
-        carried = rows.slice(keep)
-        if keep:
-            yield rows.slice(0, keep)
-    if carried.num_rows:
-        yield carried
-
-
-def gate_bucket(bucket: int, staging: str, pooled: dict[str, pa.Table]) -> pa.Table:
-    """Gate bucket ``bucket``'s ungated shards with the merged k-hat sums ``pooled``, ``FLUSH_ROWS`` rows at
-    a time, into its final shards; returns the frontier sums of the gated rows."""
-    sums = [frontier_sums(SCHEMAS["frontier"].empty_table())]
-    for name in POOLED_TABLES:
-        source, target = _shard_path(Path(staging), name, bucket, ungated=True), _shard_path(Path(staging), name, bucket)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with pq.ParquetWriter(target, SCHEMAS[name]) as writer:
-            for rows in _whole_prompts(pq.ParquetFile(source), SCHEMAS[name]):
-                gated = apply_pooled(rows, pooled[name], name)
-                writer.write_table(gated)
-                if name == "frontier":
-                    sums.append(frontier_sums(gated))  # whole prompts: every (align, eval, beta) group
-        source.unlink()
-    return merge_sums(sums)
+def _gate_bucket(staging: str, pooled: dict[str, pa.Table], bucket: int) -> pa.Table:
+    """The second pass for one bucket (:func:`limits_ray.pipeline.bucket_tasks.gate_shards`); returns its frontier sums."""
+    location = open_location(staging)
+    return gate_shards(location.join("ungated"), location, bucket, pooled)[0]
 
 
 def prompt_keys(prompt_ids: Sequence[str]) -> np.ndarray:
@@ -166,8 +148,8 @@ def prompt_keys(prompt_ids: Sequence[str]) -> np.ndarray:
     return np.array([int.from_bytes(hashlib.sha1(p.encode("utf-8")).digest()[:8], "big") for p in prompt_ids], np.uint64)
 
 
-def reduce_bucket(bucket: Bucket, columns: list[str], config: AnalysisConfig, source: str, staging: str,
-                  keys: bool = False) -> BucketResult:
+def reduce_bucket(columns: list[str], config: AnalysisConfig, source: str, staging: str, keys: bool,
+                  bucket: Bucket) -> BucketResult:
     """Read, validate and reduce one bucket; writes its shards into ``staging`` (see the module doc).
 
     ``source`` names the input in error messages; ``keys`` asks for the prompts' 64-bit keys.
@@ -188,49 +170,25 @@ def reduce_bucket(bucket: Bucket, columns: list[str], config: AnalysisConfig, so
                         prompt_keys(prompt_ids) if keys else np.empty(0, np.uint64))
 
 
-def _spill_part(files: list[str], columns: list[str], buckets: int, spill_dir: str, tag: str, source: str) -> None:
+def _spill_part(columns: list[str], buckets: int, spill_dir: str, source: str, files: list[str], tag: str) -> None:
     spill(files, columns, buckets, Path(spill_dir), tag, Path(source))
 
 
 def _ray_slots(max_in_flight: int | None) -> int:
-    """Start Ray unless it runs (``RAY_ADDRESS`` or a local instance); tasks in flight: ``max_in_flight`` or the CPUs."""
+    """Join ``RAY_ADDRESS``'s cluster or start a local Ray (:func:`limits_ray.pipeline.cluster.init_ray`); tasks
+    in flight: ``max_in_flight`` or the cluster's CPUs."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     return max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _map(function: Callable[..., T], calls: list[tuple], slots: int | None) -> list[T]:
-    """``[function(*args) for args in calls]``: in-process when ``slots`` is None, else Ray tasks, ``slots`` at once."""
+def _map(function: Callable[..., T], calls: list[tuple], slots: int | None, shared: tuple = ()) -> list[T]:
+    """``[function(*shared, *args) for args in calls]``: in-process when ``slots`` is None, else as Ray tasks,
+    ``slots`` at once (:func:`limits_ray.pipeline.cluster.map_tasks`)."""
     if slots is None:
-        return [function(*args) for args in calls]
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=0)(function)
-    refs: list = []
-    pending: list = []
-    try:
-        for args in calls:
-            if len(pending) >= slots:
-                done, pending = ray.wait(pending, num_returns=1)
-                _get(ray, done)  # a failed task stops the run now
-            refs.append(remote.remote(*args))
-            pending.append(refs[-1])
-        return _get(ray, refs)
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref)
-        raise
-
-
-def _get(ray, refs: list) -> list:
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, InputError):
-            raise error.cause from None
-        raise
+        return [function(*shared, *args) for args in calls]
+    return map_tasks(function, calls, shared=shared, in_flight=slots)
 
 
 def _check_whole_prompts(results: list[BucketResult], source: Path) -> None:
@@ -287,12 +245,12 @@ def reduce_dataset(samples_path: str | Path, out_dir: str | Path, config: Analys
         partitioned, count = buckets is not None, bucket_count(rows, bucket_rows)
         if buckets is None:
             buckets = _spill(list(dataset.files), columns, count, staging, source, slots)
-        calls = [(bucket, columns, config, str(source), str(staging), partitioned) for bucket in buckets]
-        results = _map(reduce_bucket, calls, slots)
+        results = _map(reduce_bucket, [(bucket,) for bucket in buckets], slots,
+                       shared=(columns, config, str(source), str(staging), partitioned))
         if partitioned:
             _check_whole_prompts(results, source)
         pooled = {name: merge_khat_sums([r.khat_sums[name] for r in results], name) for name in POOLED_TABLES}
-        sums = _map(gate_bucket, [(r.bucket, str(staging), pooled) for r in results], slots)
+        sums = _map(_gate_bucket, [(r.bucket,) for r in results], slots, shared=(str(staging), pooled))
         frontier_mean = mean_from_sums(merge_sums(sums))
         write_table(frontier_mean, staging / "frontier_mean.parquet")
         paths = _publish(staging, out_dir)
@@ -309,5 +267,16 @@ def _spill(files: list[str], columns: list[str], buckets: int, staging: Path, so
         return [Bucket(0, tuple(files))]
     spill_dir = staging / "spill"
     parts = min(len(files), slots or 1)
-    _map(_spill_part, [(files[k::parts], columns, buckets, str(spill_dir), f"{k:05d}", str(source)) for k in range(parts)], slots)
+    _map(_spill_part, [(files[k::parts], f"{k:05d}") for k in range(parts)], slots,
+         shared=(columns, buckets, str(spill_dir), str(source)))
     return spilled_buckets(spill_dir)
+
+
+def reduce_samples(samples_path: str | Path, config: AnalysisConfig) -> ReduceResult:
+    """Read, validate and reduce a Parquet file or directory of scored samples, all in memory.
+
+    For inputs that fit in memory (studies, tests); ``limits-ray reduce`` streams the input bucket by
+    bucket instead (:func:`limits_ray.runs.reduce.reduce_dataset`), with the same values.
+    """
+    table, reward_columns = read_samples(samples_path, config.rewards)
+    return reduce_table(table, reward_columns, config)

@@ -23,7 +23,10 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from limits_ray.config import ConfigError, GenerationConfig, JobConfig, PromptsConfig, RewardModelConfig
+from limits_ray.config import GenerationConfig, JobConfig, PromptsConfig, RewardModelConfig
+from limits_ray.core.errors import ConfigError
+from limits_ray.pipeline.prompts import JSONL_SUFFIXES, PARQUET_SUFFIXES
+from limits_ray.storage.location import StorageError, check_writable, open_location
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +121,6 @@ def _check_dataset(name: str) -> None:
 
 
 def _check_prompts(prompts: PromptsConfig) -> None:
-    from limits_ray.pipeline.prompts import JSONL_SUFFIXES, PARQUET_SUFFIXES
-
     if prompts.dataset:
         _check_dataset(prompts.dataset)
     if not prompts.path:
@@ -152,8 +153,6 @@ def _check_counts(config: JobConfig) -> None:
 
 def _check_locations(config: JobConfig) -> None:
     """``output_dir`` and ``store.path`` (paths or URIs) accept a write (see :func:`limits_ray.storage.location.check_writable`)."""
-    from limits_ray.storage.location import StorageError, check_writable, open_location
-
     storage = config.storage
     places = [("output_dir", config.output_dir)] + ([("store.path", config.store_uri)] if config.store.enabled else [])
     for key, uri in places:

@@ -11,12 +11,13 @@ produces the same name with the same content (see :mod:`limits_ray.storage.sampl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -136,6 +137,34 @@ class Location:
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """One Parquet file (or a directory of them) as a table."""
         return pq.read_table(self.path, filesystem=self.filesystem, columns=columns)
+
+    @contextlib.contextmanager
+    def table_writer(self, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        """A :class:`pyarrow.parquet.ParquetWriter` for this file, which appears whole when the block ends
+        without an error (and not at all otherwise).
+
+        On a local disk the rows stream to a hidden sibling that is moved into place at the end; on an
+        object store they are gathered in memory and uploaded at once, as :meth:`write_table` does.
+        """
+        if self.local:
+            path = Path(self.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:12]}")
+            try:
+                with pq.ParquetWriter(partial, schema) as writer:
+                    yield writer
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+            return
+        buffer = pa.BufferOutputStream()
+        with pq.ParquetWriter(buffer, schema) as writer:
+            yield writer
+        self.write_bytes(buffer.getvalue().to_pybytes())
+
+    def parquet_file(self) -> pq.ParquetFile:
+        """This Parquet file, opened for reading in row groups or batches."""
+        return pq.ParquetFile(self.filesystem.open_input_file(self.path))
 
     def delete(self) -> None:
         """Remove this file, if it is there."""

@@ -9,9 +9,7 @@ reduce`` writes the three per-prompt ones as directories of shards (:mod:`limits
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,56 +17,18 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from limits_ray.core.errors import InputError
+from limits_ray.core.samples import KEY_COLUMNS, SAMPLE_ATTRIBUTES
+
 __all__ = [
-    "InputError",
-    "PromptSamples",
-    "SCHEMAS",
     "cast_samples",
     "check_keys",
-    "iter_prompts",
     "open_samples",
     "read_columns",
     "read_samples",
     "validate_samples",
     "write_table",
 ]
-
-KEY_COLUMNS = ("prompt_id", "sample_idx")
-SAMPLE_ATTRIBUTES = ("logprob", "base_logprob")
-"""Float columns of the sample store and policy tables that describe a sample, not a reward: never a
-default reward column (``logprob`` is NaN unless ``generation.logprobs``)."""
-
-SCHEMAS: dict[str, pa.Schema] = {
-    "frontier": pa.schema([
-        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
-        ("n", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
-        ("kl_se", pa.float64()), ("ess", pa.float64()), ("gain_bc", pa.float64()), ("kl_bc", pa.float64()),
-        ("khat", pa.float64()), ("body_sd", pa.float64()), ("khat_pooled", pa.float64()),
-        ("reliable", pa.bool_()),
-    ]),
-    "frontier_mean": pa.schema([
-        ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
-        ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()), ("kl_se", pa.float64()),
-        ("gain_spread_se", pa.float64()), ("kl_spread_se", pa.float64()),
-        ("gain_bc", pa.float64()), ("kl_bc", pa.float64()), ("reliable", pa.float64()),
-    ]),
-    "bon": pa.schema([
-        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("n", pa.int64()),
-        ("reward", pa.float64()), ("gain", pa.float64()), ("kl", pa.float64()),
-        ("reward_se", pa.float64()), ("gain_se", pa.float64()),
-    ]),
-    "convergence": pa.schema([
-        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
-        ("n_samples", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
-        ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("body_sd", pa.float64()),
-        ("khat_pooled", pa.float64()), ("reliable", pa.bool_()),
-    ]),
-}
-
-
-class InputError(ValueError):
-    """Input that cannot be reduced; the message names the input and the fix."""
-
 
 def _open_dataset(path: Path) -> ds.Dataset:
     if not path.exists():
@@ -194,41 +154,6 @@ def _check_unique(table: pa.Table, path: Path) -> None:
         raise InputError(
             f"--samples {path}: {duplicates.size} duplicated (prompt_id, sample_idx), first "
             f"({prompt_ids[row].as_py()!r}, {sample_idx[row].as_py()}); each sample must appear once"
-        )
-
-
-@dataclass
-class PromptSamples:
-    """One prompt's samples: ``sample_idx`` ``[N]``, reward columns and other columns ``{name: [N]}``."""
-
-    prompt_id: str
-    sample_idx: np.ndarray
-    rewards: dict[str, np.ndarray]
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def subset(self, mask: np.ndarray) -> "PromptSamples":
-        """The samples where ``mask`` holds."""
-        return PromptSamples(
-            self.prompt_id, self.sample_idx[mask],
-            {name: values[mask] for name, values in self.rewards.items()},
-            {name: values[mask] for name, values in self.extra.items()},
-        )
-
-
-def iter_prompts(table: pa.Table, columns: list[str], extra: tuple[str, ...] = ()) -> Iterator[PromptSamples]:
-    """Split a table sorted by prompt_id into per-prompt numpy arrays (rewards, then ``extra``)."""
-    prompt_ids = table["prompt_id"].combine_chunks()
-    changes = pc.not_equal(prompt_ids.slice(1), prompt_ids.slice(0, len(prompt_ids) - 1))
-    starts = np.concatenate([[0], np.flatnonzero(changes.to_numpy(zero_copy_only=False)) + 1, [len(prompt_ids)]])
-    sample_idx = table["sample_idx"].to_numpy()
-    rewards = {name: table[name].to_numpy() for name in columns}
-    others = {name: table[name].to_numpy(zero_copy_only=False) for name in extra}
-    for start, stop in zip(starts[:-1], starts[1:]):
-        yield PromptSamples(
-            prompt_id=prompt_ids[int(start)].as_py(),
-            sample_idx=sample_idx[start:stop],
-            rewards={name: values[start:stop] for name, values in rewards.items()},
-            extra={name: values[start:stop] for name, values in others.items()},
         )
 
 

@@ -1,0 +1,39 @@
+"""The result tables: ``frontier``, ``frontier_mean``, ``bon`` and ``convergence`` (README, "Output").
+
+Every writer (the job's bucket tasks, the offline reduce, the in-memory reduce) builds its tables
+with these schemas, and every reader casts to them.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = ["SCHEMAS"]
+
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "frontier": pa.schema([
+        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
+        ("n", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
+        ("kl_se", pa.float64()), ("ess", pa.float64()), ("gain_bc", pa.float64()), ("kl_bc", pa.float64()),
+        ("khat", pa.float64()), ("body_sd", pa.float64()), ("khat_pooled", pa.float64()),
+        ("reliable", pa.bool_()),
+    ]),
+    "frontier_mean": pa.schema([
+        ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
+        ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()), ("kl_se", pa.float64()),
+        ("gain_spread_se", pa.float64()), ("kl_spread_se", pa.float64()),
+        ("gain_bc", pa.float64()), ("kl_bc", pa.float64()), ("reliable", pa.float64()),
+    ]),
+    "bon": pa.schema([
+        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("n", pa.int64()),
+        ("reward", pa.float64()), ("gain", pa.float64()), ("kl", pa.float64()),
+        ("reward_se", pa.float64()), ("gain_se", pa.float64()),
+    ]),
+    "convergence": pa.schema([
+        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
+        ("n_samples", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
+        ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("body_sd", pa.float64()),
+        ("khat_pooled", pa.float64()), ("reliable", pa.bool_()),
+    ]),
+}
