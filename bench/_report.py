@@ -1,13 +1,40 @@
-"""What every benchmark script shares: the machine's description and its section of docs/benchmarks.md."""
+"""What every benchmark script shares: its preamble, the machine's description and its section of docs/benchmarks.md.
+
+Import it first: it puts the repository on ``sys.path`` (so ``limits_ray`` imports from this checkout),
+and :func:`pin_threads` must run before numpy is imported where a benchmark measures one core.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+DOCS = ROOT / "docs" / "benchmarks.md"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def pin_threads(variables: tuple[str, ...] = THREAD_VARIABLES) -> None:
+    """One thread for every BLAS and OpenMP pool (call before numpy, or anything importing it, loads)."""
+    for variable in variables:
+        os.environ[variable] = "1"
+
+
+def utc_now() -> str:
+    """``YYYY-MM-DD HH:MM`` in UTC, for a section's date line."""
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, ``a / b / c``."""
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 HEADER = "# Benchmarks\n\nOne section per benchmark script; each script rewrites only its own section.\n"
 
 

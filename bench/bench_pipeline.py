@@ -35,7 +35,6 @@ import time
 _STARTED = time.perf_counter()  # the side's clock starts before any heavy import
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -45,10 +44,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from _report import DOCS, cpu_description, update_docs  # noqa: E402
+from _report import DOCS, ROOT, cpu_description, load_average, update_docs, utc_now  # noqa: E402
 
 SECTION = "## Pipeline overhead (bench/bench_pipeline.py)"
 TARGET_OVERHEAD = 0.15
@@ -201,8 +197,7 @@ def _prepare(config) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from limits_ray.pipeline.prompts import max_prompt_tokens
-    from limits_ray.pipeline.prompts import load_prompts
+    from limits_ray.pipeline.prompts import load_prompts, max_prompt_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(config.generation.model)
     prompt_set = load_prompts(config.prompts, tokenizer, max_prompt_tokens(config, tokenizer))
@@ -229,13 +224,13 @@ def run_baseline(mapping: dict) -> dict:
     import numpy as np
 
     from limits_ray.config import JobConfig, from_mapping
-    from limits_ray.pipeline.generation import Generator
     from limits_ray.core.samples import PromptSamples
-    from limits_ray.outputs.figures import write_plots
     from limits_ray.core.tables import reduce_prompts
+    from limits_ray.outputs.figures import write_plots
+    from limits_ray.pipeline.generation import Generator
+    from limits_ray.pipeline.scoring import make_scorer_class
     from limits_ray.storage.results import write_result
     from limits_ray.storage.rounds import per_round, per_sample, round_lengths
-    from limits_ray.pipeline.scoring import make_scorer_class
 
     config = from_mapping(JobConfig, mapping)
     batch = _prepare(config)
@@ -295,8 +290,8 @@ def run_pipeline(mapping: dict) -> dict:
     mark = time.perf_counter()
     import ray
 
-    from limits_ray.pipeline import stages as pipeline
     from limits_ray.config import JobConfig, from_mapping
+    from limits_ray.pipeline import stages as pipeline
     from limits_ray.runs.job import run_job
 
     config = from_mapping(JobConfig, mapping)
@@ -470,10 +465,10 @@ def fixed_costs(side: str, result: dict) -> float:
 
 def machine() -> dict[str, str]:
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": f"{utc_now()} UTC",
         "cpu": cpu_description(),
         "python": platform.python_version(),
-        "load": " / ".join(f"{value:.2f}" for value in os.getloadavg()),
+        "load": load_average(),
         "memory": "",
         "gpu": "",
     }

@@ -27,29 +27,17 @@ needs every reward of the prompt and grows with N.
 
 from __future__ import annotations
 
-import os
+from _report import DOCS, ROOT, cpu_description, cpu_model, load_average, pin_threads, update_docs, utc_now
 
-# Pin every thread pool to one thread before numpy (or anything importing it) is loaded.
-for _variable in (
-    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
-):
-    os.environ[_variable] = "1"
+pin_threads()  # every thread pool to one thread before numpy (or anything importing it) is loaded
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import platform  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from _report import DOCS, cpu_description, cpu_model, update_docs  # noqa: E402
 from limits_ray.core.bon import best_of_n  # noqa: E402
 from limits_ray.core.dyadic import DyadicStats  # noqa: E402
 from limits_ray.core.tilt import TiltStats  # noqa: E402
@@ -199,12 +187,12 @@ def machine() -> dict[str, str]:
     except Exception:  # noqa: BLE001 - informational only
         pass
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": f"{utc_now()} UTC",
         "cpu": cpu_model(),
         "cores": cpu_description().split(", ", 1)[-1] + "; benchmark pinned to 1 thread",
         "python": platform.python_version(),
         "numpy": f"{np.__version__} (BLAS: {blas})",
-        "load": " / ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
+        "load": load_average(),
     }
 
 

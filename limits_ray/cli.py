@@ -12,13 +12,12 @@ import pyarrow.parquet as pq
 
 from limits_ray.config import JobConfig
 from limits_ray.core.analysis import AnalysisConfig
-from limits_ray.core.errors import ConfigError
+from limits_ray.core.errors import ConfigError, InputError
 from limits_ray.core.frontier import FrontierPoint, point_at_kl
 from limits_ray.core.reliability import TRUSTED_FRACTION
-from limits_ray.core.errors import InputError
 from limits_ray.outputs.numbers import format_number
-from limits_ray.runs.reduce import DEFAULT_BUCKET_ROWS
 from limits_ray.pipeline.stages import PipelineError
+from limits_ray.runs.reduce import DEFAULT_BUCKET_ROWS
 
 __all__ = ["main"]
 
@@ -108,8 +107,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from limits_ray.runs.compare import CompareOptions, compare
     from limits_ray.outputs.compare_report import compare_lines
+    from limits_ray.runs.compare import CompareOptions, compare
 
     config = _load_job(args)
     options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta)

@@ -15,8 +15,9 @@ os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "86400")
 
 import pytest
 
-from _tiny import session_tiny_models
 from limits_ray.tiny_models import TinyModels
+
+from _tiny import session_tiny_models
 
 
 @pytest.fixture(scope="session")

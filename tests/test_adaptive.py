@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from limits_ray.core.sampling_plan import plan_wave, prompt_errors, worst_ratio
-from limits_ray.core.reliability import is_reliable
 from limits_ray.core.exact import gaussian_gain, gaussian_kl
+from limits_ray.core.reliability import is_reliable
+from limits_ray.core.sampling_plan import plan_wave, prompt_errors, worst_ratio
 from limits_ray.core.tilt import TiltStats
 
 
@@ -108,7 +108,9 @@ def test_run_adaptive_on_the_tiny_models(tiny_models, tmp_path, ray_local):
     import json
 
     import pyarrow.parquet as pq
+
     from limits_ray.runs.adaptive import run_adaptive
+
     from _tiny import tiny_job
 
     tol = 0.07  # on these prompts: one is wider (its worst se at N = 32 is ~0.094), two are under it

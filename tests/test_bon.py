@@ -7,9 +7,9 @@ the maximum, exact.finite_bon, E[max of n N(0,1)], and 60-digit decimal arithmet
 
 from __future__ import annotations
 
+import decimal
 import itertools
 import math
-import decimal
 from decimal import Decimal
 from fractions import Fraction
 

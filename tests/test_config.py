@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from limits_ray.config import (
-    from_mapping, GenerationConfig, JobConfig, load_yaml, PromptsConfig, RewardModelConfig, StoreConfig,
+    GenerationConfig,
+    JobConfig,
+    PromptsConfig,
+    RewardModelConfig,
+    StoreConfig,
+    from_mapping,
+    load_yaml,
 )
 from limits_ray.core.analysis import AnalysisConfig, parse_betas
 from limits_ray.core.errors import ConfigError

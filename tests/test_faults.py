@@ -10,7 +10,14 @@ import pyarrow as pa
 import pytest
 
 from limits_ray.pipeline.faults import (
-    ENGINE_FAULT_EXIT_CODE, EngineFault, Quarantine, QuarantinedRound, RoundFailure, Watchdog, engine_call, is_engine_fault,
+    ENGINE_FAULT_EXIT_CODE,
+    EngineFault,
+    Quarantine,
+    QuarantinedRound,
+    RoundFailure,
+    Watchdog,
+    engine_call,
+    is_engine_fault,
     run_with_quarantine,
 )
 from limits_ray.pipeline.stages import PipelineError, Timed, check_quarantined, root_cause

@@ -10,7 +10,14 @@ import pyarrow.compute as pc
 import pytest
 
 from limits_ray.core.frontier import (
-    FrontierPoint, between_prompt_se, frontier_sums, mean_frontier, mean_from_sums, merge_moments, merge_sums, point_at_kl,
+    FrontierPoint,
+    between_prompt_se,
+    frontier_sums,
+    mean_from_sums,
+    mean_frontier,
+    merge_moments,
+    merge_sums,
+    point_at_kl,
     trusted_kl_range,
 )
 from limits_ray.core.schemas import SCHEMAS

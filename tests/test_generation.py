@@ -10,14 +10,21 @@ import threading
 import numpy as np
 import pytest
 
-from _tiny import ENGINE_KWARGS, session_tiny_models
 from limits_ray.config import EngineResources, GenerationConfig
 from limits_ray.pipeline.generation import (
-    OUTPUT_COLUMNS, SYNTHETIC_VOCABULARY, Generator, SyntheticGenerator, prompt_token_count, round_seed,
-    set_cpu_env_defaults, synthetic_word_probabilities,
+    OUTPUT_COLUMNS,
+    SYNTHETIC_VOCABULARY,
+    Generator,
+    SyntheticGenerator,
+    prompt_token_count,
+    round_seed,
+    set_cpu_env_defaults,
+    synthetic_word_probabilities,
 )
 from limits_ray.storage.rounds import ROUND_COLUMNS, per_round, per_sample, round_lengths
 from limits_ray.tiny_models import TinyModels
+
+from _tiny import ENGINE_KWARGS, session_tiny_models
 
 N = 4
 MAX_TOKENS = 12

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.storage.sample_io import open_samples, read_samples, validate_samples, write_table
 from limits_ray.core.errors import InputError
 from limits_ray.core.samples import iter_prompts
 from limits_ray.core.schemas import SCHEMAS
+from limits_ray.storage.sample_io import open_samples, read_samples, validate_samples, write_table
 
 
 def samples_table(prompts=("p0", "p1"), n=5, seed=0, **extra) -> pa.Table:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from _tiny import tiny_job
 from limits_ray.core.errors import ConfigError
-from limits_ray.runs.job import run_job
 from limits_ray.runs.identity import setup_identity
+from limits_ray.runs.job import run_job
+
+from _tiny import tiny_job
 
 
 def test_run_job_names_a_missing_reward_model_before_starting_ray(tiny_models, tmp_path):

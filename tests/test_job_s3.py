@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from _tiny import tiny_job_mapping
 from limits_ray.config import JobConfig, from_mapping
 from limits_ray.runs.job import run_job
+
+from _tiny import tiny_job_mapping
 
 pytestmark = pytest.mark.slow
 

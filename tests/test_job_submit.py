@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from limits_ray.core.schemas import SCHEMAS
+
 from _cluster import start_head, submit
 from _tiny import tiny_job_mapping
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _results import assert_same_frontier, assert_store_has_each_sample_once, frontier, stored_parts
 from _cluster import start_head, start_workers, submit, wait_for_nodes
+from _results import assert_same_frontier, assert_store_has_each_sample_once, frontier, stored_parts
 from _tiny import tiny_job_mapping
 
 pytestmark = pytest.mark.slow

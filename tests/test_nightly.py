@@ -11,6 +11,7 @@ import pytest
 
 from limits_ray.runs.job import stored_round_counts
 from limits_ray.runs.nightly import next_targets, nightly_root, run_night, series_id
+
 from _tiny import tiny_job
 
 

@@ -7,13 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.storage.buckets import bucket_name, bucket_of
 from limits_ray.core.analysis import AnalysisConfig
 from limits_ray.core.errors import InputError
 from limits_ray.core.schemas import SCHEMAS
-from limits_ray.runs.reduce import PER_PROMPT, reduce_dataset
 from limits_ray.core.tables import ReduceResult
-from limits_ray.runs.reduce import reduce_samples
+from limits_ray.runs.reduce import PER_PROMPT, reduce_dataset, reduce_samples
+from limits_ray.storage.buckets import bucket_name, bucket_of
 from limits_ray.storage.results import write_result
 
 CONFIG = AnalysisConfig(betas="0.2:5:4", align=("a", "mean(a,b)"), evals=("a", "b"))

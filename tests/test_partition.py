@@ -10,9 +10,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.storage.buckets import bucket_name, bucket_of
 from limits_ray.core.errors import InputError
 from limits_ray.storage import partition
+from limits_ray.storage.buckets import bucket_name, bucket_of
 from limits_ray.storage.partition import Bucket, bucket_count, group_rows, input_buckets, spill, spilled_buckets
 
 

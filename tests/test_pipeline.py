@@ -13,14 +13,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.config import from_mapping, GenerationConfig, JobConfig, RewardModelConfig
+from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig, from_mapping
 from limits_ray.core.analysis import AnalysisConfig
 from limits_ray.core.schemas import SCHEMAS
-from limits_ray.runs.job import run_job
-from limits_ray.pipeline.stages import generation_stage, scorer_stage
-from limits_ray.runs.reduce import reduce_samples
 from limits_ray.pipeline.prompts import prompt_id_for
+from limits_ray.pipeline.stages import generation_stage, scorer_stage
+from limits_ray.runs.job import run_job
+from limits_ray.runs.reduce import reduce_samples
 from limits_ray.storage.rounds import ARROW_TYPES
+
 from _tiny import TINY_PROMPTS, tiny_job
 
 pytestmark = pytest.mark.slow
@@ -115,7 +116,7 @@ def test_synthetic_rounds_travel_as_arrow_lists_without_pickling(ray_local):
     requests = [{"prompt_id": f"p{i}", "prompt": f"Q: prompt {i}", "prompt_text": f"prompt {i}", "round": r}
                 for i in range(4) for r in range(2)]
     dataset = ray.data.from_items(requests, override_num_blocks=4)
-    dataset = scorer_stage(generation_stage(dataset, generation, True), reward, generation.n)
+    dataset = scorer_stage(reward, generation.n).apply(generation_stage(generation, True).apply(dataset))
     table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     types = dict(zip(table.schema.names, table.schema.types))
     assert {name: types[name] for name in ARROW_TYPES} == ARROW_TYPES

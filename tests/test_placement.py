@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from limits_ray.config import EngineResources, from_mapping, GenerationConfig, RewardModelConfig
+from limits_ray.config import EngineResources, GenerationConfig, RewardModelConfig, from_mapping
 from limits_ray.core.errors import ConfigError
 from limits_ray.pipeline.placement import EnginePlacement, vllm_parallel_kwargs
 

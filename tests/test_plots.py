@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from limits_ray.outputs.figures import ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier_by_n, write_plots
-from limits_ray.core.tables import reduce_table
 from limits_ray.core.analysis import AnalysisConfig
 from limits_ray.core.convergence import settle_table, summarize
+from limits_ray.core.tables import reduce_table
+from limits_ray.outputs.figures import ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier_by_n, write_plots
 
 
 def _result():

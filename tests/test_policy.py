@@ -9,15 +9,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from _tiny import tiny_job, tiny_job_mapping
 from limits_ray.config import PolicyConfig
-from limits_ray.runs.compare import compare, CompareOptions
 from limits_ray.core.compare_tables import POLICY_SCHEMA, policy_estimates
-from limits_ray.pipeline.policy_stages import sample_policy
-from limits_ray.tiny_models import blend_checkpoint
 from limits_ray.core.policy_stats import exact_kl
-from limits_ray.pipeline.prompts import Prompt
 from limits_ray.core.reward_spec import RewardSpec
+from limits_ray.pipeline.policy_stages import sample_policy
+from limits_ray.pipeline.prompts import Prompt
+from limits_ray.runs.compare import CompareOptions, compare
+from limits_ray.tiny_models import blend_checkpoint
+
+from _tiny import tiny_job, tiny_job_mapping
 
 pytestmark = pytest.mark.slow
 

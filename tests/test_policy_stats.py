@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from limits_ray.core.policy_stats import (
-    between_or_within_se, exact_kl, frontier_gain_at_kl, frontier_slope_at_kl, gap_se, hash_normal,
-    inverse_sqrt_reference, mean_over_prompts, prompt_estimate,
+    between_or_within_se,
+    exact_kl,
+    frontier_gain_at_kl,
+    frontier_slope_at_kl,
+    gap_se,
+    hash_normal,
+    inverse_sqrt_reference,
+    mean_over_prompts,
+    prompt_estimate,
 )
 
 
@@ -174,7 +181,11 @@ def test_inverse_sqrt_reference():
 import pyarrow as pa  # noqa: E402
 
 from limits_ray.core.compare_tables import (
-    POLICY_SCHEMA, bon_points, ensemble_table, policy_points, proxy_gold_table,
+    POLICY_SCHEMA,
+    bon_points,
+    ensemble_table,
+    policy_points,
+    proxy_gold_table,
 )  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from limits_ray.config import from_mapping, PromptsConfig
+from limits_ray.config import PromptsConfig, from_mapping
 from limits_ray.core.errors import ConfigError
 from limits_ray.pipeline.prompts import Prompt, PromptSet, SkippedPrompt, load_prompts, prompt_id_for
 

@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from limits_ray.core.bon import best_of_n
 from limits_ray.cli import main
+from limits_ray.core.bon import best_of_n
 from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tilt import TiltStats
 
@@ -339,9 +339,9 @@ def test_streamed_rounds_give_the_offline_reduce_values_reliability_included():
     exactly, the floats to rounding."""
     from limits_ray.core.analysis import AnalysisConfig
     from limits_ray.core.dyadic import DyadicStats
+    from limits_ray.core.reliability import pool_whole
     from limits_ray.core.samples import iter_prompts
     from limits_ray.core.tables import PromptRows, TableBuilder, prompt_statistics, reduce_table
-    from limits_ray.core.reliability import pool_whole
     from limits_ray.storage.sample_store import MergedBucket
 
     rng = np.random.default_rng(12)

@@ -16,13 +16,14 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
+from limits_ray.config import JobConfig, from_mapping
+from limits_ray.pipeline.faults import TEST_FAULTS_ENV
+from limits_ray.pipeline.prompts import prompt_id_for
+from limits_ray.pipeline.stages import PipelineError
+from limits_ray.runs.job import run_job
+
 from _results import assert_same_frontier, assert_store_has_each_sample_once, frontier, stored_parts
 from _tiny import tiny_job_mapping
-from limits_ray.config import JobConfig, from_mapping
-from limits_ray.runs.job import run_job
-from limits_ray.pipeline.faults import TEST_FAULTS_ENV
-from limits_ray.pipeline.stages import PipelineError
-from limits_ray.pipeline.prompts import prompt_id_for
 
 pytestmark = pytest.mark.slow
 

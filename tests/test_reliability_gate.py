@@ -8,9 +8,8 @@ import pyarrow.compute as pc
 
 from limits_ray.core.analysis import AnalysisConfig
 from limits_ray.core.exact import gaussian_gain, gaussian_kl
-from limits_ray.core.reliability import POOLED_KHAT_LIMIT
+from limits_ray.core.reliability import POOLED_KHAT_LIMIT, apply_pooled, khat_sums, merge_khat_sums, pool_whole
 from limits_ray.core.tables import PromptRows, TableBuilder, reduce_table
-from limits_ray.core.reliability import apply_pooled, khat_sums, merge_khat_sums, pool_whole
 
 
 def ungated_tables(rewards: np.ndarray, betas: list[float]) -> dict[str, pa.Table]:

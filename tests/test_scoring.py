@@ -8,12 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tiny import ENGINE_KWARGS, session_tiny_models
 from limits_ray.config import RewardModelConfig
 from limits_ray.pipeline.scoring import (
-    FunctionRewardScorer, TransformersRewardScorer, VllmRewardScorer, make_scorer_class, render_reward_inputs,
+    FunctionRewardScorer,
+    TransformersRewardScorer,
+    VllmRewardScorer,
+    make_scorer_class,
+    render_reward_inputs,
 )
 from limits_ray.tiny_models import TinyModels
+
+from _tiny import ENGINE_KWARGS, session_tiny_models
 
 PROMPTS = ["The river ran", "Please write a short poem about the sea.", "Why?", "Numbers help us reason"]
 RESPONSES = [" quietly past the old mill.", " The sea is wide and blue, and the wind", "", " one, two, three"]

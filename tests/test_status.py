@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
-from limits_ray.pipeline.bucket_tasks import compact
-from limits_ray.cli import main
-from limits_ray.pipeline.faults import Quarantine, QuarantinedRound
-from limits_ray.outputs.status import format_status, store_status
-from limits_ray.storage.location import open_location
 from test_store import _context, _store, _write
+
+from limits_ray.cli import main
+from limits_ray.outputs.status import format_status, store_status
+from limits_ray.pipeline.bucket_tasks import compact
+from limits_ray.pipeline.faults import Quarantine, QuarantinedRound
+from limits_ray.storage.location import open_location
 
 
 def _filled_store(uri, tmp_path, endpoint: str = ""):

@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.samples import PromptSamples
+from limits_ray.core.tables import prompt_statistics
 from limits_ray.pipeline.bucket_tasks import BucketContext, compact
 from limits_ray.storage.buckets import bucket_of
-from limits_ray.core.analysis import AnalysisConfig
-from limits_ray.core.tables import prompt_statistics
-from limits_ray.core.samples import PromptSamples
 from limits_ray.storage.location import open_location
 from limits_ray.storage.sample_store import SampleStore, StoreMismatchError, flatten_rounds
 

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from limits_ray.core.analysis import AnalysisConfig
-from limits_ray.runs.reduce import reduce_samples
 from limits_ray.core.convergence import settle_table, study_from_table, summarize
 from limits_ray.outputs.study_report import write_study
+from limits_ray.runs.reduce import reduce_samples
+
 from _tiny import tiny_job
 
 

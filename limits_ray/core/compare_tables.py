@@ -22,8 +22,15 @@ import pyarrow.compute as pc
 from limits_ray.core.analysis import AnalysisConfig
 from limits_ray.core.errors import ConfigError
 from limits_ray.core.policy_stats import (
-    PolicyEstimate, between_or_within_se, frontier_gain_at_kl, frontier_slope_at_kl, gap_se, hash_normal,
-    inverse_sqrt_reference, mean_over_prompts, prompt_estimate,
+    PolicyEstimate,
+    between_or_within_se,
+    frontier_gain_at_kl,
+    frontier_slope_at_kl,
+    gap_se,
+    hash_normal,
+    inverse_sqrt_reference,
+    mean_over_prompts,
+    prompt_estimate,
 )
 from limits_ray.core.reward_spec import RewardSpec
 from limits_ray.core.tables import reduce_table

@@ -19,6 +19,7 @@ statistics anywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from limits_ray.core.psis import TAIL_CAP

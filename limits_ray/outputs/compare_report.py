@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
+from limits_ray.outputs.figures import save_figure  # noqa: E402
 from limits_ray.outputs.numbers import MISSING, format_estimate, format_number  # noqa: E402
 
 __all__ = ["BON_FOOTNOTE", "compare_lines", "markdown_table", "plot_ensembles", "plot_policies", "plot_proxy_gold", "write_compare_report"]
@@ -72,9 +73,7 @@ def plot_policies(frontier_mean: pa.Table, policies: pa.Table, path: Path, title
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="upper left")
     figure.suptitle(f"{title}: policies against the KL-reward frontier")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_proxy_gold(proxy_gold: pa.Table, path: Path, title: str, gold: str, proxy: str) -> None:
@@ -105,9 +104,7 @@ def plot_proxy_gold(proxy_gold: pa.Table, path: Path, title: str, gold: str, pro
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.suptitle(f"{title}: proxy vs gold")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_ensembles(ensembles: pa.Table, path: Path, title: str) -> None:
@@ -134,9 +131,7 @@ def plot_ensembles(ensembles: pa.Table, path: Path, title: str) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.suptitle(f"{title}: reward ensembles (Theorem 3), proxies = {gold} + N(0, {noise:.3g}²) per sample")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def compare_lines(policies: pa.Table) -> list[str]:

@@ -1,4 +1,15 @@
-"""Figures of a result: the frontier with its band and best-of-n points, convergence, ESS."""
+"""The standard figures of a result, in one style, and the convergence study's.
+
+- ``frontier.png`` (:func:`plot_frontier`): per (align, eval), the prompt-averaged frontier with its 95%
+  band, dashed outside the trusted KL range, best-of-n points and each prompt's frontier as a thin line;
+- ``convergence.png`` (:func:`plot_convergence_bands`): prompt-mean gain and KL against N, with bands;
+- ``frontier_by_n.png`` (:func:`plot_frontier_by_n`): the frontier estimated from the first N samples;
+- ``ess.png`` (:func:`plot_ess_prompts`): Kish ESS against beta, per prompt and its median.
+
+:func:`write_plots` draws all four for a run (:func:`limits_ray.runs.job.run_job`);
+:func:`limits_ray.outputs.report.write_report` draws them for any results directory. Every figure is
+written by :func:`save_figure`.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +29,16 @@ from limits_ray.core.reliability import TRUSTED_FRACTION  # noqa: E402
 from limits_ray.core.tables import ReduceResult  # noqa: E402
 
 __all__ = [
-    "write_plots", "plot_frontier", "plot_convergence", "plot_ess", "plot_convergence_bands", "plot_frontier_by_n",
-    "plot_ess_prompts", "ess_source",
+    "ess_source", "plot_convergence_bands", "plot_ess_prompts", "plot_frontier", "plot_frontier_by_n", "save_figure",
+    "write_plots",
 ]
+
+
+def save_figure(figure: plt.Figure, path: str | Path, dpi: int = 120) -> None:
+    """Lay ``figure`` out tightly, write it to ``path`` (PNG) and free it: every figure of limits-ray ends here."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str]]:
@@ -88,59 +106,7 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="upper left")
     figure.suptitle(f"{title}: KL-reward frontier ({prompts} prompts, N = {samples} samples per prompt)", fontsize=11)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_convergence(result: ReduceResult, path: Path, title: str) -> None:
-    """Prompt-averaged gain and KL against the number of samples N, for a few betas."""
-    prompts, _ = _counts(result)
-    if result.convergence.num_rows == 0:
-        return
-    align, evaluation = _pairs(result.convergence)[0]
-    table = _select(result.convergence, align, evaluation)
-    grouped = table.group_by(["beta", "n_samples"]).aggregate([("gain", "mean"), ("kl", "mean")])
-    betas = np.unique(grouped["beta"].to_numpy())
-    shown = betas[np.unique(np.linspace(0, betas.size - 1, min(5, betas.size)).round().astype(int))]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10.4, 4.2))
-    for color, beta in enumerate(shown):
-        rows = grouped.filter(pc.equal(grouped["beta"], beta)).sort_by("n_samples")
-        n = rows["n_samples"].to_numpy()
-        left.plot(n, rows["gain_mean"].to_numpy(), "o-", color=f"C{color}", ms=3, label=f"β = {beta:.3g}")
-        right.plot(n, rows["kl_mean"].to_numpy(), "o-", color=f"C{color}", ms=3, label=f"β = {beta:.3g}")
-    for axis, name in ((left, f"gain in {evaluation}  [reward units]"), (right, "KL(π_β ‖ π₀)  [nats]")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("samples per prompt N")
-        axis.set_ylabel(name)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle(f"{title}: estimator convergence, align {align} ({prompts} prompts)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_ess(result: ReduceResult, path: Path, title: str) -> None:
-    """Median Kish effective sample size against beta, per alignment reward."""
-    prompts, samples = _counts(result)
-    figure, axis = plt.subplots(figsize=(5.6, 4.2))
-    for color, align in enumerate(sorted(set(result.frontier["align"].to_pylist()))):
-        rows = result.frontier.filter(pc.equal(result.frontier["align"], align))
-        grouped = rows.group_by("beta").aggregate([("ess", "approximate_median")]).sort_by("beta")
-        axis.plot(grouped["beta"].to_numpy(), grouped["ess_approximate_median"].to_numpy(), "o-", ms=3,
-                  color=f"C{color}", label=f"align {align}")
-    axis.axhline(samples, color="0.5", ls="--", lw=1, label=f"N = {samples}")
-    axis.set_xscale("log")
-    axis.set_yscale("log")
-    axis.set_xlabel("β (KL penalty)")
-    axis.set_ylabel("effective sample size (Kish), median over prompts")
-    axis.set_title(f"{title}: ESS ({prompts} prompts)", fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def _shown_betas(betas: np.ndarray, count: int = 5) -> np.ndarray:
@@ -226,9 +192,7 @@ def plot_convergence_bands(summary: pa.Table, path: Path, title: str, settle: pa
     if "reliable" in table.column_names:
         note += f"\n○: fewer than {TRUSTED_FRACTION:.0%} of prompts reliable (Pareto k-hat of the weights, ESS)"
     figure.suptitle(f"{title}: convergence of gain and KL, align {align} ({prompts} prompts, N ≤ {n_max}){note}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 
@@ -261,9 +225,7 @@ def plot_frontier_by_n(summary: pa.Table, path: Path, title: str) -> bool:
         axis.legend(fontsize=8, loc="upper left")
     figure.suptitle(f"{title}: frontier estimated from N samples per prompt ({prompts} prompts, N ≤ {shown_n.max()})",
                     fontsize=11)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 
@@ -313,9 +275,7 @@ def plot_ess_prompts(ess: pa.Table, path: Path, title: str) -> bool:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="lower right")
     figure.suptitle(f"{title}: ESS against β ({prompts} prompts, N = {int(np.median(n_values))} per prompt)", fontsize=11)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 

@@ -30,14 +30,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from limits_ray.core.convergence import settle_table, summarize
+from limits_ray.core.errors import InputError
 from limits_ray.core.frontier import point_at_kl, trusted_kl_range
 from limits_ray.core.reliability import FALLBACK_ESS_FLOOR, RELIABLE_RULE, TRUSTED_FRACTION, reliable_rows, trusted_beta
-from limits_ray.core.errors import InputError
-from limits_ray.storage.results import load_result
-from limits_ray.outputs.numbers import format_estimate, format_number
-from limits_ray.outputs.figures import ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier, plot_frontier_by_n
-from limits_ray.core.convergence import settle_table, summarize
 from limits_ray.core.tables import ReduceResult
+from limits_ray.outputs.figures import ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier, plot_frontier_by_n
+from limits_ray.outputs.numbers import format_estimate, format_number
+from limits_ray.storage.results import load_result
 
 __all__ = ["summary_lines", "write_report"]
 

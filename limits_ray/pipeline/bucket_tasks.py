@@ -34,13 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from limits_ray.storage.buckets import bucket_name
-from limits_ray.core.frontier import frontier_sums, merge_sums
-from limits_ray.core.samples import iter_prompts, PromptSamples
-from limits_ray.core.schemas import SCHEMAS
-from limits_ray.core.tables import prompt_statistics, PromptRows, TableBuilder
 from limits_ray.core.analysis import Plan
+from limits_ray.core.frontier import frontier_sums, merge_sums
 from limits_ray.core.reliability import POOLED_TABLES, apply_pooled, khat_sums
+from limits_ray.core.samples import PromptSamples, iter_prompts
+from limits_ray.core.schemas import SCHEMAS
+from limits_ray.core.tables import PromptRows, TableBuilder, prompt_statistics
+from limits_ray.storage.buckets import bucket_name
 from limits_ray.storage.location import Location
 from limits_ray.storage.sample_store import MergedBucket, SampleStore
 

@@ -30,11 +30,14 @@ import pyarrow as pa
 from limits_ray.config import GenerationConfig, JobConfig, PolicyConfig
 from limits_ray.pipeline.faults import engine_call
 from limits_ray.pipeline.generation import Generator, engine_kwargs, round_seed, set_cpu_env_defaults
-from limits_ray.pipeline.placement import EnginePlacement
 from limits_ray.pipeline.progress import Progress
 from limits_ray.pipeline.prompts import Prompt
 from limits_ray.pipeline.stages import (
-    StageTimes, Timed, generation_stage, released, remote_args_accepted, restart_args, scorer_stage,
+    Stage,
+    StageTimes,
+    generation_stage,
+    released,
+    scorer_stage,
 )
 from limits_ray.storage.rounds import per_round, per_sample, regroup, round_lengths
 
@@ -180,23 +183,16 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
     actors = {f"generate_{policy.name}": generation.max_actors, "base_logprob": base.max_actors,
               **{f"score_{reward.name}": reward.max_actors for reward in config.rewards}}
     tables = []
-    with released([EnginePlacement(base, engine=True)]) as placements:
+    stages = [
+        generation_stage(generation, not config.prompts.chat_template, fn=PolicyGenerator, name=f"generate_{policy.name}"),
+        Stage(name="base_logprob", fn=BaseLogprobScorer, config=base, resources=base, engine=True,
+              batch_size=generation.batch_size),
+        *(scorer_stage(reward, generation.n) for reward in config.rewards),
+    ]
+    with released([]) as placements:
         dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
-        dataset = generation_stage(
-            dataset, generation, not config.prompts.chat_template, stage=PolicyGenerator, name=f"generate_{policy.name}",
-            batch_retries=config.batch_retries, placements=placements,
-        )
-        with remote_args_accepted():
-            dataset = dataset.map_batches(
-                Timed,
-                fn_constructor_kwargs={"stage": BaseLogprobScorer, "name": "base_logprob", "config": base},
-                compute=placements[0].pool(),
-                batch_size=generation.batch_size,
-                **placements[0].remote_args(),
-                **restart_args(config.batch_retries),
-            )
-        for reward in config.rewards:
-            dataset = scorer_stage(dataset, reward, generation.n, batch_retries=config.batch_retries, placements=placements)
+        for stage in stages:
+            dataset = stage.apply(dataset, batch_retries=config.batch_retries, placements=placements)
         progress = Progress(len(requests), generation.n, actors, label=f"policy {policy.name}").start()
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

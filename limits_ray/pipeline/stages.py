@@ -21,22 +21,29 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
+from limits_ray.config import EngineResources, GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.pipeline.faults import (
-    Quarantine, Watchdog, error_chain, fail_actor, inject_test_fault, is_engine_fault, run_failing_fast, run_with_quarantine,
+    Quarantine,
+    Watchdog,
+    error_chain,
+    fail_actor,
+    inject_test_fault,
+    is_engine_fault,
+    run_failing_fast,
+    run_with_quarantine,
 )
 from limits_ray.pipeline.placement import EnginePlacement
 from limits_ray.pipeline.progress import Progress
-from limits_ray.storage.rounds import round_lengths, to_arrow
 from limits_ray.storage.location import Location
+from limits_ray.storage.rounds import round_lengths, to_arrow
 from limits_ray.storage.sample_store import flatten_rounds
 
 if TYPE_CHECKING:
     from limits_ray.pipeline.bucket_tasks import BucketContext
 
 __all__ = [
-    "PipelineError", "StageTimes", "Timed", "generation_stage", "released", "root_cause",
-    "run_stages", "scorer_stage", "store_rounds",
+    "PipelineError", "Stage", "StageTimes", "Timed", "generation_stage", "released", "root_cause", "run_stages",
+    "scorer_stage", "store_rounds",
 ]
 
 QUARANTINE_COUNT_S = 10.0  # how often the driver lists the quarantine for the progress line
@@ -213,59 +220,89 @@ def remote_args_accepted() -> Iterator[None]:
         yield
 
 
-def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: bool, faults: dict[str, Any] | None = None,
-                     stage: type | None = None, name: str = "generate", batch_retries: int = 3,
-                     placements: list[EnginePlacement] | None = None):
-    """The actor pool sampling rounds with ``stage``: by default :class:`~limits_ray.pipeline.generation.Generator`
-    (one vLLM engine per actor), or :class:`~limits_ray.pipeline.generation.SyntheticGenerator` for
-    ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only). A vLLM actor runs
-    ``generation.batches_in_flight`` batches at once in its one engine. A batch running
-    past ``generation.timeout_s`` ends its actor (:class:`~limits_ray.pipeline.faults.Watchdog`). The stage's
-    :class:`~limits_ray.pipeline.placement.EnginePlacement` is appended to ``placements``: release it when the
-    dataset is consumed."""
+@dataclass(frozen=True)
+class Stage:
+    """One actor-pool stage of the pipeline, declared once: what each actor runs, on what, and in batches of how many.
+
+    Modelled on ``ray.data.llm``'s ``StatefulStage`` (a callable class, its constructor arguments and
+    the ``map_batches`` options kept apart and combined in one place). Every stage runs inside
+    :class:`Timed` (busy time, fault sorting, the quarantine, the watchdog), with the actor options of
+    :func:`restart_args` and the placement of :class:`~limits_ray.pipeline.placement.EnginePlacement`.
+    The values are checked when the stage is declared, before Ray sees them.
+
+    Attributes:
+        name: the stage's name (its busy-time column ``seconds_<name>`` and its actors' label).
+        fn: the callable class each actor builds once (an engine, a scorer, ...).
+        config: its ``config`` constructor argument; ``kwargs`` are the others.
+        resources: the placement keys (``concurrency``, ``num_gpus``, parallelism, ...).
+        engine: whether the actors run a model engine (multi-GPU engines get placement groups).
+        batch_size: rows (rounds) per call.
+        calls_in_flight: calls each actor runs at once (threads).
+        timeout_s: a call running longer ends its actor (0: no limit).
+    """
+
+    name: str
+    fn: type
+    config: Any
+    resources: EngineResources
+    engine: bool
+    batch_size: int
+    calls_in_flight: int = 1
+    timeout_s: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.calls_in_flight < 1 or not self.timeout_s >= 0:
+            raise ValueError(f"stage {self.name}: batch_size {self.batch_size} and calls_in_flight {self.calls_in_flight} "
+                             f"must be >= 1 and timeout_s {self.timeout_s} >= 0")
+        reserved = {"stage", "name", "config", "timeout_s"} & set(self.kwargs)
+        if reserved:
+            raise ValueError(f"stage {self.name}: {sorted(reserved)} are set by the stage itself, not in kwargs")
+
+    def apply(self, dataset, faults: dict[str, Any] | None = None, batch_retries: int = 3,
+              placements: list[EnginePlacement] | None = None):
+        """``dataset.map_batches`` through this stage; its placement is appended to ``placements`` (release
+        it when the dataset is consumed, :func:`released`). ``faults``: :class:`Timed`'s quarantine options."""
+        placement = EnginePlacement(self.resources, self.engine)
+        if placements is not None:
+            placements.append(placement)
+        with remote_args_accepted():
+            return dataset.map_batches(
+                Timed,
+                fn_constructor_kwargs={"stage": self.fn, "name": self.name, "config": self.config,
+                                       "timeout_s": self.timeout_s, **self.kwargs, **(faults or {})},
+                compute=placement.pool(self.calls_in_flight),
+                batch_size=self.batch_size,
+                **placement.remote_args(),
+                **restart_args(batch_retries),
+            )
+
+
+def generation_stage(generation: GenerationConfig, add_special_tokens: bool, fn: type | None = None,
+                     name: str = "generate") -> Stage:
+    """The actor pool sampling rounds with ``fn``: by default :class:`~limits_ray.pipeline.generation.Generator`
+    (one vLLM engine per actor, ``generation.batches_in_flight`` batches at once in it), or
+    :class:`~limits_ray.pipeline.generation.SyntheticGenerator` for ``generation.kind: synthetic`` (no
+    engine, no GPU: ``num_cpus`` per actor only). A batch running past ``generation.timeout_s`` ends its
+    actor (:class:`~limits_ray.pipeline.faults.Watchdog`)."""
     from limits_ray.pipeline.generation import Generator, SyntheticGenerator
 
     synthetic = generation.kind == "synthetic"
-    placement = _placement(generation.placed, not synthetic, placements)
-    with remote_args_accepted():
-        return dataset.map_batches(
-            Timed,
-            fn_constructor_kwargs={
-                "stage": stage or (SyntheticGenerator if synthetic else Generator), "name": name, "config": generation,
-                "add_special_tokens": add_special_tokens, "timeout_s": generation.timeout_s, **(faults or {}),
-            },
-            compute=placement.pool(1 if synthetic else generation.batches_in_flight),
-            batch_size=generation.batch_size,
-            **placement.remote_args(),
-            **restart_args(batch_retries),
-        )
+    return Stage(
+        name=name, fn=fn or (SyntheticGenerator if synthetic else Generator), config=generation,
+        resources=generation.placed, engine=not synthetic, batch_size=generation.batch_size,
+        calls_in_flight=1 if synthetic else generation.batches_in_flight, timeout_s=generation.timeout_s,
+        kwargs={"add_special_tokens": add_special_tokens},
+    )
 
 
-def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, faults: dict[str, Any] | None = None,
-                 batch_retries: int = 3, placements: list[EnginePlacement] | None = None):
-    """One actor pool scoring whole rounds; ``reward.batch_size`` samples per call, rounded to rounds
-    (placement as :func:`generation_stage`)."""
+def scorer_stage(reward: RewardModelConfig, samples_per_round: int) -> Stage:
+    """One actor pool scoring whole rounds with ``reward``'s scorer; ``reward.batch_size`` samples per call,
+    rounded to rounds."""
     from limits_ray.pipeline.scoring import make_scorer_class
 
-    placement = _placement(reward, reward.kind == "vllm", placements)
-    with remote_args_accepted():
-        return dataset.map_batches(
-            Timed,
-            fn_constructor_kwargs={
-                "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward, **(faults or {}),
-            },
-            compute=placement.pool(),
-            batch_size=max(1, reward.batch_size // samples_per_round),
-            **placement.remote_args(),
-            **restart_args(batch_retries),
-        )
-
-
-def _placement(resources, engine: bool, placements: list[EnginePlacement] | None) -> EnginePlacement:
-    placement = EnginePlacement(resources, engine)
-    if placements is not None:
-        placements.append(placement)
-    return placement
+    return Stage(name=f"score_{reward.name}", fn=make_scorer_class(reward), config=reward, resources=reward,
+                 engine=reward.kind == "vllm", batch_size=max(1, reward.batch_size // samples_per_round))
 
 
 @contextlib.contextmanager
@@ -311,10 +348,11 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
     }
     started = time.perf_counter()
     with released([]) as placements:
-        dataset = generation_stage(requests, generation, not config.prompts.chat_template, faults,
-                                   batch_retries=config.batch_retries, placements=placements)
-        for reward in config.rewards:
-            dataset = scorer_stage(dataset, reward, generation.n, faults, config.batch_retries, placements)
+        stages = [generation_stage(generation, not config.prompts.chat_template),
+                  *(scorer_stage(reward, generation.n) for reward in config.rewards)]
+        dataset = requests
+        for stage in stages:
+            dataset = stage.apply(dataset, faults, config.batch_retries, placements)
         dataset = dataset.map_batches(
             store_rounds, fn_kwargs={"context": context, "keep_text": config.store.keep_text}, num_cpus=0.25,
             batch_size=max(1, config.store.batch_samples // generation.n),

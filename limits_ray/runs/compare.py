@@ -39,7 +39,12 @@ import pyarrow.compute as pc
 
 from limits_ray.config import JobConfig
 from limits_ray.core.compare_tables import (
-    POLICY_SCHEMA, beta_near_one_nat, bon_points, ensemble_table, policy_points, proxy_gold_table,
+    POLICY_SCHEMA,
+    beta_near_one_nat,
+    bon_points,
+    ensemble_table,
+    policy_points,
+    proxy_gold_table,
 )
 from limits_ray.core.errors import ConfigError
 from limits_ray.outputs.compare_report import write_compare_report

@@ -28,7 +28,13 @@ from limits_ray.core.reliability import POOLED_TABLES, merge_khat_sums
 from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tables import ReduceResult
 from limits_ray.pipeline.bucket_tasks import (
-    PROMPTS_SCHEMA, BucketContext, BucketSummary, bucket_round_counts, finalize_bucket, gate_bucket, prepare_bucket,
+    PROMPTS_SCHEMA,
+    BucketContext,
+    BucketSummary,
+    bucket_round_counts,
+    finalize_bucket,
+    gate_bucket,
+    prepare_bucket,
 )
 from limits_ray.pipeline.cluster import alive_nodes, init_ray, lost_nodes, map_tasks
 from limits_ray.pipeline.faults import Quarantine, is_cluster_fault

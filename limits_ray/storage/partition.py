@@ -23,10 +23,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from limits_ray.storage.buckets import bucket_name, bucket_of
-from limits_ray.storage.sample_io import cast_samples, check_keys
 from limits_ray.core.errors import InputError
 from limits_ray.core.samples import KEY_COLUMNS
+from limits_ray.storage.buckets import bucket_name, bucket_of
+from limits_ray.storage.sample_io import cast_samples, check_keys
 
 __all__ = ["Bucket", "bucket_count", "input_buckets", "spill", "spilled_buckets"]
 

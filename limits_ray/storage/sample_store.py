@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from limits_ray.storage.buckets import bucket_name, bucket_of
 from limits_ray.core.dyadic import DyadicStats
-from limits_ray.storage.rounds import per_round, per_sample, round_lengths
+from limits_ray.storage.buckets import bucket_name, bucket_of
 from limits_ray.storage.location import Location
+from limits_ray.storage.rounds import per_round, per_sample, round_lengths
 
 __all__ = [
     "MergedBucket", "SampleStore", "StoreMismatchError", "decode_statistics", "encode_statistics",
