@@ -4,7 +4,7 @@ Each simulated prompt has Gaussian rewards N(0, sigma_p^2) (sigma_p spread over 
 prompts differ in how many samples they need); aligned on itself, its exact gain is
 ``sigma^2 / beta`` and its exact KL ``sigma^2 / (2 beta^2)`` (limits_ray.core.exact). Statistics are
 :class:`limits_ray.core.tilt.TiltStats`, merged wave by wave exactly as the job merges rounds; the
-decisions are :func:`limits_ray.runs.adaptive.plan_wave`'s with :func:`limits_ray.runs.adaptive.is_reliable`.
+decisions are :func:`limits_ray.core.sampling_plan.plan_wave`'s with :func:`limits_ray.core.reliability.is_reliable`.
 
 Schemes: the pilot alone (the old rule: report the estimates of the samples that decided to stop),
 and pilot + confirmation (report the estimates of ``N_x`` fresh samples per prompt, ``N_x`` the
@@ -48,7 +48,7 @@ def estimates(stats: list[TiltStats]) -> tuple[np.ndarray, ...]:
     """(gain, gain_se, kl, kl_se, reliable), each [P, B], as the job's tables give them.
 
     ``reliable``: each prompt's own test, the cross-prompt gate over the P prompts at each beta
-    (:mod:`limits_ray.core.reliability`), and Kish ESS/N (:func:`limits_ray.runs.adaptive.frontier_reliable`);
+    (:mod:`limits_ray.core.reliability`), and Kish ESS/N (:func:`limits_ray.core.reliability.frontier_reliable`);
     ``gain_se``, ``kl_se``: the interval SEs, NaN where not reliable.
     """
     finals = [state.finalize() for state in stats]

@@ -129,7 +129,7 @@ def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, c
     The Fay-Herriot model (Fay & Herriot, "Estimates of income for small places", JASA 74(366), 1979;
     Morris, "Parametric empirical Bayes inference", JASA 78(381), 1983): ``k_x = a + b c_x + u_x``,
     ``u_x ~ (0, tau^2)`` across the prompts of a cell, observed with sampling noise ``sd_x``
-    (:func:`khat_sd`). With the cell sums of :func:`khat_pool_sums` over its ``C`` prompts: ``a``, ``b``
+    (:func:`limits_ray.core.psis.khat_sd`). With the cell sums of :func:`khat_pool_sums` over its ``C`` prompts: ``a``, ``b``
     by least squares of k-hat on the covariate ``c`` (``b = 0`` when ``c`` does not vary),
     ``tau^2 = max(RSS/(C - p) - mean sd^2, 0)`` (``p`` = 2 fitted coefficients, 1 without a slope) and
     ``lam = tau^2 / (tau^2 + sd_x^2)``; the result is ``m_x + lam (k_x - m_x)``, ``m_x = a + b c_x``.
@@ -187,7 +187,7 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
 
 
 def khat_sums(table: pa.Table, name: str) -> pa.Table:
-    """Per-cell sums :data:`limits_ray.core.psis.POOL_SUMS` (:func:`khat_pool_terms`) of ``table``, :data:`GATE_ROWS`
+    """Per-cell sums :data:`limits_ray.core.reliability.POOL_SUMS` (:func:`khat_pool_terms`) of ``table``, :data:`GATE_ROWS`
     rows at a time."""
     keys = list(POOLED_TABLES[name])
     parts = []
@@ -216,7 +216,7 @@ def apply_pooled(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
     Before the gate a table's ``khat_pooled`` is its own ``khat`` (:class:`limits_ray.core.tables.PromptRows`).
 
     ``sums``: the merged :func:`khat_sums` of every prompt of the run. Where ``khat_pooled`` is NaN
-    (a cell of fewer than :data:`limits_ray.core.psis.POOL_MIN_PROMPTS` prompts, or missing from ``sums``;
+    (a cell of fewer than :data:`limits_ray.core.reliability.POOL_MIN_PROMPTS` prompts, or missing from ``sums``;
     a k-hat that is not finite) only the row's own test applies. Rows are gated
     :data:`GATE_ROWS` at a time (each row needs only its cell's sums), which bounds the join's memory.
     """

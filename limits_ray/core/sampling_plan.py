@@ -75,7 +75,7 @@ def plan_wave(gain_se: np.ndarray, kl_se: np.ndarray, samples: np.ndarray, gain_
         step: the granularity (samples of one round); targets are multiples of it.
         growth: at most this factor over the current count per wave.
         budget_left: total new samples this and later waves may still use.
-        reliable: ``[P, B]`` (or ``[P]``) :func:`is_reliable` of the estimates; None: all reliable.
+        reliable: ``[P, B]`` (or ``[P]``) :func:`limits_ray.core.reliability.frontier_reliable` of the estimates; None: all reliable.
     """
     samples = np.asarray(samples, dtype=np.int64)
     ratio = worst_ratio(gain_se, kl_se, gain_tol, kl_tol)
@@ -106,7 +106,7 @@ def plan_wave(gain_se: np.ndarray, kl_se: np.ndarray, samples: np.ndarray, gain_
 def prompt_errors(frontier: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(prompt_ids, gain_se [P, B], kl_se [P, B], n [P], reliable [P, B])`` from a frontier table.
 
-    The se's are the worst over (align, eval); ``reliable`` (:func:`frontier_reliable`) holds for every pair.
+    The se's are the worst over (align, eval); ``reliable`` (:func:`limits_ray.core.reliability.frontier_reliable`) holds for every pair.
     """
     prompt_ids = sorted(set(frontier["prompt_id"].to_pylist()))
     betas = np.unique(frontier["beta"].to_numpy())

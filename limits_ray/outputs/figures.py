@@ -130,7 +130,7 @@ def _complete(table: pa.Table) -> pa.Table:
 def plot_convergence_bands(summary: pa.Table, path: Path, title: str, settle: pa.Table | None = None) -> bool:
     """Prompt-mean gain and KL against N for a few betas of the first (align, eval) pair, with bands.
 
-    ``summary`` is :func:`limits_ray.runs.study.summarize` output. Dark band: 95% Monte Carlo interval
+    ``summary`` is :func:`limits_ray.core.convergence.summarize` output. Dark band: 95% Monte Carlo interval
     of the prompt mean (when the summary has ``*_mc_se``); light band: 95% interval from the spread
     across prompts. A vertical tick marks the N where the series settles (``settle``). Returns
     whether a figure was written. Where the summary has ``reliable`` (fraction of reliable prompts),

@@ -24,10 +24,10 @@ __all__ = ["run_adaptive"]
 
 
 def run_adaptive(config: JobConfig, total_samples: int = 0, *, validated: bool = False) -> dict[str, Any]:
-    """Sample adaptively (``config.adaptive``): pilot waves of :func:`run_job`, then the confirmation.
+    """Sample adaptively (``config.adaptive``): pilot waves of :func:`limits_ray.runs.job.run_job`, then the confirmation.
 
     The first pilot wave draws ``generation.samples_per_prompt`` per prompt; each later wave brings
-    the still-wide (or unreliable) prompts to :func:`plan_wave`'s targets. Once no prompt gets more,
+    the still-wide (or unreliable) prompts to :func:`limits_ray.core.sampling_plan.plan_wave`'s targets. Once no prompt gets more,
     one more run draws each prompt's pilot count again as fresh rounds and writes the results from
     those rounds only (module doc). ``total_samples`` (0: ``adaptive.total_samples``, and if that is
     0 too, no total cap) bounds all samples, pilot and confirmation: the pilot gets half. The results

@@ -21,8 +21,8 @@
 The samples' log-probability convention is :mod:`limits_ray.pipeline.policy_stages`'s; the tables are
 :mod:`limits_ray.core.compare_tables`'s.
 
-Outputs in ``<output_dir>``: ``policies.parquet`` (:data:`POLICY_SCHEMA`), ``proxy_gold.parquet``
-(:data:`PROXY_GOLD_SCHEMA`), ``ensembles.parquet`` (:data:`ENSEMBLE_SCHEMA`),
+Outputs in ``<output_dir>``: ``policies.parquet`` (:data:`limits_ray.core.compare_tables.POLICY_SCHEMA`), ``proxy_gold.parquet``
+(:data:`limits_ray.core.compare_tables.PROXY_GOLD_SCHEMA`), ``ensembles.parquet`` (:data:`limits_ray.core.compare_tables.ENSEMBLE_SCHEMA`),
 ``policies/<name>.parquet`` (each checkpoint's scored samples), the PNGs and ``compare.md``.
 """
 
