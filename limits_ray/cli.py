@@ -139,8 +139,13 @@ def _compare_runs(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from limits_ray.outputs.report import write_report
+    from limits_ray.runs.history import is_nightly_root, write_history
 
-    for path in write_report(args.results, args.out, title=args.title, tolerance=args.tolerance):
+    if is_nightly_root(args.results):
+        paths = write_history(args.results, args.out, budgets=args.kl, title=args.title)
+    else:
+        paths = write_report(args.results, args.out, title=args.title, tolerance=args.tolerance)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -234,11 +239,19 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--labels", help="names of A and B in the text and figure, A,B (default: the directories' names)")
     runs.set_defaults(handler=_compare_runs)
 
-    report = commands.add_parser("report", help="figures (PNG) and a one-page report.md of a results directory")
-    report.add_argument("results", type=Path, help="a directory holding frontier.parquet, frontier_mean.parquet, ...")
-    report.add_argument("--out", type=Path, help="where to write (default: the results directory)")
+    report = commands.add_parser(
+        "report", help="figures (PNG) and a one-page report.md of a results directory; index.html of a nightly root",
+        description="For a results directory: frontier.png, convergence.png, frontier_by_n.png, ess.png and report.md. "
+                    "For a nightly root (a directory holding ledger.json): the static history page index.html with "
+                    "history/gain.png and history/health.png (the latest frontier, the gain at KL budgets night by "
+                    "night, samples, trust and faults, a table of the nights with links to their report.md).")
+    report.add_argument("results", type=Path, help="a directory holding frontier.parquet, frontier_mean.parquet, ...; "
+                                                   "or a nightly root")
+    report.add_argument("--out", type=Path, help="where to write (default: the results directory or nightly root)")
     report.add_argument("--title", help="title of the figures (default: the run's name)")
     report.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance for 'settled' (default 0.05)")
+    report.add_argument("--kl", type=lambda text: [float(v) for v in text.split(",")], default=[0.1, 0.5, 1.0, 2.0, 4.0],
+                        help="nightly root: KL budgets of the history, comma list in nats (default 0.1,0.5,1,2,4)")
     report.set_defaults(handler=_report)
 
     status = commands.add_parser("status", help="what a sample store holds (also while a job writes to it)")
