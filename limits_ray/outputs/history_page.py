@@ -40,9 +40,11 @@ from limits_ray.outputs.diff_report import VERDICT_STYLE  # noqa: E402
 from limits_ray.outputs.figures import save_figure  # noqa: E402
 from limits_ray.outputs.numbers import format_estimate, format_number  # noqa: E402
 
-__all__ = ["Night", "Shift", "plot_gain_history", "plot_health", "write_page"]
+__all__ = ["FIGURE_NIGHTS", "Night", "Shift", "plot_gain_history", "plot_health", "write_page"]
 
 _Z = 1.959963984540054
+FIGURE_NIGHTS = 60
+"""The figures show the last this many nights of the ledger; the table lists every night."""
 
 
 @dataclass
@@ -294,9 +296,10 @@ def write_page(root: Path, out: Path, nights: list[Night], pairs: list[tuple[str
     prefix = "" if prefix == "." else prefix + "/"
     complete = [night for night in nights if night.status == "complete"]
     paths = []
+    recent = nights[-FIGURE_NIGHTS:]
     if complete and pairs:
-        for name, draw in (("gain.png", lambda path: plot_gain_history(nights, pairs, budgets, path, title)),
-                           ("health.png", lambda path: plot_health(nights, pairs[0], budgets, path, title))):
+        for name, draw in (("gain.png", lambda path: plot_gain_history(recent, pairs, budgets, path, title)),
+                           ("health.png", lambda path: plot_health(recent, pairs[0], budgets, path, title))):
             partial = figures / f".{name}.partial.png"
             draw(partial)
             os.replace(partial, figures / name)
@@ -323,7 +326,8 @@ def write_page(root: Path, out: Path, nights: list[Night], pairs: list[tuple[str
                  f'<p><img id="latest-frontier" src="{_e(prefix + latest.date + "/frontier.png")}" '
                  f'alt="frontier of {_e(latest.date)}"></p>',
                  "<h2>(b) Gain at fixed KL, night by night</h2>",
-                 "<p>Per (align, eval), the prompt-mean gain at each KL budget with its 95% interval (within prompts). "
+                 f"<p>{'The last ' + str(FIGURE_NIGHTS) + ' nights. ' if len(nights) > FIGURE_NIGHTS else ''}"
+                 "Per (align, eval), the prompt-mean gain at each KL budget with its 95% interval (within prompts). "
                  "Hollow points lie outside that night's trusted KL range. A red dashed line starts a new series "
                  "(a new base model, reward model revision or sampling setup, named beside it); a red circle marks a "
                  "budget at which the night differs from the night before at 95% (per-prompt differences over the "
