@@ -131,7 +131,8 @@ def _compare_runs(args: argparse.Namespace) -> int:
     for path in diff.paths:
         print(f"wrote {path}")
     for row in diff.table.filter(pc.equal(diff.table["at"], "kl")).to_pylist():
-        print(f"align {row['align']}, eval {row['eval']}, KL {row['kl_a']:g}: B - A = {format_number(row['diff_paired'] if row['basis'] == 'paired' else row['diff'])} "
+        centre = row["diff_paired"] if row["basis"] == "paired" else row["diff"]
+        print(f"align {row['align']}, eval {row['eval']}, KL {row['kl_a']:g}: B - A = {format_number(centre)} "
               f"[{format_number(row['ci_low'])}, {format_number(row['ci_high'])}] ({row['basis']}): {row['verdict']}"
               + ("" if row["trusted_a"] and row["trusted_b"] else " (outside a trusted KL range)"))
     return 0
