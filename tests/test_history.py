@@ -166,13 +166,17 @@ def test_old_nights_without_recorded_identity_or_change_render_the_same(nightly,
     assert "new: sampling max_tokens: 8 → 12" in (old / "index.html").read_text()
 
 
-def test_a_root_whose_only_night_failed_renders(tmp_path):
-    (tmp_path / "ledger.json").write_text(json.dumps({"2026-02-01": {"series": "abc", "completed": False,
-                                                                      "error": "RuntimeError: boom"}}))
+def test_a_root_without_a_readable_night_renders(tmp_path):
+    """A failed night, a complete one whose tables are damaged and one whose folder is gone: rows, no figures."""
+    (tmp_path / "2026-02-02").mkdir()
+    (tmp_path / "ledger.json").write_text(json.dumps({
+        "2026-02-01": {"series": "abc", "completed": False, "error": "RuntimeError: boom"},
+        "2026-02-02": {"series": "abc", "completed": True}, "2026-02-03": {"series": "abc", "completed": True}}))
     paths = write_history(tmp_path)
     text = (tmp_path / "index.html").read_text()
     assert paths == [tmp_path / "index.html"] and 'id="no-complete-night"' in text and "failed: RuntimeError: boom" in text
-    assert [row["data-status"] for row in parse(text).rows] == ["incomplete"]
+    assert [row["data-status"] for row in parse(text).rows] == ["missing", "missing", "incomplete"]
+    assert "frontier_mean cannot be read" in text and "the ledger says complete, but" in text
 
 
 @pytest.mark.slow

@@ -123,7 +123,13 @@ def gather_nights(root: str | Path, budgets=BUDGETS) -> tuple[list[Night], list[
         elif status == "incomplete":
             night.note = f"failed: {entry['error']}" if entry.get("error") else "failed, or still running"
         if status == "complete":
-            mean = read_result_table(open_location(folder, where="night"), "frontier_mean", required=True)
+            try:
+                mean = read_result_table(open_location(folder, where="night"), "frontier_mean", required=True)
+            except (OSError, ValueError) as error:  # InputError, pyarrow's errors: a damaged night is a row, not a crash
+                night.status, night.note = "missing", f"its frontier_mean cannot be read: {error}"
+                nights.append(night)
+                last_series, last_identity = series, identity
+                continue
             means.append(mean)
             night.prompts = int(pc.max(mean["prompts"]).as_py()) if mean.num_rows else 0
             samples = info.get("samples", entry.get("samples"))

@@ -188,8 +188,10 @@ def _run_night(config: JobConfig, date: str, root: Path) -> NightResult:
         try:
             compare_runs(root / previous, work, work / CHANGE_DIR, budgets=BUDGETS, labels=(previous, date))
             change = {"previous": previous, "change_budgets": list(BUDGETS)}
-        except (InputError, ValueError) as error:
-            change = {"previous": previous, "change_error": str(error)}
+        except Exception as error:  # noqa: BLE001 - the night's results stand without the comparison
+            if not isinstance(error, (InputError, ValueError)):
+                print(f"nightly: warning: {date} was not compared with {previous}: {error!r}", file=sys.stderr)
+            change = {"previous": previous, "change_error": f"{type(error).__name__}: {error}"[:1000]}
     _write_json(work / "nightly.json", {
         "date": date, "series": series, "identity": entry["identity"], "store": str(store_dir), "targets": targets,
         "rounds_generated": report.rounds_generated, "rounds_from_store": report.rounds_from_store,
