@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python jobs/nightly.py --config configs/pythia_tldr.yaml
 
 Adds ``nightly.rounds_per_night`` new rounds per prompt to the series' sample store, recomputes
-every result from the stored statistics, and writes ``<root>/<date>/`` and ``<root>/latest/``.
+every result from the stored statistics, and writes ``<root>/<date>/`` (with ``change/``, the night
+against the night before) and ``<root>/latest/``, then rewrites the history page ``<root>/index.html``.
 Rerunning a completed date does nothing.
 """
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"night {night.date} (series {night.series}): {night.rounds_generated} rounds generated, "
               f"{night.samples} samples in all; results in {night.results_dir}"
-              + (" and latest/" if night.latest_updated else ""))
+              + (" and latest/" if night.latest_updated else "") + f"; history page {night.results_dir.parent / 'index.html'}")
     return 0
 
 

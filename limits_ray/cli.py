@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from limits_ray.config import JobConfig
@@ -120,10 +121,32 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_runs(args: argparse.Namespace) -> int:
+    from limits_ray.runs.run_diff import compare_runs
+
+    labels = tuple(args.labels.split(",", 1)) if args.labels else None
+    if labels is not None and len(labels) != 2:
+        raise InputError(f"--labels {args.labels!r}: give two names, A,B")
+    diff = compare_runs(args.a, args.b, args.out, budgets=args.kl, aligns=args.align, evals=args.eval, labels=labels)
+    for path in diff.paths:
+        print(f"wrote {path}")
+    for row in diff.table.filter(pc.equal(diff.table["at"], "kl")).to_pylist():
+        centre = row["diff_paired"] if row["basis"] == "paired" else row["diff"]
+        print(f"align {row['align']}, eval {row['eval']}, KL {row['kl_a']:g}: B - A = {format_number(centre)} "
+              f"[{format_number(row['ci_low'])}, {format_number(row['ci_high'])}] ({row['basis']}): {row['verdict']}"
+              + ("" if row["trusted_a"] and row["trusted_b"] else " (outside a trusted KL range)"))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from limits_ray.outputs.report import write_report
+    from limits_ray.runs.history import is_nightly_root, write_history
 
-    for path in write_report(args.results, args.out, title=args.title, tolerance=args.tolerance):
+    if is_nightly_root(args.results):
+        paths = write_history(args.results, args.out, budgets=args.kl, title=args.title)
+    else:
+        paths = write_report(args.results, args.out, title=args.title, tolerance=args.tolerance)
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -186,7 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="Ray Data's and vLLM's INFO output on the console, not in <output_dir>/logs")
     run.set_defaults(handler=_run)
 
-    comp = commands.add_parser("compare", help="place config.policies, best-of-n, proxy/gold and ensembles against the frontier")
+    comp = commands.add_parser("compare", help="place config.policies, best-of-n, proxy/gold and ensembles against the frontier "
+                               "(samples policies; compare-runs compares two finished results directories)")
     comp.add_argument("--config", required=True, type=Path, help="job config YAML with a policies section")
     comp.add_argument("--gold", help="gold reward (default: the last analysis.evals)")
     comp.add_argument("--proxy", help="proxy reward (default: the first other reward)")
@@ -196,11 +220,39 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--verbose", action="store_true", help="Ray Data's and vLLM's INFO output on the console, not in <output_dir>/logs")
     comp.set_defaults(handler=_compare)
 
-    report = commands.add_parser("report", help="figures (PNG) and a one-page report.md of a results directory")
-    report.add_argument("results", type=Path, help="a directory holding frontier.parquet, frontier_mean.parquet, ...")
-    report.add_argument("--out", type=Path, help="where to write (default: the results directory)")
+    runs = commands.add_parser(
+        "compare-runs",
+        help="B - A of two results directories' frontiers, paired by prompt, with a verdict per KL budget "
+             "(compare places policies against one run's frontier)",
+        description="The difference B - A of the frontiers of two results directories (runs, reduces, nightly nights), "
+                    "per (align, eval) at KL budgets and at the betas both grids hold: paired over the prompts both "
+                    "have (per-prompt differences; paired and unpaired standard errors), with a verdict per KL budget "
+                    "(higher / lower / not distinguishable at 95%%). Writes frontier_diff.parquet, frontier_diff.md "
+                    "and frontier_diff.png into --out. Runs no model: `limits-ray compare` is the one that samples "
+                    "policies and places them against one run's frontier.")
+    runs.add_argument("a", help="results directory A (the reference)")
+    runs.add_argument("b", help="results directory B (the one compared with A)")
+    runs.add_argument("--out", required=True, type=Path, help="where to write frontier_diff.{parquet,md,png}")
+    runs.add_argument("--kl", type=lambda text: [float(v) for v in text.split(",")], default=[0.1, 0.5, 1.0, 2.0, 4.0],
+                      help="comma list of KL budgets in nats (default 0.1,0.5,1,2,4)")
+    runs.add_argument("--align", action="append", help="only this alignment reward; repeatable")
+    runs.add_argument("--eval", action="append", help="only this evaluation reward; repeatable")
+    runs.add_argument("--labels", help="names of A and B in the text and figure, A,B (default: the directories' names)")
+    runs.set_defaults(handler=_compare_runs)
+
+    report = commands.add_parser(
+        "report", help="figures (PNG) and a one-page report.md of a results directory; index.html of a nightly root",
+        description="For a results directory: frontier.png, convergence.png, frontier_by_n.png, ess.png and report.md. "
+                    "For a nightly root (a directory holding ledger.json): the static history page index.html with "
+                    "history/gain.png and history/health.png (the latest frontier, the gain at KL budgets night by "
+                    "night, samples, trust and faults, a table of the nights with links to their report.md).")
+    report.add_argument("results", type=Path, help="a directory holding frontier.parquet, frontier_mean.parquet, ...; "
+                                                   "or a nightly root")
+    report.add_argument("--out", type=Path, help="where to write (default: the results directory or nightly root)")
     report.add_argument("--title", help="title of the figures (default: the run's name)")
     report.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance for 'settled' (default 0.05)")
+    report.add_argument("--kl", type=lambda text: [float(v) for v in text.split(",")], default=[0.1, 0.5, 1.0, 2.0, 4.0],
+                        help="nightly root: KL budgets of the history, comma list in nats (default 0.1,0.5,1,2,4)")
     report.set_defaults(handler=_report)
 
     status = commands.add_parser("status", help="what a sample store holds (also while a job writes to it)")

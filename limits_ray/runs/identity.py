@@ -4,6 +4,8 @@
   store's ``manifest.json``; the nightly series id hashes it): the base model and reward models (a
   content fingerprint of local weights, :func:`model_fingerprint`, or a hub name with its revision),
   the sampling parameters and the prompt rendering.
+* :func:`identity_changes`: what differs between two setup identities, in words (the nightly history
+  page marks a new series with it).
 * :func:`analysis_key`: names the store's statistics tree of one analysis (beta grid, alignment and
   evaluation rewards, :data:`STATISTICS_FORMAT`).
 * :func:`versions`: the software a run used, for its report.
@@ -24,7 +26,7 @@ import numpy as np
 from limits_ray.config import JobConfig
 from limits_ray.core.analysis import Plan
 
-__all__ = ["STATISTICS_FORMAT", "analysis_key", "model_fingerprint", "setup_identity", "versions"]
+__all__ = ["STATISTICS_FORMAT", "analysis_key", "identity_changes", "model_fingerprint", "setup_identity", "versions"]
 
 
 STATISTICS_FORMAT = 3  # bump when the serialised statistics change: stored statistics of another format are recomputed
@@ -72,6 +74,44 @@ def setup_identity(config: JobConfig) -> dict[str, Any]:
             for reward in config.rewards
         },
     }
+
+
+def _flatten(value: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(value, dict):
+        flat: dict[tuple[str, ...], Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, (*prefix, str(key))))
+        return flat
+    return {prefix: value}
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`setup_identity` dicts, one phrase per difference, e.g.
+    ``"base model: 3f2a… → 9ab1…"`` (a weights fingerprint or ``hub-name@revision``), ``"reward rm model: …"``,
+    ``"sampling max_tokens: 8 → 12"``, ``"reward rm_c added"``; empty when they are equal."""
+    changes = []
+    old_rewards, new_rewards = old.get("rewards", {}) or {}, new.get("rewards", {}) or {}
+    changes += [f"reward {name} removed" for name in sorted(set(old_rewards) - set(new_rewards))]
+    changes += [f"reward {name} added" for name in sorted(set(new_rewards) - set(old_rewards))]
+    flat_old = _flatten({key: value for key, value in old.items() if key != "rewards"})
+    flat_new = _flatten({key: value for key, value in new.items() if key != "rewards"})
+    for name in sorted(set(old_rewards) & set(new_rewards)):
+        flat_old.update({("reward", name, *key): value for key, value in _flatten(old_rewards[name]).items()})
+        flat_new.update({("reward", name, *key): value for key, value in _flatten(new_rewards[name]).items()})
+    for key in sorted(set(flat_old) | set(flat_new)):
+        before, after = flat_old.get(key), flat_new.get(key)
+        if before == after:
+            continue
+        if key[0] == "reward":
+            changes.append(f"reward {key[1]} {' '.join(key[2:])}: {_shown(before)} → {_shown(after)}")
+        else:
+            changes.append(f"{' '.join((key[0].replace('_', ' '), *key[1:]))}: {_shown(before)} → {_shown(after)}")
+    return changes
 
 
 def versions() -> dict[str, str]:
