@@ -26,6 +26,10 @@ interpolation) gives the uniform budget for equal accuracy.
 
 from __future__ import annotations
 
+from _report import DOCS, cpu_description, update_docs, utc_now  # first: puts this checkout on sys.path
+
+# isort: split
+
 import argparse
 import os
 import platform
@@ -34,12 +38,10 @@ import time
 
 import numpy as np
 
-from limits_ray.core.exact import gaussian_gain, gaussian_kl  # noqa: E402
-from limits_ray.core.reliability import MIN_ESS_FRACTION, is_reliable, passes_gate, pooled_khat_of_cells  # noqa: E402  # noqa: E402
-from limits_ray.core.sampling_plan import plan_wave  # noqa: E402
-from limits_ray.core.tilt import TiltStats  # noqa: E402
-
-from _report import DOCS, cpu_description, update_docs, utc_now  # noqa: E402
+from limits_ray.core.exact import gaussian_gain, gaussian_kl
+from limits_ray.core.reliability import MIN_ESS_FRACTION, is_reliable, passes_gate, pooled_khat_of_cells
+from limits_ray.core.sampling_plan import plan_wave
+from limits_ray.core.tilt import TiltStats
 
 SECTION = "## Adaptive sampling (bench/bench_adaptive.py)"
 

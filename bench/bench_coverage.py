@@ -19,6 +19,10 @@ estimates over all prompts, in units of the mean delta-method SE.
 
 from __future__ import annotations
 
+from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # first: puts this checkout on sys.path
+
+# isort: split
+
 import argparse
 import platform
 import sys
@@ -26,16 +30,14 @@ import time
 
 import numpy as np
 
-from limits_ray.core.exact import gaussian_gain, gaussian_kl  # noqa: E402
-from limits_ray.core.reliability import (  # noqa: E402
+from limits_ray.core.exact import gaussian_gain, gaussian_kl
+from limits_ray.core.reliability import (
     POOLED_KHAT_LIMIT,
-    TRUSTED_FRACTION,  # noqa: E402
+    TRUSTED_FRACTION,
     passes_gate,
     pooled_khat_of_cells,
 )
-from limits_ray.core.tilt import TiltStats  # noqa: E402
-
-from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # noqa: E402
+from limits_ray.core.tilt import TiltStats
 
 SECTION = "## Coverage and reliability (bench/bench_coverage.py)"
 GAUSSIAN_BETAS = np.array([0.25, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 3.0])

@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from limits_ray.config import JobConfig, load_yaml
-from limits_ray.core.errors import ConfigError
-from limits_ray.pipeline.logs import route_logs
-from limits_ray.runs.study import run_study
+from limits_ray import ConfigError, JobConfig, load_yaml, route_logs, run_study
 
 
 def main(argv: list[str] | None = None) -> int:

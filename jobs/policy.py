@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from limits_ray.cli import main
-from limits_ray.tiny_models import blend_checkpoint
+from limits_ray import blend_checkpoint
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(add_help=False)

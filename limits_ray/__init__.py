@@ -32,8 +32,12 @@ _HOMES = {
     # the statistics, for data already in memory
     "reduce_table": "limits_ray.core.tables", "TiltStats": "limits_ray.core.tilt", "best_of_n": "limits_ray.core.bon",
     "khat": "limits_ray.core.psis",
-    # tools
-    "build_tiny_models": "limits_ray.tiny_models",
+    "read_samples": "limits_ray.storage.sample_io",
+    # around a run
+    "route_logs": "limits_ray.pipeline.logs", "today": "limits_ray.runs.nightly", "StorageError": "limits_ray.storage.location",
+    "PipelineError": "limits_ray.pipeline.stages",
+    # a checkpoint near another (jobs/policy.py), from two of the same architecture
+    "blend_checkpoint": "limits_ray.tiny_models",
 }
 
 __all__ = sorted(_HOMES)

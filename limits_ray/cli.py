@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from limits_ray.config import JobConfig
 from limits_ray.core.analysis import AnalysisConfig
@@ -47,10 +46,10 @@ def _reduce(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    path = Path(args.results) / "frontier_mean.parquet"
-    if not path.exists():
-        raise InputError(f"{path} does not exist: point query at the --out directory of a reduce or a run")
-    table = pq.read_table(path)
+    from limits_ray.storage.location import local_location
+    from limits_ray.storage.results import read_result_table
+
+    table = read_result_table(local_location(args.results), "frontier_mean", required=True, command="query")
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
     aligns, evals = set(args.align or [a for a, _ in pairs]), set(args.eval or [e for _, e in pairs])
     print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'gain [reward]':>14} {'trusted':>8}")

@@ -175,3 +175,29 @@ def test_importing_a_lower_layer_loads_no_heavy_package(package):
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     allowed = {"matplotlib"} if package == "limits_ray.outputs" else set()
     assert set(loaded) <= allowed, f"importing {package} loads {loaded}"
+
+
+def test_the_public_api_points_at_each_names_home():
+    """``limits_ray.__init__`` names each public name's defining module (no re-export chains)."""
+    import importlib
+
+    import limits_ray
+
+    modules = _modules()
+    for name, home in limits_ray._HOMES.items():  # noqa: SLF001 - the table under test
+        assert home in modules, f"{name}: {home} is not a module of the package"
+        value = getattr(importlib.import_module(home), name)
+        defined = getattr(value, "__module__", home)
+        assert defined == home, f"{name} is defined in {defined}, not {home}"
+
+
+def test_jobs_use_the_public_api():
+    """``jobs/*.py`` (what users run and ``ray job submit`` sends) import ``limits_ray`` or its CLI only."""
+    root = PACKAGE.parent
+    wrong = []
+    for path in (root / "jobs").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("limits_ray"):
+                if node.module not in ("limits_ray", "limits_ray.cli"):
+                    wrong.append(f"{path.name}:{node.lineno} from {node.module}")
+    assert not wrong, wrong

@@ -123,3 +123,33 @@ def test_reported_intervals_cover_where_the_gate_says_reliable():
             assert gain_cover.mean() >= 0.90 and kl_cover.mean() >= 0.90, (b, gain_cover.mean(), kl_cover.mean())
         if b >= 0.8:
             assert reliable[at].mean() >= 0.95, (b, reliable[at].mean())
+
+
+def test_a_retried_gate_task_gates_the_same_shards_again(tmp_path):
+    """The job retries a bucket's gate task (a lost worker): the second call must see the ungated shards
+    and return the same sums, plot rows and shards as the first (pipeline.bucket_tasks.gate_shards)."""
+    from limits_ray.core.frontier import mean_from_sums
+    from limits_ray.pipeline.bucket_tasks import gate_shards, shard
+    from limits_ray.storage.location import local_location
+
+    tables = ungated_tables(np.random.default_rng(3).normal(size=(12, 200)), [0.5, 1.0, 2.0])
+    scratch, output = local_location(tmp_path / "ungated"), local_location(tmp_path / "out")
+    for name, table in tables.items():
+        shard(scratch, name, 7).write_table(table)
+    pooled = {name: khat_sums(table, name) for name, table in tables.items()}
+    first_sums, first_rows = gate_shards(scratch, output, 7, pooled, plot_prompts=3)
+    first_shard = shard(output, "frontier", 7).read_table()
+    again_sums, again_rows = gate_shards(scratch, output, 7, pooled, plot_prompts=3)
+
+    def assert_same(first: pa.Table, again: pa.Table) -> None:
+        assert first.schema == again.schema and first.num_rows == again.num_rows > 0
+        for name in first.column_names:  # NaN where a prompt has no interval: equal to itself here
+            np.testing.assert_array_equal(column(first, name), column(again, name))
+
+    assert first_sums.num_rows == 3
+    assert_same(first_sums, again_sums)
+    assert_same(mean_from_sums(first_sums), mean_from_sums(again_sums))
+    for name in first_rows:
+        assert_same(first_rows[name], again_rows[name])
+    assert len(set(first_rows["frontier"]["prompt_id"].to_pylist())) == 3
+    assert_same(shard(output, "frontier", 7).read_table(), first_shard)

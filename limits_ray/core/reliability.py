@@ -62,11 +62,6 @@ counts as reliable (:func:`reliable_rows`)."""
 TRUSTED_FRACTION = 0.9
 """A beta of a prompt-averaged frontier is trusted when at least this fraction of prompts is reliable there."""
 
-def own_reliable(k_hat: np.ndarray, thresholds: np.ndarray, ess: np.ndarray) -> np.ndarray:
-    """A row's own test: ``(k_hat < threshold or k_hat is NaN) and ess >= ESS_FLOOR`` (arrays broadcast;
-    ``thresholds`` from :func:`khat_thresholds` of the rows' sample counts)."""
-    return ((k_hat < thresholds) | np.isnan(k_hat)) & (ess >= ESS_FLOOR)
-
 POOLED_KHAT_LIMIT = 0.45
 """Pooled k-hats (:func:`pooled_khat`) at or above this are not reliable.
 
@@ -85,6 +80,11 @@ POOLED_RULE = f"its k-hat pooled over the prompts of its cell below {POOLED_KHAT
 TRUSTED_RULE = f"at least {TRUSTED_FRACTION:.0%} of the prompts reliable at that beta and at every larger beta"
 """When a beta of a prompt-averaged frontier is trusted, in words (:func:`trusted_count`)."""
 
+
+def own_reliable(k_hat: np.ndarray, thresholds: np.ndarray, ess: np.ndarray) -> np.ndarray:
+    """A row's own test: ``(k_hat < threshold or k_hat is NaN) and ess >= ESS_FLOOR`` (arrays broadcast;
+    ``thresholds`` from :func:`khat_thresholds` of the rows' sample counts)."""
+    return ((k_hat < thresholds) | np.isnan(k_hat)) & (ess >= ESS_FLOOR)
 
 def khat_threshold(n: int) -> float:
     """``min(1 - 1/log10 N, 0.7)``: the largest k-hat at which N samples give a usable estimate."""

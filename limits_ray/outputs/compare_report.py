@@ -14,16 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from limits_ray.outputs.figures import save_figure  # noqa: E402
-from limits_ray.outputs.numbers import MISSING, format_estimate, format_number  # noqa: E402
+from limits_ray.outputs.figures import new_figure, save_figure
+from limits_ray.outputs.numbers import MISSING, format_estimate, format_number
 
 __all__ = ["BON_FOOTNOTE", "compare_lines", "markdown_table", "plot_ensembles", "plot_policies", "plot_proxy_gold", "write_compare_report"]
 
@@ -44,7 +40,7 @@ def plot_policies(frontier_mean: pa.Table, policies: pa.Table, path: Path, title
     evals = sorted({e for a, e in zip(frontier_mean["align"].to_pylist(), frontier_mean["eval"].to_pylist()) if a == e})
     columns = min(2, max(1, len(evals)))
     rows = -(-max(1, len(evals)) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 4.6 * rows), squeeze=False)
+    figure, axes = new_figure(rows, columns, figsize=(6.0 * columns, 4.6 * rows), squeeze=False)
     for axis in axes.flat[len(evals):]:
         axis.set_visible(False)
     for axis, evaluation in zip(axes.flat, evals):
@@ -78,7 +74,7 @@ def plot_policies(frontier_mean: pa.Table, policies: pa.Table, path: Path, title
 
 def plot_proxy_gold(proxy_gold: pa.Table, path: Path, title: str, gold: str, proxy: str) -> None:
     """Gold gain against KL per alignment reward, and Prop. 3's loss against beta."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.4))
+    figure, (left, right) = new_figure(1, 2, figsize=(11.0, 4.4))
     aligns = sorted(set(proxy_gold["align"].to_pylist()), key=lambda name: (name != gold, name != proxy, name))
     for color, align in enumerate(aligns):
         rows = _select(proxy_gold, align=align).sort_by("beta")
@@ -114,7 +110,7 @@ def plot_ensembles(ensembles: pa.Table, path: Path, title: str) -> None:
     target = float(ensembles["gold_aligned_gain"][0].as_py())
     beta, gold, noise = float(ensembles["beta"][0].as_py()), ensembles["gold"][0].as_py(), float(ensembles["noise"][0].as_py())
     reference = ensembles["reference"].to_numpy()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    figure, (left, right) = new_figure(1, 2, figsize=(11.0, 4.2))
     left.errorbar(members, gain, yerr=1.96 * se, fmt="o-", ms=4, capsize=3, label="align mean of M proxies")
     left.axhline(target, color="C2", ls="--", label=f"align {gold} (M → ∞)")
     left.plot(members, target - reference, ":", color="0.4", label="gold-aligned ± c/√M")

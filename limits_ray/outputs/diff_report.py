@@ -15,19 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from limits_ray.core.frontier import trusted_kl_range  # noqa: E402
-from limits_ray.core.frontier_diff import LEVEL  # noqa: E402
-from limits_ray.core.reliability import TRUSTED_FRACTION  # noqa: E402
-from limits_ray.outputs.figures import save_figure  # noqa: E402
-from limits_ray.outputs.numbers import format_estimate, format_number  # noqa: E402
+from limits_ray.core.frontier import trusted_kl_range
+from limits_ray.core.frontier_diff import LEVEL
+from limits_ray.core.reliability import TRUSTED_FRACTION
+from limits_ray.outputs.figures import save_figure
+from limits_ray.outputs.numbers import format_estimate, format_number
 
 __all__ = ["DiffPair", "VERDICT_STYLE", "diff_lines", "draw_frontier", "plot_diff"]
 
@@ -85,7 +82,7 @@ def plot_diff(pairs: list[DiffPair], path: Path, labels: tuple[str, str], limit:
     pairs = sorted(pairs, key=lambda pair: (pair.align != pair.eval, pair.align, pair.eval))[:limit]
     columns = min(2, len(pairs))
     blocks = -(-len(pairs) // columns)
-    figure = plt.figure(figsize=(max(6.0 * columns, 8.5), 6.4 * blocks))
+    figure = Figure(figsize=(max(6.0 * columns, 8.5), 6.4 * blocks))
     grid = figure.add_gridspec(2 * blocks, columns, height_ratios=[2.2, 1.2] * blocks)
     for index, pair in enumerate(pairs):
         block, column = divmod(index, columns)
@@ -100,7 +97,7 @@ def plot_diff(pairs: list[DiffPair], path: Path, labels: tuple[str, str], limit:
                       f"{LEVEL:.0%} bands within prompts)", fontsize=10)
         top.grid(alpha=0.3)
         top.legend(fontsize=8, loc="upper left")
-        plt.setp(top.get_xticklabels(), visible=False)
+        top.tick_params(labelbottom=False)
         if pair.curve is not None and pair.curve.num_rows:
             curve = pair.curve.sort_by("kl_a")
             kl, paired = curve["kl_a"].to_numpy(), curve["diff_paired"].to_numpy()

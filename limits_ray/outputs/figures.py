@@ -13,32 +13,49 @@ written by :func:`save_figure`.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from limits_ray.core.convergence import summarize  # noqa: E402
-from limits_ray.core.frontier import trusted_kl_range  # noqa: E402
-from limits_ray.core.reliability import TRUSTED_FRACTION  # noqa: E402
-from limits_ray.core.tables import ReduceResult  # noqa: E402
+from limits_ray.core.convergence import summarize
+from limits_ray.core.frontier import trusted_kl_range
+from limits_ray.core.reliability import TRUSTED_FRACTION
+from limits_ray.core.tables import ReduceResult
 
 __all__ = [
-    "ess_source", "plot_convergence_bands", "plot_ess_prompts", "plot_frontier", "plot_frontier_by_n", "save_figure",
-    "write_plots",
+    "FIGURES", "colormap_colors", "ess_source", "new_figure", "plot_convergence_bands", "plot_ess_prompts", "plot_frontier",
+    "plot_frontier_by_n", "save_figure", "suptitle", "write_plots",
 ]
 
 
-def save_figure(figure: plt.Figure, path: str | Path, dpi: int = 120) -> None:
-    """Lay ``figure`` out tightly, write it to ``path`` (PNG) and free it: every figure of limits-ray ends here."""
+def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):
+    """A figure and its grid of axes, ``(figure, axes)`` as ``pyplot.subplots`` gives them, without pyplot:
+    figures here are plain :class:`matplotlib.figure.Figure` objects, so drawing them changes no global
+    state (a notebook's backend, pyplot's figure list) and no GUI is ever involved."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
+
+
+def colormap_colors(name: str, values: np.ndarray) -> np.ndarray:
+    """RGBA colours of ``values`` (in [0, 1]) on the matplotlib colormap ``name``."""
+    return matplotlib.colormaps[name](values)
+
+
+def suptitle(figure: Figure, text: str, fontsize: float = 11) -> None:
+    """The figure's title, wrapped at word boundaries to the figure's width (long run names stay whole)."""
+    width = max(20, int(figure.get_figwidth() * 72 / (0.55 * fontsize)))
+    figure.suptitle("\n".join(textwrap.wrap(text, width)) if len(text) > width else text, fontsize=fontsize)
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> None:
+    """Lay ``figure`` out tightly and write it to ``path`` (PNG): every figure of limits-ray ends here."""
     figure.tight_layout()
     figure.savefig(path, dpi=dpi)
-    plt.close(figure)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str]]:
@@ -79,7 +96,7 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
     pairs = _pairs(result.frontier_mean)
     columns = min(2, len(pairs))
     rows = -(-len(pairs) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows), squeeze=False)
+    figure, axes = new_figure(rows, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows), squeeze=False)
     for axis in axes.flat[len(pairs):]:
         axis.set_visible(False)
     for axis, (align, evaluation) in zip(axes.flat, pairs):
@@ -105,7 +122,7 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
         axis.set_title(f"align {align}, eval {evaluation}{trusted_text}", fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="upper left")
-    figure.suptitle(f"{title}: KL-reward frontier ({prompts} prompts, N = {samples} samples per prompt)", fontsize=11)
+    suptitle(figure, f"{title}: KL-reward frontier ({prompts} prompts, N = {samples} samples per prompt)", fontsize=11)
     save_figure(figure, path)
 
 
@@ -146,7 +163,7 @@ def plot_convergence_bands(summary: pa.Table, path: Path, title: str, settle: pa
     shown = _shown_betas(table["beta"].to_numpy())
     prompts = int(table["prompts"].to_numpy().max())
     n_max = int(table["n_samples"].to_numpy().max())
-    figure, axes = plt.subplots(1, 2, figsize=(14.0, 4.6))
+    figure, axes = new_figure(1, 2, figsize=(14.0, 4.6))
     lowest = np.inf
     for color, beta in enumerate(shown):
         rows = table.filter(pc.equal(table["beta"], beta)).sort_by("n_samples")
@@ -206,10 +223,10 @@ def plot_frontier_by_n(summary: pa.Table, path: Path, title: str) -> bool:
     all_n = np.unique(summary["n_samples"].to_numpy())
     shown_n = all_n[all_n >= min(4, all_n.max())]
     shown_n = shown_n[np.unique(np.linspace(0, shown_n.size - 1, min(6, shown_n.size)).round().astype(int))]
-    colors = plt.cm.viridis(np.linspace(0.0, 0.9, shown_n.size))
+    colors = colormap_colors("viridis", np.linspace(0.0, 0.9, shown_n.size))
     columns = min(2, len(pairs))
     rows_count = -(-len(pairs) // columns)
-    figure, axes = plt.subplots(rows_count, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows_count), squeeze=False)
+    figure, axes = new_figure(rows_count, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows_count), squeeze=False)
     for axis in axes.flat[len(pairs):]:
         axis.set_visible(False)
     for axis, (align, evaluation) in zip(axes.flat, pairs):
@@ -223,8 +240,8 @@ def plot_frontier_by_n(summary: pa.Table, path: Path, title: str) -> bool:
         axis.set_title(f"align {align}, eval {evaluation}", fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="upper left")
-    figure.suptitle(f"{title}: frontier estimated from N samples per prompt ({prompts} prompts, N ≤ {shown_n.max()})",
-                    fontsize=11)
+    suptitle(figure, f"{title}: frontier estimated from N samples per prompt ({prompts} prompts, N ≤ {shown_n.max()})",
+             fontsize=11)
     save_figure(figure, path)
     return True
 
@@ -249,7 +266,7 @@ def plot_ess_prompts(ess: pa.Table, path: Path, title: str) -> bool:
     aligns = sorted(set(ess["align"].to_pylist()))[:4]
     columns = min(2, len(aligns))
     rows_count = -(-len(aligns) // columns)
-    figure, axes = plt.subplots(rows_count, columns, figsize=(max(5.8 * columns, 8.5), 4.3 * rows_count), squeeze=False)
+    figure, axes = new_figure(rows_count, columns, figsize=(max(5.8 * columns, 8.5), 4.3 * rows_count), squeeze=False)
     for axis in axes.flat[len(aligns):]:
         axis.set_visible(False)
     prompts = len(set(ess["prompt_id"].to_pylist()))
@@ -274,21 +291,39 @@ def plot_ess_prompts(ess: pa.Table, path: Path, title: str) -> bool:
         axis.set_title(f"align {align}", fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="lower right")
-    figure.suptitle(f"{title}: ESS against β ({prompts} prompts, N = {int(np.median(n_values))} per prompt)", fontsize=11)
+    suptitle(figure, f"{title}: ESS against β ({prompts} prompts, N = {int(np.median(n_values))} per prompt)", fontsize=11)
     save_figure(figure, path)
     return True
 
 
-def write_plots(result: ReduceResult, out_dir: str | Path, title: str) -> list[Path]:
-    """Write frontier.png, convergence.png, ess.png and frontier_by_n.png into ``out_dir``; returns the paths."""
+FIGURES = {
+    "frontier.png": "Prompt-averaged frontier (95% band), best-of-n points, per-prompt frontiers (grey).",
+    "convergence.png": "Prompt-mean gain and KL against the number of samples N, 95% bands.",
+    "frontier_by_n.png": "The frontier estimated from the first N samples of each prompt.",
+    "ess.png": "Kish effective sample size against beta: per prompt (grey) and the median.",
+}
+"""The standard figures of a result, in the order reports show them, with their captions."""
+
+
+def write_plots(result: ReduceResult, out_dir: str | Path, title: str, convergence: pa.Table | None = None,
+                settle: pa.Table | None = None) -> list[Path]:
+    """Draw the standard figures (:data:`FIGURES`) of ``result`` into ``out_dir``; returns the paths drawn.
+
+    ``convergence.png`` and ``frontier_by_n.png`` come from ``convergence`` (default: the result's
+    ``convergence`` table; a study passes its prefix table), with the settle marks of ``settle``; they and
+    ``ess.png`` are drawn only when there are rows for them.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "frontier.png", out_dir / "convergence.png", out_dir / "ess.png", out_dir / "frontier_by_n.png"]
-    plot_frontier(result, paths[0], title)
-    if result.convergence.num_rows:
-        summary = summarize(result.convergence)
-        plot_convergence_bands(summary, paths[1], title)
-        plot_frontier_by_n(summary, paths[3], title)
-    if result.frontier.num_rows:
-        plot_ess_prompts(ess_source(result.frontier), paths[2], title)
-    return [path for path in paths if path.exists()]
+    plot_frontier(result, out_dir / "frontier.png", title)
+    drawn = {"frontier.png"}
+    convergence = result.convergence if convergence is None else convergence
+    if convergence.num_rows:
+        summary = summarize(convergence)
+        if plot_convergence_bands(summary, out_dir / "convergence.png", title, settle=settle):
+            drawn.add("convergence.png")
+        if plot_frontier_by_n(summary, out_dir / "frontier_by_n.png", title):
+            drawn.add("frontier_by_n.png")
+    if result.frontier.num_rows and plot_ess_prompts(ess_source(result.frontier), out_dir / "ess.png", title):
+        drawn.add("ess.png")
+    return [out_dir / name for name in FIGURES if name in drawn]

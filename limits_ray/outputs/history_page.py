@@ -27,18 +27,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pyarrow as pa
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from limits_ray.core.frontier_diff import GainAtKL  # noqa: E402
-from limits_ray.core.reliability import TRUSTED_FRACTION  # noqa: E402
-from limits_ray.outputs.diff_report import VERDICT_STYLE  # noqa: E402
-from limits_ray.outputs.figures import save_figure  # noqa: E402
-from limits_ray.outputs.numbers import format_estimate, format_number  # noqa: E402
+from limits_ray.core.frontier_diff import GainAtKL
+from limits_ray.core.reliability import TRUSTED_FRACTION
+from limits_ray.outputs.diff_report import VERDICT_STYLE
+from limits_ray.outputs.figures import colormap_colors, new_figure, save_figure
+from limits_ray.outputs.numbers import format_estimate, format_number
 
 __all__ = ["FIGURE_NIGHTS", "Night", "Shift", "plot_gain_history", "plot_health", "write_page"]
 
@@ -131,10 +127,10 @@ def plot_gain_history(nights: list[Night], pairs: list[tuple[str, str]], budgets
     columns = min(2, len(pairs))
     rows = -(-len(pairs) // columns)
     width = max(6.0 * columns, 8.5) + 0.12 * max(0, len(nights) - 20)
-    figure, axes = plt.subplots(rows, columns, figsize=(width, 4.8 * rows), squeeze=False)
+    figure, axes = new_figure(rows, columns, figsize=(width, 4.8 * rows), squeeze=False)
     for axis in axes.flat[len(pairs):]:
         axis.set_visible(False)
-    colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(budgets)))
+    colors = colormap_colors("viridis", np.linspace(0.0, 0.85, len(budgets)))
     positions, _ = _positions(nights)
     for axis, pair in zip(axes.flat, pairs):
         _night_axis(axis, nights)
@@ -179,7 +175,7 @@ def plot_gain_history(nights: list[Night], pairs: list[tuple[str, str]], budgets
 def plot_health(nights: list[Night], pair: tuple[str, str], budgets: list[float], path: Path, title: str) -> None:
     """``history/health.png`` (module doc, (c)): four panels, night by night."""
     width = 12.0 + 0.12 * max(0, len(nights) - 20)
-    figure, axes = plt.subplots(2, 2, figsize=(width, 7.6), squeeze=False)
+    figure, axes = new_figure(2, 2, figsize=(width, 7.6), squeeze=False)
     positions, _ = _positions(nights)
     complete = np.array([night.status == "complete" for night in nights])
     samples = np.array([night.samples_per_prompt for night in nights], dtype=np.float64)
@@ -207,7 +203,7 @@ def plot_health(nights: list[Night], pair: tuple[str, str], budgets: list[float]
 
     axis = axes[1, 0]
     _night_axis(axis, nights)
-    colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(budgets)))
+    colors = colormap_colors("viridis", np.linspace(0.0, 0.85, len(budgets)))
     for index, (budget, color) in enumerate(zip(budgets, colors)):
         counts = np.array([(night.reliable.get(pair) or [np.nan] * len(budgets))[index] * night.prompts
                            for night in nights], dtype=np.float64)

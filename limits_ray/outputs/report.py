@@ -35,7 +35,7 @@ from limits_ray.core.errors import InputError
 from limits_ray.core.frontier import point_at_kl, trusted_kl_range
 from limits_ray.core.reliability import FALLBACK_ESS_FLOOR, RELIABLE_RULE, TRUSTED_FRACTION, reliable_rows, trusted_beta
 from limits_ray.core.tables import ReduceResult
-from limits_ray.outputs.figures import ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier, plot_frontier_by_n
+from limits_ray.outputs.figures import FIGURES, write_plots
 from limits_ray.outputs.numbers import format_estimate, format_number
 from limits_ray.storage.results import load_result
 
@@ -168,21 +168,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
             title = json.loads(report_json.read_text()).get("name", title)
     prompts = len(set(result.frontier["prompt_id"].to_pylist()))
     n = result.frontier["n"].to_numpy()
-    figures = []
-    plot_frontier(result, out_dir / "frontier.png", title)
-    figures.append(("frontier.png", "Prompt-averaged frontier (95% band), best-of-n points, per-prompt frontiers (grey)."))
     prefixes_path = results_dir / "study_prefixes.parquet"
     convergence = pq.read_table(prefixes_path) if prefixes_path.is_file() else result.convergence
-    settle = None
-    if convergence.num_rows:
-        summary = summarize(convergence)
-        settle = settle_table(summary, tolerance, atol)
-        plot_convergence_bands(summary, out_dir / "convergence.png", title, settle=settle)
-        figures.append(("convergence.png", "Prompt-mean gain and KL against the number of samples N, 95% bands."))
-        plot_frontier_by_n(summary, out_dir / "frontier_by_n.png", title)
-        figures.append(("frontier_by_n.png", "The frontier estimated from the first N samples of each prompt."))
-    plot_ess_prompts(ess_source(result.frontier), out_dir / "ess.png", title)
-    figures.append(("ess.png", "Kish effective sample size against beta: per prompt (grey) and the median."))
+    settle = settle_table(summarize(convergence), tolerance, atol) if convergence.num_rows else None
+    figures = [(path.name, FIGURES[path.name])
+               for path in write_plots(result, out_dir, title, convergence=convergence, settle=settle)]
 
     lines = [
         f"# {title}",

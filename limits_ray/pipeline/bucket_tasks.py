@@ -63,7 +63,7 @@ class BucketContext:
 
     Attributes:
         store: the sample store.
-        analysis: the analysis key naming the store's statistics tree (see :func:`limits_ray.runs.job.analysis_key`).
+        analysis: the analysis key naming the store's statistics tree (see :func:`limits_ray.runs.identity.analysis_key`).
         plan: alignment and evaluation rewards.
         betas: the beta grid.
         rewards: the reward columns.
@@ -289,7 +289,8 @@ def gate_shards(ungated: Location, output: Location, bucket: int, pooled: dict[s
 
     Returns the frontier's per-(align, eval, beta) sums of the gated rows (:func:`limits_ray.core.frontier.frontier_sums`,
     merged over the batches) and, per pooled table, the gated rows of the bucket's first ``plot_prompts``
-    prompts. The ungated shards are deleted. Used by the job (:func:`gate_bucket`) and by the offline
+    prompts. The ungated shards stay (the caller removes its scratch directory), so a retried task
+    gates them again and returns the same. Used by the job (:func:`gate_bucket`) and by the offline
     reduce (:mod:`limits_ray.runs.reduce`).
     """
     sums = [frontier_sums(SCHEMAS["frontier"].empty_table())]
@@ -299,8 +300,8 @@ def gate_shards(ungated: Location, output: Location, bucket: int, pooled: dict[s
         source = shard(ungated, name, bucket)
         parts = []
         if source.exists():
-            with shard(output, name, bucket).table_writer(SCHEMAS[name]) as writer:
-                for rows in whole_prompt_batches(source.parquet_file(), SCHEMAS[name]):
+            with source.parquet_file() as parquet, shard(output, name, bucket).table_writer(SCHEMAS[name]) as writer:
+                for rows in whole_prompt_batches(parquet, SCHEMAS[name]):
                     gated = apply_pooled(rows, pooled[name], name)
                     writer.write_table(gated)
                     if name == "frontier":
@@ -308,7 +309,6 @@ def gate_shards(ungated: Location, output: Location, bucket: int, pooled: dict[s
                         shown += [p for p in dict.fromkeys(gated["prompt_id"].to_pylist()) if p not in shown][:plot_prompts - len(shown)]
                     if shown:
                         parts.append(_plot_rows(gated, shown))
-            source.delete()
         plot_rows[name] = pa.concat_tables(parts) if parts else SCHEMAS[name].empty_table()
     return merge_sums(sums), plot_rows
 

@@ -43,7 +43,7 @@ def run_adaptive(config: JobConfig, total_samples: int = 0, *, validated: bool =
     targets: dict[str, int] | None = None
     waves = []
     while True:
-        result, report = run_job(config, round_targets=targets, validated=True)
+        result, report = run_job(config, round_targets=targets, validated=True, figures=False)  # the confirmation's are drawn
         prompt_ids, gain_se, kl_se, samples, reliable = prompt_errors(result.frontier)
         used = int(samples.sum())
         plan = plan_wave(gain_se, kl_se, samples, adaptive.gain_se, adaptive.kl_se, max_samples,

@@ -120,7 +120,7 @@ def _plot_sample(summaries: list[BucketSummary], frontier_mean: pa.Table, limit:
 
 
 def _open_locations(config: JobConfig) -> tuple[Location, Location]:
-    """The output and store locations, each checked writable before anything starts."""
+    """The output and store locations (probed with a write by :func:`limits_ray.runs.validate.validate_job`)."""
     storage = config.storage
     output = open_location(config.output_dir, storage.endpoint_override, storage.region, where="output_dir")
     if not config.store.enabled:

@@ -14,7 +14,7 @@ A night's round targets are, per prompt, its largest stored round + 1 + ``rounds
 so new round indices are new seeds, and stored rounds are read back, never generated or scored
 again. The targets are written to the ledger before sampling, so a night that is rerun (after a
 crash, or by mistake) reuses them: a completed night is a no-op, an interrupted one resumes.
-The series is keyed by a hash of :func:`limits_ray.runs.job.setup_identity`: a new model or reward
+The series is keyed by a hash of :func:`limits_ray.runs.identity.setup_identity`: a new model or reward
 model revision (or sampling setting) starts a new series in its own store instead of mixing samples.
 The ledger records the identity itself, so the history page can say what a new series changed.
 
@@ -54,7 +54,7 @@ def today() -> str:
 
 
 def series_id(config: JobConfig) -> str:
-    """A short hash of :func:`limits_ray.runs.job.setup_identity` (which fingerprints the models' weights):
+    """A short hash of :func:`limits_ray.runs.identity.setup_identity` (which fingerprints the models' weights):
     equal for configs whose samples may share a store; a new model or reward-model revision (or
     sampling setting) gives a new series."""
     text = json.dumps(setup_identity(config), sort_keys=True, default=str)

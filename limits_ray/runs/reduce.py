@@ -47,7 +47,7 @@ from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tables import PromptRows, ReduceResult, TableBuilder, prompt_statistics, reduce_table
 from limits_ray.pipeline.bucket_tasks import gate_shards, shard
 from limits_ray.pipeline.cluster import init_ray, map_tasks
-from limits_ray.storage.location import open_location
+from limits_ray.storage.location import local_location
 from limits_ray.storage.partition import Bucket, bucket_count, input_buckets, spill, spilled_buckets
 from limits_ray.storage.sample_io import open_samples, read_columns, read_samples, validate_samples, write_table
 
@@ -134,12 +134,12 @@ class _ShardWriter:
 
 
 def _shard_path(staging: Path, name: str, bucket: int, ungated: bool = False) -> Path:
-    return shard(open_location(staging / "ungated" if ungated else staging), name, bucket).local_path
+    return shard(local_location(staging / "ungated" if ungated else staging), name, bucket).local_path
 
 
 def _gate_bucket(staging: str, pooled: dict[str, pa.Table], bucket: int) -> pa.Table:
     """The second pass for one bucket (:func:`limits_ray.pipeline.bucket_tasks.gate_shards`); returns its frontier sums."""
-    location = open_location(staging)
+    location = local_location(staging)
     return gate_shards(location.join("ungated"), location, bucket, pooled)[0]
 
 

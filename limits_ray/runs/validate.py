@@ -1,8 +1,9 @@
 """Every config value checked on the driver before Ray starts, each failure one clear error.
 
-:func:`validate_job` is called by :func:`limits_ray.runs.job.run_job` (so by ``limits-ray run``,
-``compare``, the nightly, convergence and adaptive jobs) before ``ray.init``. It raises
-:class:`~limits_ray.config.ConfigError` with a message ``<key>: <what is wrong>; <the fix>``, which
+:func:`validate_job` runs once per run before ``ray.init``: the command line calls it first (then
+``run_job``, ``compare`` and ``run_adaptive`` get ``validated=True``), and :func:`limits_ray.runs.job.run_job`
+calls it itself otherwise (the nightly and convergence jobs, a notebook). It raises
+:class:`~limits_ray.core.errors.ConfigError` with a message ``<key>: <what is wrong>; <the fix>``, which
 the CLI prints as one ``error:`` line with exit code 2. Without it such values reach the actors and
 fail there, late and wrapped (an ``ActorDiedError`` for a reward function that does not exist,
 every round quarantined for ``temperature: -1``).
@@ -12,7 +13,8 @@ pass unchecked, so a missing local path written ``dir/name`` passes too), reward
 (imported), sampling parameters (through vLLM's own ``SamplingParams``), the prompts file or dataset
 (opened: a ``save_to_disk`` directory, or the dataset's builder, which reads hub metadata),
 alignment/evaluation rewards against the reward names, batch sizes and resources per actor (actor
-counts and engine sizes are checked when the config loads), and that ``output_dir`` can be created.
+counts and engine sizes are checked when the config loads), and that ``output_dir`` and ``store.path``
+accept a write (the run's only probe of its storage).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["Location", "StorageError", "check_writable", "open_location"]
+__all__ = ["Location", "StorageError", "check_writable", "local_location", "open_location"]
 
 OBJECT_SCHEMES = ("s3", "gs", "gcs")
 
@@ -162,9 +162,11 @@ class Location:
             yield writer
         self.write_bytes(buffer.getvalue().to_pybytes())
 
-    def parquet_file(self) -> pq.ParquetFile:
-        """This Parquet file, opened for reading in row groups or batches."""
-        return pq.ParquetFile(self.filesystem.open_input_file(self.path))
+    @contextlib.contextmanager
+    def parquet_file(self) -> Iterator[pq.ParquetFile]:
+        """This Parquet file, opened for reading in row groups or batches (closed when the block ends)."""
+        with self.filesystem.open_input_file(self.path) as handle:
+            yield pq.ParquetFile(handle)
 
     def delete(self) -> None:
         """Remove this file, if it is there."""
@@ -220,6 +222,13 @@ def open_location(uri: str | Path, endpoint_override: str = "", region: str = ""
         return open_location(f"{root.rstrip('/')}/{text}", endpoint_override, region, where)
     absolute = str(Path(text).expanduser().absolute())
     return Location(pafs.LocalFileSystem(), absolute, absolute)
+
+
+def local_location(path: str | Path) -> Location:
+    """The :class:`Location` of a local directory as given (relative to the current directory, never below
+    ``$LIMITS_RAY_ROOT``: for directories a command names, such as ``limits-ray reduce --out``); its
+    :attr:`~Location.uri` names it as given."""
+    return Location(pafs.LocalFileSystem(), str(Path(path).expanduser().absolute()), str(path).rstrip("/") or ".")
 
 
 def check_writable(location: Location, where: str) -> None:

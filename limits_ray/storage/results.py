@@ -17,7 +17,7 @@ import pyarrow as pa
 from limits_ray.core.errors import InputError
 from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tables import ReduceResult
-from limits_ray.storage.location import Location, open_location
+from limits_ray.storage.location import Location, local_location
 from limits_ray.storage.sample_io import write_table
 
 __all__ = ["REQUIRED", "StoredResult", "load_result", "read_result_table", "write_result"]
@@ -43,7 +43,7 @@ def read_result_table(output: Location, name: str, required: bool = False, comma
 def load_result(results_dir: str | Path | Location) -> ReduceResult:
     """The four result tables of ``results_dir`` as stored; ``frontier`` and ``frontier_mean`` must be there,
     missing optional tables (bon, convergence) are empty."""
-    output = results_dir if isinstance(results_dir, Location) else open_location(results_dir, where="results")
+    output = results_dir if isinstance(results_dir, Location) else local_location(results_dir)
     return ReduceResult(**{name: read_result_table(output, name, required=name in REQUIRED) for name in SCHEMAS})
 
 
