@@ -12,9 +12,12 @@ import pyarrow.parquet as pq
 
 from limits_ray.config import JobConfig
 from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.bracket import Bracket, bracket_at
 from limits_ray.core.errors import ConfigError, InputError
 from limits_ray.core.frontier import FrontierPoint, point_at_kl
+from limits_ray.core.headline import Z95
 from limits_ray.core.reliability import TRUSTED_FRACTION
+from limits_ray.core.winrate import rank_label, rank_tilt_at_kl, winrate_at_kl
 from limits_ray.outputs.numbers import format_number
 from limits_ray.pipeline.stages import PipelineError
 from limits_ray.runs.reduce import DEFAULT_BUCKET_ROWS
@@ -49,18 +52,76 @@ def _query(args: argparse.Namespace) -> int:
     path = Path(args.results) / "frontier_mean.parquet"
     if not path.exists():
         raise InputError(f"{path} does not exist: point query at the --out directory of a reduce or a run")
+    if args.winrate:
+        return _query_winrate(args)
     table = pq.read_table(path)
+    brackets = _optional_table(Path(args.results) / "bracket.parquet")
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
     aligns, evals = set(args.align or [a for a, _ in pairs]), set(args.eval or [e for _, e in pairs])
     print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'gain [reward]':>14} {'trusted':>8}")
     for align, evaluation in pairs:
         if align in aligns and evaluation in evals:
             for budget in args.kl:
-                point = point_at_kl(table, budget, align, evaluation)
+                try:
+                    point = point_at_kl(table, budget, align, evaluation)
+                except ValueError:
+                    bracket = bracket_at(brackets, budget, align, evaluation) if brackets is not None else None
+                    if bracket is None or budget > max(brackets["kl"].to_pylist()):
+                        raise
+                    print(f"{align:<24} {evaluation:<24} {format_number(budget, 4):>10} {'-':>10} {'-':>14} {'NO':>8}")
+                    print(_bracket_line(bracket))
+                    continue
                 print(f"{align:<24} {evaluation:<24} {format_number(point.kl, 4):>10} {format_number(point.beta, 4):>10} "
                       f"{format_number(point.gain, 4):>14} {'yes' if point.trusted else 'NO':>8}")
                 if not point.trusted:
+                    bracket = bracket_at(brackets, budget, align, evaluation) if brackets is not None else None
+                    if bracket is not None:
+                        print(_bracket_line(bracket))
                     print(f"limits-ray query: warning: align {align}, eval {evaluation}: {_untrusted(point)}", file=sys.stderr)
+    return 0
+
+
+def _optional_table(path: Path):
+    return pq.read_table(path) if path.exists() else None
+
+
+def _bracket_line(bracket: Bracket) -> str:
+    """The certified bracket of an untrusted budget, indented under its row."""
+    upper = ("no upper bound (no trusted beta)" if bracket.upper != bracket.upper
+             else f"<= {format_number(bracket.upper, 4)} (tangent at the last trusted point, KL {format_number(bracket.anchor_kl, 3)})")
+    return (f"    certified bracket at KL {format_number(bracket.kl, 4)}: gain >= {format_number(bracket.lower, 4)} "
+            f"({bracket.lower_source}), {upper}")
+
+
+def _query_winrate(args: argparse.Namespace) -> int:
+    """``query --winrate``: the prompt-mean win rate over pi0 at each KL budget, and the best any policy reaches."""
+    path = Path(args.results) / "winrate_mean.parquet"
+    table = _optional_table(path)
+    if table is None or table.num_rows == 0:
+        raise InputError(f"{path} is missing or empty: win rates need best-of-n (reduce without --no-bon, "
+                         "analysis.best_of_n: true)")
+    pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
+    aligns = set(args.align or [a for a, _ in pairs]) | {rank_label(e) for e in args.eval or []}
+    evals = set(args.eval or [e for _, e in pairs])
+    print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'win rate':>9} {'95% interval':>17} "
+          f"{'trusted':>8} {'best (continuous)':>18}")
+    for align, evaluation in pairs:
+        if (align in aligns or align == rank_label(evaluation)) and evaluation in evals:
+            for budget in args.kl:
+                point = winrate_at_kl(table, budget, align, evaluation)
+                best = rank_tilt_at_kl(budget)[1]
+                if point is None:
+                    print(f"{align:<24} {evaluation:<24} {format_number(budget, 4):>10} {'-':>10} {'-':>9} {'-':>17} "
+                          f"{'-':>8} {format_number(best, 4):>18}")
+                    continue
+                half = Z95 * point.winrate_se
+                interval = (f"{format_number(point.winrate_bc - half, 4)}-{format_number(point.winrate_bc + half, 4)}"
+                            if half == half else "-")
+                print(f"{align:<24} {evaluation:<24} {format_number(point.kl, 4):>10} {format_number(point.beta, 4):>10} "
+                      f"{format_number(point.winrate, 4):>9} {interval:>17} {'yes' if point.trusted else 'NO':>8} "
+                      f"{format_number(best, 4):>18}")
+    print("win rate: P(a response of the policy beats one of pi0 in eval), ties half; align rank(e): the win-rate-optimal "
+          "tilts estimated from the samples; best (continuous): their closed form for a reward without ties")
     return 0
 
 
@@ -173,12 +234,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="rows per bucket when the input is not in bucket= directories; peak memory grows with it")
     reduce.set_defaults(handler=_reduce)
 
-    query = commands.add_parser("query", help="the gain reachable at given KL budgets, and the beta for it")
+    query = commands.add_parser("query", help="the gain reachable at given KL budgets, and the beta for it "
+                                "(past the trusted range: the certified bracket; --winrate: win rates)")
     query.add_argument("results", type=Path, help="a directory holding frontier_mean.parquet")
     query.add_argument("--kl", required=True, type=lambda text: [float(v) for v in text.split(",")],
                        help="comma list of KL budgets (nats)")
     query.add_argument("--align", action="append", help="only this alignment reward; repeatable")
     query.add_argument("--eval", action="append", help="only this evaluation reward; repeatable")
+    query.add_argument("--winrate", action="store_true",
+                       help="the win rate over pi0 at each budget (winrate_mean.parquet) and the best any policy reaches")
     query.set_defaults(handler=_query)
 
     run = commands.add_parser("run", help="the distributed job: generate, score, reduce (same as jobs/frontier.py)")

@@ -25,7 +25,8 @@ that a response of ``pi`` beats one of ``pi0`` in ``e``, ties counting half:
   ``W(beta) = e^t/(e^t - 1) - 1/t`` and ``KL(beta) = t W - log((e^t - 1)/t)``: one curve for every
   model and reward (``W -> 1 - 1/t``, ``KL -> log t - 1`` at small beta). With ties in ``e`` the curve
   is the tilt of the empirical mid-CDF ``u_i = (#{e_j < e_i} + #{e_j = e_i}/2)/N`` (:func:`midcdf`);
-  its rows carry the alignment label ``rank(<eval>)`` (:func:`rank_label`).
+  its rows carry the alignment label ``rank(<eval>)`` (:func:`rank_label`) and their own beta grid
+  (:data:`RANK_BETAS`: ``u`` has no reward units).
 * best-of-n (:func:`bon_winrate` for continuous rewards: ``W = n/(n+1)``, ``KL = log n - (n-1)/n``;
   from samples, the best-of-n estimate of :func:`limits_ray.core.bon.best_of_n` with ``F_(-i)(e_i)`` as
   the evaluated value: ``limits_ray.core.tables.bon_rows``' ``winrate`` column).
@@ -40,19 +41,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from limits_ray.core.analysis import Plan
+from limits_ray.core.frontier import trusted_kl_range
 from limits_ray.core.headline import mean_sums, mean_table
 from limits_ray.core.samples import PromptSamples
 from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tilt import TiltEstimate, TiltStats, finalize_many, interval_ratio
 
 __all__ = [
-    "MEAN_COLUMNS", "WinRate", "WinRateRows", "bon_winrate", "loo_midranks", "midcdf", "rank_label", "rank_tilt_curve",
-    "tilted_winrate", "winrate_mean", "winrate_sums",
+    "MEAN_COLUMNS", "RANK_BETAS", "WinRate", "WinRatePoint", "WinRateRows", "bon_winrate", "loo_midranks", "midcdf", "rank_label",
+    "rank_tilt_at_kl", "rank_tilt_curve", "tilted_winrate", "winrate_at_kl", "winrate_mean", "winrate_sums",
 ]
 
 _WORK_ELEMENTS = 1 << 20  # float64 elements of one [betas, N] work array (8 MiB)
+
+RANK_BETAS = np.geomspace(1e-3, 10.0, 41)
+"""The beta grid of the rank tilts: ``u = F0(e)`` lies in [0, 1] whatever the reward's scale, so one grid
+serves every reward: KL from about 5.9 nats (``beta = 1e-3``) down to 4e-4 (``beta = 10``)."""
 
 MEAN_COLUMNS = {"gain": "winrate", "gain_se": "winrate_se", "gain_bc": "winrate_bc", "kl": "kl", "kl_se": "kl_se",
                 "kl_bc": "kl_bc", "reliable": "reliable"}
@@ -199,8 +206,8 @@ class WinRateRows:
         for spec in self.evals:
             values = spec.values(samples.rewards)
             calibrated = midcdf(values)
-            ranks.append((spec.name, TiltStats.from_samples(self.betas, calibrated[:, None]),
-                          tilted_winrate(calibrated, values[:, None], self.betas)))
+            ranks.append((spec.name, TiltStats.from_samples(RANK_BETAS, calibrated[:, None]),
+                          tilted_winrate(calibrated, values[:, None], RANK_BETAS)))
         self.pending.append(_Pending(samples.prompt_id, tilts, ranks))
 
     def flush(self, builder, estimates: list[tuple[TiltEstimate, np.ndarray]]) -> None:
@@ -212,20 +219,21 @@ class WinRateRows:
         for number, item in enumerate(self.pending):
             for (align, evals), rates, (estimate, index) in zip(self.plan, item.tilts, estimates):
                 self._rows(builder, item.prompt_id, align.name, [spec.name for spec in evals], rates, estimate,
-                           int(index[number]))
+                           int(index[number]), self.betas)
             for position, (name, _, rates) in enumerate(item.ranks):
                 self._rows(builder, item.prompt_id, rank_label(name), [name], rates, ranked,
-                           number * len(self.evals) + position)
+                           number * len(self.evals) + position, RANK_BETAS)
         self.pending = []
 
-    def _rows(self, builder, prompt_id: str, label: str, names: list[str], rates: WinRate, estimate: TiltEstimate,
-              state: int) -> None:
+    @staticmethod
+    def _rows(builder, prompt_id: str, label: str, names: list[str], rates: WinRate, estimate: TiltEstimate,
+              state: int, betas: np.ndarray) -> None:
         reliable = estimate.reliable[state]
         interval = rates.se_delta * interval_ratio(rates.if2, rates.if4, reliable[:, None])
-        size = self.betas.size
+        size = betas.size
         for column, name in enumerate(names):
             builder.add(
-                size, prompt_id=prompt_id, align=label, eval=name, beta=self.betas, n=int(estimate.n[state]),
+                size, prompt_id=prompt_id, align=label, eval=name, beta=betas, n=int(estimate.n[state]),
                 winrate=rates.winrate[:, column], winrate_se=interval[:, column], winrate_bc=rates.winrate_bc[:, column],
                 kl=estimate.kl[state], kl_se=estimate.kl_se[state], kl_bc=estimate.kl_bc[state], ess=estimate.ess[state],
                 khat=estimate.khat[state], body_sd=np.full(size, estimate.body_sd[state]), khat_pooled=estimate.khat[state],
@@ -242,3 +250,56 @@ def winrate_mean(sums: pa.Table | list[pa.Table]) -> pa.Table:
     """The ``winrate_mean`` table from :func:`winrate_sums` of one or several disjoint prompt sets."""
     schema = SCHEMAS["winrate_mean"]
     return mean_table(sums, MEAN_COLUMNS).select(schema.names).cast(schema)
+
+
+def rank_tilt_at_kl(kl_budget: float) -> tuple[float, float]:
+    """``(beta, W)`` of the win-rate-optimal tilt of a continuous reward whose KL is ``kl_budget`` (by bisection
+    in ``log beta``: the KL falls as beta grows); ``(inf, 0.5)`` at ``kl_budget <= 0``."""
+    if not kl_budget > 0:
+        return float("inf"), 0.5
+    low, high = -12.0, 12.0  # log10 beta: KL from about 27 nats down to 1e-26
+    for _ in range(200):
+        middle = (low + high) / 2
+        if rank_tilt_curve(np.array([10.0**middle]))[1][0] > kl_budget:
+            low = middle
+        else:
+            high = middle
+    beta = 10.0 ** ((low + high) / 2)
+    return beta, float(rank_tilt_curve(np.array([beta]))[0][0])
+
+
+@dataclass
+class WinRatePoint:
+    """The prompt-mean win rate of one (align, eval) at a KL budget: the beta there, ``winrate`` (plug-in),
+    the interval ``winrate_bc +- 1.96 winrate_se`` (NaN SE: some prompt's weights unreliable), and whether
+    the budget lies in the trusted KL range (:func:`limits_ray.core.frontier.trusted_kl_range`)."""
+
+    align: str
+    eval: str
+    kl: float
+    beta: float
+    winrate: float
+    winrate_bc: float
+    winrate_se: float
+    trusted: bool
+
+
+def winrate_at_kl(winrate_mean_table: pa.Table, kl_budget: float, align: str, evaluation: str) -> WinRatePoint | None:
+    """One (align, eval) win-rate curve of a ``winrate_mean`` table at ``KL = kl_budget``, interpolated linearly
+    in KL (``log beta`` likewise); None outside the grid's KL range or for a pair the table lacks."""
+    rows = winrate_mean_table.filter(pc.and_(pc.equal(winrate_mean_table["align"], align),
+                                             pc.equal(winrate_mean_table["eval"], evaluation)))
+    if rows.num_rows == 0:
+        return None
+    order = np.argsort(rows["kl"].to_numpy())
+    kl = rows["kl"].to_numpy()[order]
+    if not kl[0] <= kl_budget <= kl[-1]:
+        return None
+    value = {name: float(np.interp(kl_budget, kl, rows[name].to_numpy()[order]))
+             for name in ("winrate", "winrate_bc", "winrate_se")}
+    trusted = trusted_kl_range(rows, align, evaluation)
+    return WinRatePoint(align, evaluation, float(kl_budget),
+                        float(np.exp(np.interp(kl_budget, kl, np.log(rows["beta"].to_numpy()[order])))),
+                        value["winrate"], value["winrate_bc"], value["winrate_se"],
+                        trusted is not None and trusted[0] <= kl_budget <= trusted[1])
+

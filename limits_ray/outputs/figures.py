@@ -2,11 +2,14 @@
 
 - ``frontier.png`` (:func:`plot_frontier`): per (align, eval), the prompt-averaged frontier with its 95%
   band, dashed outside the trusted KL range, best-of-n points and each prompt's frontier as a thin line;
+  past the trusted range the certified bracket, and the unachievable region above it hatched
+  (:func:`limits_ray.outputs.beyond_plots.draw_bracket`);
 - ``convergence.png`` (:func:`plot_convergence_bands`): prompt-mean gain and KL against N, with bands;
 - ``frontier_by_n.png`` (:func:`plot_frontier_by_n`): the frontier estimated from the first N samples;
-- ``ess.png`` (:func:`plot_ess_prompts`): Kish ESS against beta, per prompt and its median.
+- ``ess.png`` (:func:`plot_ess_prompts`): Kish ESS against beta, per prompt and its median;
+- ``winrate.png`` (:func:`limits_ray.outputs.beyond_plots.winrate_figure`): win rates over pi0 against KL.
 
-:func:`write_plots` draws all four for a run (:func:`limits_ray.runs.job.run_job`);
+:func:`write_plots` draws them all for a run (:func:`limits_ray.runs.job.run_job`);
 :func:`limits_ray.outputs.report.write_report` draws them for any results directory. Every figure is
 written by :func:`save_figure`.
 """
@@ -24,6 +27,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 from limits_ray.core.convergence import summarize  # noqa: E402
+from limits_ray.outputs.beyond_plots import draw_bracket, winrate_figure  # noqa: E402
 from limits_ray.core.frontier import trusted_kl_range  # noqa: E402
 from limits_ray.core.reliability import TRUSTED_FRACTION  # noqa: E402
 from limits_ray.core.tables import ReduceResult  # noqa: E402
@@ -98,6 +102,7 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
             grouped = bon.group_by("n").aggregate([("kl", "mean"), ("gain", "mean")]).sort_by("n")
             axis.plot(grouped["kl_mean"].to_numpy(), grouped["gain_mean"].to_numpy(), "o", color="C3",
                       ms=5, zorder=4, label="best-of-n, n = 1, 2, 4, ...")
+        draw_bracket(axis, result.bracket, align, evaluation, np.concatenate([gain, gain + band]))
         axis.set_xscale("symlog", linthresh=0.01)
         axis.set_xlabel("KL(π_β ‖ π₀)  [nats]")
         axis.set_ylabel(f"gain in {evaluation}  [reward units]")
@@ -280,11 +285,16 @@ def plot_ess_prompts(ess: pa.Table, path: Path, title: str) -> bool:
 
 
 def write_plots(result: ReduceResult, out_dir: str | Path, title: str) -> list[Path]:
-    """Write frontier.png, convergence.png, ess.png and frontier_by_n.png into ``out_dir``; returns the paths."""
+    """Write frontier.png, convergence.png, ess.png, frontier_by_n.png and (with win rates) winrate.png into
+    ``out_dir``; returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "frontier.png", out_dir / "convergence.png", out_dir / "ess.png", out_dir / "frontier_by_n.png"]
+    paths = [out_dir / "frontier.png", out_dir / "convergence.png", out_dir / "ess.png", out_dir / "frontier_by_n.png",
+             out_dir / "winrate.png"]
     plot_frontier(result, paths[0], title)
+    winrates = winrate_figure(result.winrate_mean, result.bon, title)
+    if winrates is not None:
+        save_figure(winrates, paths[4])
     if result.convergence.num_rows:
         summary = summarize(result.convergence)
         plot_convergence_bands(summary, paths[1], title)

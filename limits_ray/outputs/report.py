@@ -10,6 +10,7 @@ Reads ``frontier.parquet``, ``frontier_mean.parquet``, ``bon.parquet`` and ``con
   spread across prompts (and Monte Carlo bands when a study's ``study_prefixes.parquet`` is there);
 - ``frontier_by_n.png``: the frontier estimated from the first N samples, for several N;
 - ``ess.png``: the Kish effective sample size against beta, per prompt and its median;
+- ``winrate.png``: win rates over pi0 against KL (with win rates: :mod:`limits_ray.outputs.beyond_plots`);
 - ``report.md``: a plain-language summary (:func:`summary_lines`: the KL range that can be
   trusted, the gain at a few KL budgets with 95% error bars, best-of-n points, where more samples
   would change the picture most), counts, the figures, the frontier at a few KL budgets, and per
@@ -35,7 +36,16 @@ from limits_ray.core.errors import InputError
 from limits_ray.core.frontier import point_at_kl, trusted_kl_range
 from limits_ray.core.reliability import FALLBACK_ESS_FLOOR, RELIABLE_RULE, TRUSTED_FRACTION, reliable_rows, trusted_beta
 from limits_ray.core.tables import ReduceResult
-from limits_ray.outputs.figures import ess_source, plot_convergence_bands, plot_ess_prompts, plot_frontier, plot_frontier_by_n
+from limits_ray.outputs.beyond_plots import winrate_figure
+from limits_ray.outputs.beyond_report import bracket_lines, winrate_lines
+from limits_ray.outputs.figures import (
+    ess_source,
+    plot_convergence_bands,
+    plot_ess_prompts,
+    plot_frontier,
+    plot_frontier_by_n,
+    save_figure,
+)
 from limits_ray.outputs.numbers import format_estimate, format_number
 from limits_ray.storage.results import load_result
 
@@ -183,6 +193,10 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
         figures.append(("frontier_by_n.png", "The frontier estimated from the first N samples of each prompt."))
     plot_ess_prompts(ess_source(result.frontier), out_dir / "ess.png", title)
     figures.append(("ess.png", "Kish effective sample size against beta: per prompt (grey) and the median."))
+    winrates = winrate_figure(result.winrate_mean, result.bon, title)
+    if winrates is not None:
+        save_figure(winrates, out_dir / "winrate.png")
+        figures.append(("winrate.png", "Win rate over the base model against KL: tilts, win-rate-optimal curve, best-of-n."))
 
     lines = [
         f"# {title}",
@@ -197,6 +211,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
     for name, caption in figures:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     lines += ["## Gain at given KL budgets (prompt mean)", "", *_kl_points(result, (0.1, 0.5, 1.0, 2.0, 4.0)), ""]
+    lines += bracket_lines(result, BUDGETS) + winrate_lines(result, BUDGETS)
     if "reliable" in result.frontier_mean.column_names:
         lines += ["## Where the estimates can be trusted", "",
                   f"Reliable: {RELIABLE_RULE}.", "",
