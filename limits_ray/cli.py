@@ -168,14 +168,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from limits_ray.outputs.compare_report import compare_lines
+    from limits_ray.outputs.compare_report import compare_lines, proposal_lines
     from limits_ray.runs.compare import CompareOptions, compare
 
     config = _load_job(args)
-    options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta)
+    options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta,
+                             proposals=not args.no_proposals)
     result = compare(config, options, validated=True)
     for line in compare_lines(result.policies):
         print(line)
+    if result.proposals is not None:
+        for line in proposal_lines(result.proposals[1], pq.read_table(Path(config.output_dir) / "frontier_mean.parquet")):
+            print(line)
     for path in result.paths:
         print(f"wrote {path}")
     return 0
@@ -257,6 +261,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--members", type=int, default=8, help="largest ensemble size M (0: skip the ensemble study)")
     comp.add_argument("--noise", type=float, default=1.0, help="synthetic proxy noise, in gold within-prompt sds")
     comp.add_argument("--beta", type=float, default=0.0, help="beta of the ensemble study (0: where gold KL ~ 1 nat)")
+    comp.add_argument("--no-proposals", action="store_true",
+                      help="skip the frontier from the policies' samples as proposals (it samples the base model again "
+                      "and scores every sample under every policy)")
     comp.add_argument("--verbose", action="store_true", help="Ray Data's and vLLM's INFO output on the console, not in <output_dir>/logs")
     comp.set_defaults(handler=_compare)
 

@@ -6,7 +6,10 @@
 - ``winrate.png`` (:func:`winrate_figure`, saved by :func:`limits_ray.outputs.figures.write_plots`): per evaluation reward, the prompt-mean win rate over pi0 of each
   alignment reward's tilts against their KL (95% band, dashed outside the trusted range), the
   win-rate-optimal curve (its closed form for a continuous reward, and the rank tilts estimated from the
-  samples) and best-of-n (from the samples, and ``n/(n+1)``).
+  samples) and best-of-n (from the samples, and ``n/(n+1)``);
+- ``proposals.png`` (:func:`proposals_figure`, ``limits-ray compare`` with policies): per evaluation reward,
+  the frontier from the base samples and the one from every proposal's samples
+  (:mod:`limits_ray.core.proposals`), each solid over its own trusted KL range, with the checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from limits_ray.core.frontier import trusted_kl_range  # noqa: E402
 from limits_ray.core.headline import Z95  # noqa: E402
 from limits_ray.core.winrate import bon_winrate, rank_label, rank_tilt_curve  # noqa: E402
 
-__all__ = ["draw_bracket", "winrate_figure"]
+__all__ = ["draw_bracket", "proposals_figure", "winrate_figure"]
 
 
 def _select(table: pa.Table, align: str, evaluation: str) -> pa.Table:
@@ -110,3 +113,54 @@ def winrate_figure(winrate_mean: pa.Table, bon: pa.Table, title: str) -> plt.Fig
     prompts = int(np.max(winrate_mean["prompts"].to_numpy()))
     figure.suptitle(f"{title}: win rate against KL ({prompts} prompts; 95% bands; dashed: not trusted)", fontsize=11)
     return figure
+
+
+def _trusted_line(axis, kl: np.ndarray, gain: np.ndarray, trusted: tuple[float, float] | None, color: str, label: str) -> None:
+    """A frontier: solid over ``trusted``, thin and dashed elsewhere."""
+    inside = np.zeros(kl.size, bool) if trusted is None else (kl >= trusted[0]) & (kl <= trusted[1])
+    axis.plot(np.where(inside, kl, np.nan), gain, color=color, lw=2.2, label=label)
+    outside = ~inside
+    outside[1:] |= ~inside[:-1]
+    outside[:-1] |= ~inside[1:]
+    axis.plot(np.where(outside, kl, np.nan), gain, color=color, lw=1.2, ls="--", alpha=0.8)
+
+
+def proposals_figure(frontier_mean: pa.Table, proposals_mean: pa.Table, policies: pa.Table, title: str) -> plt.Figure | None:
+    """The figure of ``proposals.png`` (module doc); None without proposal rows."""
+    evals = sorted({e for a, e in zip(proposals_mean["align"].to_pylist(), proposals_mean["eval"].to_pylist()) if a == e})
+    if not evals:
+        return None
+    columns = min(2, len(evals))
+    rows_count = -(-len(evals) // columns)
+    figure, axes = plt.subplots(rows_count, columns, figsize=(max(6.0 * columns, 8.5), 4.8 * rows_count), squeeze=False)
+    for axis in axes.flat[len(evals):]:
+        axis.set_visible(False)
+    for axis, evaluation in zip(axes.flat, evals):
+        parts = []
+        for table, color, name in ((frontier_mean, "C0", "base samples only"), (proposals_mean, "C2", "base + policy samples")):
+            rows = _select(table, evaluation, evaluation).sort_by("kl")
+            if rows.num_rows == 0:
+                continue
+            kl, gain = rows["kl"].to_numpy(), rows["gain"].to_numpy()
+            band = Z95 * rows["gain_se"].to_numpy()
+            centre = rows["gain_bc"].to_numpy()
+            axis.fill_between(kl, centre - band, centre + band, color=color, alpha=0.2, lw=0)
+            trusted = trusted_kl_range(rows, evaluation, evaluation)
+            reach = "not trusted" if trusted is None else f"trusted to KL {trusted[1]:.3g}"
+            _trusted_line(axis, kl, gain, trusted, color, f"{name} ({reach})")
+            parts.append(f"{name}: {reach}")
+        checkpoints = policies.filter(pc.and_(pc.equal(policies["kind"], "checkpoint"),
+                                              pc.and_(pc.equal(policies["align"], evaluation), pc.equal(policies["eval"], evaluation))))
+        for color, row in enumerate(checkpoints.to_pylist(), start=4):
+            axis.errorbar(row["kl"], row["gain"], xerr=Z95 * row["kl_se"], yerr=Z95 * row["gain_se"], fmt="s",
+                          color=f"C{color}", ms=6, capsize=3, label=f"policy {row['policy']}")
+        axis.set_xscale("symlog", linthresh=0.01)
+        axis.set_xlabel("KL(π_β ‖ π₀)  [nats]")
+        axis.set_ylabel(f"gain in {evaluation}  [reward units]")
+        axis.set_title(f"align = eval = {evaluation}", fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="upper left")
+    figure.suptitle(f"{title}\nthe frontier from the base samples, and with the policies' samples as proposals "
+                    "(solid: trusted range; bands: 95%)", fontsize=10)
+    return figure
+
