@@ -35,6 +35,7 @@ def _reduce(args: argparse.Namespace) -> int:
         evals=tuple(args.eval or ()),
         best_of_n=not args.no_bon,
         convergence=not args.no_convergence,
+        winrate=not args.no_winrate,
     )
     started = time.perf_counter()
     result = reduce_dataset(args.samples, args.out, config, use_ray=args.ray, bucket_rows=args.bucket_rows)
@@ -98,8 +99,8 @@ def _query_winrate(args: argparse.Namespace) -> int:
     path = Path(args.results) / "winrate_mean.parquet"
     table = _optional_table(path)
     if table is None or table.num_rows == 0:
-        raise InputError(f"{path} is missing or empty: win rates need best-of-n (reduce without --no-bon, "
-                         "analysis.best_of_n: true)")
+        raise InputError(f"{path} is missing or empty: win rates come with best-of-n (reduce without --no-bon or "
+                         "--no-winrate; in a job analysis.best_of_n and analysis.winrate true)")
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
     aligns = set(args.align or [a for a, _ in pairs]) | {rank_label(e) for e in args.eval or []}
     evals = set(args.eval or [e for _, e in pairs])
@@ -232,6 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     reduce.add_argument("--eval", action="append", help="evaluation reward (default: the align reward); repeatable")
     reduce.add_argument("--no-bon", action="store_true", help="skip best-of-n (it holds each prompt's rewards)")
     reduce.add_argument("--no-convergence", action="store_true", help="skip the convergence table")
+    reduce.add_argument("--no-winrate", action="store_true", help="skip the win rates (they cost about 60%% more time "
+                        "in the per-prompt pass)")
     reduce.add_argument("--ray", action="store_true",
                         help="reduce the buckets as Ray tasks (RAY_ADDRESS or a local Ray; input and --out on shared storage)")
     reduce.add_argument("--bucket-rows", type=_positive_int, default=DEFAULT_BUCKET_ROWS,

@@ -149,6 +149,9 @@ def test_query_winrate_prints_the_win_rate_and_the_optimum(tmp_path, capsys):
     for row in rows:
         assert float(row[-1]) == pytest.approx(rank_tilt_at_kl(float(row[2]))[1], abs=1e-4)
         assert 0.5 < float(row[4]) <= float(row[-1]) + 0.01
-    assert main(["reduce", "--samples", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "nobon"), "--no-bon"]) == 0
-    assert main(["query", str(tmp_path / "nobon"), "--kl", "0.1", "--winrate"]) == 2
-    assert "best-of-n" in capsys.readouterr().err
+    for flag in ("--no-bon", "--no-winrate"):
+        assert main(["reduce", "--samples", str(tmp_path / "s.parquet"), "--out", str(tmp_path / flag), flag]) == 0
+        assert pq.read_table(tmp_path / flag / "winrate.parquet").num_rows == 0
+        assert main(["query", str(tmp_path / flag), "--kl", "0.1", "--winrate"]) == 2
+        assert "best-of-n" in capsys.readouterr().err
+    assert pq.read_table(tmp_path / "--no-winrate" / "bon.parquet").num_rows > 0

@@ -101,9 +101,10 @@ class PromptRows:
     """
 
     def __init__(self, builders: dict[str, TableBuilder], plan: Plan, convergence: bool = True,
-                 best_of_n: bool = True) -> None:
+                 best_of_n: bool = True, winrate: bool = True) -> None:
         self.builders, self.plan = builders, plan
         self.convergence, self.best_of_n = convergence, best_of_n
+        self.winrate = winrate and "winrate" in builders
         self.prompt_ids: list[str] = []
         self.statistics: list[dict[str, DyadicStats]] = []
         self.samples = 0
@@ -118,7 +119,7 @@ class PromptRows:
             if samples is None:
                 raise ValueError(f"prompt {prompt_id!r}: best-of-n needs its rewards")
             bon_rows(self.builders["bon"], samples, self.plan)
-            if "winrate" in self.builders:
+            if self.winrate:
                 if self.winrates is None:
                     self.winrates = WinRateRows(self.plan, next(iter(statistics.values())).betas)
                 self.winrates.add(samples)
@@ -250,7 +251,7 @@ def reduce_prompts(prompts: Iterable[PromptSamples], plan: Plan, config: Analysi
     """Reduce per-prompt samples to the result tables (one batch of prompts' statistics in memory at a time)."""
     betas = np.asarray(config.betas)
     builders = {name: TableBuilder(name) for name in ("frontier", "bon", "convergence", "winrate")}
-    rows = PromptRows(builders, plan, config.convergence, config.best_of_n)
+    rows = PromptRows(builders, plan, config.convergence, config.best_of_n, config.winrate)
     for samples in prompts:
         rows.add(samples.prompt_id, prompt_statistics(samples, plan, betas), samples)
     rows.flush()

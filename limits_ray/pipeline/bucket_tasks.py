@@ -224,7 +224,7 @@ def _plot_rows(table: pa.Table, prompt_ids: list[str]) -> pa.Table:
 
 
 def finalize_bucket(context: BucketContext, output: Location, skip: set[str], best_of_n: bool, convergence: bool,
-                    bucket: int) -> BucketSummary:
+                    winrate: bool, bucket: int) -> BucketSummary:
     """Write the bucket's shard of ``bon`` into ``output`` and those of the pooled tables into ``work/ungated``
     (:func:`gate_bucket` finishes them); returns their k-hat sums and counts.
 
@@ -245,7 +245,7 @@ def finalize_bucket(context: BucketContext, output: Location, skip: set[str], be
     needs_samples = {p for p, rounds in complete.items() if best_of_n or merged.rounds[p] != set(rounds)}
     samples = _bucket_samples(context, bucket, needs_samples)
     builders = {name: TableBuilder(name) for name in ("frontier", "convergence", "bon", "winrate")}
-    rows = PromptRows(builders, context.plan, convergence, best_of_n)
+    rows = PromptRows(builders, context.plan, convergence, best_of_n, winrate)
     total = 0
     for prompt_id in sorted(complete):
         rounds = complete[prompt_id]

@@ -197,7 +197,8 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     quarantined = quarantine.records()
     _clear_tables(output)
     summaries = map_tasks(finalize_bucket, [(bucket,) for bucket in buckets], retries=3, shared=(
-        context, output, {record.prompt_id for record in quarantined}, config.analysis.best_of_n, config.analysis.convergence))
+        context, output, {record.prompt_id for record in quarantined}, config.analysis.best_of_n, config.analysis.convergence,
+        config.analysis.winrate))
     if not sum(summary.prompts for summary in summaries):
         reasons = "; ".join(map(str, quarantined[:3]))
         raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")

@@ -169,7 +169,7 @@ def reduce_bucket(columns: list[str], config: AnalysisConfig, source: str, stagi
     table = validate_samples(table, columns, Path(source))
     plan, betas = config.plan(columns), np.asarray(config.betas)
     shards = _ShardWriter(Path(staging), bucket.index)
-    rows = PromptRows(shards.builders, plan, config.convergence, config.best_of_n)
+    rows = PromptRows(shards.builders, plan, config.convergence, config.best_of_n, config.winrate)
     prompt_ids = []
     for samples in iter_prompts(table, columns):
         rows.add(samples.prompt_id, prompt_statistics(samples, plan, betas), samples)
