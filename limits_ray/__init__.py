@@ -29,6 +29,7 @@ _HOMES = {
     "load_result": "limits_ray.storage.results", "StoredResult": "limits_ray.storage.results",
     "write_report": "limits_ray.outputs.report", "point_at_kl": "limits_ray.core.frontier",
     "trusted_kl_range": "limits_ray.core.frontier", "mean_frontier": "limits_ray.core.frontier",
+    "bracket_at": "limits_ray.core.bracket", "winrate_at_kl": "limits_ray.core.winrate",
     # the statistics, for data already in memory
     "reduce_table": "limits_ray.core.tables", "TiltStats": "limits_ray.core.tilt", "best_of_n": "limits_ray.core.bon",
     "khat": "limits_ray.core.psis",

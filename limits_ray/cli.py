@@ -12,9 +12,12 @@ import pyarrow.compute as pc
 
 from limits_ray.config import JobConfig
 from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.bracket import Bracket, bracket_at
 from limits_ray.core.errors import ConfigError, InputError
 from limits_ray.core.frontier import FrontierPoint, point_at_kl
+from limits_ray.core.headline import Z95
 from limits_ray.core.reliability import TRUSTED_FRACTION
+from limits_ray.core.winrate import rank_label, rank_tilt_at_kl, winrate_at_kl
 from limits_ray.outputs.numbers import format_number
 from limits_ray.pipeline.stages import PipelineError
 from limits_ray.runs.reduce import DEFAULT_BUCKET_ROWS
@@ -32,6 +35,7 @@ def _reduce(args: argparse.Namespace) -> int:
         evals=tuple(args.eval or ()),
         best_of_n=not args.no_bon,
         convergence=not args.no_convergence,
+        winrate=not args.no_winrate,
     )
     started = time.perf_counter()
     result = reduce_dataset(args.samples, args.out, config, use_ray=args.ray, bucket_rows=args.bucket_rows)
@@ -49,18 +53,74 @@ def _query(args: argparse.Namespace) -> int:
     from limits_ray.storage.location import local_location
     from limits_ray.storage.results import read_result_table
 
-    table = read_result_table(local_location(args.results), "frontier_mean", required=True, command="query")
+    results = local_location(args.results)
+    if args.winrate:
+        return _query_winrate(args, results)
+    table = read_result_table(results, "frontier_mean", required=True, command="query")
+    brackets = read_result_table(results, "bracket")
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
     aligns, evals = set(args.align or [a for a, _ in pairs]), set(args.eval or [e for _, e in pairs])
     print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'gain [reward]':>14} {'trusted':>8}")
     for align, evaluation in pairs:
         if align in aligns and evaluation in evals:
             for budget in args.kl:
-                point = point_at_kl(table, budget, align, evaluation)
+                try:
+                    point = point_at_kl(table, budget, align, evaluation)
+                except ValueError:
+                    bracket = bracket_at(brackets, budget, align, evaluation) if brackets.num_rows else None
+                    if bracket is None or budget > max(brackets["kl"].to_pylist()):
+                        raise
+                    print(f"{align:<24} {evaluation:<24} {format_number(budget, 4):>10} {'-':>10} {'-':>14} {'NO':>8}")
+                    print(_bracket_line(bracket))
+                    continue
                 print(f"{align:<24} {evaluation:<24} {format_number(point.kl, 4):>10} {format_number(point.beta, 4):>10} "
                       f"{format_number(point.gain, 4):>14} {'yes' if point.trusted else 'NO':>8}")
                 if not point.trusted:
+                    bracket = bracket_at(brackets, budget, align, evaluation) if brackets.num_rows else None
+                    if bracket is not None:
+                        print(_bracket_line(bracket))
                     print(f"limits-ray query: warning: align {align}, eval {evaluation}: {_untrusted(point)}", file=sys.stderr)
+    return 0
+
+
+def _bracket_line(bracket: Bracket) -> str:
+    """The certified bracket of an untrusted budget, indented under its row."""
+    upper = ("no upper bound (no trusted beta)" if bracket.upper != bracket.upper
+             else f"<= {format_number(bracket.upper, 4)} (tangent at the last trusted point, KL {format_number(bracket.anchor_kl, 3)})")
+    return (f"    certified bracket at KL {format_number(bracket.kl, 4)}: gain >= {format_number(bracket.lower, 4)} "
+            f"({bracket.lower_source}), {upper}")
+
+
+def _query_winrate(args: argparse.Namespace, results) -> int:
+    """``query --winrate``: the prompt-mean win rate over pi0 at each KL budget, and the best any policy reaches."""
+    from limits_ray.storage.results import read_result_table
+
+    table = read_result_table(results, "winrate_mean")
+    if table.num_rows == 0:
+        raise InputError(f"{results.join('winrate_mean.parquet').uri} is missing or empty: win rates come with best-of-n (reduce without --no-bon or "
+                         "--no-winrate; in a job analysis.best_of_n and analysis.winrate true)")
+    pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
+    aligns = set(args.align or [a for a, _ in pairs]) | {rank_label(e) for e in args.eval or []}
+    evals = set(args.eval or [e for _, e in pairs])
+    print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'win rate':>9} {'95% interval':>17} "
+          f"{'trusted':>8} {'best (continuous)':>18}")
+    for align, evaluation in pairs:
+        if (align in aligns or align == rank_label(evaluation)) and evaluation in evals:
+            for budget in args.kl:
+                point = winrate_at_kl(table, budget, align, evaluation)
+                best = rank_tilt_at_kl(budget)[1]
+                if point is None:
+                    print(f"{align:<24} {evaluation:<24} {format_number(budget, 4):>10} {'-':>10} {'-':>9} {'-':>17} "
+                          f"{'-':>8} {format_number(best, 4):>18}")
+                    continue
+                half = Z95 * point.winrate_se
+                interval = (f"{format_number(point.winrate_bc - half, 4)}-{format_number(point.winrate_bc + half, 4)}"
+                            if half == half else "-")
+                print(f"{align:<24} {evaluation:<24} {format_number(point.kl, 4):>10} {format_number(point.beta, 4):>10} "
+                      f"{format_number(point.winrate, 4):>9} {interval:>17} {'yes' if point.trusted else 'NO':>8} "
+                      f"{format_number(best, 4):>18}")
+    print("win rate: P(a response of the policy beats one of pi0 in eval), ties half; align rank(e): the win-rate-optimal "
+          "tilts estimated from the samples; best (continuous): their closed form for a reward without ties")
     return 0
 
 
@@ -107,14 +167,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from limits_ray.outputs.compare_report import compare_lines
+    from limits_ray.outputs.compare_report import compare_lines, proposal_lines
     from limits_ray.runs.compare import CompareOptions, compare
 
     config = _load_job(args)
-    options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta)
+    options = CompareOptions(gold=args.gold or "", proxy=args.proxy or "", members=args.members, noise=args.noise, beta=args.beta,
+                             proposals=not args.no_proposals)
     result = compare(config, options, validated=True)
     for line in compare_lines(result.policies):
         print(line)
+    if result.proposals is not None:
+        from limits_ray.storage.location import local_location
+        from limits_ray.storage.results import read_result_table
+
+        frontier_mean = read_result_table(local_location(config.output_dir), "frontier_mean", required=True, command="compare")
+        for line in proposal_lines(result.proposals[1], frontier_mean):
+            print(line)
     for path in result.paths:
         print(f"wrote {path}")
     return 0
@@ -189,18 +257,23 @@ def _parser() -> argparse.ArgumentParser:
     reduce.add_argument("--eval", action="append", help="evaluation reward (default: the align reward); repeatable")
     reduce.add_argument("--no-bon", action="store_true", help="skip best-of-n (it holds each prompt's rewards)")
     reduce.add_argument("--no-convergence", action="store_true", help="skip the convergence table")
+    reduce.add_argument("--no-winrate", action="store_true", help="skip the win rates (they cost about 60%% more time "
+                        "in the per-prompt pass)")
     reduce.add_argument("--ray", action="store_true",
                         help="reduce the buckets as Ray tasks (RAY_ADDRESS or a local Ray; input and --out on shared storage)")
     reduce.add_argument("--bucket-rows", type=_positive_int, default=DEFAULT_BUCKET_ROWS,
                         help="rows per bucket when the input is not in bucket= directories; peak memory grows with it")
     reduce.set_defaults(handler=_reduce)
 
-    query = commands.add_parser("query", help="the gain reachable at given KL budgets, and the beta for it")
+    query = commands.add_parser("query", help="the gain reachable at given KL budgets, and the beta for it "
+                                "(past the trusted range: the certified bracket; --winrate: win rates)")
     query.add_argument("results", type=Path, help="a directory holding frontier_mean.parquet")
     query.add_argument("--kl", required=True, type=lambda text: [float(v) for v in text.split(",")],
                        help="comma list of KL budgets (nats)")
     query.add_argument("--align", action="append", help="only this alignment reward; repeatable")
     query.add_argument("--eval", action="append", help="only this evaluation reward; repeatable")
+    query.add_argument("--winrate", action="store_true",
+                       help="the win rate over pi0 at each budget (winrate_mean.parquet) and the best any policy reaches")
     query.set_defaults(handler=_query)
 
     run = commands.add_parser("run", help="the distributed job: generate, score, reduce (same as jobs/frontier.py)")
@@ -216,6 +289,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--members", type=int, default=8, help="largest ensemble size M (0: skip the ensemble study)")
     comp.add_argument("--noise", type=float, default=1.0, help="synthetic proxy noise, in gold within-prompt sds")
     comp.add_argument("--beta", type=float, default=0.0, help="beta of the ensemble study (0: where gold KL ~ 1 nat)")
+    comp.add_argument("--no-proposals", action="store_true",
+                      help="skip the frontier from the policies' samples as proposals (it samples the base model again "
+                      "and scores every sample under every policy)")
     comp.add_argument("--verbose", action="store_true", help="Ray Data's and vLLM's INFO output on the console, not in <output_dir>/logs")
     comp.set_defaults(handler=_compare)
 

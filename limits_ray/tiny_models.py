@@ -10,6 +10,10 @@ saves, each with that tokenizer (and a chat template):
 * ``policy_blend``: the weight blend ``0.9 policy + 0.1 policy_b`` (a stand-in for a mildly aligned
   checkpoint, near pi0; ``configs/tiny_policies.yaml`` compares it with the frontier).
 
+:func:`tilted_checkpoint` fine-tunes a causal LM toward the tilt ``pi0 exp(r/beta)/Z`` of its next-token
+distribution after given prompts (a stand-in for an aligned checkpoint several nats from pi0 whose KL
+and gain are known exactly for one-token responses: tests/test_proposals.py, bench/bench_proposals.py).
+
 Everything is deterministic given the seed, and a marker file makes a second call a no-op.
 
 Why Llama and not GPTNeoX: vLLM 0.32 has no native GPTNeoX and serves it through its Transformers
@@ -27,7 +31,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "CORPUS", "TinyModels", "blend_checkpoint", "build_tiny_models"]
+__all__ = ["CHAT_TEMPLATE", "CORPUS", "TinyModels", "blend_checkpoint", "build_tiny_models", "next_token_logprobs",
+           "one_token_texts", "tilted_checkpoint"]
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -227,4 +232,61 @@ def blend_checkpoint(base: str | Path, other: str | Path, weight: float, out: st
             tensor.copy_((1.0 - weight) * tensor + weight * target[name])
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def next_token_logprobs(model_path: str | Path, prompts: list[str]):
+    """``[P, V]`` float64 numpy: the model's next-token log-probabilities after each prompt (tokenized as vLLM
+    does, with the tokenizer's default special tokens), in float32 as the tests' engines run."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        rows = [torch.log_softmax(model(**tokenizer(text, return_tensors="pt")).logits[0, -1].double(), -1)
+                for text in prompts]
+    return torch.stack(rows).numpy()
+
+
+def one_token_texts(model_path: str | Path) -> list[str]:
+    """The text of each one-token response as vLLM returns it: the token decoded without special tokens (EOS is
+    ``""``), an incomplete UTF-8 character at its end withheld (a byte token of a multi-byte character is ``""``,
+    where the tokenizer's ``decode`` gives the replacement character)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return [tokenizer.decode([token], skip_special_tokens=True).rstrip("\ufffd") for token in range(len(tokenizer))]
+
+
+def tilted_checkpoint(base: str | Path, prompts: list[str], token_rewards, beta: float, out: str | Path) -> Path:
+    """A checkpoint whose next-token distribution after each prompt ``x`` is ``pi0(y|x) exp(r(y)/beta) / Z``.
+
+    ``token_rewards``: ``[V]`` the reward of each one-token response (pass a noisy copy of the true reward for
+    a policy aligned to a proxy, hence not on the true frontier). The logits are ``W h_x`` with ``h_x`` the
+    final hidden state after the prompt and ``W`` the output layer (not tied to the input embeddings), so the
+    rank-one edit ``W + (r / beta) u^T`` with ``h_x . u = 1`` for every prompt (the least-norm ``u``, at most
+    ``hidden_size`` prompts) adds ``r(y)/beta`` to every prompt's next-token logits and leaves the rest of the
+    model alone: a fine-tune in closed form. Saved with the base's tokenizer to ``out``; a no-op if ``out`` exists.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if model.config.tie_word_embeddings:
+        raise ValueError(f"{base}: the output layer is tied to the input embeddings; the edit needs it untied")
+    with torch.no_grad():
+        hidden = np.stack([model.model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0, -1].double().numpy()
+                           for text in prompts])  # [P, H]
+        direction = hidden.T @ np.linalg.solve(hidden @ hidden.T, np.ones(len(prompts)))  # h_x . u = 1
+        rewards = np.asarray(token_rewards, dtype=np.float64) / beta
+        weight = model.lm_head.weight
+        weight.add_(torch.from_numpy(np.outer(rewards, direction)).to(weight.dtype))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

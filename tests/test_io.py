@@ -33,7 +33,8 @@ def test_contract_schemas():
     assert SCHEMAS["frontier_mean"].names == [
         "align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se", "gain_spread_se", "kl_spread_se",
         "gain_bc", "kl_bc", "reliable"]
-    assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl", "reward_se", "gain_se"]
+    assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl", "reward_se", "gain_se",
+                                    "winrate", "winrate_se"]
     assert SCHEMAS["convergence"].names == [
         "prompt_id", "align", "eval", "beta", "n_samples", "gain", "gain_se", "kl", "kl_se", "ess", "khat", "body_sd", "khat_pooled",
         "reliable"]

@@ -19,10 +19,29 @@ def _result():
     return reduce_table(table, ["r"], AnalysisConfig(betas="0.3:10:6"))
 
 
-def test_write_plots_keeps_its_signature_and_writes_four_figures(tmp_path):
+def test_write_plots_keeps_its_signature_and_writes_five_figures(tmp_path):
     paths = write_plots(_result(), tmp_path, title="plots")
-    assert sorted(p.name for p in paths) == ["convergence.png", "ess.png", "frontier.png", "frontier_by_n.png"]
+    assert sorted(p.name for p in paths) == ["convergence.png", "ess.png", "frontier.png", "frontier_by_n.png", "winrate.png"]
     assert all(p.stat().st_size > 20_000 for p in paths)
+    without_bon = reduce_table(pa.table({"prompt_id": ["a"] * 64, "sample_idx": np.arange(64), "r": np.linspace(0, 1, 64)}),
+                               ["r"], AnalysisConfig(betas="0.3:10:6", best_of_n=False))
+    assert "winrate.png" not in [p.name for p in write_plots(without_bon, tmp_path / "no_bon", title="plots")]
+
+
+def test_the_frontier_figure_shades_the_bracket(tmp_path):
+    """The bracket's area and the hatched unachievable region are drawn on the align = eval panel."""
+    import matplotlib.pyplot as plt
+
+    from limits_ray.outputs.beyond_plots import draw_bracket
+
+    result = _result()
+    figure, axis = plt.subplots()
+    assert draw_bracket(axis, result.bracket, "r", "r", result.frontier_mean["gain"].to_numpy())
+    labels = [collection.get_label() for collection in axis.collections]
+    assert "certified bracket past the trusted range (95%)" in labels
+    assert "unachievable: above the tangent at the last trusted point" in labels
+    assert not draw_bracket(axis, result.bracket, "other", "other", np.zeros(1))
+    plt.close(figure)
 
 
 def test_each_plot_reports_whether_it_drew(tmp_path):

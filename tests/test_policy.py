@@ -39,7 +39,9 @@ def compared(tiny_models, tmp_path_factory, ray_local):
             {"name": "blend", "model": str(blend), "samples_per_prompt": 32, "n": 16},
         ],
     )
-    return config, compare(config, CompareOptions(gold="rm_b", proxy="rm", members=4))
+    # proposals off: they would sample the base again and score every sample under every policy (12 more
+    # engine passes); tests/test_proposals.py runs them on one-token responses with exact values
+    return config, compare(config, CompareOptions(gold="rm_b", proxy="rm", members=4, proposals=False))
 
 
 def _rows(table, **equal):

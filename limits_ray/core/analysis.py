@@ -65,6 +65,8 @@ class AnalysisConfig:
         evals: evaluation rewards; empty means each alignment reward evaluated on itself.
         best_of_n: compute best-of-n (needs each prompt's rewards in memory).
         convergence: compute the dyadic convergence table.
+        winrate: with best-of-n, also the win rates over pi0 (``winrate``, ``winrate_mean``:
+            :mod:`limits_ray.core.winrate`; they take about 60% more time in the per-prompt pass).
     """
 
     betas: tuple[float, ...] = parse_betas("0.01:100:41")
@@ -73,6 +75,7 @@ class AnalysisConfig:
     evals: tuple[str, ...] = ()
     best_of_n: bool = True
     convergence: bool = True
+    winrate: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", parse_betas(self.betas))

@@ -169,9 +169,11 @@ def passes_gate(own_reliable: np.ndarray, pooled: np.ndarray, limit: float = POO
 POOLED_TABLES: dict[str, tuple[str, ...]] = {
     "frontier": ("align", "eval", "beta"),
     "convergence": ("align", "eval", "n_samples", "beta"),
+    "winrate": ("align", "eval", "beta"),  # the same weights exp(r/beta) as the frontier's rows (core/winrate.py)
 }
 """The tables the gate applies to, and the columns naming a cell of each."""
-_SIZE = {"frontier": "n", "convergence": "n_samples"}  # the sample-count column of each table
+_SIZE = {"frontier": "n", "convergence": "n_samples", "winrate": "n"}  # the sample-count column of each table
+_INTERVAL_SES = {"winrate": ("winrate_se", "kl_se")}  # the SEs the gate sets NaN; gain_se and kl_se elsewhere
 _SUMS = tuple(f"pool_{name}" for name in POOL_SUMS)
 GATE_ROWS = 1 << 17
 """Rows :func:`apply_pooled` gates at once."""
@@ -211,7 +213,8 @@ def _group_sum(table: pa.Table, keys: list[str]) -> pa.Table:
 
 
 def apply_pooled(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
-    """``table`` (rows in their order) with ``khat_pooled`` set and ``reliable``, ``gain_se``, ``kl_se`` gated.
+    """``table`` (rows in their order) with ``khat_pooled`` set and ``reliable``, ``gain_se``, ``kl_se`` gated
+    (``winrate_se`` and ``kl_se`` in ``winrate``).
 
     Before the gate a table's ``khat_pooled`` is its own ``khat`` (:class:`limits_ray.core.tables.PromptRows`).
 
@@ -234,7 +237,7 @@ def _gate(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
     pooled = pooled_khat(_column(table, "khat").astype(np.float64), _column(table, _SIZE[name]), _covariate(table), *cell)
     reliable = passes_gate(_column(table, "reliable"), pooled)
     out = table
-    for field in ("gain_se", "kl_se"):
+    for field in _INTERVAL_SES.get(name, ("gain_se", "kl_se")):
         values = _column(out, field).astype(np.float64)
         out = out.set_column(out.schema.get_field_index(field), field, pa.array(np.where(reliable, values, np.nan)))
     out = out.set_column(out.schema.get_field_index("reliable"), "reliable", pa.array(reliable))

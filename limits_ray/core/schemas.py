@@ -1,4 +1,5 @@
-"""The result tables: ``frontier``, ``frontier_mean``, ``bon`` and ``convergence`` (README, "Output").
+"""The result tables: ``frontier``, ``frontier_mean``, ``bon``, ``convergence``, ``winrate``, ``winrate_mean``
+and ``bracket`` (README, "Output").
 
 Every writer (the job's bucket tasks, the offline reduce, the in-memory reduce) builds its tables
 with these schemas, and every reader casts to them.
@@ -29,11 +30,31 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("n", pa.int64()),
         ("reward", pa.float64()), ("gain", pa.float64()), ("kl", pa.float64()),
         ("reward_se", pa.float64()), ("gain_se", pa.float64()),
+        ("winrate", pa.float64()), ("winrate_se", pa.float64()),  # limits_ray.core.winrate (best-of-n over pi0)
     ]),
     "convergence": pa.schema([
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
         ("n_samples", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
         ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("body_sd", pa.float64()),
         ("khat_pooled", pa.float64()), ("reliable", pa.bool_()),
+    ]),
+    # limits_ray.core.winrate: the tilts' (and the rank tilts', align "rank(<eval>)") win rates over pi0
+    "winrate": pa.schema([
+        ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
+        ("n", pa.int64()), ("winrate", pa.float64()), ("winrate_se", pa.float64()), ("winrate_bc", pa.float64()),
+        ("kl", pa.float64()), ("kl_se", pa.float64()), ("kl_bc", pa.float64()), ("ess", pa.float64()),
+        ("khat", pa.float64()), ("body_sd", pa.float64()), ("khat_pooled", pa.float64()), ("reliable", pa.bool_()),
+    ]),
+    "winrate_mean": pa.schema([
+        ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
+        ("winrate", pa.float64()), ("winrate_se", pa.float64()), ("winrate_bc", pa.float64()), ("kl", pa.float64()),
+        ("kl_se", pa.float64()), ("kl_bc", pa.float64()), ("reliable", pa.float64()),
+        ("winrate_spread_se", pa.float64()), ("kl_spread_se", pa.float64()),
+    ]),
+    # limits_ray.core.bracket: per align = eval frontier, lower <= g*(kl) <= upper past the trusted range
+    "bracket": pa.schema([
+        ("align", pa.string()), ("eval", pa.string()), ("kl", pa.float64()), ("lower", pa.float64()),
+        ("upper", pa.float64()), ("lower_source", pa.string()), ("anchor_beta", pa.float64()),
+        ("anchor_kl", pa.float64()), ("anchor_gain_hi", pa.float64()),
     ]),
 }

@@ -1,14 +1,15 @@
-"""The reducer: scored samples (or their merged statistics) to the four result tables.
+"""The reducer: scored samples (or their merged statistics) to the result tables.
 
 The per-prompt steps are separate so that the offline command (``limits-ray reduce``) and the
 streaming pipeline share them: :func:`prompt_statistics` turns one prompt's rewards into
 mergeable :class:`DyadicStats`; :class:`PromptRows` turns statistics (and rewards, for best-of-n:
-:func:`bon_rows`) into rows, finalizing a batch of prompts at once; :func:`finish` averages.
+:func:`bon_rows`, and the win rates: :class:`limits_ray.core.winrate.WinRateRows`) into rows, finalizing
+a batch of prompts at once; :func:`finish` averages.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -16,6 +17,7 @@ import pyarrow as pa
 
 from limits_ray.core.analysis import AnalysisConfig, Plan
 from limits_ray.core.bon import best_of_n
+from limits_ray.core.bracket import bon_means, bon_sums, bracket_table
 from limits_ray.core.dyadic import DyadicStats
 from limits_ray.core.frontier import mean_frontier
 from limits_ray.core.reliability import pool_whole
@@ -23,6 +25,7 @@ from limits_ray.core.reward_spec import RewardSpec
 from limits_ray.core.samples import PromptSamples, iter_prompts
 from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tilt import TiltEstimate, finalize_many
+from limits_ray.core.winrate import WinRateRows, loo_midranks, winrate_mean, winrate_sums
 
 __all__ = [
     "PromptRows", "ReduceResult", "TableBuilder", "bon_rows", "finish", "prompt_statistics", "reduce_prompts",
@@ -92,16 +95,20 @@ class PromptRows:
     Frontier rows are :class:`limits_ray.core.tilt.TiltEstimate`'s columns (``gain_se``/``kl_se`` its
     interval SEs, NaN where not ``reliable``; ``khat``, ``ess`` and ``reliable`` depend on the align
     reward only). Convergence rows are the estimates on every dyadic prefix (N = 1, 2, 4, ...
-    samples, and all N when N is not a power of two). Best-of-n rows: see :func:`bon_rows`.
+    samples, and all N when N is not a power of two). Best-of-n rows: see :func:`bon_rows`. With best-of-n
+    on and a ``winrate`` builder, each prompt's win-rate rows too (:class:`limits_ray.core.winrate.WinRateRows`:
+    from its rewards like best-of-n, with the frontier estimate's KL and weight diagnostics).
     """
 
     def __init__(self, builders: dict[str, TableBuilder], plan: Plan, convergence: bool = True,
-                 best_of_n: bool = True) -> None:
+                 best_of_n: bool = True, winrate: bool = True) -> None:
         self.builders, self.plan = builders, plan
         self.convergence, self.best_of_n = convergence, best_of_n
+        self.winrate = winrate and "winrate" in builders
         self.prompt_ids: list[str] = []
         self.statistics: list[dict[str, DyadicStats]] = []
         self.samples = 0
+        self.winrates: WinRateRows | None = None
 
     def add(self, prompt_id: str, statistics: dict[str, DyadicStats], samples: PromptSamples | None = None) -> None:
         """One prompt: its statistics, and its rewards when best-of-n is on (they are not kept)."""
@@ -112,6 +119,10 @@ class PromptRows:
             if samples is None:
                 raise ValueError(f"prompt {prompt_id!r}: best-of-n needs its rewards")
             bon_rows(self.builders["bon"], samples, self.plan)
+            if self.winrate:
+                if self.winrates is None:
+                    self.winrates = WinRateRows(self.plan, next(iter(statistics.values())).betas)
+                self.winrates.add(samples)
         self.prompt_ids.append(prompt_id)
         self.statistics.append(statistics)
         self.samples += samples_held
@@ -122,13 +133,14 @@ class PromptRows:
         """Finalize the pending prompts and add their rows."""
         if not self.prompt_ids:
             return
-        frontier, convergence = [], []
+        frontier, convergence, estimates = [], [], []
         for position, (align, evals) in enumerate(self.plan):
             chains = [list(by_align[align.name].prefixes()) if self.convergence else [by_align[align.name].total()]
                       for by_align in self.statistics]
             lengths = np.array([len(chain) for chain in chains])
             estimate = finalize_many([state for chain in chains for state in chain])
             last = np.cumsum(lengths) - 1
+            estimates.append((estimate, last))
             frontier.append(_estimate_block(estimate, last, np.arange(len(chains)), position, align, evals, FRONTIER_ROW))
             if self.convergence:
                 owner = np.repeat(np.arange(len(chains)), lengths)
@@ -138,6 +150,8 @@ class PromptRows:
         _add_sorted(self.builders["frontier"], frontier, prompt_ids)
         if self.convergence:
             _add_sorted(self.builders["convergence"], convergence, prompt_ids)
+        if self.winrates is not None:
+            self.winrates.flush(self.builders["winrate"], estimates)
         self.prompt_ids, self.statistics, self.samples = [], [], 0
 
 
@@ -184,46 +198,64 @@ def _add_sorted(builder: TableBuilder, blocks: list[dict[str, np.ndarray]], prom
 
 
 def bon_rows(builder: TableBuilder, samples: PromptSamples, plan: Plan) -> None:
-    """Add one prompt's best-of-n rows for n = 1, 2, 4, ... <= N, with jackknife standard errors."""
+    """Add one prompt's best-of-n rows for n = 1, 2, 4, ... <= N, with jackknife standard errors.
+
+    ``winrate``: best-of-n's win rate over pi0 in eval, the best-of-n estimate of the leave-one-out mid-ranks
+    ``F_(-i)(e_i)`` (:mod:`limits_ray.core.winrate`); its jackknife ``winrate_se`` holds the ranks fixed.
+    """
     for align, evals in plan:
         evaluated = np.stack([spec.values(samples.rewards) for spec in evals], axis=1)
-        result = best_of_n(align.values(samples.rewards), evaluated)
+        ranks = loo_midranks(evaluated) if evaluated.shape[0] > 1 else np.full(evaluated.shape, 0.5)
+        result = best_of_n(align.values(samples.rewards), np.concatenate([evaluated, ranks], axis=1))
         for column, spec in enumerate(evals):
             builder.add(
                 result.n.size, prompt_id=samples.prompt_id, align=align.name, eval=spec.name, n=result.n,
                 reward=result.reward[:, column], gain=result.gain[:, column], kl=result.kl,
                 reward_se=result.reward_se[:, column], gain_se=result.gain_se[:, column],
+                winrate=result.reward[:, len(evals) + column], winrate_se=result.reward_se[:, len(evals) + column],
             )
+
+
+def _empty(name: str):
+    return field(default_factory=SCHEMAS[name].empty_table)
 
 
 @dataclass
 class ReduceResult:
-    """The four result tables (:data:`limits_ray.core.schemas.SCHEMAS`) in memory
+    """The result tables (:data:`limits_ray.core.schemas.SCHEMAS`) in memory
     (:func:`limits_ray.storage.results.write_result` writes them, :func:`limits_ray.storage.results.load_result` reads them)."""
 
     frontier: pa.Table
     frontier_mean: pa.Table
     bon: pa.Table
     convergence: pa.Table
+    winrate: pa.Table = _empty("winrate")
+    winrate_mean: pa.Table = _empty("winrate_mean")
+    bracket: pa.Table = _empty("bracket")
 
 
-def finish(frontier: TableBuilder, bon: TableBuilder, convergence: TableBuilder) -> ReduceResult:
+def finish(frontier: TableBuilder, bon: TableBuilder, convergence: TableBuilder,
+           winrate: TableBuilder | None = None) -> ReduceResult:
     """Assemble the result: the cross-prompt reliability gate (:mod:`limits_ray.core.reliability`), then the
-    per-prompt frontier averaged over prompts."""
+    per-prompt frontier (and win rates) averaged over prompts, and the certified bracket
+    (:func:`limits_ray.core.bracket.bracket_table`)."""
     frontier_table, convergence_table = (pool_whole(builder.table(), name)
                                          for name, builder in (("frontier", frontier), ("convergence", convergence)))
-    return ReduceResult(frontier_table, mean_frontier(frontier_table), bon.table(), convergence_table)
+    winrate_table = pool_whole(winrate.table(), "winrate") if winrate is not None else SCHEMAS["winrate"].empty_table()
+    frontier_mean, bon_table = mean_frontier(frontier_table), bon.table()
+    return ReduceResult(frontier_table, frontier_mean, bon_table, convergence_table, winrate_table,
+                        winrate_mean(winrate_sums(winrate_table)), bracket_table(frontier_mean, bon_means(bon_sums(bon_table))))
 
 
 def reduce_prompts(prompts: Iterable[PromptSamples], plan: Plan, config: AnalysisConfig) -> ReduceResult:
     """Reduce per-prompt samples to the result tables (one batch of prompts' statistics in memory at a time)."""
     betas = np.asarray(config.betas)
-    builders = {name: TableBuilder(name) for name in ("frontier", "bon", "convergence")}
-    rows = PromptRows(builders, plan, config.convergence, config.best_of_n)
+    builders = {name: TableBuilder(name) for name in ("frontier", "bon", "convergence", "winrate")}
+    rows = PromptRows(builders, plan, config.convergence, config.best_of_n, config.winrate)
     for samples in prompts:
         rows.add(samples.prompt_id, prompt_statistics(samples, plan, betas), samples)
     rows.flush()
-    return finish(builders["frontier"], builders["bon"], builders["convergence"])
+    return finish(builders["frontier"], builders["bon"], builders["convergence"], builders["winrate"])
 
 
 def reduce_table(table: pa.Table, reward_columns: list[str], config: AnalysisConfig) -> ReduceResult:

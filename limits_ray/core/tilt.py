@@ -33,7 +33,7 @@ from scipy.special import stdtrit
 from limits_ray.core.psis import TAIL_CAP, khat_many, tail_size
 from limits_ray.core.reliability import khat_thresholds, own_reliable
 
-__all__ = ["TiltEstimate", "TiltStats", "finalize_many", "recentre_matrix"]
+__all__ = ["TiltEstimate", "TiltStats", "finalize_many", "interval_ratio", "recentre_matrix"]
 
 _Z975 = 1.959963984540054
 _DF_DIVISOR = 3.0  # df = nu / 3 (see TiltStats.finalize)
@@ -480,3 +480,11 @@ def _t_ratio(if2: np.ndarray, if4: np.ndarray, reliable: np.ndarray) -> np.ndarr
     student = reliable & np.isfinite(df)
     ratio[student] = stdtrit(df[student], 0.975) / _Z975
     return ratio
+
+
+def interval_ratio(if2: np.ndarray, if4: np.ndarray, reliable: np.ndarray) -> np.ndarray:
+    """``t_df(0.975) / z(0.975)``, ``df = max((sum IF^2)^2 / (3 sum IF^4), 1)``: the factor that turns a
+    delta-method SE into the interval SE of :meth:`TiltStats.finalize` (NaN where not ``reliable``), for
+    other self-normalised estimators of the same weights (:mod:`limits_ray.core.winrate`,
+    :mod:`limits_ray.core.proposals`)."""
+    return _t_ratio(if2, if4, reliable)

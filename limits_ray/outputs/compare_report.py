@@ -6,6 +6,9 @@
   and the gold reward lost against the gold-aligned policy at the same beta;
 * ``ensembles.png``: gold gain at a fixed beta against the ensemble size M, and |gap| with the
   ``c / sqrt(M)`` reference of Theorem 3;
+* ``proposals.png``: the frontier from the base samples and from every proposal's samples
+  (:func:`limits_ray.outputs.beyond_plots.proposals_figure`); ``policies.png`` also shades the certified
+  bracket past the trusted range (:func:`limits_ray.outputs.beyond_plots.draw_bracket`);
 * ``compare.md``: the tables in short and the figures.
 """
 
@@ -18,10 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from limits_ray.outputs.figures import new_figure, save_figure
+from limits_ray.core.frontier import trusted_kl_range
+from limits_ray.outputs.beyond_plots import draw_bracket, proposals_figure
 from limits_ray.outputs.numbers import MISSING, format_estimate, format_number
+from limits_ray.outputs.style import new_figure, save_figure
 
-__all__ = ["BON_FOOTNOTE", "compare_lines", "markdown_table", "plot_ensembles", "plot_policies", "plot_proxy_gold", "write_compare_report"]
+__all__ = [
+    "BON_FOOTNOTE", "compare_lines", "markdown_table", "plot_ensembles", "plot_policies", "plot_proxy_gold", "proposal_lines",
+    "write_compare_report",
+]
 
 BON_FOOTNOTE = (
     "best-of-n: no standard error; its KL is a function of n and the ties among the rewards "
@@ -35,8 +43,9 @@ def _select(table: pa.Table, **equal: str) -> pa.Table:
     return table
 
 
-def plot_policies(frontier_mean: pa.Table, policies: pa.Table, path: Path, title: str) -> None:
-    """One panel per eval reward with a self-aligned frontier: frontier, best-of-n and checkpoints."""
+def plot_policies(frontier_mean: pa.Table, policies: pa.Table, path: Path, title: str, bracket: pa.Table | None = None) -> None:
+    """One panel per eval reward with a self-aligned frontier: frontier, best-of-n and checkpoints (and the
+    certified bracket past the trusted range, when given)."""
     evals = sorted({e for a, e in zip(frontier_mean["align"].to_pylist(), frontier_mean["eval"].to_pylist()) if a == e})
     columns = min(2, max(1, len(evals)))
     rows = -(-max(1, len(evals)) // columns)
@@ -62,6 +71,9 @@ def plot_policies(frontier_mean: pa.Table, policies: pa.Table, path: Path, title
             axis.errorbar(row["kl"], row["gain"], xerr=1.96 * row["kl_se"], yerr=1.96 * row["gain_se"], fmt="s",
                           color=f"C{color + 3}", ms=6, capsize=3,
                           label=f"{row['policy']}: gap {'≥ ' if row['beyond_grid'] else ''}{row['gap']:.3g} ± {1.96 * row['gap_se']:.2g}")
+        if bracket is not None:
+            shown = [row["gain"] + 1.96 * np.nan_to_num(row["gain_se"]) for row in _select(here, kind="checkpoint").to_pylist()]
+            draw_bracket(axis, bracket, evaluation, evaluation, np.r_[gain + np.nan_to_num(band), shown])
         axis.set_xscale("symlog", linthresh=0.01)
         axis.set_xlabel("KL(π ‖ π₀)  [nats]")
         axis.set_ylabel(f"gain in {evaluation}  [reward units]")
@@ -177,13 +189,15 @@ def markdown_table(table: pa.Table, columns: list[str]) -> list[str]:
 
 def write_compare_report(
     out_dir: Path, *, title: str, result: Any, policies: pa.Table, proxy_gold: pa.Table | None,
-    ensembles: pa.Table | None, gold: str, proxy: str, seconds: float,
+    ensembles: pa.Table | None, gold: str, proxy: str, seconds: float, proposals: pa.Table | None = None,
+    bracket: pa.Table | None = None,
 ) -> list[Path]:
-    """Write the PNGs and ``compare.md`` into ``out_dir``; returns the paths written."""
+    """Write the PNGs and ``compare.md`` into ``out_dir``; returns the paths written (``proposals``: the prompt
+    means of the frontier from every proposal; ``bracket``: the certified bracket with the checkpoints)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "policies.png"]
-    plot_policies(result.frontier_mean, policies, paths[0], title)
+    plot_policies(result.frontier_mean, policies, paths[0], title, bracket)
     lines = [
         f"# {title}: policies against the frontier", "",
         "KL(π‖π₀) = E_π[log π − log π₀] on each policy's own samples (raw model log-probabilities: the sampling",
@@ -214,7 +228,35 @@ def write_compare_report(
                   f"{float(ensembles['beta'][0].as_py()):.3g}; the reference is c/√M fitted at M = 1.", "",
                   "![ensembles](ensembles.png)", ""]
         lines += markdown_table(ensembles, ["members", "kl", "gold_gain", "gold_gain_se", "gold_aligned_gain", "gap", "reference"])
-    lines += ["", f"Tables: policies.parquet, proxy_gold.parquet, ensembles.parquet; {seconds:.0f} s.", ""]
+    if proposals is not None and proposals.num_rows:
+        figure = proposals_figure(result.frontier_mean, proposals, policies, title)
+        if figure is not None:
+            paths.append(out_dir / "proposals.png")
+            save_figure(figure, paths[-1])
+        lines += ["", "## The policies' samples as proposals", "",
+                  "The frontier from the base samples and every policy's samples together: each sample weighed by",
+                  "π₀(y) exp(r/β) / Σ_k (N_k/N) q_k(y) (balance heuristic), self-normalised; trusted where at least 90% of",
+                  "prompts pass the k-hat and ESS test of these weights.", "", "![proposals](proposals.png)", "",
+                  "| align = eval | trusted KL range, base samples | trusted KL range, with the policies' samples |",
+                  "|---|---|---|"]
+        for evaluation in sorted({a for a, e in zip(proposals["align"].to_pylist(), proposals["eval"].to_pylist()) if a == e}):
+            ranges = [trusted_kl_range(table, evaluation, evaluation) for table in (result.frontier_mean, proposals)]
+            lines.append(f"| {evaluation} | " + " | ".join(
+                "none" if found is None else f"{format_number(found[0])} to {format_number(found[1])}" for found in ranges) + " |")
+    lines += ["", f"Tables: policies.parquet, proxy_gold.parquet, ensembles.parquet, bracket.parquet"
+              + (", proposals.parquet, proposals_mean.parquet" if proposals is not None else "") + f"; {seconds:.0f} s.", ""]
     paths.append(out_dir / "compare.md")
     paths[-1].write_text("\n".join(lines))
     return paths
+
+
+def proposal_lines(proposals_mean: pa.Table, frontier_mean: pa.Table) -> list[str]:
+    """Console lines: per self-evaluated frontier, the trusted KL range from the base samples and with the policies'."""
+    lines = []
+    for evaluation in sorted({a for a, e in zip(proposals_mean["align"].to_pylist(), proposals_mean["eval"].to_pylist()) if a == e}):
+        ranges = [trusted_kl_range(table, evaluation, evaluation) for table in (frontier_mean, proposals_mean)]
+        shown = ["none" if found is None else f"{format_number(found[0])} to {format_number(found[1])} nats" for found in ranges]
+        lines.append(f"frontier of {evaluation}: trusted KL range {shown[0]} from the base samples, {shown[1]} with the "
+                     "policies' samples as proposals (proposals_mean.parquet)")
+    return lines
+

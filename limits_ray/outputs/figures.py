@@ -2,22 +2,22 @@
 
 - ``frontier.png`` (:func:`plot_frontier`): per (align, eval), the prompt-averaged frontier with its 95%
   band, dashed outside the trusted KL range, best-of-n points and each prompt's frontier as a thin line;
+  past the trusted range the certified bracket, and the unachievable region above it hatched
+  (:func:`limits_ray.outputs.beyond_plots.draw_bracket`);
 - ``convergence.png`` (:func:`plot_convergence_bands`): prompt-mean gain and KL against N, with bands;
 - ``frontier_by_n.png`` (:func:`plot_frontier_by_n`): the frontier estimated from the first N samples;
-- ``ess.png`` (:func:`plot_ess_prompts`): Kish ESS against beta, per prompt and its median.
+- ``ess.png`` (:func:`plot_ess_prompts`): Kish ESS against beta, per prompt and its median;
+- ``winrate.png`` (:func:`limits_ray.outputs.beyond_plots.winrate_figure`): win rates over pi0 against KL.
 
-:func:`write_plots` draws all four for a run (:func:`limits_ray.runs.job.run_job`);
+:func:`write_plots` draws them all for a run (:func:`limits_ray.runs.job.run_job`);
 :func:`limits_ray.outputs.report.write_report` draws them for any results directory. Every figure is
-written by :func:`save_figure`.
+made and written by :mod:`limits_ray.outputs.style`.
 """
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
-import matplotlib
-from matplotlib.figure import Figure
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,36 +26,13 @@ from limits_ray.core.convergence import summarize
 from limits_ray.core.frontier import trusted_kl_range
 from limits_ray.core.reliability import TRUSTED_FRACTION
 from limits_ray.core.tables import ReduceResult
+from limits_ray.outputs.beyond_plots import draw_bracket, winrate_figure
+from limits_ray.outputs.style import colormap_colors, new_figure, save_figure, suptitle
 
 __all__ = [
-    "FIGURES", "colormap_colors", "ess_source", "new_figure", "plot_convergence_bands", "plot_ess_prompts", "plot_frontier",
-    "plot_frontier_by_n", "save_figure", "suptitle", "write_plots",
+    "FIGURES", "ess_source", "plot_convergence_bands", "plot_ess_prompts", "plot_frontier", "plot_frontier_by_n",
+    "write_plots",
 ]
-
-
-def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):
-    """A figure and its grid of axes, ``(figure, axes)`` as ``pyplot.subplots`` gives them, without pyplot:
-    figures here are plain :class:`matplotlib.figure.Figure` objects, so drawing them changes no global
-    state (a notebook's backend, pyplot's figure list) and no GUI is ever involved."""
-    figure = Figure(figsize=figsize)
-    return figure, figure.subplots(rows, columns, squeeze=squeeze)
-
-
-def colormap_colors(name: str, values: np.ndarray) -> np.ndarray:
-    """RGBA colours of ``values`` (in [0, 1]) on the matplotlib colormap ``name``."""
-    return matplotlib.colormaps[name](values)
-
-
-def suptitle(figure: Figure, text: str, fontsize: float = 11) -> None:
-    """The figure's title, wrapped at word boundaries to the figure's width (long run names stay whole)."""
-    width = max(20, int(figure.get_figwidth() * 72 / (0.55 * fontsize)))
-    figure.suptitle("\n".join(textwrap.wrap(text, width)) if len(text) > width else text, fontsize=fontsize)
-
-
-def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> None:
-    """Lay ``figure`` out tightly and write it to ``path`` (PNG): every figure of limits-ray ends here."""
-    figure.tight_layout()
-    figure.savefig(path, dpi=dpi)
 
 
 def _pairs(table: pa.Table) -> list[tuple[str, str]]:
@@ -115,6 +92,7 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
             grouped = bon.group_by("n").aggregate([("kl", "mean"), ("gain", "mean")]).sort_by("n")
             axis.plot(grouped["kl_mean"].to_numpy(), grouped["gain_mean"].to_numpy(), "o", color="C3",
                       ms=5, zorder=4, label="best-of-n, n = 1, 2, 4, ...")
+        draw_bracket(axis, result.bracket, align, evaluation, np.concatenate([gain, gain + band]))
         axis.set_xscale("symlog", linthresh=0.01)
         axis.set_xlabel("KL(π_β ‖ π₀)  [nats]")
         axis.set_ylabel(f"gain in {evaluation}  [reward units]")
@@ -301,6 +279,7 @@ FIGURES = {
     "convergence.png": "Prompt-mean gain and KL against the number of samples N, 95% bands.",
     "frontier_by_n.png": "The frontier estimated from the first N samples of each prompt.",
     "ess.png": "Kish effective sample size against beta: per prompt (grey) and the median.",
+    "winrate.png": "Win rate over the base model against KL: tilts, win-rate-optimal curve, best-of-n.",
 }
 """The standard figures of a result, in the order reports show them, with their captions."""
 
@@ -326,4 +305,8 @@ def write_plots(result: ReduceResult, out_dir: str | Path, title: str, convergen
             drawn.add("frontier_by_n.png")
     if result.frontier.num_rows and plot_ess_prompts(ess_source(result.frontier), out_dir / "ess.png", title):
         drawn.add("ess.png")
+    winrates = winrate_figure(result.winrate_mean, result.bon, title)
+    if winrates is not None:
+        save_figure(winrates, out_dir / "winrate.png")
+        drawn.add("winrate.png")
     return [out_dir / name for name in FIGURES if name in drawn]

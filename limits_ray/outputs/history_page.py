@@ -33,7 +33,7 @@ import pyarrow as pa
 from limits_ray.core.frontier_diff import GainAtKL
 from limits_ray.core.reliability import TRUSTED_FRACTION
 from limits_ray.outputs.diff_report import VERDICT_STYLE
-from limits_ray.outputs.figures import colormap_colors, new_figure, save_figure
+from limits_ray.outputs.style import colormap_colors, new_figure, save_figure
 from limits_ray.outputs.numbers import format_estimate, format_number
 
 __all__ = ["FIGURE_NIGHTS", "Night", "Shift", "plot_gain_history", "plot_health", "write_page"]

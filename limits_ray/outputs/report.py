@@ -10,6 +10,7 @@ Reads ``frontier.parquet``, ``frontier_mean.parquet``, ``bon.parquet`` and ``con
   spread across prompts (and Monte Carlo bands when a study's ``study_prefixes.parquet`` is there);
 - ``frontier_by_n.png``: the frontier estimated from the first N samples, for several N;
 - ``ess.png``: the Kish effective sample size against beta, per prompt and its median;
+- ``winrate.png``: win rates over pi0 against KL (with win rates: :mod:`limits_ray.outputs.beyond_plots`);
 - ``report.md``: a plain-language summary (:func:`summary_lines`: the KL range that can be
   trusted, the gain at a few KL budgets with 95% error bars, best-of-n points, where more samples
   would change the picture most), counts, the figures, the frontier at a few KL budgets, and per
@@ -35,6 +36,7 @@ from limits_ray.core.errors import InputError
 from limits_ray.core.frontier import point_at_kl, trusted_kl_range
 from limits_ray.core.reliability import FALLBACK_ESS_FLOOR, RELIABLE_RULE, TRUSTED_FRACTION, reliable_rows, trusted_beta
 from limits_ray.core.tables import ReduceResult
+from limits_ray.outputs.beyond_report import bracket_lines, winrate_lines
 from limits_ray.outputs.figures import FIGURES, write_plots
 from limits_ray.outputs.numbers import format_estimate, format_number
 from limits_ray.storage.results import load_result
@@ -187,6 +189,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
     for name, caption in figures:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     lines += ["## Gain at given KL budgets (prompt mean)", "", *_kl_points(result, (0.1, 0.5, 1.0, 2.0, 4.0)), ""]
+    lines += bracket_lines(result, BUDGETS) + winrate_lines(result, BUDGETS)
     if "reliable" in result.frontier_mean.column_names:
         lines += ["## Where the estimates can be trusted", "",
                   f"Reliable: {RELIABLE_RULE}.", "",

@@ -6,17 +6,19 @@ A run's prompts are split by :func:`limits_ray.storage.buckets.bucket_of`. For e
   written since the last compaction (:func:`compact`), and writes the rounds this run still has to
   generate (``todo``) for the bucket's prompts;
 - :func:`finalize_bucket`: compacts again (now with this run's rounds), writes the bucket's shard of
-  ``bon`` and, under ``work/ungated``, of ``frontier`` and ``convergence`` before the cross-prompt
-  reliability gate, and returns their per-cell k-hat sums (:func:`limits_ray.core.reliability.khat_sums`);
+  ``bon`` and, under ``work/ungated``, of ``frontier``, ``convergence`` and ``winrate`` before the
+  cross-prompt reliability gate, and returns their per-cell k-hat sums
+  (:func:`limits_ray.core.reliability.khat_sums`) and best-of-n's per-(align, eval, n) sums
+  (:func:`limits_ray.core.bracket.bon_sums`, for the bracket);
 - :func:`gate_bucket`: once the driver has added every bucket's k-hat sums, gates the bucket's
-  ``frontier`` and ``convergence`` shards with them, writes them into the output and returns only
-  per-(align, eval, beta) sums and a few prompts' rows for the figures.
+  ``frontier``, ``convergence`` and ``winrate`` shards with them, writes them into the output and returns
+  only per-(align, eval, beta) sums of ``frontier`` and ``winrate`` and a few prompts' rows for the figures.
 
 The last two are the two passes of the bucketed reduce, which the offline ``limits-ray reduce``
 (:mod:`limits_ray.runs.reduce`) shares: its first pass reads input files instead of the store, and its
 second is the same :func:`gate_shards`. Between the passes the driver adds the buckets' k-hat sums
-(:func:`limits_ray.core.reliability.merge_khat_sums`); after the second, their frontier sums
-(:func:`limits_ray.core.frontier.mean_from_sums`). Each task reads one bucket; the driver sees counts
+(:func:`limits_ray.core.reliability.merge_khat_sums`); after the second, their frontier and win-rate sums
+(:func:`limits_ray.core.frontier.mean_from_sums`, :func:`limits_ray.core.winrate.winrate_mean`). Each task reads one bucket; the driver sees counts
 and sums whose size does not grow with samples or prompts. The functions are plain Python, their
 shared arguments first and the bucket last: the job runs them as Ray tasks
 (:func:`limits_ray.pipeline.cluster.map_tasks`).
@@ -35,11 +37,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from limits_ray.core.analysis import Plan
+from limits_ray.core.bracket import bon_sums
 from limits_ray.core.frontier import frontier_sums, merge_sums
 from limits_ray.core.reliability import POOLED_TABLES, apply_pooled, khat_sums
 from limits_ray.core.samples import PromptSamples, iter_prompts
 from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tables import PromptRows, TableBuilder, prompt_statistics
+from limits_ray.core.winrate import winrate_sums
 from limits_ray.storage.buckets import bucket_name
 from limits_ray.storage.location import Location
 from limits_ray.storage.sample_store import MergedBucket, SampleStore
@@ -87,7 +91,8 @@ class BucketSummary:
     """What a finalized bucket tells the driver: small, whatever the bucket's size.
 
     ``khat_sums``: per pooled table (:data:`limits_ray.core.reliability.POOLED_TABLES`), its per-cell
-    k-hat sums; ``sums`` and ``plot_rows`` are filled in by :func:`gate_bucket`.
+    k-hat sums; ``bon_sums``: best-of-n's per-(align, eval, n) sums (:func:`limits_ray.core.bracket.bon_sums`);
+    ``sums``, ``winrate_sums`` and ``plot_rows`` are filled in by :func:`gate_bucket`.
     """
 
     bucket: int
@@ -95,6 +100,8 @@ class BucketSummary:
     samples: int
     khat_sums: dict[str, pa.Table]
     sums: pa.Table | None = None
+    bon_sums: pa.Table | None = None
+    winrate_sums: pa.Table | None = None
     plot_rows: dict[str, pa.Table] = field(default_factory=dict)
     incomplete: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
@@ -217,7 +224,7 @@ def _plot_rows(table: pa.Table, prompt_ids: list[str]) -> pa.Table:
 
 
 def finalize_bucket(context: BucketContext, output: Location, skip: set[str], best_of_n: bool, convergence: bool,
-                    bucket: int) -> BucketSummary:
+                    winrate: bool, bucket: int) -> BucketSummary:
     """Write the bucket's shard of ``bon`` into ``output`` and those of the pooled tables into ``work/ungated``
     (:func:`gate_bucket` finishes them); returns their k-hat sums and counts.
 
@@ -237,8 +244,8 @@ def finalize_bucket(context: BucketContext, output: Location, skip: set[str], be
     complete = {p: rounds for p, rounds in wanted.items() if len(rounds) and set(rounds) <= merged.rounds.get(p, set())}
     needs_samples = {p for p, rounds in complete.items() if best_of_n or merged.rounds[p] != set(rounds)}
     samples = _bucket_samples(context, bucket, needs_samples)
-    builders = {name: TableBuilder(name) for name in ("frontier", "convergence", "bon")}
-    rows = PromptRows(builders, context.plan, convergence, best_of_n)
+    builders = {name: TableBuilder(name) for name in ("frontier", "convergence", "bon", "winrate")}
+    rows = PromptRows(builders, context.plan, convergence, best_of_n, winrate)
     total = 0
     for prompt_id in sorted(complete):
         rounds = complete[prompt_id]
@@ -257,7 +264,7 @@ def finalize_bucket(context: BucketContext, output: Location, skip: set[str], be
     shown = sorted(complete)[:PLOT_PROMPTS]
     return BucketSummary(
         bucket=bucket, prompts=len(complete), samples=total,
-        khat_sums={name: khat_sums(table, name) for name, table in ungated.items()},
+        khat_sums={name: khat_sums(table, name) for name, table in ungated.items()}, bon_sums=bon_sums(tables["bon"]),
         plot_rows={name: _plot_rows(table, shown) for name, table in tables.items()},
         incomplete=sorted(set(wanted) - set(complete)), corrupt=corrupt, seconds=time.perf_counter() - started,
     )
@@ -282,18 +289,20 @@ def whole_prompt_batches(source: pq.ParquetFile, schema: pa.Schema, rows: int | 
 
 
 def gate_shards(ungated: Location, output: Location, bucket: int, pooled: dict[str, pa.Table],
-                plot_prompts: int = 0) -> tuple[pa.Table, dict[str, pa.Table]]:
+                plot_prompts: int = 0) -> tuple[dict[str, pa.Table], dict[str, pa.Table]]:
     """The second pass of the bucketed reduce, for one bucket: gate its shard of each pooled table under
     ``ungated`` with the merged k-hat sums ``pooled`` of every bucket (:func:`limits_ray.core.reliability.apply_pooled`)
     into its shard under ``output``, whole prompts about :data:`GATE_BATCH_ROWS` rows at a time.
 
-    Returns the frontier's per-(align, eval, beta) sums of the gated rows (:func:`limits_ray.core.frontier.frontier_sums`,
-    merged over the batches) and, per pooled table, the gated rows of the bucket's first ``plot_prompts``
-    prompts. The ungated shards stay (the caller removes its scratch directory), so a retried task
-    gates them again and returns the same. Used by the job (:func:`gate_bucket`) and by the offline
+    Returns the per-(align, eval, beta) sums of the gated rows of ``frontier`` (:func:`limits_ray.core.frontier.frontier_sums`)
+    and ``winrate`` (:func:`limits_ray.core.winrate.winrate_sums`), merged over the batches, by table name, and,
+    per pooled table, the gated rows of the bucket's first ``plot_prompts`` prompts. The ungated shards
+    stay (the caller removes its scratch directory), so a retried task gates them again and returns the
+    same. Used by the job (:func:`gate_bucket`) and by the offline
     reduce (:mod:`limits_ray.runs.reduce`).
     """
-    sums = [frontier_sums(SCHEMAS["frontier"].empty_table())]
+    sums = {"frontier": [frontier_sums(SCHEMAS["frontier"].empty_table())],
+            "winrate": [winrate_sums(SCHEMAS["winrate"].empty_table())]}
     shown: list[str] = []
     plot_rows: dict[str, pa.Table] = {}
     for name in POOLED_TABLES:
@@ -304,22 +313,24 @@ def gate_shards(ungated: Location, output: Location, bucket: int, pooled: dict[s
                 for rows in whole_prompt_batches(parquet, SCHEMAS[name]):
                     gated = apply_pooled(rows, pooled[name], name)
                     writer.write_table(gated)
+                    if name == "winrate":
+                        sums[name].append(winrate_sums(gated))
                     if name == "frontier":
-                        sums.append(frontier_sums(gated))  # whole prompts: every (align, eval, beta) group
+                        sums[name].append(frontier_sums(gated))  # whole prompts: every (align, eval, beta) group
                         shown += [p for p in dict.fromkeys(gated["prompt_id"].to_pylist()) if p not in shown][:plot_prompts - len(shown)]
                     if shown:
                         parts.append(_plot_rows(gated, shown))
         plot_rows[name] = pa.concat_tables(parts) if parts else SCHEMAS[name].empty_table()
-    return merge_sums(sums), plot_rows
+    return {name: merge_sums(parts) for name, parts in sums.items()}, plot_rows
 
 
 def gate_bucket(context: BucketContext, output: Location, pooled: dict[str, pa.Table], summary: BucketSummary) -> BucketSummary:
     """The job's second pass for one bucket (:func:`gate_shards` of its ``work/ungated`` shards into ``output``).
 
-    Returns ``summary`` with the frontier's per-(align, eval, beta) sums and the plot rows of the
-    bucket's first :data:`PLOT_PROMPTS` prompts.
+    Returns ``summary`` with the frontier's and the win rates' per-(align, eval, beta) sums and the plot rows
+    of the bucket's first :data:`PLOT_PROMPTS` prompts.
     """
     started = time.perf_counter()
     sums, plot_rows = gate_shards(context.work.join("ungated"), output, summary.bucket, pooled, PLOT_PROMPTS)
-    return dataclasses.replace(summary, sums=sums, plot_rows={**summary.plot_rows, **plot_rows},
+    return dataclasses.replace(summary, sums=sums["frontier"], winrate_sums=sums["winrate"], plot_rows={**summary.plot_rows, **plot_rows},
                                seconds=summary.seconds + time.perf_counter() - started)

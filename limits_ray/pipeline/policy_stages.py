@@ -4,7 +4,14 @@
 
     requests -> PolicyGenerator (vLLM, the checkpoint; keeps token ids)
              -> BaseLogprobScorer (vLLM, the base model: log pi0 of each response)
+             [-> ProposalLogprobScorer per other proposal (vLLM, its model: log q_k of each response)]
              -> one scorer pool per reward (the base run's reward configs)
+
+With ``score_under`` (``limits-ray compare`` with policies: :mod:`limits_ray.core.proposals`), every
+sample is also scored under each of the other proposals' models, so that each sample's log-probability
+under every proposal is known; the base model's own samples come through the same path
+(:func:`base_proposal`: the base generation's seed, so the stored base rounds regenerate bit for bit on
+the same stack, with their token ids, which the store does not keep).
 
 Log-probability convention. ``log pi`` is vLLM's cumulative log-probability of the sampled tokens
 under the checkpoint and ``log pi0`` the sum of the base model's prompt log-probabilities of the same
@@ -41,7 +48,13 @@ from limits_ray.pipeline.stages import (
 )
 from limits_ray.storage.rounds import per_round, per_sample, regroup, round_lengths
 
-__all__ = ["BaseLogprobScorer", "PolicyGenerator", "policy_generation_config", "sample_policy"]
+__all__ = [
+    "BASE_PROPOSAL", "BaseLogprobScorer", "PolicyGenerator", "ProposalLogprobScorer", "base_proposal", "policy_generation_config",
+    "proposal_column", "sample_policy",
+]
+
+BASE_PROPOSAL = "<base>"
+"""The base model's name as a proposal (never a column: its log-probability is ``base_logprob``)."""
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +111,11 @@ class BaseLogprobScorer:
     For each sample, the prompt's token ids followed by the response's token ids go to the base
     model as a tokenized prompt with ``SamplingParams(max_tokens=1, prompt_logprobs=0)``; the sum of
     the returned prompt log-probabilities over the response positions is ``log pi0`` (raw model
-    log-probabilities, before temperature). Adds the float64 sample column ``base_logprob``.
+    log-probabilities, before temperature). Adds the float64 sample column ``base_logprob``
+    (:attr:`column`).
     """
+
+    column = "base_logprob"
 
     def __init__(self, config: GenerationConfig) -> None:
         set_cpu_env_defaults(config)
@@ -127,8 +143,30 @@ class BaseLogprobScorer:
                 logprobs = output.prompt_logprobs
                 values[index] = sum(logprobs[position][tokens[position]].logprob for position in range(start, len(tokens)))
         out = dict(batch)
-        out["base_logprob"] = regroup(values, batch)
+        out[self.column] = regroup(values, batch)
         return out
+
+
+class ProposalLogprobScorer(BaseLogprobScorer):
+    """``log q(response | prompt)`` of every sample under another model ``config.model`` (a proposal: a policy
+    scoring the base samples and the other policies' samples), as :class:`BaseLogprobScorer` does for the base
+    model; adds the float64 sample column ``column`` (:func:`proposal_column`)."""
+
+    def __init__(self, config: GenerationConfig, column: str) -> None:
+        super().__init__(config)
+        self.column = column
+
+
+def proposal_column(name: str) -> str:
+    """The sample column holding each sample's log-probability under proposal ``name``."""
+    return f"logprob_{name}"
+
+
+def base_proposal(config: JobConfig) -> PolicyConfig:
+    """The base model as a proposal: its sampling setup and seed, so that its rounds are the stored base rounds."""
+    return PolicyConfig(name=BASE_PROPOSAL, model=config.generation.model, revision=config.generation.revision,
+                        samples_per_prompt=config.generation.samples_per_prompt, n=config.generation.n,
+                        seed=config.generation.seed)
 
 
 def policy_generation_config(config: JobConfig, policy: PolicyConfig) -> GenerationConfig:
@@ -152,18 +190,23 @@ def _flatten(batch: dict[str, np.ndarray], rewards: list[str]) -> pa.Table:
         "response_tokens": pa.array(per_sample(batch["response_tokens"]), pa.int64()),
         "finish_reason": pa.array([str(value) for value in per_sample(batch["finish_reason"])], pa.string()),
         "response": pa.array([str(value) for value in per_sample(batch["response"])], pa.string()),
+        "response_token_ids": pa.array([" ".join(str(token) for token in ids) for ids in _response_ids(batch)], pa.string()),
     }
+    for name in sorted(name for name in batch if name.startswith("logprob_")):
+        columns[name] = pa.array(per_sample(batch[name]), pa.float64())
     for name in rewards:
         columns[name] = pa.array(per_sample(batch[name]), pa.float64())
     return pa.table(columns)
 
 
-def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]) -> pa.Table:
+def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt],
+                  score_under: tuple[PolicyConfig, ...] = ()) -> pa.Table:
     """Sample, base-score and reward-score one checkpoint on ``prompts`` (loaded and rendered as the job's).
 
     Returns one row per sample: prompt_id, round, sample_idx, logprob (log pi), base_logprob
-    (log pi0), response_tokens, finish_reason, response and one float64 column per reward.
-    Needs Ray initialised.
+    (log pi0), response_tokens, finish_reason, response, response_token_ids (space-separated), a float64
+    column :func:`proposal_column` per policy of ``score_under`` (the sample's log-probability under it)
+    and one float64 column per reward. Needs Ray initialised.
     """
     import ray
 
@@ -181,12 +224,16 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
     base = config.generation
     rewards = [reward.name for reward in config.rewards]
     actors = {f"generate_{policy.name}": generation.max_actors, "base_logprob": base.max_actors,
+              **{f"logprob_{other.name}": base.max_actors for other in score_under},
               **{f"score_{reward.name}": reward.max_actors for reward in config.rewards}}
     tables = []
     stages = [
         generation_stage(generation, not config.prompts.chat_template, fn=PolicyGenerator, name=f"generate_{policy.name}"),
         Stage(name="base_logprob", fn=BaseLogprobScorer, config=base, resources=base, engine=True,
               batch_size=generation.batch_size),
+        *(Stage(name=f"logprob_{other.name}", fn=ProposalLogprobScorer, config=policy_generation_config(config, other),
+                resources=base, engine=True, batch_size=generation.batch_size,
+                kwargs={"column": proposal_column(other.name)}) for other in score_under),
         *(scorer_stage(reward, generation.n) for reward in config.rewards),
     ]
     with released([]) as placements:

@@ -23,10 +23,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from limits_ray.config import JobConfig
+from limits_ray.core.bracket import bon_means, bracket_table
 from limits_ray.core.frontier import mean_from_sums
 from limits_ray.core.reliability import POOLED_TABLES, merge_khat_sums
 from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tables import ReduceResult
+from limits_ray.core.winrate import winrate_mean
 from limits_ray.pipeline.bucket_tasks import (
     PROMPTS_SCHEMA,
     BucketContext,
@@ -108,15 +110,18 @@ def _write_prompts(work: Location, prompt_set: Any, targets: Mapping[str, int], 
     return [int(bucket) for bucket in used]
 
 
-def _plot_sample(summaries: list[BucketSummary], frontier_mean: pa.Table, limit: int = 200) -> ReduceResult:
-    """A bounded result for the figures: every prompt's mean, and the rows of at most ``limit`` prompts."""
+def _plot_sample(summaries: list[BucketSummary], frontier_mean: pa.Table, limit: int = 200,
+                 means: dict[str, pa.Table] | None = None) -> ReduceResult:
+    """A bounded result for the figures: every prompt's mean (and ``means``: winrate_mean, bracket), and the
+    rows of at most ``limit`` prompts."""
     tables = {}
-    for name in ("frontier", "bon", "convergence"):
+    for name in ("frontier", "bon", "convergence", "winrate"):
         parts = [summary.plot_rows[name] for summary in summaries if summary.plot_rows[name].num_rows]
         table = pa.concat_tables(parts) if parts else SCHEMAS[name].empty_table()
         keep = sorted(set(table["prompt_id"].to_pylist()))[:limit]
         tables[name] = table.filter(pc.is_in(table["prompt_id"], pa.array(keep, pa.string())))
-    return ReduceResult(tables["frontier"], frontier_mean, tables["bon"], tables["convergence"])
+    return ReduceResult(tables["frontier"], frontier_mean, tables["bon"], tables["convergence"], tables["winrate"],
+                        **(means or {}))
 
 
 def _open_locations(config: JobConfig) -> tuple[Location, Location]:
@@ -130,7 +135,7 @@ def _open_locations(config: JobConfig) -> tuple[Location, Location]:
 
 def _clear_tables(output: Location) -> None:
     """Remove the per-prompt tables of an earlier run in ``output`` (they are rewritten whole)."""
-    for name in ("frontier", "bon", "convergence"):
+    for name in ("frontier", "bon", "convergence", "winrate"):
         location = output.join(f"{name}.parquet")
         if location.is_file():
             location.delete()
@@ -192,7 +197,8 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     quarantined = quarantine.records()
     _clear_tables(output)
     summaries = map_tasks(finalize_bucket, [(bucket,) for bucket in buckets], retries=3, shared=(
-        context, output, {record.prompt_id for record in quarantined}, config.analysis.best_of_n, config.analysis.convergence))
+        context, output, {record.prompt_id for record in quarantined}, config.analysis.best_of_n, config.analysis.convergence,
+        config.analysis.winrate))
     if not sum(summary.prompts for summary in summaries):
         reasons = "; ".join(map(str, quarantined[:3]))
         raise PipelineError(f"no prompt finished: every prompt was quarantined ({reasons})")
@@ -200,6 +206,10 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
     summaries = map_tasks(gate_bucket, [(summary,) for summary in summaries], shared=(context, output, pooled), retries=3)
     frontier_mean = mean_from_sums([summary.sums for summary in summaries])
     output.join("frontier_mean.parquet").write_table(frontier_mean)
+    means = {"winrate_mean": winrate_mean([summary.winrate_sums for summary in summaries]),
+             "bracket": bracket_table(frontier_mean, bon_means([summary.bon_sums for summary in summaries]))}
+    for name, table in means.items():
+        output.join(f"{name}.parquet").write_table(table)
     report = RunReport(
         name=config.name,
         prompts=len(prompt_set.prompts),
@@ -217,7 +227,7 @@ def _run(config: JobConfig, context: BucketContext, prompt_set: Any, targets: di
         config=dataclasses.asdict(config),
     )
     if figures:
-        _write_figures(_plot_sample(summaries, frontier_mean), output, config.name)
+        _write_figures(_plot_sample(summaries, frontier_mean, means=means), output, config.name)
     output.join("report.json").write_json(dataclasses.asdict(report))
     return frontier_mean, report
 

@@ -5,16 +5,19 @@ The input (a Parquet file or directory, any row order) is streamed, never read w
 about ``bucket_rows`` rows per bucket) are reduced one at a time: read, validated and sorted as
 :func:`limits_ray.storage.sample_io.read_samples` does, then reduced prompt by prompt with the per-prompt functions
 of :mod:`limits_ray.core.tables`. Each bucket writes its shard of each per-prompt table (those of
-``frontier`` and ``convergence`` under ``ungated/``) and returns their small per-cell k-hat sums
-(:func:`limits_ray.core.reliability.khat_sums`); once they are added up, the job's second pass
+``frontier``, ``convergence`` and ``winrate`` under ``ungated/``) and returns their small per-cell k-hat
+sums (:func:`limits_ray.core.reliability.khat_sums`) and best-of-n's per-(align, eval, n) sums
+(:func:`limits_ray.core.bracket.bon_sums`); once they are added up, the job's second pass
 (:func:`limits_ray.pipeline.bucket_tasks.gate_shards`) gates those shards a batch of whole prompts at
-a time and returns the per-(align, eval, beta) sums (:func:`limits_ray.core.frontier.frontier_sums`)
-that the caller adds into ``frontier_mean``. Peak memory is set by the largest bucket, not by the input.
+a time and returns the per-(align, eval, beta) sums (:func:`limits_ray.core.frontier.frontier_sums`,
+:func:`limits_ray.core.winrate.winrate_sums`) that the caller adds into ``frontier_mean`` and
+``winrate_mean``; the ``bracket`` comes from ``frontier_mean`` and the best-of-n means
+(:func:`limits_ray.core.bracket.bracket_table`). Peak memory is set by the largest bucket, not by the input.
 :func:`reduce_samples` is the same reduce of an input that fits in memory, all at once.
 
-Output in ``out_dir``: ``frontier.parquet``, ``bon.parquet`` and ``convergence.parquet`` are
-directories of shards ``part-NNNNN.parquet`` (one per bucket; ``pq.read_table`` and pandas read a
-directory like a file), ``frontier_mean.parquet`` a single file. Row order is deterministic: by
+Output in ``out_dir``: ``frontier.parquet``, ``bon.parquet``, ``convergence.parquet`` and ``winrate.parquet``
+are directories of shards ``part-NNNNN.parquet`` (one per bucket; ``pq.read_table`` and pandas read a
+directory like a file), ``frontier_mean.parquet``, ``winrate_mean.parquet`` and ``bracket.parquet`` single files. Row order is deterministic: by
 prompt_id within a shard, shards by bucket index (not one global prompt_id order). Everything is
 written into ``.<out_dir name>.partial`` next to ``out_dir`` (the spill too) and moved into place at
 the end, so a failed reduce leaves earlier results as they were.
@@ -39,12 +42,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.bracket import bon_means, bon_sums, bracket_table
 from limits_ray.core.errors import InputError
 from limits_ray.core.frontier import mean_from_sums, merge_sums
 from limits_ray.core.reliability import POOLED_TABLES, khat_sums, merge_khat_sums
 from limits_ray.core.samples import KEY_COLUMNS, iter_prompts
 from limits_ray.core.schemas import SCHEMAS
 from limits_ray.core.tables import PromptRows, ReduceResult, TableBuilder, prompt_statistics, reduce_table
+from limits_ray.core.winrate import winrate_mean
 from limits_ray.pipeline.bucket_tasks import gate_shards, shard
 from limits_ray.pipeline.cluster import init_ray, map_tasks
 from limits_ray.storage.location import local_location
@@ -58,20 +63,22 @@ __all__ = [
 DEFAULT_BUCKET_ROWS = 1_000_000
 """Rows per spilled bucket: the reducer holds one bucket (about 40 bytes a row per reward column) at a time."""
 
-PER_PROMPT = ("frontier", "bon", "convergence")
+PER_PROMPT = ("frontier", "bon", "convergence", "winrate")
 FLUSH_ROWS = 200_000
 T = TypeVar("T")
 
 
 @dataclass
 class BucketResult:
-    """What one bucket returns: its counts, k-hat sums per pooled table and (when asked) its prompts' 64-bit sha1 keys."""
+    """What one bucket returns: its counts, k-hat sums per pooled table, best-of-n sums
+    (:func:`limits_ray.core.bracket.bon_sums`) and (when asked) its prompts' 64-bit sha1 keys."""
 
     bucket: int
     rows: int
     prompts: int
     khat_sums: dict[str, pa.Table]
     prompt_keys: np.ndarray
+    bon_sums: pa.Table | None = None
 
 
 @dataclass
@@ -105,6 +112,7 @@ class _ShardWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.writers[name] = pq.ParquetWriter(path, SCHEMAS[name])
         self.sums = {name: [khat_sums(SCHEMAS[name].empty_table(), name)] for name in POOLED_TABLES}
+        self.bon_sums = [bon_sums(SCHEMAS["bon"].empty_table())]
         self.rows, self.counted = 0, dict.fromkeys(PER_PROMPT, 0)
 
     def maybe_flush(self) -> None:
@@ -123,6 +131,8 @@ class _ShardWriter:
                 self.writers[name].write_table(table)
                 if name in self.sums:
                     self.sums[name].append(khat_sums(table, name))
+                if name == "bon":
+                    self.bon_sums.append(bon_sums(table))  # one row per (prompt, n): any cut of the rows adds up
             self.builders[name] = TableBuilder(name)
         self.rows, self.counted = 0, dict.fromkeys(PER_PROMPT, 0)
 
@@ -137,8 +147,9 @@ def _shard_path(staging: Path, name: str, bucket: int, ungated: bool = False) ->
     return shard(local_location(staging / "ungated" if ungated else staging), name, bucket).local_path
 
 
-def _gate_bucket(staging: str, pooled: dict[str, pa.Table], bucket: int) -> pa.Table:
-    """The second pass for one bucket (:func:`limits_ray.pipeline.bucket_tasks.gate_shards`); returns its frontier sums."""
+def _gate_bucket(staging: str, pooled: dict[str, pa.Table], bucket: int) -> dict[str, pa.Table]:
+    """The second pass for one bucket (:func:`limits_ray.pipeline.bucket_tasks.gate_shards`); returns its frontier
+    and win-rate sums by table name."""
     location = local_location(staging)
     return gate_shards(location.join("ungated"), location, bucket, pooled)[0]
 
@@ -158,7 +169,7 @@ def reduce_bucket(columns: list[str], config: AnalysisConfig, source: str, stagi
     table = validate_samples(table, columns, Path(source))
     plan, betas = config.plan(columns), np.asarray(config.betas)
     shards = _ShardWriter(Path(staging), bucket.index)
-    rows = PromptRows(shards.builders, plan, config.convergence, config.best_of_n)
+    rows = PromptRows(shards.builders, plan, config.convergence, config.best_of_n, config.winrate)
     prompt_ids = []
     for samples in iter_prompts(table, columns):
         rows.add(samples.prompt_id, prompt_statistics(samples, plan, betas), samples)
@@ -167,7 +178,7 @@ def reduce_bucket(columns: list[str], config: AnalysisConfig, source: str, stagi
     rows.flush()
     sums = shards.close()
     return BucketResult(bucket.index, table.num_rows, len(prompt_ids), sums,
-                        prompt_keys(prompt_ids) if keys else np.empty(0, np.uint64))
+                        prompt_keys(prompt_ids) if keys else np.empty(0, np.uint64), merge_sums(shards.bon_sums))
 
 
 def _spill_part(columns: list[str], buckets: int, spill_dir: str, source: str, files: list[str], tag: str) -> None:
@@ -208,7 +219,7 @@ def _check_whole_prompts(results: list[BucketResult], source: Path) -> None:
 def _publish(staging: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in (*PER_PROMPT, "frontier_mean"):
+    for name in (*PER_PROMPT, "frontier_mean", "winrate_mean", "bracket"):
         source, target = staging / f"{name}.parquet", out_dir / f"{name}.parquet"
         if target.is_dir():
             shutil.rmtree(target)
@@ -251,8 +262,10 @@ def reduce_dataset(samples_path: str | Path, out_dir: str | Path, config: Analys
             _check_whole_prompts(results, source)
         pooled = {name: merge_khat_sums([r.khat_sums[name] for r in results], name) for name in POOLED_TABLES}
         sums = _map(_gate_bucket, [(r.bucket,) for r in results], slots, shared=(str(staging), pooled))
-        frontier_mean = mean_from_sums(merge_sums(sums))
+        frontier_mean = mean_from_sums(merge_sums([part["frontier"] for part in sums]))
         write_table(frontier_mean, staging / "frontier_mean.parquet")
+        write_table(winrate_mean([part["winrate"] for part in sums]), staging / "winrate_mean.parquet")
+        write_table(bracket_table(frontier_mean, bon_means([r.bon_sums for r in results])), staging / "bracket.parquet")
         paths = _publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

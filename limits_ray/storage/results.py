@@ -1,7 +1,9 @@
-"""Results directories: the four result tables written, and read back (README, "Output").
+"""Results directories: the result tables written, and read back (README, "Output").
 
 A results directory (a run's ``output_dir``, a ``limits-ray reduce --out``, a nightly ``latest``)
-holds ``frontier.parquet``, ``frontier_mean.parquet``, ``bon.parquet`` and ``convergence.parquet``;
+holds ``frontier.parquet``, ``frontier_mean.parquet``, ``bon.parquet``, ``convergence.parquet``,
+``winrate.parquet``, ``winrate_mean.parquet`` and ``bracket.parquet`` (results written before the last
+three existed lack them: they read as empty tables);
 each per-prompt table is one file or a directory of shards (``part-NNNNN.parquet``, one per bucket),
 which pyarrow reads like a file. :func:`load_result` reads a local directory whole,
 :class:`StoredResult` a run's output on any :class:`~limits_ray.storage.location.Location` table by
@@ -41,7 +43,7 @@ def read_result_table(output: Location, name: str, required: bool = False, comma
 
 
 def load_result(results_dir: str | Path | Location) -> ReduceResult:
-    """The four result tables of ``results_dir`` as stored; ``frontier`` and ``frontier_mean`` must be there,
+    """The result tables of ``results_dir`` as stored; ``frontier`` and ``frontier_mean`` must be there,
     missing optional tables (bon, convergence) are empty."""
     output = results_dir if isinstance(results_dir, Location) else local_location(results_dir)
     return ReduceResult(**{name: read_result_table(output, name, required=name in REQUIRED) for name in SCHEMAS})
@@ -58,6 +60,9 @@ class StoredResult:
     def _table(self, name: str) -> pa.Table:
         if name not in self._tables:
             table = read_result_table(self.output, name)
+            for field in SCHEMAS[name]:  # a column added since the table was written (bon's winrate): null
+                if field.name not in table.column_names:
+                    table = table.append_column(field, pa.nulls(table.num_rows, field.type))
             self._tables[name] = table.select(SCHEMAS[name].names).cast(SCHEMAS[name])
         return self._tables[name]
 
@@ -80,6 +85,21 @@ class StoredResult:
     def convergence(self) -> pa.Table:
         """Per-prompt convergence rows (all shards)."""
         return self._table("convergence")
+
+    @property
+    def winrate(self) -> pa.Table:
+        """Per-prompt win-rate rows (all shards)."""
+        return self._table("winrate")
+
+    @property
+    def winrate_mean(self) -> pa.Table:
+        """The prompt-averaged win rates."""
+        return self._table("winrate_mean")
+
+    @property
+    def bracket(self) -> pa.Table:
+        """The certified bracket past the trusted range."""
+        return self._table("bracket")
 
 
 def write_result(result: ReduceResult, out_dir: str | Path) -> list[Path]:
