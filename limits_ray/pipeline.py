@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from limits_ray.config import GenerationConfig, JobConfig, RewardModelConfig
 from limits_ray.faults import (
-    Quarantine, Watchdog, error_chain, fail_actor, inject_test_fault, is_engine_fault, run_failing_fast, run_with_quarantine,
+    Quarantine, Watchdog, error_chain, fail_actor, inject_start_fault, inject_test_fault, is_engine_fault, run_failing_fast,
+    run_with_quarantine,
 )
 from limits_ray.placement import EnginePlacement
 from limits_ray.progress import Progress
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PipelineError", "StageTimes", "Timed", "generation_stage", "released", "root_cause",
-    "run_stages", "scorer_stage", "store_rounds",
+    "run_stages", "scorer_stage", "store_rounds", "tolerate_start_deaths",
 ]
 
 QUARANTINE_COUNT_S = 10.0  # how often the driver lists the quarantine for the progress line
@@ -114,6 +115,7 @@ class Timed:
         **kwargs: Any,
     ) -> None:
         self.name = name
+        inject_start_fault(name)
         self.stage = stage(**kwargs)
         self.quarantine = None if fail_fast or not quarantine_dir else Quarantine(quarantine_dir, run_id)
         self.attempts = attempts
@@ -204,6 +206,28 @@ def restart_args(batch_retries: int) -> dict[str, int]:
     return {"max_restarts": -1, "max_task_retries": batch_retries}
 
 
+def tolerate_start_deaths(dataset, batch_retries: int):
+    """``dataset`` with Ray Data's tolerance for actors that fail while they start set explicitly, in the
+    dataset's own ``DataContext`` (Ray Data copies the current context when a source dataset is made,
+    and every dataset derived from it shares that copy, so this covers all of its stages):
+
+    * ``actor_init_retry_on_errors`` on, ``actor_init_max_retries`` = ``batch_retries``: a stage
+      constructor that raises is retried in the same actor. This is what saves a *restarted* actor (one
+      that replaces an actor ended by an engine fault): Ray does not restart an actor whose constructor
+      raised, so without it one failed start-up (vLLM's free-memory check, while the memory of the
+      predecessor's engine is not yet free) stops the run;
+    * ``max_consecutive_actor_init_deaths`` = ``batch_retries``: an actor that still fails while it
+      first starts is replaced, that many times in a row.
+
+    Ray 2.60's defaults (no retry, 0 deaths) fail the whole job at the first such failure. A stage whose
+    actors never start (a broken model, a missing GPU) still stops the run, after those retries."""
+    context = dataset.context
+    context.actor_init_retry_on_errors = True
+    context.actor_init_max_retries = batch_retries
+    context.max_consecutive_actor_init_deaths = batch_retries
+    return dataset
+
+
 @contextlib.contextmanager
 def remote_args_accepted() -> Iterator[None]:
     """Silence Ray 2.60's deprecation warning for ``map_batches(**ray_remote_args)``: actor restarts
@@ -220,7 +244,8 @@ def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: 
     (one vLLM engine per actor), or :class:`~limits_ray.generation.SyntheticGenerator` for
     ``generation.kind: synthetic`` (no engine, no GPU: ``num_cpus`` per actor only). A vLLM actor runs
     ``generation.batches_in_flight`` batches at once in its one engine. A batch running
-    past ``generation.timeout_s`` ends its actor (:class:`~limits_ray.faults.Watchdog`). The stage's
+    past ``generation.timeout_s`` ends its actor (:class:`~limits_ray.faults.Watchdog`), and so does an
+    engine that dies or stalls (:class:`~limits_ray.engine_guard.EngineGuard`). The stage's
     :class:`~limits_ray.placement.EnginePlacement` is appended to ``placements``: release it when the
     dataset is consumed."""
     from limits_ray.generation import Generator, SyntheticGenerator
@@ -233,6 +258,7 @@ def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: 
             fn_constructor_kwargs={
                 "stage": stage or (SyntheticGenerator if synthetic else Generator), "name": name, "config": generation,
                 "add_special_tokens": add_special_tokens, "timeout_s": generation.timeout_s, **(faults or {}),
+                **({} if synthetic else {"label": name}),
             },
             compute=placement.pool(1 if synthetic else generation.batches_in_flight),
             batch_size=generation.batch_size,
@@ -244,7 +270,7 @@ def generation_stage(dataset, generation: GenerationConfig, add_special_tokens: 
 def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, faults: dict[str, Any] | None = None,
                  batch_retries: int = 3, placements: list[EnginePlacement] | None = None):
     """One actor pool scoring whole rounds; ``reward.batch_size`` samples per call, rounded to rounds
-    (placement as :func:`generation_stage`)."""
+    (placement as :func:`generation_stage`); a call running past ``reward.timeout_s`` ends its actor."""
     from limits_ray.scoring import make_scorer_class
 
     placement = _placement(reward, reward.kind == "vllm", placements)
@@ -252,7 +278,8 @@ def scorer_stage(dataset, reward: RewardModelConfig, samples_per_round: int, fau
         return dataset.map_batches(
             Timed,
             fn_constructor_kwargs={
-                "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward, **(faults or {}),
+                "stage": make_scorer_class(reward), "name": f"score_{reward.name}", "config": reward,
+                "timeout_s": reward.timeout_s, **(faults or {}),
             },
             compute=placement.pool(),
             batch_size=max(1, reward.batch_size // samples_per_round),
@@ -311,7 +338,8 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
     }
     started = time.perf_counter()
     with released([]) as placements:
-        dataset = generation_stage(requests, generation, not config.prompts.chat_template, faults,
+        dataset = generation_stage(tolerate_start_deaths(requests, config.batch_retries), generation,
+                                   not config.prompts.chat_template, faults,
                                    batch_retries=config.batch_retries, placements=placements)
         for reward in config.rewards:
             dataset = scorer_stage(dataset, reward, generation.n, faults, config.batch_retries, placements)

@@ -50,7 +50,8 @@ import pyarrow.compute as pc
 
 from limits_ray.config import AnalysisConfig, ConfigError, GenerationConfig, JobConfig, PolicyConfig
 from limits_ray.faults import engine_call
-from limits_ray.generation import Generator, engine_kwargs, round_seed, set_cpu_env_defaults
+from limits_ray.generation import Generator, round_seed, start_engine
+from limits_ray.engine_guard import EngineGuard
 from limits_ray.io import write_table
 from limits_ray.policy_stats import (
     PolicyEstimate, between_or_within_se, frontier_gain_at_kl, frontier_slope_at_kl, gap_se, hash_normal,
@@ -168,11 +169,11 @@ class BaseLogprobScorer:
     """
 
     def __init__(self, config: GenerationConfig) -> None:
-        set_cpu_env_defaults(config)
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
         # the base generation's engine (its seed only draws the one discarded token of each pass)
-        self.llm = LLM(model=config.model, **engine_kwargs(config))
+        self.llm = start_engine(config, "base_logprob")
+        self.guard = EngineGuard(self.llm, "base_logprob", config.stall_timeout_s)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -235,6 +236,7 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
 
     from limits_ray.pipeline import (
         StageTimes, Timed, generation_stage, released, remote_args_accepted, restart_args, scorer_stage,
+        tolerate_start_deaths,
     )
     from limits_ray.placement import EnginePlacement
     from limits_ray.progress import Progress
@@ -256,7 +258,8 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
               **{f"score_{reward.name}": reward.max_actors for reward in config.rewards}}
     tables = []
     with released([EnginePlacement(base, engine=True)]) as placements:
-        dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
+        dataset = tolerate_start_deaths(ray.data.from_items(
+            requests, override_num_blocks=max(1, len(requests) // generation.batch_size)), config.batch_retries)
         dataset = generation_stage(
             dataset, generation, not config.prompts.chat_template, stage=PolicyGenerator, name=f"generate_{policy.name}",
             batch_retries=config.batch_retries, placements=placements,
@@ -264,7 +267,8 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
         with remote_args_accepted():
             dataset = dataset.map_batches(
                 Timed,
-                fn_constructor_kwargs={"stage": BaseLogprobScorer, "name": "base_logprob", "config": base},
+                fn_constructor_kwargs={"stage": BaseLogprobScorer, "name": "base_logprob", "config": base,
+                                       "timeout_s": base.timeout_s},
                 compute=placements[0].pool(),
                 batch_size=generation.batch_size,
                 **placements[0].remote_args(),
