@@ -4,10 +4,11 @@ vLLM runs its engine core in a child process when ``VLLM_ENABLE_V1_MULTIPROCESSI
 and what every GPU engine does): ``EngineCore`` (vLLM's ``CoreEngineProcManager``, started with the
 ``spawn`` method inside a Ray actor), which starts its own workers (``VLLM::Worker``, one per GPU of a
 multi-GPU engine on the ``mp`` backend). They hold the device's memory. An actor that ends after an
-engine fault (:func:`limits_ray.faults.fail_actor`) first ends every process below it
-(:func:`end_process_tree`), so the replacement actor Ray starts finds the device free; what Ray
-itself ends later (it ends a dead worker's children some 0.3 s after the worker, measured on Ray 2.60
-locally) is not relied on.
+engine fault (:func:`limits_ray.faults.fail_actor`) first ends every process below it, and every other
+process of its process group (Ray starts each worker as a group leader; a worker orphaned by its
+killed engine core stays in the group: :func:`end_process_tree`), so the replacement actor Ray starts
+finds the device free; what Ray itself ends later (it ends a dead worker's children some 0.3 s after
+the worker, measured on Ray 2.60 locally) is not relied on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import time
 from typing import Any
 
-__all__ = ["descendants", "end_process_tree"]
+__all__ = ["descendants", "end_process_tree", "group_members"]
 
 END_WAIT_S = 10.0  # how long end_process_tree waits for killed processes to be gone
 
@@ -32,17 +33,42 @@ def descendants(pid: int | None = None) -> list[Any]:
         return []
 
 
-def end_process_tree(pid: int | None = None, wait_s: float = END_WAIT_S) -> list[int]:
-    """SIGKILL every process below ``pid`` (default: this one) and wait, up to ``wait_s``, until each is
-    gone (reaped, or a zombie: a zombie holds no memory); returns the pids that were killed.
+def group_members(pid: int | None = None) -> list[Any]:
+    """The other processes of ``pid``'s process group (default: this one's) when ``pid`` leads it, as Ray
+    makes each worker do; none otherwise (the group is then someone else's). A process whose parent died
+    (an engine core killed by the OOM killer leaves its workers to init) is no descendant any more, but
+    it keeps its group."""
+    import psutil
 
-    The tree is listed before anything is killed (a killed parent's children are re-parented, so they
-    could not be found from it afterwards); a process whose engine is broken gets no graceful shutdown,
-    which could itself hang.
+    pid = pid or os.getpid()
+    try:
+        if os.getpgid(pid) != pid:
+            return []
+    except ProcessLookupError:
+        return []
+    members = []
+    for other in psutil.pids():
+        try:
+            if other != pid and os.getpgid(other) == pid:
+                members.append(psutil.Process(other))
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def end_process_tree(pid: int | None = None, wait_s: float = END_WAIT_S) -> list[int]:
+    """SIGKILL every process below ``pid`` (default: this one), and the rest of its process group when it
+    leads one (:func:`group_members`), and wait, up to ``wait_s``, until each is gone (reaped, or a
+    zombie: a zombie holds no memory); returns the pids that were killed.
+
+    The processes are listed before anything is killed (a killed parent's children are re-parented, so
+    they could not be found from it afterwards); a process whose engine is broken gets no graceful
+    shutdown, which could itself hang.
     """
     import psutil
 
-    processes = descendants(pid)
+    found = {process.pid: process for process in [*descendants(pid), *group_members(pid)]}
+    processes = list(found.values())
     for process in processes:
         try:
             process.send_signal(signal.SIGKILL)

@@ -162,18 +162,26 @@ if __name__ == "__main__":
     core = context.Process(target=child, args=(queue,), name="EngineCore")
     core.start()
     print(core.pid, queue.get(timeout=60), flush=True)
+    if sys.argv[1] == "kill-core":  # as the OOM killer would: its worker is left to init, still in our group
+        import os, signal
+        os.kill(core.pid, signal.SIGKILL)
+        core.join()
     fail_actor("generate", "vLLM's engine core is dead")
 """
 
 
-def test_an_ended_actor_ends_every_process_it_started_first(tmp_path):
+@pytest.mark.parametrize("core", ["alive", "kill-core"])
+def test_an_ended_actor_ends_every_process_it_started_first(core, tmp_path):
     """An engine fault ends the actor's process only after its engine core and that core's workers (here
-    a child and a grandchild that would sleep for 10 minutes): none of them outlives the actor."""
+    a child and a grandchild that would sleep for 10 minutes): none of them outlives the actor, also
+    when the core was killed first and its worker left to init (the actor leads its process group, as
+    Ray's workers do)."""
     import psutil
 
     script = tmp_path / "actor.py"
     script.write_text(TREE)
-    actor = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    actor = subprocess.Popen([sys.executable, str(script), core], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
     pids = [int(pid) for pid in actor.stdout.readline().split()]
     assert len(pids) == 2 and all(psutil.pid_exists(pid) for pid in pids)
     assert actor.wait(timeout=60) == ENGINE_FAULT_EXIT_CODE
