@@ -197,22 +197,26 @@ import json, sys
 import numpy as np
 from limits_ray.config import RewardModelConfig
 from limits_ray.scoring import VllmRewardScorer
-prompts, texts = json.loads(sys.argv[3]), json.loads(sys.argv[4])
-config = RewardModelConfig(name="rm", kind="vllm", model=sys.argv[1], num_gpus=1, dtype=sys.argv[2],
-                           gpu_memory_utilization=0.3, engine_kwargs={"enforce_eager": True})
-scorer = VllmRewardScorer(config)
-batch = {"prompt_id": np.array([f"id{i}" for i in range(len(prompts))], dtype=object),
-         "sample_idx": np.arange(len(prompts)), "prompt": np.array(prompts, dtype=object),
-         "prompt_text": np.array(prompts, dtype=object), "response": np.array(texts, dtype=object)}
-print("SCORES " + json.dumps(scorer(batch)["rm"].tolist()), flush=True)
-scorer.llm.llm_engine.engine_core.shutdown()
+
+if __name__ == "__main__":  # vLLM may start its engine core with spawn
+    prompts, texts = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    config = RewardModelConfig(name="rm", kind="vllm", model=sys.argv[1], num_gpus=1, dtype=sys.argv[2],
+                               gpu_memory_utilization=0.3, engine_kwargs={"enforce_eager": True})
+    scorer = VllmRewardScorer(config)
+    batch = {"prompt_id": np.array([f"id{i}" for i in range(len(prompts))], dtype=object),
+             "sample_idx": np.arange(len(prompts)), "prompt": np.array(prompts, dtype=object),
+             "prompt_text": np.array(prompts, dtype=object), "response": np.array(texts, dtype=object)}
+    print("SCORES " + json.dumps(scorer(batch)["rm"].tolist()), flush=True)
+    scorer.llm.llm_engine.engine_core.shutdown()
 """
 
 
 def check_precision_vllm(models) -> None:
     scores = {}
+    script = models.root / "vllm_scores.py"  # spawn re-imports the main module: run it from a file
+    script.write_text(VLLM_SCORES)
     for dtype in ("float32", *PRECISION_TOLERANCE):
-        done = subprocess.run([sys.executable, "-c", VLLM_SCORES, str(models.reward), dtype, json.dumps(PROMPTS),
+        done = subprocess.run([sys.executable, str(script), str(models.reward), dtype, json.dumps(PROMPTS),
                                json.dumps(TEXTS)], capture_output=True, text=True, timeout=300, env=_env())
         lines = [line for line in done.stdout.splitlines() if line.startswith("SCORES ")]
         if not lines:
@@ -223,19 +227,21 @@ def check_precision_vllm(models) -> None:
 
 
 ACTOR_VLLM = """
-import os, sys
+import sys
+import numpy as np
+import psutil
 from limits_ray.config import GenerationConfig
 from limits_ray.faults import fail_actor
 from limits_ray.generation import Generator
-import numpy as np
-config = GenerationConfig(model=sys.argv[1], samples_per_prompt=4, n=4, max_tokens=8, num_gpus=1,
-                          gpu_memory_utilization=0.3, engine_kwargs={"enforce_eager": True})
-generator = Generator(config)
-generator({"prompt_id": np.array(["p"], dtype=object), "prompt": np.array(["The river ran"], dtype=object),
-           "prompt_text": np.array(["The river ran"], dtype=object), "round": np.array([0])})
-import psutil
-print("READY " + " ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
-fail_actor("generate", "smoke test: an engine fault")
+
+if __name__ == "__main__":  # vLLM may start its engine core with spawn
+    config = GenerationConfig(model=sys.argv[1], samples_per_prompt=4, n=4, max_tokens=8, num_gpus=1,
+                              gpu_memory_utilization=0.3, engine_kwargs={"enforce_eager": True})
+    generator = Generator(config)
+    generator({"prompt_id": np.array(["p"], dtype=object), "prompt": np.array(["The river ran"], dtype=object),
+               "prompt_text": np.array(["The river ran"], dtype=object), "round": np.array([0])})
+    print("READY " + " ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+    fail_actor("generate", "smoke test: an engine fault")
 """
 
 ACTOR_TORCH = """
@@ -275,26 +281,25 @@ def check_memory_freed(models, with_vllm: bool) -> None:
     torch.cuda.init()
     before, total = torch.cuda.mem_get_info()
     if with_vllm:
-        command = [sys.executable, "-c", ACTOR_VLLM, str(models.policy)]
+        source, argument = ACTOR_VLLM, str(models.policy)
         what = "a vLLM engine, its core in a child process"
     else:
-        command = [sys.executable, "-c", ACTOR_TORCH, str(HOLD_BYTES)]
+        source, argument = ACTOR_TORCH, str(HOLD_BYTES)
         what = f"a child process holding {HOLD_BYTES / 2**30:.0f} GiB (vLLM not installed)"
     with tempfile.TemporaryDirectory() as scratch:
-        script_dir = Path(scratch)
-        if not with_vllm:  # spawn needs an importable __main__: run the actor from a file
-            (script_dir / "actor.py").write_text(ACTOR_TORCH)
-            command = [sys.executable, str(script_dir / "actor.py"), str(HOLD_BYTES)]
-        actor = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=_env(VLLM_ENABLE_V1_MULTIPROCESSING="1"))
+        script = Path(scratch) / "actor.py"  # spawn re-imports the main module: run the actor from a file
+        script.write_text(source)
+        log = Path(scratch) / "actor.log"  # a file, not a pipe: vLLM's logging could fill a pipe and block it
+        with open(log, "w") as output:
+            actor = subprocess.Popen([sys.executable, str(script), argument], stdout=output, stderr=subprocess.STDOUT,
+                                     text=True, env=_env(VLLM_ENABLE_V1_MULTIPROCESSING="1"))
         started = time.monotonic()
-        pids: list[int] = []
-        while True:
-            line = actor.stdout.readline()
-            if not line or line.startswith("READY"):
-                pids = [int(pid) for pid in line.split()[1:]] if line else []
-                break
+        ready: list[str] = []
+        while actor.poll() is None and not ready and time.monotonic() - started < 300:
+            ready = [line for line in log.read_text().splitlines() if line.startswith("READY")]
+            time.sleep(0.01)
         during = torch.cuda.mem_get_info()[0]
+        pids = [int(pid) for pid in ready[0].split()[1:]] if ready else []
         code = actor.wait(timeout=300)
         exited = time.monotonic()
         left = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
@@ -303,7 +308,7 @@ def check_memory_freed(models, with_vllm: bool) -> None:
             time.sleep(0.1)
             after = torch.cuda.mem_get_info()[0]
         freed_after = time.monotonic() - exited
-        stderr = actor.stderr.read()
+        stderr = log.read_text()
     if code != ENGINE_FAULT_EXIT_CODE or not pids:
         report("memory-freed-after-engine-fault", "FAIL", f"{what}: the actor exited with {code}: {stderr[-800:]}")
         return

@@ -582,7 +582,10 @@ class JobConfig:
             of its rounds are quarantined (default 1%): a fault that hits many rounds is a bug to fix,
             not rounds to leave out.
         batch_retries: how often a batch is retried on a new actor after its actor ended (an engine
-            fault, ``generation.timeout_s``, a lost node); actors themselves are always restarted.
+            fault, a dead or stalled engine, a stage's ``timeout_s``, a lost node); actors themselves are
+            always restarted. Also how often a stage's constructor is retried in place, and how many
+            actors in a row may die while they start, before the run stops
+            (:func:`~limits_ray.pipeline.tolerate_start_deaths`).
         cluster_retries: how often the stages start again, resuming from the sample store, after a
             node was lost under them and Ray reported it as their error (an actor that could not be
             reached while its node was being declared dead, a lost object:
