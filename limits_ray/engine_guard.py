@@ -40,7 +40,9 @@ from typing import Any, Callable
 from limits_ray.config import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION, EngineResources
 from limits_ray.faults import fail_actor
 
-__all__ = ["DEVICE_WAIT_S", "EngineGuard", "engine_memory_fraction", "nvml_memory", "wait_for_device_memory"]
+__all__ = [
+    "DEVICE_WAIT_S", "EngineGuard", "engine_memory_fraction", "engine_processes", "nvml_memory", "wait_for_device_memory",
+]
 
 POLL_S = 0.5  # how often the guard looks at its engine, and the device wait at the device
 DEVICE_WAIT_S = 120.0  # the longest a starting engine waits for its device memory
@@ -87,7 +89,7 @@ class EngineGuard:
         client = getattr(self.engine, "engine_core", None)
         if getattr(getattr(client, "resources", None), "engine_dead", False):
             return "vLLM's engine core is dead (its engine-dead flag is set) while a step waits for it"
-        for process in _engine_processes(client):
+        for process in engine_processes(client):
             if process.exitcode is not None:
                 return (f"vLLM's engine-core process {process.name} (pid {process.pid}) exited with code "
                         f"{process.exitcode} while a step waits for it")
@@ -109,8 +111,9 @@ class EngineGuard:
                 return
 
 
-def _engine_processes(client: Any) -> list[Any]:
-    """The engine-core processes vLLM's multiprocess client started (none for an in-process engine)."""
+def engine_processes(client: Any) -> list[Any]:
+    """The engine-core processes (``multiprocessing`` processes) vLLM's multiprocess client ``client``
+    (``llm.llm_engine.engine_core``) started; none for an in-process engine."""
     manager = getattr(getattr(client, "resources", None), "engine_manager", None)
     return list(getattr(manager, "processes", None) or [])
 

@@ -222,9 +222,9 @@ def _claim(armed: Path) -> bool:
 
 
 def _engine_processes(llm: Any) -> list[Any]:
-    """The engine-core processes of a vLLM engine whose core runs in child processes (else none)."""
-    manager = getattr(getattr(llm.llm_engine.engine_core, "resources", None), "engine_manager", None)
-    return list(getattr(manager, "processes", None) or [])
+    from limits_ray.engine_guard import engine_processes  # it imports this module
+
+    return engine_processes(llm.llm_engine.engine_core)
 
 
 def _shut_down(llm: Any) -> None:
