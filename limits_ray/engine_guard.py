@@ -9,8 +9,9 @@ an NCCL abort) leaves the actor waiting for ever, in vLLM 0.32 (``vllm/v1/engine
 queue without putting anything in it. Every ``LLMEngine.step`` then blocks: the generation loop's
 (:class:`~limits_ray.generation.SharedEngine`) and those inside ``LLM.classify`` and ``LLM.generate``
 (``_run_engine``). An engine core that hangs (alive, making no progress) looks the same. Measured
-here before this module: the tiny job, its ``EngineCore`` killed with SIGKILL mid-generation, made no
-progress for 5 minutes; only the stage's ``timeout_s`` watchdog (default 1,800 s) would have ended it.
+here before this module: the tiny job, its ``EngineCore`` killed with SIGKILL mid-generation, made
+no progress in the 4 minutes it was watched; only the stage's ``timeout_s`` watchdog (default
+1,800 s) would have ended it.
 
 :class:`EngineGuard` times every step of one engine (it wraps ``llm.llm_engine.step``) and watches
 it from a thread of its own. While a step runs, it ends the actor (:func:`~limits_ray.faults.fail_actor`,
