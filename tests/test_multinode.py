@@ -55,7 +55,8 @@ def cluster(tmp_path_factory):
 def _config(models, tmp_path: Path, name: str) -> Path:
     mapping = tiny_job_mapping(models, Path("runs") / name, ray_address="", prompts={"inline": PROMPTS})
     mapping["generation"].update(samples_per_prompt=SAMPLES, n=16, batch_size=1, num_cpus=0.5, num_gpus=1,
-                                 tensor_parallel_size=2, distributed_executor_backend="mp", concurrency=2)
+                                 tensor_parallel_size=2, distributed_executor_backend="mp", concurrency=2,
+                                 dtype="float32")  # fake GPUs, CPU engines: not the GPU default, bfloat16
     mapping["rewards"] = [{"name": "length", "kind": "function", "function": "limits_ray.reward_functions:response_length",
                            "num_cpus": 0.25, "num_gpus": 0.5, "concurrency": 2}]
     mapping["analysis"]["align"] = ["length"]

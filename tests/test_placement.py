@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from limits_ray.config import EngineResources, GenerationConfig, RewardModelConfig, from_mapping
+from limits_ray.config import EngineResources, GenerationConfig, PolicyConfig, RewardModelConfig, from_mapping
 from limits_ray.core.errors import ConfigError
 from limits_ray.pipeline.placement import EnginePlacement, vllm_parallel_kwargs
 
@@ -62,6 +62,52 @@ def test_a_function_reward_ignores_engine_sizes_and_keeps_its_gpus():
 def test_inconsistent_engine_settings_are_refused_naming_the_key(mapping, message):
     with pytest.raises(ConfigError, match=f"generation.*{message}"):
         from_mapping(GenerationConfig, {"model": "m", **mapping}, where="generation")
+
+
+@pytest.mark.parametrize("where, mapping", [
+    ("generation", {"model": "m", "num_gpus": 0.5}),
+    ("generation", {"model": "m", "num_gpus": 0.5, "gpu_memory_utilization": 0.6}),
+    ("rewards\\[rm\\]", {"name": "rm", "kind": "vllm", "model": "m", "num_gpus": 0.25, "gpu_memory_utilization": 0.9}),
+    ("rewards\\[rm\\]", {"name": "rm", "kind": "transformers", "model": "m", "num_gpus": 0.25}),
+])
+def test_a_model_on_a_fraction_of_a_gpu_must_claim_at_most_that_fraction(where, mapping):
+    """Two engines on one GPU each claim their gpu_memory_utilization of it (vLLM's default 0.92 would not
+    leave the other its share): refused when the config loads, naming both keys."""
+    cls = GenerationConfig if where == "generation" else RewardModelConfig
+    with pytest.raises(ConfigError, match=rf"{where}.gpu_memory_utilization \(.*\) does not fit {where}.num_gpus "
+                                          rf"\({mapping['num_gpus']:g}\).*at most {mapping['num_gpus']:g}"):
+        from_mapping(cls, mapping, where=where.replace("\\", ""))
+    fitted = from_mapping(cls, {**mapping, "gpu_memory_utilization": mapping["num_gpus"]})
+    assert fitted.gpu_memory_utilization == mapping["num_gpus"]
+    assert RewardModelConfig(name="len", kind="function", function="m:f", num_gpus=0.25).num_gpus == 0.25  # no model
+
+
+def test_vllm_s_default_share_is_named_when_it_does_not_fit():
+    with pytest.raises(ConfigError, match=r"\(unset: vLLM's default 0.92\)"):
+        GenerationConfig(model="m", num_gpus=0.5)
+
+
+def test_dtype_is_explicit_recorded_and_not_an_engine_kwarg():
+    assert GenerationConfig(model="m").engine_dtype == "float32"  # CPU
+    assert GenerationConfig(model="m", num_gpus=1).engine_dtype == "bfloat16"  # GPU
+    assert RewardModelConfig(name="rm", kind="transformers", model="m", num_gpus=1, dtype="float16").engine_dtype == "float16"
+    with pytest.raises(ConfigError, match=r"generation.dtype 'auto': valid dtypes are \['bfloat16', 'float16', 'float32'\]"):
+        from_mapping(GenerationConfig, {"model": "m", "dtype": "auto"}, where="generation")
+    with pytest.raises(ConfigError, match=r"rewards\[rm\].engine_kwargs: dtype set inside engine_kwargs; move it to "
+                                          r"rewards\[rm\].dtype"):
+        RewardModelConfig(name="rm", kind="vllm", model="m", engine_kwargs={"dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"policies\[p\].engine_kwargs: dtype"):
+        PolicyConfig(name="p", model="m", engine_kwargs={"dtype": "float16"})
+
+
+def test_every_stage_has_a_timeout_and_engines_a_stall_timeout():
+    reward = RewardModelConfig(name="len", kind="function", function="m:f")
+    generation = GenerationConfig(model="m")
+    assert (reward.timeout_s, generation.timeout_s, generation.stall_timeout_s) == (1800.0, 1800.0, 300.0)
+    with pytest.raises(ConfigError, match=r"rewards\[rm\].stall_timeout_s must be >= 0"):
+        RewardModelConfig(name="rm", kind="vllm", model="m", stall_timeout_s=-1)
+    with pytest.raises(ConfigError, match=r"rewards\[len\].timeout_s must be >= 0"):
+        RewardModelConfig(name="len", kind="function", function="m:f", timeout_s=-5)
 
 
 def test_parallelism_needs_a_vllm_engine():

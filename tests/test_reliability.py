@@ -137,21 +137,39 @@ def test_driver_killed_three_times_gives_the_same_frontier(reference, tiny_model
     assert_same_frontier(reference, tmp_path / "out")
 
 
-@pytest.mark.parametrize("fault", ["engine_dead", "hang"])
-def test_a_dead_or_hung_engine_is_replaced_and_its_batch_retried(fault, reference, tiny_models, tmp_path,
-                                                                 ray_with_faulty_rewards):
-    """The generation actor's real vLLM engine is shut down mid-run (it then fails inside vLLM), or one
-    batch hangs past generation.timeout_s: the actor ends, Ray restarts it and retries the batch, and
-    the run ends with nothing quarantined and the frontier of the uninterrupted run."""
-    armed = ray_with_faulty_rewards / f"generate.{fault}"
-    armed.touch()
-    mapping = _mapping(tiny_models, tmp_path)
-    mapping["generation"]["timeout_s"] = 30
+def test_an_actor_whose_start_fails_is_retried_also_when_it_replaces_a_faulted_one(tmp_path, ray_with_faulty_rewards):
+    """The constructor of a generation actor raises (as vLLM's start-up check does while its GPU still holds
+    the memory of the engine it replaces) twice: at the first start, and when it restarts after a batch
+    hung past timeout_s. With Ray Data 2.60's defaults either stops the job (no retry of a constructor;
+    no actor death tolerated at start; an actor whose constructor raised is never restarted by Ray);
+    the pipeline sets them (limits_ray.pipeline.stages.tolerate_start_deaths) and the run completes."""
+    faults = ray_with_faulty_rewards
+    (faults / "generate.start_death").touch()
+    (faults / "generate.hang").touch()
+
+    def arm_again_once_the_hang_fired() -> None:
+        deadline = time.monotonic() + 120
+        while not (faults / "generate.hang.fired").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (faults / "generate.start_death.fired").rename(faults / "generate.start_death.fired-first")
+        (faults / "generate.start_death").touch()
+
+    mapping = {
+        "name": "start-death", "output_dir": str(tmp_path), "ray_address": "local", "prompts": {"inline": PROMPTS},
+        "generation": {"kind": "synthetic", "samples_per_prompt": 128, "n": 16, "batch_size": 1, "num_cpus": 0.25,
+                       "timeout_s": 5},
+        "rewards": [{"name": "length", "kind": "function", "function": "limits_ray.reward_functions:response_length",
+                     "num_cpus": 0.25}],
+        "analysis": {"betas": "0.1:10:3", "align": ["length"], "best_of_n": False, "convergence": False},
+    }
+    armer = threading.Thread(target=arm_again_once_the_hang_fired)
+    armer.start()
     _, report = run_job(from_mapping(JobConfig, mapping))
-    assert not armed.exists() and armed.with_name(armed.name + ".fired").exists(), "the fault never fired"
+    armer.join()
+    fired = sorted(path.name for path in faults.glob("generate.*"))
+    assert fired == ["generate.hang.fired", "generate.start_death.fired", "generate.start_death.fired-first"], fired
     assert report.quarantined == []
     assert_store_has_each_sample_once(tmp_path / "store", 3 * 128)
-    assert_same_frontier(reference, tmp_path)
 
 
 def test_a_nan_reward_beyond_the_quarantined_fraction_stops_the_run(tiny_models, tmp_path, ray_with_faulty_rewards):

@@ -133,6 +133,67 @@ def test_wrong_num_labels_raises(kind: str, two_label_model: Path) -> None:
         make_scorer_class(config)(config)
 
 
+def test_a_transformers_reward_configured_on_a_gpu_does_not_fall_back_to_cpu(tiny: TinyModels) -> None:
+    config = RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward), num_gpus=1)
+    with pytest.raises(RuntimeError, match=r"rewards\[rm\]: num_gpus is 1 but this actor sees no CUDA device.*does not "
+                                           r"fall back to CPU"):
+        TransformersRewardScorer(config, device_available=lambda: False)
+
+
+def test_an_input_longer_than_the_reward_model_s_context_is_a_round_fault(tiny: TinyModels, tmp_path: Path) -> None:
+    """Refused before the model sees it (on a GPU the position lookup would be a device-side assert: an
+    engine fault that ends the actor and, retried, stops the run): the round is quarantined."""
+    from limits_ray.pipeline.faults import Quarantine, run_with_quarantine
+    from limits_ray.storage.location import open_location
+
+    scorer = TransformersRewardScorer(RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward)))
+    assert scorer.context == 256  # the tiny models' max_position_embeddings
+    long = " the river" * 200
+    with pytest.raises(ValueError, match=r"reward 'rm': an input of \d+ tokens is longer than the 256-token context"):
+        scorer(samples(["The river ran"], [long]))
+    quarantine = Quarantine(open_location(tmp_path), "run")
+    batch = samples(PROMPTS[:2], [RESPONSES[0], long])
+    batch["round"] = np.arange(2, dtype=np.int64)
+    output = run_with_quarantine(scorer, batch, "score_rm", quarantine, attempts=2)
+    assert output["prompt_id"].tolist() == ["id0"]
+    [record] = quarantine.records()
+    assert record.prompt_id == "id1" and "longer than the 256-token context" in record.error
+
+
+def test_a_reward_model_without_a_pad_token_gets_one_and_keeps_batching(tiny: TinyModels, tmp_path: Path) -> None:
+    """Its own pad token (not EOS, which a text may end with): scores equal the original model's, rows
+    still share padded batches."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import shutil
+
+    unpadded = tmp_path / "reward_b_no_pad"
+    shutil.copytree(tiny.reward_b, unpadded)
+    tokenizer = AutoTokenizer.from_pretrained(unpadded)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(unpadded)
+    model_config = AutoConfig.from_pretrained(unpadded)
+    model_config.pad_token_id = None
+    model_config.save_pretrained(unpadded)
+    assert AutoTokenizer.from_pretrained(unpadded).pad_token_id is None
+    scorer = TransformersRewardScorer(RewardModelConfig(name="rm", kind="transformers", model=str(unpadded)))
+    assert scorer.tokenizer.pad_token == "<|limits_ray_pad|>" and scorer.micro_batch_size == 16
+    assert scorer.model.config.pad_token_id == scorer.tokenizer.pad_token_id
+    original = TransformersRewardScorer(RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward_b)))
+    texts = [" quietly past the old mill.<|endoftext|>", *RESPONSES]  # one ends with EOS: pooled at the EOS
+    np.testing.assert_allclose(scorer(samples(PROMPTS + ["Why?"], texts))["rm"],
+                               original(samples(PROMPTS + ["Why?"], texts))["rm"], atol=1e-5)
+
+
+def test_a_transformers_reward_runs_in_its_configured_dtype(tiny: TinyModels) -> None:
+    import torch
+
+    full = TransformersRewardScorer(RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward)))
+    half = TransformersRewardScorer(RewardModelConfig(name="rm", kind="transformers", model=str(tiny.reward), dtype="bfloat16"))
+    assert next(full.model.parameters()).dtype == torch.float32 and next(half.model.parameters()).dtype == torch.bfloat16
+    np.testing.assert_allclose(half(samples())["rm"], full(samples())["rm"], atol=0.05)
+
+
 def test_function_scorer() -> None:
     config = RewardModelConfig(name="len", kind="function", function="limits_ray.reward_functions:response_length")
     out = FunctionRewardScorer(config)(samples())

@@ -125,6 +125,27 @@ def test_a_store_refuses_samples_of_another_setup_and_keeps_its_bucket_count(tmp
         reopened.check_manifest({**identity, "base_model": "def"})
 
 
+def test_a_store_refuses_another_software_stack_and_takes_an_older_manifest_unchecked(tmp_path, caplog):
+    """The stack (dtype, device, vLLM/torch versions) is refused like a model when it differs. A store made
+    before it was recorded (no "stack" in its manifest) stays usable: the stack cannot be compared, a
+    warning says so, and every other key is still checked."""
+    stack = {"models": {"base": {"dtype": "bfloat16", "device": "gpu"}}, "versions": {"vllm": "vllm==0.32.0"}}
+    identity = {"base_model": "abc", "sampling": {"temperature": 1.0}, "stack": stack}
+    _store(tmp_path / "new", buckets=1).check_manifest(identity)
+    on_cpu = {**identity, "stack": {**stack, "models": {"base": {"dtype": "float32", "device": "cpu"}}}}
+    with pytest.raises(StoreMismatchError, match=r"stack: stored .*'bfloat16'.*now .*'float32'"):
+        _store(tmp_path / "new", buckets=1).check_manifest(on_cpu)
+
+    old = _store(tmp_path / "old", buckets=1)
+    old.manifest.write_json({"identity": {"base_model": "abc", "sampling": {"temperature": 1.0}}, "layout": 2, "buckets": 1})
+    with caplog.at_level("WARNING", logger="limits_ray.storage.sample_store"):
+        old.check_manifest(identity)
+    assert "predates limits-ray's record of ['stack']" in caplog.text
+    assert "stack" not in old.manifest.read_json()["identity"]  # the manifest is written once, never rewritten
+    with pytest.raises(StoreMismatchError, match=r"base_model: stored 'abc', now 'def'"):
+        old.check_manifest({**identity, "base_model": "def"})
+
+
 def test_the_store_works_the_same_on_an_s3_server(s3_bucket, tmp_path):
     uri, endpoint = s3_bucket
     remote, local = _store(f"{uri}/store", buckets=2, endpoint=endpoint), _store(tmp_path / "store", buckets=2)

@@ -1,11 +1,13 @@
 """Fault classes: a broken engine replaces its actor; a round whose data or reward code fails is quarantined.
 
 * Engine faults (:class:`EngineFault`: an error inside a vLLM or model call that is not about the
-  request, a device out of memory or CUDA error, vLLM's ``EngineDeadError``) and a generation call
-  running past ``generation.timeout_s`` (:class:`Watchdog`) end the actor's process
-  (:func:`fail_actor`): Ray Data starts a new actor and retries the batch there
-  (``max_restarts``/``max_task_retries``, set by the pipeline). A dead engine is never reused, and
-  no round is quarantined for it.
+  request, a device out of memory or CUDA error, vLLM's ``EngineDeadError``), a stage call running
+  past its stage's ``timeout_s`` (:class:`Watchdog`), and a vLLM engine found dead or stalled by
+  :class:`~limits_ray.pipeline.engine_guard.EngineGuard` end the actor's process (:func:`fail_actor`), after
+  ending every process it started (vLLM's engine core and workers, which hold the device:
+  :func:`~limits_ray.pipeline.processes.end_process_tree`): Ray Data starts a new actor and retries the batch
+  there (``max_restarts``/``max_task_retries``, set by the pipeline). A dead engine is never reused,
+  and no round is quarantined for it.
 * Round faults (a reward function that raises, a NaN reward, an input too long for a reward model:
   :func:`is_request_error`): the batch is retried round by round; a round that fails ``attempts``
   times is written as a JSON record into the quarantine directory (in the sample store, so every
@@ -21,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -35,7 +38,7 @@ from limits_ray.storage.location import Location
 
 __all__ = [
     "EngineFault", "Quarantine", "QuarantinedRound", "RoundFailure", "Watchdog", "engine_call", "error_chain",
-    "fail_actor", "inject_test_fault", "is_cluster_fault", "is_engine_fault", "run_failing_fast", "run_with_quarantine",
+    "fail_actor", "inject_start_fault", "inject_test_fault", "is_cluster_fault", "is_engine_fault", "run_failing_fast", "run_with_quarantine",
 ]
 
 ENGINE_FAULT_EXIT_CODE = 75  # the actor's exit status after an engine fault (EX_TEMPFAIL: try again)
@@ -50,7 +53,7 @@ CLUSTER_FAULT_TYPES = (
 REQUEST_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 REQUEST_ERROR_TYPES = ("VLLMClientError",)  # vLLM's request errors (VLLMValidationError is one)
 TEST_FAULTS_ENV = "LIMITS_RAY_TEST_FAULTS"
-TEST_FAULTS = ("engine_dead", "hang")
+TEST_FAULTS = ("engine_dead", "engine_kill", "engine_hang", "hang")
 
 
 class EngineFault(RuntimeError):
@@ -119,11 +122,25 @@ def engine_call(what: str) -> Iterator[None]:
         raise EngineFault(f"{what} failed: {type(error).__name__}: {error}") from error
 
 
+_failing = threading.Lock()
+
+
 def fail_actor(stage: str, reason: str) -> NoReturn:
-    """End this actor's process so that Ray Data starts a new one and retries its batch there."""
+    """End this actor's process so that Ray Data starts a new one and retries its batch there: first
+    every process it started (vLLM's engine core and its workers, holding the device's memory), then
+    itself. Several threads may find the fault at once; the first ends the process."""
+    _failing.acquire()  # never released: the process ends under it
     print(f"limits-ray: stage {stage}: {reason}; ending this actor so that Ray restarts it and retries its batch",
           file=sys.stderr, flush=True)
-    os._exit(ENGINE_FAULT_EXIT_CODE)
+    try:
+        from limits_ray.pipeline.processes import end_process_tree
+
+        ended = end_process_tree()
+        if ended:
+            print(f"limits-ray: stage {stage}: ended the actor's {len(ended)} child process(es) {ended}",
+                  file=sys.stderr, flush=True)
+    finally:
+        os._exit(ENGINE_FAULT_EXIT_CODE)
 
 
 class Watchdog:
@@ -153,28 +170,78 @@ def inject_test_fault(stage_name: str, stage: Any, calls: int) -> None:
     """For the fault tests only; does nothing unless ``$LIMITS_RAY_TEST_FAULTS`` names a directory.
 
     A file ``<stage_name>.<fault>`` there arms one fault, fired on an actor's second or later batch
-    by the first actor to rename the file (so it fires once per arming, across restarts):
-    ``engine_dead`` shuts down the stage's real vLLM engine (the next call fails inside vLLM);
-    ``hang`` blocks the batch for an hour.
+    by the first actor to rename the file to ``<fault>.fired`` (so it fires once per arming, across
+    restarts), which then holds the actor's pid and the time it fired; one fault per call:
+
+    * ``engine_dead``: shut the stage's real vLLM engine down (the next step fails inside vLLM, or, with
+      the engine core in a child process, waits for ever on it);
+    * ``engine_kill``: SIGKILL the process the engine core runs in: its child process, or this actor
+      when the core runs in-process (as a segfault or the OOM killer would);
+    * ``engine_hang``: the engine core stops making progress, alive: its child process is stopped
+      (SIGSTOP), or an in-process core's step blocks for an hour;
+    * ``hang``: the batch itself blocks for an hour, outside the engine.
     """
     directory = os.environ.get(TEST_FAULTS_ENV)
     if not directory or calls < 1:
         return
     for fault in TEST_FAULTS:
-        armed = Path(directory) / f"{stage_name}.{fault}"
-        try:
-            os.rename(armed, armed.with_name(armed.name + ".fired"))
-        except FileNotFoundError:
-            continue
-        if fault == "engine_dead":
-            shutdown = stage.llm.llm_engine.engine_core.shutdown
-            engine = getattr(stage, "engine", None)  # a shared engine is shut down between two of its steps
-            if engine is None:
-                shutdown()
-            else:
-                engine.call(shutdown)
-        else:
-            time.sleep(3600)
+        if _claim(Path(directory) / f"{stage_name}.{fault}"):
+            break
+    else:
+        return
+    if fault == "hang":
+        time.sleep(3600)
+        return
+    engine = getattr(stage, "engine", None)  # a shared engine is changed between two of its steps
+    act = {"engine_dead": _shut_down, "engine_kill": _kill_core, "engine_hang": _hang_core}[fault]
+    if engine is None:
+        act(stage.llm)
+    else:
+        engine.call(lambda: act(stage.llm))
+
+
+def inject_start_fault(stage_name: str) -> None:
+    """For the fault tests only: a file ``<stage_name>.start_death`` in ``$LIMITS_RAY_TEST_FAULTS`` makes
+    the constructor of the stage's next actor raise (once per arming), as vLLM's start-up check does when
+    its GPU's memory is still held: Ray does not restart an actor whose constructor raised."""
+    directory = os.environ.get(TEST_FAULTS_ENV)
+    if directory and _claim(Path(directory) / f"{stage_name}.start_death"):
+        raise ValueError("Free memory on device cuda:0 on startup is less than desired GPU memory utilization "
+                         "(a test fault: start_death)")
+
+
+def _claim(armed: Path) -> bool:
+    """Rename an armed fault to ``.fired`` (one actor wins) and record this actor's pid and the time in it."""
+    fired = armed.with_name(armed.name + ".fired")
+    try:
+        os.rename(armed, fired)
+    except FileNotFoundError:
+        return False
+    fired.write_text(f"{os.getpid()} {time.time()}\n")
+    return True
+
+
+def _engine_processes(llm: Any) -> list[Any]:
+    from limits_ray.pipeline.processes import engine_processes
+
+    return engine_processes(llm.llm_engine.engine_core)
+
+
+def _shut_down(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _kill_core(llm: Any) -> None:
+    for process in _engine_processes(llm) or [None]:
+        os.kill(process.pid if process else os.getpid(), signal.SIGKILL)
+
+
+def _hang_core(llm: Any) -> None:
+    processes = _engine_processes(llm)
+    for process in processes:
+        os.kill(process.pid, signal.SIGSTOP)
+    if not processes:
+        llm.llm_engine.engine_core.engine_core.step_fn = lambda: time.sleep(3600)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from limits_ray.config import EngineResources, GenerationConfig, engine_revision_kwargs
-from limits_ray.pipeline.faults import engine_call
 from limits_ray.pipeline.placement import vllm_parallel_kwargs
+from limits_ray.pipeline.faults import engine_call
+from limits_ray.pipeline.engine_guard import EngineGuard, engine_memory_fraction, wait_for_device_memory
 
 __all__ = [
     "CPU_ENV_DEFAULTS", "Generator", "OUTPUT_COLUMNS", "SharedEngine", "SYNTHETIC_VOCABULARY", "SyntheticGenerator", "WordTokenizer",
@@ -62,7 +63,9 @@ def set_cpu_env_defaults(resources: EngineResources) -> None:
     """For an engine configured to run on CPU (``num_gpus: 0``), set the vLLM CPU variables not already set.
 
     Decided by the config, not by probing: an actor of a multi-GPU engine on the ``ray`` backend
-    holds no GPU itself (its workers do), so it would look like a CPU machine.
+    holds no GPU itself (its workers do), so it would look like a CPU machine. A value already in the
+    environment wins: ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` runs a CPU engine's core in a child process,
+    as every GPU engine's runs (the fault tests run both layouts).
     """
     if resources.num_gpus:
         return
@@ -71,13 +74,25 @@ def set_cpu_env_defaults(resources: EngineResources) -> None:
 
 
 def engine_kwargs(config: GenerationConfig) -> dict[str, Any]:
-    """``vllm.LLM`` keyword arguments for the generation config (its size and backend: :func:`vllm_parallel_kwargs`)."""
-    kwargs: dict[str, Any] = {"seed": config.seed, **vllm_parallel_kwargs(config)}
+    """``vllm.LLM`` keyword arguments for the generation config (its size and backend: :func:`vllm_parallel_kwargs`;
+    its dtype, always explicit)."""
+    kwargs: dict[str, Any] = {"seed": config.seed, "dtype": config.engine_dtype, **vllm_parallel_kwargs(config)}
     if config.max_model_len:
         kwargs["max_model_len"] = config.max_model_len
     kwargs.update(config.engine_kwargs)
     kwargs.update(engine_revision_kwargs(config.revision))  # the config's wins: the store identity records it
     return kwargs
+
+
+def start_engine(config: GenerationConfig, stage: str) -> Any:
+    """A ``vllm.LLM`` for ``config`` (CPU variables set for a CPU engine), started once its GPUs have the
+    memory it will claim free (:func:`~limits_ray.pipeline.engine_guard.wait_for_device_memory`)."""
+    set_cpu_env_defaults(config)
+    from vllm import LLM
+
+    if config.num_gpus:
+        wait_for_device_memory(f"stage {stage}", fraction=engine_memory_fraction(config))
+    return LLM(model=config.model, **engine_kwargs(config))
 
 
 def empty_output(n: int) -> dict[str, np.ndarray]:
@@ -206,16 +221,16 @@ class Generator:
     temperature/top-p; NaN unless ``config.logprobs``) and ``finish_reason``.
 
     ``add_special_tokens=False`` is for prompts rendered with a chat template, which already carries
-    the tokenizer's special tokens (vLLM would otherwise add a second BOS).
+    the tokenizer's special tokens (vLLM would otherwise add a second BOS). The engine runs in
+    ``config.engine_dtype``, starts once its GPUs are free (:func:`start_engine`) and is watched by an
+    :class:`~limits_ray.pipeline.engine_guard.EngineGuard` (``label``: the stage named in its messages).
     """
 
-    def __init__(self, config: GenerationConfig, add_special_tokens: bool = True) -> None:
-        set_cpu_env_defaults(config)
-        from vllm import LLM
-
+    def __init__(self, config: GenerationConfig, add_special_tokens: bool = True, label: str = "generate") -> None:
         self.config = config
         self.add_special_tokens = add_special_tokens
-        self.llm = LLM(model=config.model, **engine_kwargs(config))
+        self.llm = start_engine(config, label)
+        self.guard = EngineGuard(self.llm, label, config.stall_timeout_s)
         self.engine = SharedEngine(self.llm)
 
     def sampling_params(self, prompt_id: str, round: int):

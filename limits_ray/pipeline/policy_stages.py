@@ -36,7 +36,8 @@ import pyarrow as pa
 
 from limits_ray.config import GenerationConfig, JobConfig, PolicyConfig
 from limits_ray.pipeline.faults import engine_call
-from limits_ray.pipeline.generation import Generator, engine_kwargs, round_seed, set_cpu_env_defaults
+from limits_ray.pipeline.engine_guard import EngineGuard
+from limits_ray.pipeline.generation import Generator, round_seed, start_engine
 from limits_ray.pipeline.progress import Progress
 from limits_ray.pipeline.prompts import Prompt
 from limits_ray.pipeline.stages import (
@@ -44,6 +45,7 @@ from limits_ray.pipeline.stages import (
     StageTimes,
     generation_stage,
     released,
+    tolerate_start_deaths,
     scorer_stage,
 )
 from limits_ray.storage.rounds import per_round, per_sample, regroup, round_lengths
@@ -117,12 +119,12 @@ class BaseLogprobScorer:
 
     column = "base_logprob"
 
-    def __init__(self, config: GenerationConfig) -> None:
-        set_cpu_env_defaults(config)
-        from vllm import LLM, SamplingParams
+    def __init__(self, config: GenerationConfig, label: str = "base_logprob") -> None:
+        from vllm import SamplingParams
 
         # the base generation's engine (its seed only draws the one discarded token of each pass)
-        self.llm = LLM(model=config.model, **engine_kwargs(config))
+        self.llm = start_engine(config, label)
+        self.guard = EngineGuard(self.llm, label, config.stall_timeout_s)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -152,8 +154,8 @@ class ProposalLogprobScorer(BaseLogprobScorer):
     scoring the base samples and the other policies' samples), as :class:`BaseLogprobScorer` does for the base
     model; adds the float64 sample column ``column`` (:func:`proposal_column`)."""
 
-    def __init__(self, config: GenerationConfig, column: str) -> None:
-        super().__init__(config)
+    def __init__(self, config: GenerationConfig, column: str, label: str = "") -> None:
+        super().__init__(config, label or f"logprob {column}")
         self.column = column
 
 
@@ -230,14 +232,15 @@ def sample_policy(config: JobConfig, policy: PolicyConfig, prompts: list[Prompt]
     stages = [
         generation_stage(generation, not config.prompts.chat_template, fn=PolicyGenerator, name=f"generate_{policy.name}"),
         Stage(name="base_logprob", fn=BaseLogprobScorer, config=base, resources=base, engine=True,
-              batch_size=generation.batch_size),
+              batch_size=generation.batch_size, timeout_s=base.timeout_s),
         *(Stage(name=f"logprob_{other.name}", fn=ProposalLogprobScorer, config=policy_generation_config(config, other),
-                resources=base, engine=True, batch_size=generation.batch_size,
+                resources=base, engine=True, batch_size=generation.batch_size, timeout_s=base.timeout_s,
                 kwargs={"column": proposal_column(other.name)}) for other in score_under),
         *(scorer_stage(reward, generation.n) for reward in config.rewards),
     ]
     with released([]) as placements:
-        dataset = ray.data.from_items(requests, override_num_blocks=max(1, len(requests) // generation.batch_size))
+        dataset = tolerate_start_deaths(ray.data.from_items(
+            requests, override_num_blocks=max(1, len(requests) // generation.batch_size)), config.batch_retries)
         for stage in stages:
             dataset = stage.apply(dataset, batch_retries=config.batch_retries, placements=placements)
         progress = Progress(len(requests), generation.n, actors, label=f"policy {policy.name}").start()

@@ -12,16 +12,27 @@ base model saw it (column ``prompt``, its template applied) or, with ``config.ch
 reward tokenizer's chat template applied to ``[user: prompt_text, assistant: response]`` with the
 prompt as the source gave it (column ``prompt_text``): never a template inside a template. A reward that is NaN or infinite raises ``ValueError`` naming the reward and
 the prompt.
+
+Model rewards run in ``config.engine_dtype`` (bfloat16 on GPUs, float32 on CPU unless ``dtype`` says
+otherwise) and start once their GPU has the memory they will claim free
+(:func:`~limits_ray.pipeline.engine_guard.wait_for_device_memory`); a vLLM reward's engine is watched by an
+:class:`~limits_ray.pipeline.engine_guard.EngineGuard`. The transformers scorer refuses to start without the GPU
+it is configured for (no silent CPU fallback), refuses an input longer than the model's context with
+a ``ValueError`` before it reaches the model (a round fault on every device: on a GPU the model would
+hit a device-side assert, an engine fault), and gives a model without a pad token one of its own, so
+rows are still scored in padded batches.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from limits_ray.config import RewardModelConfig, engine_revision_kwargs, hub_kwargs
+from limits_ray.pipeline.engine_guard import EngineGuard, engine_memory_fraction, wait_for_device_memory
 from limits_ray.pipeline.faults import engine_call
 from limits_ray.pipeline.generation import set_cpu_env_defaults
 from limits_ray.pipeline.placement import vllm_parallel_kwargs
@@ -147,8 +158,12 @@ class VllmRewardScorer(RewardScorer):
         from vllm import LLM
         from vllm.pooling_params import PoolingParams
 
-        self.llm = LLM(model=config.model, runner="pooling", **{
+        stage = f"score_{config.name}"
+        if config.num_gpus:
+            wait_for_device_memory(f"stage {stage}", fraction=engine_memory_fraction(config))
+        self.llm = LLM(model=config.model, runner="pooling", dtype=config.engine_dtype, **{
             **vllm_parallel_kwargs(config), **config.engine_kwargs, **engine_revision_kwargs(config.revision)})
+        self.guard = EngineGuard(self.llm, stage, config.stall_timeout_s)
         self.pooling_params = PoolingParams(use_activation=False)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -164,23 +179,58 @@ class VllmRewardScorer(RewardScorer):
         return [output.outputs.probs[0] for output in outputs]
 
 
-class TransformersRewardScorer(RewardScorer):
-    """A sequence-classification reward model with transformers: eval mode, no grad, padded batches."""
+PAD_TOKEN = "<|limits_ray_pad|>"  # given to a reward model whose tokenizer has no pad token
+ACTIVATION_MARGIN = 1.25  # a transformers reward waits for its weights' bytes times this to be free on its GPU
 
-    def __init__(self, config: RewardModelConfig, micro_batch_size: int = 16) -> None:
+
+class TransformersRewardScorer(RewardScorer):
+    """A sequence-classification reward model with transformers: eval mode, no grad, padded batches.
+
+    ``device_available`` (default ``torch.cuda.is_available``) is what the scorer asks before it places
+    a GPU-configured model; ``memory_probe`` is handed to :func:`wait_for_device_memory`.
+    """
+
+    def __init__(self, config: RewardModelConfig, micro_batch_size: int = 16,
+                 device_available: Callable[[], bool] | None = None, memory_probe: Any = None) -> None:
         super().__init__(config)
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        stage = f"score_{config.name}"
+        self.device = "cpu"
+        if config.num_gpus > 0:
+            if not (device_available or torch.cuda.is_available)():
+                raise RuntimeError(
+                    f"rewards[{config.name}]: num_gpus is {config.num_gpus:g} but this actor sees no CUDA device "
+                    f"(torch.cuda.is_available() is False, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                    "a reward configured on a GPU does not fall back to CPU: give the cluster GPU workers and a "
+                    "CUDA build of torch, or set num_gpus: 0 to score on CPU"
+                )
+            self.device = "cuda"
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, **hub_kwargs(config.revision))
-        self.device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        model = AutoModelForSequenceClassification.from_pretrained(config.model, dtype="auto", **hub_kwargs(config.revision))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            config.model, dtype=getattr(torch, config.engine_dtype), **hub_kwargs(config.revision))
         check_single_label(config, model.config.num_labels)
-        if model.config.pad_token_id is None and self.tokenizer.pad_token_id is not None:
-            model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.tokenizer.pad_token_id is None:
+            self._add_pad_token(model)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.context = _context_length(model.config, self.tokenizer)
+        if self.device == "cuda":
+            if config.gpu_memory_utilization:
+                torch.cuda.set_per_process_memory_fraction(config.gpu_memory_utilization)
+            weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+            wait_for_device_memory(f"stage {stage}", needed_bytes=int(ACTIVATION_MARGIN * weights),
+                                   **({"probe": memory_probe} if memory_probe else {}))
         self.model = model.to(self.device).eval()
-        # Without a pad token, rows cannot share a padded batch: score them one at a time.
-        self.micro_batch_size = micro_batch_size if self.tokenizer.pad_token_id is not None else 1
+        self.micro_batch_size = micro_batch_size
+
+    def _add_pad_token(self, model: Any) -> None:
+        """A pad token of its own (not EOS, which a scored text may end with: the model pools at the last
+        token that is not padding), with an embedding row when the model has none to spare; pad
+        positions are masked out, so scores do not depend on it."""
+        self.tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        if self.tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Render, then run the model over micro-batches."""
@@ -193,10 +243,28 @@ class TransformersRewardScorer(RewardScorer):
         import torch
 
         encoded = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not self.config.chat_template)
+        longest = int(encoded["attention_mask"].sum(dim=1).max()) if texts else 0
+        if self.context and longest > self.context:
+            raise ValueError(
+                f"reward {self.config.name!r}: an input of {longest} tokens is longer than the {self.context}-token "
+                f"context of {self.config.model!r}; shorten generation.max_tokens or the prompts, or use a reward "
+                "model with a longer context"
+            )
         # CUDA errors surface asynchronously (at .to or .cpu): the whole device round trip is the engine's
         with torch.no_grad(), engine_call("reward model forward pass"):
             logits = self.model(**encoded.to(self.device)).logits
             return logits[:, 0].float().cpu().tolist()
+
+
+def _context_length(model_config: Any, tokenizer: Any) -> int:
+    """The most tokens the model reads: its position embeddings' count, else the tokenizer's limit
+    (transformers' "no limit" is a huge number); 0 when neither says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", 0) or 0
+    return int(limit) if 0 < limit < 1_000_000 else 0
 
 
 class FunctionRewardScorer(RewardScorer):

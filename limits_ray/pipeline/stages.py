@@ -27,6 +27,7 @@ from limits_ray.pipeline.faults import (
     Watchdog,
     error_chain,
     fail_actor,
+    inject_start_fault,
     inject_test_fault,
     is_engine_fault,
     run_failing_fast,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PipelineError", "Stage", "StageTimes", "Timed", "generation_stage", "released", "root_cause", "run_stages",
-    "scorer_stage", "store_rounds",
+    "scorer_stage", "store_rounds", "tolerate_start_deaths",
 ]
 
 QUARANTINE_COUNT_S = 10.0  # how often the driver lists the quarantine for the progress line
@@ -121,6 +122,7 @@ class Timed:
         **kwargs: Any,
     ) -> None:
         self.name = name
+        inject_start_fault(name)
         self.stage = stage(**kwargs)
         self.quarantine = None if fail_fast or not quarantine_dir else Quarantine(quarantine_dir, run_id)
         self.attempts = attempts
@@ -211,6 +213,28 @@ def restart_args(batch_retries: int) -> dict[str, int]:
     return {"max_restarts": -1, "max_task_retries": batch_retries}
 
 
+def tolerate_start_deaths(dataset, batch_retries: int):
+    """``dataset`` with Ray Data's tolerance for actors that fail while they start set explicitly, in the
+    dataset's own ``DataContext`` (Ray Data copies the current context when a source dataset is made,
+    and every dataset derived from it shares that copy, so this covers all of its stages):
+
+    * ``actor_init_retry_on_errors`` on, ``actor_init_max_retries`` = ``batch_retries``: a stage
+      constructor that raises is retried in the same actor. This is what saves a *restarted* actor (one
+      that replaces an actor ended by an engine fault): Ray does not restart an actor whose constructor
+      raised, so without it one failed start-up (vLLM's free-memory check, while the memory of the
+      predecessor's engine is not yet free) stops the run;
+    * ``max_consecutive_actor_init_deaths`` = ``batch_retries``: an actor that still fails while it
+      first starts is replaced, that many times in a row.
+
+    Ray 2.60's defaults (no retry, 0 deaths) fail the whole job at the first such failure. A stage whose
+    actors never start (a broken model, a missing GPU) still stops the run, after those retries."""
+    context = dataset.context
+    context.actor_init_retry_on_errors = True
+    context.actor_init_max_retries = batch_retries
+    context.max_consecutive_actor_init_deaths = batch_retries
+    return dataset
+
+
 @contextlib.contextmanager
 def remote_args_accepted() -> Iterator[None]:
     """Silence Ray 2.60's deprecation warning for ``map_batches(**ray_remote_args)``: actor restarts
@@ -284,7 +308,8 @@ def generation_stage(generation: GenerationConfig, add_special_tokens: bool, fn:
     (one vLLM engine per actor, ``generation.batches_in_flight`` batches at once in it), or
     :class:`~limits_ray.pipeline.generation.SyntheticGenerator` for ``generation.kind: synthetic`` (no
     engine, no GPU: ``num_cpus`` per actor only). A batch running past ``generation.timeout_s`` ends its
-    actor (:class:`~limits_ray.pipeline.faults.Watchdog`)."""
+    actor (:class:`~limits_ray.pipeline.faults.Watchdog`), and so does an engine that dies or stalls
+    (:class:`~limits_ray.pipeline.engine_guard.EngineGuard`)."""
     from limits_ray.pipeline.generation import Generator, SyntheticGenerator
 
     synthetic = generation.kind == "synthetic"
@@ -292,17 +317,18 @@ def generation_stage(generation: GenerationConfig, add_special_tokens: bool, fn:
         name=name, fn=fn or (SyntheticGenerator if synthetic else Generator), config=generation,
         resources=generation.placed, engine=not synthetic, batch_size=generation.batch_size,
         calls_in_flight=1 if synthetic else generation.batches_in_flight, timeout_s=generation.timeout_s,
-        kwargs={"add_special_tokens": add_special_tokens},
+        kwargs={"add_special_tokens": add_special_tokens, **({} if synthetic else {"label": name})},
     )
 
 
 def scorer_stage(reward: RewardModelConfig, samples_per_round: int) -> Stage:
     """One actor pool scoring whole rounds with ``reward``'s scorer; ``reward.batch_size`` samples per call,
-    rounded to rounds."""
+    rounded to rounds; a call running past ``reward.timeout_s`` ends its actor."""
     from limits_ray.pipeline.scoring import make_scorer_class
 
     return Stage(name=f"score_{reward.name}", fn=make_scorer_class(reward), config=reward, resources=reward,
-                 engine=reward.kind == "vllm", batch_size=max(1, reward.batch_size // samples_per_round))
+                 engine=reward.kind == "vllm", batch_size=max(1, reward.batch_size // samples_per_round),
+                 timeout_s=reward.timeout_s)
 
 
 @contextlib.contextmanager
@@ -350,7 +376,7 @@ def run_stages(config: JobConfig, requests, total_rounds: int, context: "BucketC
     with released([]) as placements:
         stages = [generation_stage(generation, not config.prompts.chat_template),
                   *(scorer_stage(reward, generation.n) for reward in config.rewards)]
-        dataset = requests
+        dataset = tolerate_start_deaths(requests, config.batch_retries)
         for stage in stages:
             dataset = stage.apply(dataset, faults, config.batch_retries, placements)
         dataset = dataset.map_batches(

