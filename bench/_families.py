@@ -11,8 +11,10 @@ HELD_OUT is run with them as they are and reported as it comes out (bench/bench_
 
 TUNING: the three families the gate of issue 10 was built on (Gaussian, exponential, Gaussian of
 mixed sigma), plus two that carry the failure classes of issue 17 in one instance each: Bernoulli
-rewards with a rare top level (ties at the top; prompts that never saw a 1) and a Gaussian cell with a
-Laplace minority (a heavier tail that ``body_sd`` does not set apart).
+rewards with a rare top level (ties at the top; prompts that never saw a 1), a Gaussian cell with a
+Laplace minority (a heavier tail that ``body_sd`` does not set apart) and, added the same day while
+designing the gate (still before any held-out run), scores 0/1/2 with a rare top level (prompts that
+never saw the top level but do vary).
 
 HELD_OUT: integer judge ratings 1..10 (ties; the top score rare), bounded Beta(2, 5) rewards, a rare
 high-reward mode, Gumbel rewards (tails heavier than Gaussian), a Gaussian cell with an exponential
@@ -110,6 +112,11 @@ def bernoulli(p: float) -> Kind:
     return atoms(f"Bernoulli({p:.3g})", np.array([0.0, 1.0]), np.array([1 - p, p]))
 
 
+def three_levels(top: float) -> Kind:
+    """Scores 0, 1, 2 with probabilities ``0.6, 0.4 - top, top``: prompts that never saw the rare top level."""
+    return atoms(f"levels({top:.3g})", np.array([0.0, 1.0, 2.0]), np.array([0.6, 0.4 - top, top]))
+
+
 def ratings(p: float) -> Kind:
     """Integer judge scores ``1 + Binomial(9, p)``."""
     from scipy.stats import binom
@@ -189,6 +196,8 @@ TUNING: dict[str, Family] = {
                                   np.array([0.1, 0.15, 0.2, 0.3, 0.5, 1.0])),
     "gaussian + 10% laplace": Family("gaussian + 10% laplace", [gaussian(), laplace(1 / np.sqrt(2))],
                                      np.array([0.6, 0.8, 1.0, 1.5, 3.0]), shares=(0.9, 0.1)),
+    "three levels, rare top": Family("three levels, rare top", _uniform_kinds(three_levels, 0.001, 0.01, 6, log=True),
+                                     np.array([0.1, 0.15, 0.2, 0.3, 0.5, 1.0])),
 }
 
 HELD_OUT: dict[str, Family] = {

@@ -43,7 +43,7 @@ from limits_ray.reliability_gate import POOLED_TABLES, merge_khat_sums
 from limits_ray.storage import Location, check_writable, open_location
 from limits_ray.store import SampleStore, auto_buckets
 
-STATISTICS_FORMAT = 3  # bump when the serialised statistics change: stored statistics of another format are recomputed
+STATISTICS_FORMAT = 4  # bump when the serialised statistics change: stored statistics of another format are recomputed
 NODE_DEATH_WAIT_S = 60.0  # how long a cluster fault waits for Ray to record the lost node before the run stops
 
 __all__ = ["RunReport", "StoredResult", "analysis_key", "model_fingerprint", "run_job", "setup_identity",
