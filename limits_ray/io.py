@@ -43,14 +43,17 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
         ("n", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
         ("kl_se", pa.float64()), ("ess", pa.float64()), ("gain_bc", pa.float64()), ("kl_bc", pa.float64()),
-        ("khat", pa.float64()), ("body_sd", pa.float64()), ("khat_pooled", pa.float64()),
-        ("reliable", pa.bool_()),
+        ("gain_se_delta", pa.float64()), ("kl_se_delta", pa.float64()), ("gain_kl_cov", pa.float64()),
+        ("gain_dbeta", pa.float64()), ("kl_dbeta", pa.float64()),
+        ("khat", pa.float64()), ("body_sd", pa.float64()), ("reward_max", pa.float64()), ("top_tied", pa.bool_()),
+        ("khat_pooled", pa.float64()), ("reliable", pa.bool_()), ("bias_allowance", pa.float64()),
     ]),
     "frontier_mean": pa.schema([
         ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
         ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()), ("kl_se", pa.float64()),
         ("gain_spread_se", pa.float64()), ("kl_spread_se", pa.float64()),
-        ("gain_bc", pa.float64()), ("kl_bc", pa.float64()), ("reliable", pa.float64()),
+        ("gain_plugin", pa.float64()), ("kl_plugin", pa.float64()), ("reliable", pa.float64()),
+        ("slope", pa.float64()), ("kl_dbeta", pa.float64()), ("gain_se_at_kl", pa.float64()),
     ]),
     "bon": pa.schema([
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("n", pa.int64()),
@@ -60,8 +63,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "convergence": pa.schema([
         ("prompt_id", pa.string()), ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()),
         ("n_samples", pa.int64()), ("gain", pa.float64()), ("gain_se", pa.float64()), ("kl", pa.float64()),
-        ("kl_se", pa.float64()), ("ess", pa.float64()), ("khat", pa.float64()), ("body_sd", pa.float64()),
-        ("khat_pooled", pa.float64()), ("reliable", pa.bool_()),
+        ("kl_se", pa.float64()), ("ess", pa.float64()), ("gain_bc", pa.float64()), ("kl_bc", pa.float64()),
+        ("gain_se_delta", pa.float64()), ("kl_se_delta", pa.float64()), ("khat", pa.float64()),
+        ("body_sd", pa.float64()), ("reward_max", pa.float64()), ("top_tied", pa.bool_()),
+        ("khat_pooled", pa.float64()), ("reliable", pa.bool_()), ("bias_allowance", pa.float64()),
     ]),
 }
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "POOLED_KHAT_LIMIT", "POOL_MIN_PROMPTS", "POOL_SUMS", "TAIL_CAP", "gpd_fit", "khat", "khat_many", "khat_pool_sums",
+    "POOLED_KHAT_LIMIT", "POOL_MIN_PROMPTS", "POOL_SUMS", "TAIL_CAP", "cell_line", "gpd_fit", "khat", "khat_many", "khat_pool_sums",
     "khat_pool_terms", "khat_sd", "khat_threshold", "khat_thresholds", "passes_gate", "pooled_khat", "pooled_khat_of_cells",
     "tail_size",
 ]
@@ -216,19 +216,37 @@ def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, c
     """
     count = np.asarray(count, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        x_mean, k_mean = x_sum / count, k_sum / count
-        xx = x_sq_sum - count * x_mean * x_mean
-        xk = xk_sum - count * x_mean * k_mean
+        line, sloped, slope, xk = _line(count, x_sum, x_sq_sum, k_sum, xk_sum, covariate)
+        k_mean = k_sum / count
         kk = k_sq_sum - count * k_mean * k_mean
-        sloped = xx > 1e-12 * np.maximum(x_sq_sum, 1e-300)
-        slope = np.where(sloped, xk / xx, 0.0)
         residual = np.clip(kk - slope * xk, 0.0, None)
         tau2 = np.clip(residual / (count - np.where(sloped, 2.0, 1.0)) - var_sum / count, 0.0, None)
-        line = k_mean + slope * (covariate - x_mean)
         sd2 = khat_sd(khat_values, n) ** 2
         weight = np.where(tau2 > 0, tau2 / (tau2 + sd2), 0.0)
         shrunk = line + weight * (khat_values - line)
     return np.where((count >= POOL_MIN_PROMPTS) & np.isfinite(khat_values) & np.isfinite(covariate), shrunk, np.nan)
+
+
+def _line(count, x_sum, x_sq_sum, y_sum, xy_sum, covariate):
+    """Least-squares line of ``y`` on ``x`` from cell sums, at ``covariate``: ``(value, sloped, slope, S_xy)``;
+    slope 0 when ``x`` does not vary (no division checks: callers silence them)."""
+    x_mean, y_mean = x_sum / count, y_sum / count
+    xx = x_sq_sum - count * x_mean * x_mean
+    xy = xy_sum - count * x_mean * y_mean
+    sloped = xx > 1e-12 * np.maximum(x_sq_sum, 1e-300)
+    slope = np.where(sloped, xy / np.where(sloped, xx, 1.0), 0.0)
+    return y_mean + slope * (covariate - x_mean), sloped, slope, xy
+
+
+def cell_line(count: np.ndarray, x_sum: np.ndarray, x_sq_sum: np.ndarray, y_sum: np.ndarray, xy_sum: np.ndarray,
+              covariate: np.ndarray) -> np.ndarray:
+    """What a cell's least-squares line of ``y`` on the covariate predicts at ``covariate`` (the line of
+    :func:`pooled_khat` for ``y`` = k-hat), from the cell's sums over its ``count`` rows; NaN in cells of
+    fewer than :data:`POOL_MIN_PROMPTS` rows. Arrays broadcast."""
+    count = np.asarray(count, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = _line(count, x_sum, x_sq_sum, y_sum, xy_sum, covariate)[0]
+    return np.where((count >= POOL_MIN_PROMPTS) & np.isfinite(covariate), value, np.nan)
 
 
 def pooled_khat_of_cells(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -93,8 +93,8 @@ class PromptRows:
     Call :meth:`flush` before reading the builders.
 
     Frontier rows are :class:`limits_ray.stats.TiltEstimate`'s columns (``gain_se``/``kl_se`` its
-    interval SEs, NaN where not ``reliable``; ``khat``, ``ess`` and ``reliable`` depend on the align
-    reward only). Convergence rows are the estimates on every dyadic prefix (N = 1, 2, 4, ...
+    interval SEs, NaN where not ``reliable``; ``khat``, ``ess`` and the own test ``reliable`` depend on
+    the align reward only, until the gate of :mod:`limits_ray.reliability_gate` adds its per-row tests). Convergence rows are the estimates on every dyadic prefix (N = 1, 2, 4, ...
     samples, and all N when N is not a power of two). Best-of-n rows: see :func:`bon_rows`.
     """
 
@@ -145,13 +145,17 @@ class PromptRows:
 
 
 FRONTIER_ROW = {"n": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se", "ess": "ess",
-                "gain_bc": "gain_bc", "kl_bc": "kl_bc", "khat": "khat", "body_sd": "body_sd", "khat_pooled": "khat",
+                "gain_bc": "gain_bc", "kl_bc": "kl_bc", "gain_se_delta": "gain_se_delta", "kl_se_delta": "kl_se_delta",
+                "gain_kl_cov": "gain_kl_cov", "gain_dbeta": "gain_dbeta", "kl_dbeta": "kl_dbeta", "khat": "khat",
+                "body_sd": "body_sd", "reward_max": "reward_max", "top_tied": "top_tied", "khat_pooled": "khat",
                 "reliable": "reliable"}
 CONVERGENCE_ROW = {"n_samples": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se",
-                   "ess": "ess", "khat": "khat", "body_sd": "body_sd", "khat_pooled": "khat",
-                   "reliable": "reliable"}
-"""Row column -> :class:`limits_ray.stats.TiltEstimate` field, per table."""
-_PER_EVAL = {"gain", "gain_se", "gain_bc"}  # fields with a target-column axis
+                   "ess": "ess", "gain_bc": "gain_bc", "kl_bc": "kl_bc", "gain_se_delta": "gain_se_delta",
+                   "kl_se_delta": "kl_se_delta", "khat": "khat", "body_sd": "body_sd", "reward_max": "reward_max",
+                   "top_tied": "top_tied", "khat_pooled": "khat", "reliable": "reliable"}
+"""Row column -> :class:`limits_ray.stats.TiltEstimate` field, per table (``bias_allowance`` before the gate:
+0 where the row's own test passes, else infinite)."""
+_PER_EVAL = {"gain", "gain_se", "gain_bc", "gain_se_delta", "gain_kl_cov", "gain_dbeta"}  # fields with a target-column axis
 
 
 def _estimate_block(estimate: TiltEstimate, states: np.ndarray, owners: np.ndarray, align_position: int,
@@ -170,6 +174,7 @@ def _estimate_block(estimate: TiltEstimate, states: np.ndarray, owners: np.ndarr
                 values.reshape(states.size, -1), (states.size, shape[2]))
         columns.append(block)
     block = {name: np.stack([part[name] for part in columns], axis=1).reshape(-1) for name in columns[0]}
+    block["bias_allowance"] = np.where(block["reliable"], 0.0, np.inf)
     block["eval"] = np.broadcast_to(np.array([spec.name for spec in evals], dtype=object)[None, :, None], shape).reshape(-1)
     block["align"] = np.full(block["eval"].size, align.name, dtype=object)
     block["_owner"] = np.broadcast_to(owners[:, None, None], shape).reshape(-1)

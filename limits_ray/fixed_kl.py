@@ -1,0 +1,76 @@
+"""The frontier at a fixed KL budget: its gain, error bar and beta between grid betas. Pure numpy.
+
+``frontier_mean`` (:mod:`limits_ray.prompt_mean`) gives at each grid beta ``beta_j`` the mean KL ``K_j``,
+the gain ``G_j``, the slope ``S_j = d G / d K`` (the empirical tilt's exact derivative; ``beta_j`` itself
+when the gain is of the aligned reward, MATH.md "The frontier at a fixed KL"), ``d K / d beta`` and the
+error bar of the gain at the fixed KL ``K_j``. Between ``K_j`` and ``K_{j+1}``, in the variable ``u = log K`` (KL itself where an end is 0):
+
+- the gain is the cubic Hermite interpolant with the known end slopes ``d G / d u = K S`` (for Gaussian
+  rewards ``G(K) = sigma sqrt(2K)`` is a smooth exponential in ``u``: on a grid of betas a factor 2 apart
+  the error is below 1e-3 of the gain, where a chord's is about 3% and always low on a concave curve);
+- ``log beta`` likewise, with slopes ``d log beta / d u = K / (beta dK/dbeta)`` (exact for Gaussian rewards);
+- the error bar linearly in KL (it varies slowly).
+
+Without slopes (tables written before they existed) the gain and ``log beta`` fall back to linear
+interpolation in KL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["at_kl", "hermite"]
+
+
+def hermite(x0: float, x1: float, y0: float, y1: float, m0: float, m1: float, x: float) -> float:
+    """The cubic through ``(x0, y0)``, ``(x1, y1)`` with slopes ``m0``, ``m1`` there, at ``x``."""
+    h = x1 - x0
+    t = (x - x0) / h
+    h00, h10 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t
+    h01, h11 = -2 * t**3 + 3 * t**2, t**3 - t**2
+    return float(h00 * y0 + h10 * h * m0 + h01 * y1 + h11 * h * m1)
+
+
+def at_kl(kl: np.ndarray, beta: np.ndarray, gain: np.ndarray, budget: float, slope: np.ndarray | None = None,
+          kl_dbeta: np.ndarray | None = None, gain_se: np.ndarray | None = None) -> tuple[float, float, float]:
+    """``(beta, gain, gain_se)`` of one frontier (arrays over its grid, any order) at KL ``budget``.
+
+    ``budget`` must lie in ``[min kl, max kl]`` (callers check and say why); ``slope`` (``d gain / d KL``),
+    ``kl_dbeta`` and ``gain_se`` may be None or hold NaN: linear interpolation then (NaN SE).
+    """
+    kl, beta, gain = (np.asarray(value, dtype=np.float64) for value in (kl, beta, gain))
+    size = kl.size
+
+    def column(value):
+        return np.full(size, np.nan) if value is None else np.asarray(value, dtype=np.float64)
+
+    slope, kl_dbeta, gain_se = column(slope), column(kl_dbeta), column(gain_se)
+    order = np.argsort(kl, kind="stable")
+    kl, beta, gain, slope, kl_dbeta, gain_se = (value[order] for value in (kl, beta, gain, slope, kl_dbeta, gain_se))
+    right = int(np.clip(np.searchsorted(kl, budget, side="left"), 1, size - 1)) if size > 1 else 0
+    if size == 1 or kl[right] == kl[right - 1]:
+        index = right if size == 1 else right - 1
+        return float(beta[index]), float(gain[index]), float(gain_se[index])
+    left = right - 1
+    # The variable: log KL where both ends are positive (power laws such as sigma sqrt(2K) are then smooth
+    # exponentials, nearly exact), else KL itself; the slopes scale by dK/du = K.
+    logged = kl[left] > 0 and kl[right] > 0 and budget > 0
+    scale = kl if logged else np.ones(size)
+    u = np.log(kl) if logged else kl
+    at = np.log(budget) if logged else budget
+    share = (at - u[left]) / (u[right] - u[left])
+    chord = (budget - kl[left]) / (kl[right] - kl[left])  # the fallbacks are linear in KL itself
+    log_beta = np.log(beta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain_slope = slope * scale
+        beta_slope = scale / (beta * kl_dbeta)
+    if np.all(np.isfinite([gain_slope[left], gain_slope[right]])):
+        value = hermite(u[left], u[right], gain[left], gain[right], gain_slope[left], gain_slope[right], at)
+    else:
+        value = float(gain[left] + chord * (gain[right] - gain[left]))
+    if np.all(np.isfinite([beta_slope[left], beta_slope[right]])):
+        at_beta = float(np.exp(hermite(u[left], u[right], log_beta[left], log_beta[right], beta_slope[left],
+                                       beta_slope[right], at)))
+    else:
+        at_beta = float(np.exp(log_beta[left] + chord * (log_beta[right] - log_beta[left])))
+    return at_beta, value, float(gain_se[left] + chord * (gain_se[right] - gain_se[left]))
