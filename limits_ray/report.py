@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 from limits_ray.frontier import TRUSTED_FRACTION, point_at_kl, trusted_kl_range
 from limits_ray.io import SCHEMAS, InputError
 from limits_ray.numbers import format_estimate, format_number
+from limits_ray.psis import POOLED_KHAT_LIMIT
+from limits_ray.stats import ESS_FLOOR as STATS_ESS_FLOOR
 from limits_ray.reduce import ReduceResult
 
 __all__ = ["ESS_FLOOR", "load_result", "reliable_rows", "summary_lines", "trusted_beta", "write_report"]
@@ -69,7 +71,7 @@ def _trusted_ranges(result: ReduceResult) -> list[str]:
 
 
 def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
-    lines = ["| align | eval | KL budget [nats] | beta | gain [reward units] | trusted |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| align | eval | KL budget [nats] | beta | gain [reward units] ± 95% | trusted |", "|---|---|---:|---:|---:|---|"]
     mean = result.frontier_mean
     for align, evaluation in sorted(set(zip(mean["align"].to_pylist(), mean["eval"].to_pylist()))):
         for budget in budgets:
@@ -78,8 +80,8 @@ def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
             except ValueError:
                 continue
             trusted = ("yes" if point.trusted else "no") if "reliable" in mean.column_names else "-"
-            lines.append(f"| {align} | {evaluation} | {budget:g} | {format_number(point.beta)} | {format_number(point.gain)} "
-                         f"| {trusted} |")
+            lines.append(f"| {align} | {evaluation} | {budget:g} | {format_number(point.beta)} "
+                         f"| {format_estimate(point.gain, 1.96 * point.gain_se, mark=' (no error bar)')} | {trusted} |")
     return lines
 
 
@@ -112,8 +114,7 @@ def _at_beta(table: pa.Table, align: str, evaluation: str, beta: float) -> dict:
 
 
 def _gains_at_budgets(mean: pa.Table, align: str, evaluation: str, kl_max: float) -> str:
-    rows = mean.filter(pc.and_(pc.equal(mean["align"], align), pc.equal(mean["eval"], evaluation))).sort_by("kl")
-    kl, se = rows["kl"].to_numpy(), rows["gain_se"].to_numpy()
+    """The gain at each budget up to ``kl_max`` with its 95% error bar at that fixed KL (:func:`point_at_kl`)."""
     parts = []
     for budget in BUDGETS:
         if budget > kl_max:
@@ -122,7 +123,7 @@ def _gains_at_budgets(mean: pa.Table, align: str, evaluation: str, kl_max: float
             point = point_at_kl(mean, budget, align, evaluation)
         except ValueError:
             continue
-        parts.append(f"{format_estimate(point.gain, 1.96 * float(np.interp(budget, kl, se)))} at KL {budget:g}")
+        parts.append(f"{format_estimate(point.gain, 1.96 * point.gain_se, mark=' (no error bar)')} at KL {budget:g}")
     return "; ".join(parts)
 
 
@@ -166,7 +167,8 @@ def summary_lines(result: ReduceResult, ess_floor: float = ESS_FLOOR) -> list[st
                  else f"Kish ESS ≥ {ess_floor:g}")
     lines = ["## Summary", "", f"Trusted: at least {TRUSTED_FRACTION:.0%} of the prompts' estimates reliable ({criterion}) "
              "at that β and all larger β. "
-             "KL in nats, gains in reward units, prompt means, ± 95% error bars.", ""]
+             "KL in nats, gains in reward units, prompt means of the bias-corrected estimates, ± 95% error bars at "
+             "the fixed KL (none where unreliable prompts could move the mean by more than its standard error).", ""]
     for align, evaluation in sorted({(a, e) for a, e in zip(mean["align"].to_pylist(), mean["eval"].to_pylist()) if a == e}):
         beta = trusted_beta(frontier, align, evaluation, reliable)
         if beta is None:
@@ -239,7 +241,10 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
     lines += ["## Gain at given KL budgets (prompt mean)", "", *_kl_points(result, (0.1, 0.5, 1.0, 2.0, 4.0)), ""]
     if "reliable" in result.frontier_mean.column_names:
         lines += ["## Where the estimates can be trusted", "",
-                  "Reliable: Pareto k-hat of the weights exp(r/beta) below min(1 - 1/log10 N, 0.7) and ESS >= 20.", "",
+                  f"Reliable: the prompt's Pareto k-hat of the weights exp(r/beta) below min(1 - 1/log10 N, 0.7) and "
+                  f"ESS >= {STATS_ESS_FLOOR:g}, and its cell of prompts backs it: pooled k-hat below "
+                  f"{POOLED_KHAT_LIMIT:g}, no higher reward missed where its top rewards are tied, a bias correction "
+                  "smaller than the standard error (limits_ray/reliability_gate.py).", "",
                   *_trusted_ranges(result), ""]
     if settle is not None and settle.num_rows:
         unsettled = settle.filter(np.logical_not(settle["settled"].to_numpy(zero_copy_only=False)))
