@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy.special import digamma, gammaln, hyp1f1, logsumexp
+from scipy.special import digamma, gammaln, hyp1f1, logsumexp, ndtr
 
 GUMBEL_EULER = 0.5772156649015329
 
@@ -35,28 +35,45 @@ GUMBEL_EULER = 0.5772156649015329
 @dataclass
 class Kind:
     """One prompt distribution: ``draw(rng, count, n) -> [count, n]`` rewards, and its cumulant generating
-    function ``L(t)`` with derivative ``dL(t)`` (``inf``/NaN where it does not exist), vectorised in ``t``."""
+    function ``L(t)`` with derivative ``dL(t)`` (``inf``/NaN where it does not exist), vectorised in ``t``;
+    ``cdf`` (continuous kinds) or ``levels`` (discrete: values and probabilities) for best-of-n."""
 
     name: str
     draw: Callable[[np.random.Generator, int, int], np.ndarray]
     cgf: Callable[[np.ndarray], np.ndarray]
     dcgf: Callable[[np.ndarray], np.ndarray]
+    cdf: Callable[[np.ndarray], np.ndarray] | None = None
+    levels: tuple[np.ndarray, np.ndarray] | None = None
+    support: tuple[float, float] = (-40.0, 60.0)
 
-    def truth(self, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Exact ``(gain, KL, Kish ESS/N)`` at each beta (NaN gain/KL where the tilt does not exist)."""
-        t = 1.0 / np.asarray(betas, dtype=np.float64)
-        with np.errstate(all="ignore"):
-            slope, level = self.dcgf(t), self.cgf(t)
-            gain = slope - self.dcgf(np.zeros(1))[0]
-            kl = t * slope - level
-            ess = np.exp(2 * level - self.cgf(2 * t))
-        ess = np.where(np.isfinite(ess), ess, 0.0)
-        return gain, kl, ess
+    def best_of_n_gain(self, sizes: np.ndarray) -> np.ndarray:
+        """Exact ``E[max of n rewards] - E[r]`` for each n: ``sum_v v (F(v)^n - F(v-)^n)`` over discrete levels,
+        else ``int (1[x >= 0] - F(x)^n) dx`` on a fine grid over the support."""
+        sizes = np.asarray(sizes, dtype=np.float64)
+        mean = self.dcgf(np.zeros(1))[0]
+        if self.levels is not None:
+            values, probs = self.levels
+            cdf = np.minimum(np.cumsum(probs), 1.0)
+            below = np.concatenate([[0.0], cdf[:-1]])
+            return (cdf[None, :] ** sizes[:, None] - below[None, :] ** sizes[:, None]) @ values - mean
+        from scipy.integrate import quad
+
+        low, high = self.support
+        out = []
+        for size in sizes:
+            def power(x):
+                return float(np.exp(size * np.log(max(float(self.cdf(np.array(x))), 1e-300))))
+
+            below = quad(power, low, 0.0, limit=400)[0] if low < 0 else 0.0
+            above = quad(lambda x: 1.0 - power(x), max(low, 0.0), high, limit=400)[0] + max(low, 0.0)
+            out.append(above - below)
+        return np.array(out) - mean
 
 
 def gaussian(sigma: float = 1.0) -> Kind:
     return Kind(f"N(0, {sigma:g}^2)", lambda rng, c, n: sigma * rng.normal(size=(c, n)),
-                lambda t: sigma**2 * t**2 / 2, lambda t: sigma**2 * t)
+                lambda t: sigma**2 * t**2 / 2, lambda t: sigma**2 * t, cdf=lambda x: ndtr(x / sigma),
+                support=(-40.0 * sigma, 40.0 * sigma))
 
 
 def exponential(scale: float = 1.0) -> Kind:
@@ -66,7 +83,8 @@ def exponential(scale: float = 1.0) -> Kind:
     def dcgf(t):
         return np.where(scale * t < 1, scale / np.clip(1 - scale * t, 1e-300, None), np.nan)
 
-    return Kind(f"Exp({scale:g})", lambda rng, c, n: scale * rng.exponential(size=(c, n)), cgf, dcgf)
+    return Kind(f"Exp({scale:g})", lambda rng, c, n: scale * rng.exponential(size=(c, n)), cgf, dcgf,
+                cdf=lambda x: np.where(x > 0, -np.expm1(-np.maximum(x, 0) / scale), 0.0), support=(-1.0, 80.0 * scale))
 
 
 def laplace(b: float) -> Kind:
@@ -76,7 +94,11 @@ def laplace(b: float) -> Kind:
     def dcgf(t):
         return np.where(b * t < 1, 2 * b * b * t / np.clip(1 - (b * t) ** 2, 1e-300, None), np.nan)
 
-    return Kind(f"Laplace({b:.3g})", lambda rng, c, n: rng.laplace(scale=b, size=(c, n)), cgf, dcgf)
+    def cdf(x):
+        return np.where(x < 0, 0.5 * np.exp(np.minimum(x, 0) / b), 1 - 0.5 * np.exp(-np.maximum(x, 0) / b))
+
+    return Kind(f"Laplace({b:.3g})", lambda rng, c, n: rng.laplace(scale=b, size=(c, n)), cgf, dcgf, cdf=cdf,
+                support=(-60.0 * b, 60.0 * b))
 
 
 def gumbel() -> Kind:
@@ -86,7 +108,8 @@ def gumbel() -> Kind:
     def dcgf(t):
         return np.where(t < 1, -digamma(np.clip(1 - t, 1e-300, None)), np.nan)
 
-    return Kind("Gumbel(0, 1)", lambda rng, c, n: rng.gumbel(size=(c, n)), cgf, dcgf)
+    return Kind("Gumbel(0, 1)", lambda rng, c, n: rng.gumbel(size=(c, n)), cgf, dcgf,
+                cdf=lambda x: np.exp(-np.exp(-x)), support=(-5.0, 60.0))
 
 
 def atoms(name: str, values: np.ndarray, probs: np.ndarray) -> Kind:
@@ -105,7 +128,7 @@ def atoms(name: str, values: np.ndarray, probs: np.ndarray) -> Kind:
     def draw(rng, c, n):
         return rng.choice(values, size=(c, n), p=probs)
 
-    return Kind(name, draw, cgf, dcgf)
+    return Kind(name, draw, cgf, dcgf, levels=(values, probs))
 
 
 def bernoulli(p: float) -> Kind:
@@ -132,7 +155,10 @@ def beta_bounded(a: float = 2.0, b: float = 5.0) -> Kind:
     def dcgf(t):
         return a / (a + b) * hyp1f1(a + 1, a + b + 1, t) / hyp1f1(a, a + b, t)
 
-    return Kind(f"Beta({a:g}, {b:g})", lambda rng, c, n: rng.beta(a, b, size=(c, n)), cgf, dcgf)
+    from scipy.stats import beta as beta_distribution
+
+    return Kind(f"Beta({a:g}, {b:g})", lambda rng, c, n: rng.beta(a, b, size=(c, n)), cgf, dcgf,
+                cdf=lambda x: beta_distribution.cdf(x, a, b), support=(-0.5, 1.5))
 
 
 def rare_mode(share: float = 0.002, mu: float = 4.0, sd: float = 0.5) -> Kind:
@@ -154,7 +180,8 @@ def rare_mode(share: float = 0.002, mu: float = 4.0, sd: float = 0.5) -> Kind:
         mode = rng.random(size=(c, n)) < share
         return np.where(mode, mu + sd * rng.normal(size=(c, n)), rng.normal(size=(c, n)))
 
-    return Kind(f"rare mode {share:g} N({mu:g}, {sd:g}^2)", draw, cgf, dcgf)
+    return Kind(f"rare mode {share:g} N({mu:g}, {sd:g}^2)", draw, cgf, dcgf,
+                cdf=lambda x: (1 - share) * ndtr(x) + share * ndtr((x - mu) / sd), support=(-40.0, 40.0))
 
 
 @dataclass
