@@ -13,13 +13,21 @@ error bar of the gain at the fixed KL ``K_j``. Between ``K_j`` and ``K_{j+1}``, 
 
 Without slopes (tables written before they existed) the gain and ``log beta`` fall back to linear
 interpolation in KL.
+
+The interpolant's own error matters once the frontier's error bar is small (at 1e4 prompts and more,
+on a grid of betas a factor 2 apart, it is larger than the bar): :func:`at_kl` estimates it as the
+difference from the quintic Hermite that also passes through the next grid point (value and slope),
+the embedded-error estimate of adaptive quadrature; the caller adds it to the error bar as a bias
+allowance (:func:`limits_ray.frontier.point_at_kl`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["at_kl", "hermite"]
+from limits_ray.prompt_mean import widened
+
+__all__ = ["at_kl", "hermite", "interpolation_error"]
 
 
 def hermite(x0: float, x1: float, y0: float, y1: float, m0: float, m1: float, x: float) -> float:
@@ -31,12 +39,46 @@ def hermite(x0: float, x1: float, y0: float, y1: float, m0: float, m1: float, x:
     return float(h00 * y0 + h10 * h * m0 + h01 * y1 + h11 * h * m1)
 
 
+def _quintic(u: np.ndarray, y: np.ndarray, m: np.ndarray, at: float) -> float:
+    """The degree-5 polynomial with values ``y`` and slopes ``m`` at the three points ``u``, at ``at``."""
+    origin, scale = u[0], u[1] - u[0]
+    t = (u - origin) / scale
+    rows = []
+    for node in t:
+        rows.append([node**k for k in range(6)])
+        rows.append([k * node ** (k - 1) if k else 0.0 for k in range(6)])
+    coefficients = np.linalg.solve(np.array(rows), np.ravel(np.column_stack([y, m * scale])))
+    x = (at - origin) / scale
+    return float(sum(c * x**k for k, c in enumerate(coefficients)))
+
+
+def interpolation_error(kl: np.ndarray, gain: np.ndarray, slope: np.ndarray, budget: float) -> float:
+    """Estimated error of :func:`at_kl`'s gain at ``budget``: ``|cubic - quintic|`` (module doc), with the
+    quintic through the bracketing grid points and the nearer outer neighbour; 0 on a grid point, NaN
+    where there is no third point or a slope is missing. ``kl`` sorted ascending, all positive."""
+    size = kl.size
+    right = int(np.clip(np.searchsorted(kl, budget, side="left"), 1, size - 1)) if size > 1 else 0
+    if size < 3 or budget in (kl[right - 1], kl[right]):
+        return 0.0 if size >= 2 and budget in (kl[right - 1], kl[right]) else float("nan")
+    left = right - 1
+    u, scaled = np.log(kl), slope * kl
+    third = left - 1 if left >= 1 and (right + 1 >= size or u[left] - u[left - 1] <= u[right + 1] - u[right]) else right + 1
+    points = np.sort(np.array([left, right, third]))
+    if not np.all(np.isfinite(scaled[points])):
+        return float("nan")
+    cubic = hermite(u[left], u[right], gain[left], gain[right], scaled[left], scaled[right], np.log(budget))
+    return abs(cubic - _quintic(u[points], gain[points], scaled[points], np.log(budget)))
+
+
 def at_kl(kl: np.ndarray, beta: np.ndarray, gain: np.ndarray, budget: float, slope: np.ndarray | None = None,
           kl_dbeta: np.ndarray | None = None, gain_se: np.ndarray | None = None) -> tuple[float, float, float]:
     """``(beta, gain, gain_se)`` of one frontier (arrays over its grid, any order) at KL ``budget``.
 
     ``budget`` must lie in ``[min kl, max kl]`` (callers check and say why); ``slope`` (``d gain / d KL``),
-    ``kl_dbeta`` and ``gain_se`` may be None or hold NaN: linear interpolation then (NaN SE).
+    ``kl_dbeta`` and ``gain_se`` may be None or hold NaN: linear interpolation then (NaN SE). ``gain_se`` is
+    interpolated linearly in KL and, with slopes, widened by :func:`interpolation_error` as a bias
+    allowance (:func:`limits_ray.prompt_mean.widened`: NaN where it exceeds 0.75 of the SE; refine the beta
+    grid there).
     """
     kl, beta, gain = (np.asarray(value, dtype=np.float64) for value in (kl, beta, gain))
     size = kl.size
@@ -73,4 +115,7 @@ def at_kl(kl: np.ndarray, beta: np.ndarray, gain: np.ndarray, budget: float, slo
                                        beta_slope[right], at)))
     else:
         at_beta = float(np.exp(log_beta[left] + chord * (log_beta[right] - log_beta[left])))
-    return at_beta, value, float(gain_se[left] + chord * (gain_se[right] - gain_se[left]))
+    error = gain_se[left] + chord * (gain_se[right] - gain_se[left])
+    if np.all(np.isfinite([gain_slope[left], gain_slope[right]])) and logged:
+        error = float(widened(error, interpolation_error(kl, gain, slope, budget)))
+    return at_beta, value, float(error)

@@ -47,6 +47,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("gain_dbeta", pa.float64()), ("kl_dbeta", pa.float64()),
         ("khat", pa.float64()), ("body_sd", pa.float64()), ("reward_max", pa.float64()), ("top_tied", pa.bool_()),
         ("khat_pooled", pa.float64()), ("reliable", pa.bool_()), ("bias_allowance", pa.float64()),
+        ("gain_drift", pa.float64()), ("kl_drift", pa.float64()),
     ]),
     "frontier_mean": pa.schema([
         ("align", pa.string()), ("eval", pa.string()), ("beta", pa.float64()), ("prompts", pa.int64()),
@@ -67,6 +68,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("gain_se_delta", pa.float64()), ("kl_se_delta", pa.float64()), ("khat", pa.float64()),
         ("body_sd", pa.float64()), ("reward_max", pa.float64()), ("top_tied", pa.bool_()),
         ("khat_pooled", pa.float64()), ("reliable", pa.bool_()), ("bias_allowance", pa.float64()),
+        ("gain_drift", pa.float64()), ("kl_drift", pa.float64()),
     ]),
 }
 

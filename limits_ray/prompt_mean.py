@@ -16,11 +16,19 @@ per-prompt table, (align, eval, beta) of ``frontier`` (and N of ``convergence``)
 - **unreliable prompts**: each row's ``bias_allowance`` ``a_x`` (:mod:`limits_ray.reliability_gate`) bounds its
   bias by ``a_x se_x`` (``se_x = gain_se_delta``): 0 for reliable rows and for rows that fail only their
   own test in a cell that passes, 1 for rows near the finite-variance bound, infinite where nothing
-  bounds it. With ``A = sum_x a_x se_x / P`` the error bar is ``sqrt(se^2 + A^2)`` where
+  bounds it. With ``A = sum_x a_x se_x / P`` (plus the drift's excess, next item) the error bar is ``sqrt(se^2 + A^2)`` where
   ``A <= ALLOWANCE_LIMIT se`` (so the bar is at most 1.25 times the within-prompt SE), and NaN, *not
   trusted*, elsewhere; the spread SE likewise. A few prompts whose sample saw the tail do not take a
   beta's error bar away, while a share of heavy prompts that could move the mean by more than its SE
   does; at 1e5 prompts that share is small (bench/bench_coverage.py, "The prompt mean");
+- **convergence**: a bias that the per-prompt tests cannot see (the bias-corrected estimator's residual,
+  O(1/N^2) where the weights are benign) stays in the mean while the SE falls like ``1/sqrt(P)``: at
+  1e5 prompts a residual of 2% of one prompt's SE is six SEs of the mean. Each row's drift from the
+  largest dyadic prefix below its N (``gain_drift = gain_bc(N) - gain_bc(N')``, ``N' ~ N/2``) measures it
+  across prompts: its mean ``D`` is ``b(N') - b(N)`` for a bias ``b`` falling with N (``b(N)`` itself for
+  ``b ~ 1/N``, a third of ``D`` for ``1/N^2``). Where ``|D|`` exceeds :data:`DRIFT_Z` of its SE (``sd_x / sqrt(P)``)
+  the excess ``|D| - DRIFT_Z se(D)`` joins the allowance ``A`` below; no drift (N = 1, or rows without a
+  prefix) adds none;
 - **the frontier at a fixed KL** (MATH.md, "The frontier at a fixed KL"): moving along the frontier to
   the beta whose mean KL is a given ``K`` turns the gain's error into ``d gain - S d KL``, with
   ``S = sum_x gain_dbeta_x / sum_x kl_dbeta_x`` the slope ``d gain / d KL`` of the mean frontier
@@ -39,9 +47,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 __all__ = [
-    "ALLOWANCE_LIMIT", "MOMENTS", "SUMS", "between_prompt_se", "merge_moments", "merge_prompt_sums", "prompt_means",
-    "prompt_sums", "within_prompt_se",
+    "ALLOWANCE_LIMIT", "DRIFT_Z", "MOMENTS", "SUMS", "between_prompt_se", "merge_moments", "merge_prompt_sums",
+    "prompt_means", "prompt_sums", "widened", "within_prompt_se",
 ]
+
+DRIFT_Z = 2.0
+"""The drift of a prompt mean counts as a bias allowance beyond this many of its SEs (module doc)."""
 
 ALLOWANCE_LIMIT = 0.75
 """Largest bias allowance ``A`` (in within-prompt SEs) that keeps a prompt mean's error bar: then the
@@ -50,7 +61,8 @@ bar ``sqrt(se^2 + A^2)`` is at most ``1.25 se`` (module doc; bench/bench_coverag
 MOMENTS = ("gain", "kl")
 """Moments ``(P, <name>_mean, <name>_m2)`` of the bias-corrected estimates kept per cell."""
 SUMS = ("gain_plugin_sum", "kl_plugin_sum", "gain_var_sum", "kl_var_sum", "gain_kl_cov_sum", "gain_bound_sum",
-        "kl_bound_sum", "reliable_sum", "gain_dbeta_sum", "kl_dbeta_sum")
+        "kl_bound_sum", "reliable_sum", "gain_dbeta_sum", "kl_dbeta_sum", "drift_count", "gain_drift_sum",
+        "gain_drift_sq_sum", "kl_drift_sum", "kl_drift_sq_sum", "gain_kl_drift_sum")
 """Plain sums over a cell's prompts kept beside the moments (:func:`prompt_sums`)."""
 
 
@@ -111,6 +123,11 @@ def _row_terms(table: pa.Table) -> dict[str, np.ndarray]:
         terms[f"{name}_dbeta_sum"] = _values(table, f"{name}_dbeta")
     terms["gain_kl_cov_sum"] = _values(table, "gain_kl_cov")
     terms["reliable_sum"] = reliable
+    gain_drift, kl_drift = _values(table, "gain_drift"), _values(table, "kl_drift")
+    drifted = np.isfinite(gain_drift) & np.isfinite(kl_drift)
+    gain_drift, kl_drift = np.where(drifted, gain_drift, 0.0), np.where(drifted, kl_drift, 0.0)
+    terms.update(drift_count=drifted.astype(np.float64), gain_drift_sum=gain_drift, gain_drift_sq_sum=gain_drift**2,
+                 kl_drift_sum=kl_drift, kl_drift_sq_sum=kl_drift**2, gain_kl_drift_sum=gain_drift * kl_drift)
     return terms
 
 
@@ -119,8 +136,9 @@ def prompt_sums(table: pa.Table, keys: list[str]) -> pa.Table:
 
     Columns: the keys, ``prompts`` (P), ``<m>_mean`` and ``<m>_m2`` for ``m`` in :data:`MOMENTS` (of the
     bias-corrected estimates), and :data:`SUMS` (``*_var_sum``: of ``*_se_delta^2``; ``gain_kl_cov_sum``;
-    ``*_bound_sum``: of ``bias_allowance * *_se_delta``; ``reliable_sum``; ``*_dbeta_sum``). Tables of
-    disjoint prompt sets combine with :func:`merge_prompt_sums`.
+    ``*_bound_sum``: of ``bias_allowance * *_se_delta``; ``reliable_sum``; ``*_dbeta_sum``; ``drift_count`` and
+    the sums, squares and cross products of ``gain_drift`` and ``kl_drift`` over the rows that have both).
+    Tables of disjoint prompt sets combine with :func:`merge_prompt_sums`.
     """
     terms = _row_terms(table)
     rows = pa.table({**{key: table[key] for key in keys}, **{name: pa.array(value, pa.float64()) for name, value in terms.items()}})
@@ -178,11 +196,26 @@ def merge_prompt_sums(sums: list[pa.Table], keys: list[str]) -> pa.Table:
     return pa.table({name: columns[name] for name in nonempty[0].column_names})
 
 
-def _bar(variance: np.ndarray, bound: np.ndarray) -> np.ndarray:
-    """``sqrt(se^2 + A^2)`` where the allowance ``A <= ALLOWANCE_LIMIT se``, else NaN (``se^2 = variance``)."""
+def _drift_excess(count: np.ndarray, total: np.ndarray, squares: np.ndarray) -> np.ndarray:
+    """``max(|D| - DRIFT_Z se(D), 0)`` of a mean drift ``D = total / count`` (``se(D) = sd / sqrt(count)``); 0 with
+    fewer than 2 drifts."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = total / count
+        se = np.sqrt(np.clip(squares - total * mean, 0.0, None) / (count - 1) / count)
+        return np.where(count >= 2, np.clip(np.abs(mean) - DRIFT_Z * se, 0.0, None), 0.0)
+
+
+def widened(se: np.ndarray, allowance: np.ndarray) -> np.ndarray:
+    """The error bar of an estimate with standard error ``se`` and a bias of at most ``allowance``:
+    ``sqrt(se^2 + A^2)`` where ``A <= ALLOWANCE_LIMIT se``, else NaN (not trusted)."""
+    se, allowance = np.asarray(se, dtype=np.float64), np.asarray(allowance, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        se = np.sqrt(np.clip(variance, 0.0, None))
-        return np.where(bound <= ALLOWANCE_LIMIT * se, np.sqrt(se * se + bound * bound), np.nan)
+        return np.where(allowance <= ALLOWANCE_LIMIT * se, np.sqrt(se * se + allowance * allowance), np.nan)
+
+
+def _bar(variance: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """:func:`widened` of ``se = sqrt(variance)``."""
+    return widened(np.sqrt(np.clip(variance, 0.0, None)), bound)
 
 
 def prompt_means(sums: pa.Table, keys: list[str]) -> dict[str, np.ndarray]:
@@ -198,10 +231,12 @@ def prompt_means(sums: pa.Table, keys: list[str]) -> dict[str, np.ndarray]:
     column = {name: sums[name].to_numpy(zero_copy_only=False).astype(np.float64) for name in sums.column_names
               if name not in keys}
     prompts = column["prompts"]
+    drifts = column["drift_count"]
+    excess = {name: _drift_excess(drifts, column[f"{name}_drift_sum"], column[f"{name}_drift_sq_sum"]) for name in MOMENTS}
     with np.errstate(divide="ignore", invalid="ignore"):
         out = {"prompts": prompts.astype(np.int64)}
         for name in MOMENTS:
-            bound = column[f"{name}_bound_sum"] / prompts
+            bound = column[f"{name}_bound_sum"] / prompts + excess[name]
             out[name] = column[f"{name}_mean"]
             out[f"{name}_se"] = _bar(column[f"{name}_var_sum"] / prompts**2, bound)
             spread = between_prompt_se(prompts, column[f"{name}_m2"])
@@ -212,7 +247,10 @@ def prompt_means(sums: pa.Table, keys: list[str]) -> dict[str, np.ndarray]:
         out["slope"] = slope
         out["kl_dbeta"] = column["kl_dbeta_sum"] / prompts
         variance = (column["gain_var_sum"] - 2 * slope * column["gain_kl_cov_sum"] + slope**2 * column["kl_var_sum"]) / prompts**2
-        bound = (column["gain_bound_sum"] + np.abs(slope) * column["kl_bound_sum"]) / prompts
+        at_kl_drift = _drift_excess(drifts, column["gain_drift_sum"] - slope * column["kl_drift_sum"],
+                                    column["gain_drift_sq_sum"] - 2 * slope * column["gain_kl_drift_sum"]
+                                    + slope**2 * column["kl_drift_sq_sum"])
+        bound = (column["gain_bound_sum"] + np.abs(slope) * column["kl_bound_sum"]) / prompts + at_kl_drift
         out["gain_se_at_kl"] = _bar(variance, np.where(np.isfinite(slope), bound, np.nan))
     return out
 

@@ -95,7 +95,9 @@ class PromptRows:
     Frontier rows are :class:`limits_ray.stats.TiltEstimate`'s columns (``gain_se``/``kl_se`` its
     interval SEs, NaN where not ``reliable``; ``khat``, ``ess`` and the own test ``reliable`` depend on
     the align reward only, until the gate of :mod:`limits_ray.reliability_gate` adds its per-row tests). Convergence rows are the estimates on every dyadic prefix (N = 1, 2, 4, ...
-    samples, and all N when N is not a power of two). Best-of-n rows: see :func:`bon_rows`.
+    samples, and all N when N is not a power of two). Both carry the drift of the bias-corrected estimates
+    from the prefix before (:mod:`limits_ray.prompt_mean` tests the prompt mean's convergence with it).
+    Best-of-n rows: see :func:`bon_rows`.
     """
 
     def __init__(self, builders: dict[str, TableBuilder], plan: Plan, convergence: bool = True,
@@ -127,16 +129,21 @@ class PromptRows:
             return
         frontier, convergence = [], []
         for position, (align, evals) in enumerate(self.plan):
-            chains = [list(by_align[align.name].prefixes()) if self.convergence else [by_align[align.name].total()]
+            # Every prefix for the convergence table; else the last two (the drift from the largest prefix below N).
+            chains = [list(by_align[align.name].prefixes())[None if self.convergence else -2:]
                       for by_align in self.statistics]
             lengths = np.array([len(chain) for chain in chains])
             estimate = finalize_many([state for chain in chains for state in chain])
             last = np.cumsum(lengths) - 1
-            frontier.append(_estimate_block(estimate, last, np.arange(len(chains)), position, align, evals, FRONTIER_ROW))
+            first = last - lengths + 1
+            owner = np.repeat(np.arange(len(chains)), lengths)
+            previous = np.arange(owner.size) - 1
+            previous[first] = -1  # a chain's first prefix has none before it
+            frontier.append(_estimate_block(estimate, last, np.arange(len(chains)), position, align, evals, FRONTIER_ROW,
+                                            previous[last]))
             if self.convergence:
-                owner = np.repeat(np.arange(len(chains)), lengths)
                 convergence.append(_estimate_block(estimate, np.arange(owner.size), owner, position, align, evals,
-                                                   CONVERGENCE_ROW))
+                                                   CONVERGENCE_ROW, previous))
         prompt_ids = np.array(self.prompt_ids, dtype=object)
         _add_sorted(self.builders["frontier"], frontier, prompt_ids)
         if self.convergence:
@@ -154,17 +161,24 @@ CONVERGENCE_ROW = {"n_samples": "n", "gain": "gain", "gain_se": "gain_se", "kl":
                    "kl_se_delta": "kl_se_delta", "khat": "khat", "body_sd": "body_sd", "reward_max": "reward_max",
                    "top_tied": "top_tied", "khat_pooled": "khat", "reliable": "reliable"}
 """Row column -> :class:`limits_ray.stats.TiltEstimate` field, per table (``bias_allowance`` before the gate:
-0 where the row's own test passes, else infinite)."""
+0 where the row's own test passes, else infinite; ``gain_drift``, ``kl_drift``: ``gain_bc``, ``kl_bc`` less
+those of the largest dyadic prefix below the row's N, NaN where there is none)."""
 _PER_EVAL = {"gain", "gain_se", "gain_bc", "gain_se_delta", "gain_kl_cov", "gain_dbeta"}  # fields with a target-column axis
 
 
 def _estimate_block(estimate: TiltEstimate, states: np.ndarray, owners: np.ndarray, align_position: int,
-                    align: RewardSpec, evals: list[RewardSpec], row: dict[str, str]) -> dict[str, np.ndarray]:
-    """Columns (and sort keys) of the rows of ``estimate``'s ``states``, each owned by prompt ``owners``.
+                    align: RewardSpec, evals: list[RewardSpec], row: dict[str, str],
+                    previous: np.ndarray) -> dict[str, np.ndarray]:
+    """Columns (and sort keys) of the rows of ``estimate``'s ``states``, each owned by prompt ``owners``;
+    ``previous`` is each state's prefix before it (-1: none), whose bias-corrected estimates the drift
+    columns subtract.
 
     Shapes before flattening: ``[states, evals, B]``.
     """
     shape = (states.size, len(evals), estimate.betas.shape[1])
+    has_previous = (previous >= 0)[:, None]
+    before = np.maximum(previous, 0)
+    kl_drift = np.where(has_previous, estimate.kl_bc[states] - estimate.kl_bc[before], np.nan)
     columns = []
     for column in _eval_index(align, evals):
         block = {"beta": estimate.betas[states]}
@@ -172,6 +186,9 @@ def _estimate_block(estimate: TiltEstimate, states: np.ndarray, owners: np.ndarr
             values = getattr(estimate, field)[states]
             block[name] = values[:, :, column] if field in _PER_EVAL else np.broadcast_to(
                 values.reshape(states.size, -1), (states.size, shape[2]))
+        block["gain_drift"] = np.where(has_previous, estimate.gain_bc[states, :, column] - estimate.gain_bc[before, :, column],
+                                       np.nan)
+        block["kl_drift"] = kl_drift
         columns.append(block)
     block = {name: np.stack([part[name] for part in columns], axis=1).reshape(-1) for name in columns[0]}
     block["bias_allowance"] = np.where(block["reliable"], 0.0, np.inf)

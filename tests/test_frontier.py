@@ -13,6 +13,7 @@ from limits_ray.frontier import (
     FrontierPoint, between_prompt_se, frontier_sums, mean_frontier, mean_from_sums, merge_moments, merge_sums, point_at_kl,
     trusted_kl_range,
 )
+from limits_ray.fixed_kl import interpolation_error
 from limits_ray.io import SCHEMAS
 
 
@@ -24,7 +25,7 @@ def per_prompt_table(rows: list[dict]) -> pa.Table:
                 "gain_se_delta": lambda row: row["gain_se"], "kl_se_delta": lambda row: row["kl_se"],
                 "gain_kl_cov": lambda row: 0.0, "gain_dbeta": lambda row: -1.0 / row["beta"] ** 2,
                 "kl_dbeta": lambda row: -1.0 / row["beta"] ** 3, "reward_max": lambda row: 3.0, "top_tied": lambda row: False,
-                "bias_allowance": lambda row: 0.0}
+                "bias_allowance": lambda row: 0.0, "gain_drift": lambda row: math.nan, "kl_drift": lambda row: math.nan}
     columns = {name: [row[name] if name in row else defaults[name](row) for row in rows] for name in SCHEMAS["frontier"].names}
     return pa.table(columns, schema=SCHEMAS["frontier"])
 
@@ -237,8 +238,14 @@ def test_point_at_kl_is_the_exact_gaussian_frontier_between_grid_points():
         chord = point_at_kl(table.drop_columns(["slope", "kl_dbeta"]), budget, "r", "r")
         worst_chord = max(worst_chord, abs(chord.gain / math.sqrt(2 * budget) - 1))
     assert worst_chord > 0.02
+    # the error bar: linear in KL, widened by the interpolant's own error (cubic against quintic Hermite)
     t = (0.3 - 0.125) / (0.5 - 0.125)
-    assert point_at_kl(table, 0.3, "r", "r").gain_se == pytest.approx(0.008 + t * (0.004 - 0.008), rel=1e-12)
+    kl_sorted, order = np.sort(table["kl"].to_numpy()), np.argsort(table["kl"].to_numpy())
+    error = interpolation_error(kl_sorted, table["gain"].to_numpy()[order], table["slope"].to_numpy()[order], 0.3)
+    assert 0 < error < 1e-3 * math.sqrt(0.6) and error == pytest.approx(abs(point_at_kl(table, 0.3, "r", "r").gain - math.sqrt(0.6)), rel=0.2)
+    assert point_at_kl(table, 0.3, "r", "r").gain_se == pytest.approx(math.hypot(0.008 + t * (0.004 - 0.008), error), rel=1e-12)
+    tight = table.set_column(table.schema.get_field_index("gain_se_at_kl"), "gain_se_at_kl", pa.array([1e-5] * 4))
+    assert math.isnan(point_at_kl(tight, 0.3, "r", "r").gain_se)  # a bar smaller than the interpolation error: none
     assert point_at_kl(table, 0.5, "r", "r").beta == pytest.approx(1.0, rel=1e-14)  # the range ends are included
     assert point_at_kl(table, 0.0078125, "r", "r").gain == pytest.approx(1 / 8, rel=1e-14)
 
@@ -274,7 +281,9 @@ def test_sums_of_prompt_shards_add_up_to_the_mean_of_all():
     sums = [frontier_sums(per_prompt_table(shard)) for shard in shards]
     assert sums[0].column_names == ["align", "eval", "beta", "prompts", "gain_mean", "gain_m2", "kl_mean", "kl_m2",
                                     "gain_plugin_sum", "kl_plugin_sum", "gain_var_sum", "kl_var_sum", "gain_kl_cov_sum",
-                                    "gain_bound_sum", "kl_bound_sum", "reliable_sum", "gain_dbeta_sum", "kl_dbeta_sum"]
+                                    "gain_bound_sum", "kl_bound_sum", "reliable_sum", "gain_dbeta_sum", "kl_dbeta_sum",
+                                    "drift_count", "gain_drift_sum", "gain_drift_sq_sum", "kl_drift_sum", "kl_drift_sq_sum",
+                                    "gain_kl_drift_sum"]
     assert sums[0]["prompts"].to_pylist() == [3] * 4
     whole = mean_frontier(per_prompt_table(rows))
     for combined in (mean_from_sums(merge_sums(sums)), mean_from_sums(sums)):
