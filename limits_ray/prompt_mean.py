@@ -15,7 +15,7 @@ per-prompt table, (align, eval, beta) of ``frontier`` (and N of ``convergence``)
   estimates, from moments ``(P, mean, M2)`` that merge exactly (:func:`merge_moments`);
 - **unreliable prompts**: each row's ``bias_allowance`` ``a_x`` (:mod:`limits_ray.reliability_gate`) bounds its
   bias by ``a_x se_x`` (``se_x = gain_se_delta``): 0 for reliable rows and for rows that fail only their
-  own test in a cell that passes, 1 for rows near the finite-variance bound, infinite where nothing
+  own test in a cell that passes every cell test (a sample that drew the tail), infinite where nothing
   bounds it. With ``A = sum_x a_x se_x / P`` (plus the drift's excess, next item) the error bar is ``sqrt(se^2 + A^2)`` where
   ``A <= ALLOWANCE_LIMIT se`` (so the bar is at most 1.25 times the within-prompt SE), and NaN, *not
   trusted*, elsewhere; the spread SE likewise. A few prompts whose sample saw the tail do not take a
