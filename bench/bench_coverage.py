@@ -124,6 +124,11 @@ def _cell(value: float, digits: int = 2) -> str:
     return "-" if not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _signed(value: float) -> str:
+    """``+0.12``; ``-`` where the truth is infinite (a kind whose tilt does not exist at that beta)."""
+    return "-" if not np.isfinite(value) else f"{value:+.2f}"
+
+
 def table(rows: list[dict]) -> list[str]:
     lines = ["| family | N | beta | k-hat | exact ESS/N | reliable | reliable where ESS/N >= 0.5 | gain: plain | gain: reported "
              "| KL: plain | KL: reported | gain bias: plug-in / bc | KL bias: plug-in / bc |",
@@ -133,7 +138,7 @@ def table(rows: list[dict]) -> list[str]:
             f"| {row['family']} | {row['n']} | {row['beta']:g} | {_cell(row['khat'])} | {_cell(row['ess'])} "
             f"| {_cell(row['reliable'])} | {_cell(row['reliable_high'])} | {_cell(row['gain_plain'])} "
             f"| {_cell(row['gain_cover'])} | {_cell(row['kl_plain'])} | {_cell(row['kl_cover'])} "
-            f"| {row['gain_bias']:+.2f} / {row['gain_bias_bc']:+.2f} | {row['kl_bias']:+.2f} / {row['kl_bias_bc']:+.2f} |")
+            f"| {_signed(row['gain_bias'])} / {_signed(row['gain_bias_bc'])} | {_signed(row['kl_bias'])} / {_signed(row['kl_bias_bc'])} |")
     return lines
 
 

@@ -16,9 +16,9 @@ interpolation in KL.
 
 The interpolant's own error matters once the frontier's error bar is small (at 1e4 prompts and more,
 on a grid of betas a factor 2 apart, it is larger than the bar): :func:`at_kl` estimates it as the
-difference from the quintic Hermite that also passes through the next grid point (value and slope),
-the embedded-error estimate of adaptive quadrature; the caller adds it to the error bar as a bias
-allowance (:func:`limits_ray.frontier.point_at_kl`).
+difference from the quintic Hermite that also passes through the next grid point with an error bar
+(value and slope), the embedded-error estimate of adaptive quadrature, and adds it to the error bar
+as a bias allowance.
 """
 
 from __future__ import annotations
@@ -52,21 +52,29 @@ def _quintic(u: np.ndarray, y: np.ndarray, m: np.ndarray, at: float) -> float:
     return float(sum(c * x**k for k, c in enumerate(coefficients)))
 
 
-def interpolation_error(kl: np.ndarray, gain: np.ndarray, slope: np.ndarray, budget: float) -> float:
-    """Estimated error of :func:`at_kl`'s gain at ``budget``: ``|cubic - quintic|`` (module doc), with the
-    quintic through the bracketing grid points and the nearer outer neighbour; 0 on a grid point, NaN
-    where there is no third point or a slope is missing. ``kl`` sorted ascending, all positive."""
+def interpolation_error(kl: np.ndarray, gain: np.ndarray, slope: np.ndarray, budget: float,
+                        usable: np.ndarray | None = None) -> float:
+    """Estimated error of :func:`at_kl`'s gain at ``budget``: ``|cubic - quintic|`` (module doc), the quintic through
+    the bracketing grid points and the nearer outer neighbour among the ``usable`` ones (default: all; the
+    callers pass the points whose gain has an error bar: an unreliable estimate says nothing about the
+    curve's shape). Without such a neighbour, the difference between the cubic Hermite in log KL and in KL
+    (cruder, larger). 0 on a grid point; NaN where a slope is missing. ``kl`` sorted ascending, positive."""
     size = kl.size
+    usable = np.ones(size, bool) if usable is None else np.asarray(usable, bool)
     right = int(np.clip(np.searchsorted(kl, budget, side="left"), 1, size - 1)) if size > 1 else 0
-    if size < 3 or budget in (kl[right - 1], kl[right]):
-        return 0.0 if size >= 2 and budget in (kl[right - 1], kl[right]) else float("nan")
+    if size < 2 or budget in (kl[right - 1], kl[right]):
+        return 0.0 if size >= 2 else float("nan")
     left = right - 1
     u, scaled = np.log(kl), slope * kl
-    third = left - 1 if left >= 1 and (right + 1 >= size or u[left] - u[left - 1] <= u[right + 1] - u[right]) else right + 1
-    points = np.sort(np.array([left, right, third]))
-    if not np.all(np.isfinite(scaled[points])):
+    if not np.all(np.isfinite(scaled[[left, right]])):
         return float("nan")
     cubic = hermite(u[left], u[right], gain[left], gain[right], scaled[left], scaled[right], np.log(budget))
+    outer = [index for index in (left - 1, right + 1) if 0 <= index < size and usable[index] and np.isfinite(scaled[index])]
+    if not outer:
+        linear_k = hermite(kl[left], kl[right], gain[left], gain[right], slope[left], slope[right], budget)
+        return abs(cubic - linear_k)
+    third = min(outer, key=lambda index: abs(u[index] - (u[left] if index < left else u[right])))
+    points = np.sort(np.array([left, right, third]))
     return abs(cubic - _quintic(u[points], gain[points], scaled[points], np.log(budget)))
 
 
@@ -117,5 +125,5 @@ def at_kl(kl: np.ndarray, beta: np.ndarray, gain: np.ndarray, budget: float, slo
         at_beta = float(np.exp(log_beta[left] + chord * (log_beta[right] - log_beta[left])))
     error = gain_se[left] + chord * (gain_se[right] - gain_se[left])
     if np.all(np.isfinite([gain_slope[left], gain_slope[right]])) and logged:
-        error = float(widened(error, interpolation_error(kl, gain, slope, budget)))
+        error = float(widened(error, interpolation_error(kl, gain, slope, budget, np.isfinite(gain_se))))
     return at_beta, value, float(error)

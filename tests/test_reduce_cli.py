@@ -227,10 +227,16 @@ def test_gaussian_end_to_end_matches_sigma2_over_beta(tmp_path, capsys):
     budget = sigma**2 / (2 * 3.0**2)
     code, stdout, _ = run(capsys, "query", tmp_path / "o", "--kl", str(budget))
     assert code == 0
-    line = [l for l in stdout.splitlines() if l.startswith("a ")][0]
+    header, line = stdout.splitlines()[0], [l for l in stdout.splitlines() if l.startswith("a ")][0]
+    assert "95% interval" in header
     kl, beta, gain = (float(v) for v in line.split()[2:5])
+    low, high = (float(v) for v in line.split("[")[1].split("]")[0].split(","))
     assert kl == pytest.approx(budget, rel=1e-3)
     assert beta == pytest.approx(3.0, rel=0.1) and gain == pytest.approx(sigma**2 / 3.0, rel=0.1)
+    # the 95% interval at that fixed KL: centred on the gain, and holding the exact sigma sqrt(2 K) here
+    at_kl = read_outputs(tmp_path / "o")["frontier_mean"].to_pylist()[1]["gain_se_at_kl"]
+    assert (low + high) / 2 == pytest.approx(gain, rel=1e-3) and (high - low) / 2 == pytest.approx(1.96 * at_kl, rel=0.05)
+    assert low <= sigma * math.sqrt(2 * budget) <= high
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +330,7 @@ def test_query_warns_when_the_budget_lies_outside_the_trusted_range(tmp_path, ca
         "prompt_id": np.repeat([f"p{i}" for i in range(prompts)], n), "sample_idx": np.tile(np.arange(n), prompts),
         "a": rng.normal(size=prompts * n),
     }), tmp_path / "s.parquet")
-    assert run(capsys, "reduce", "--samples", tmp_path / "s.parquet", "--out", tmp_path / "o", "--betas", "0.05,1,3",
+    assert run(capsys, "reduce", "--samples", tmp_path / "s.parquet", "--out", tmp_path / "o", "--betas", "0.05,1,2,3",
                "--no-bon", "--no-convergence")[0] == 0
     code, stdout, err = run(capsys, "query", tmp_path / "o", "--kl", "0.1,3")
     assert code == 0
