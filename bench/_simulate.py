@@ -81,6 +81,6 @@ def as_table(fields: dict[str, np.ndarray], group: np.ndarray) -> pa.Table:
     count, betas = fields["gain"].shape
     columns = {"group": np.repeat(group, betas), "beta": fields["beta"].reshape(-1)}
     for name in ("gain", "gain_bc", "gain_se_delta", "kl", "kl_bc", "kl_se_delta", "gain_kl_cov", "gain_dbeta", "kl_dbeta",
-                 "reliable", "bias_allowance", "gain_drift", "kl_drift"):
+                 "reliable", "bias_allowance", "gain_drift", "kl_drift", "khat", "khat_pooled"):
         columns[name] = fields[name].reshape(-1)
     return pa.table(columns)

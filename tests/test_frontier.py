@@ -21,7 +21,7 @@ def per_prompt_table(rows: list[dict]) -> pa.Table:
     """Rows as a frontier table; reliability columns a row leaves out default to a reliable, unbiased cell
     (the delta-method SEs to the interval SEs, no bias allowance)."""
     defaults = {"gain_bc": lambda row: row["gain"], "kl_bc": lambda row: row["kl"], "khat": lambda row: 0.3,
-                "khat_pooled": lambda row: row.get("khat", 0.3), "body_sd": lambda row: 1.0, "reliable": lambda row: True,
+                "khat_pooled": lambda row: 0.2, "body_sd": lambda row: 1.0, "reliable": lambda row: True,
                 "gain_se_delta": lambda row: row["gain_se"], "kl_se_delta": lambda row: row["kl_se"],
                 "gain_kl_cov": lambda row: 0.0, "gain_dbeta": lambda row: -1.0 / row["beta"] ** 2,
                 "kl_dbeta": lambda row: -1.0 / row["beta"] ** 3, "reward_max": lambda row: 3.0, "top_tied": lambda row: False,

@@ -10,7 +10,9 @@ import pyarrow as pa
 import pytest
 
 from limits_ray.fixed_kl import at_kl
-from limits_ray.prompt_mean import ALLOWANCE_LIMIT, DRIFT_Z, merge_prompt_sums, prompt_means, prompt_sums, widened
+from limits_ray.prompt_mean import (
+    ALLOWANCE_LIMIT, DRIFT_Z, merge_prompt_sums, prompt_means, prompt_sums, variance_factor, widened, within_prompt_se,
+)
 from limits_ray.reliability_gate import gate_cells
 from limits_ray.stats import TiltStats, finalize_many
 
@@ -37,6 +39,15 @@ def test_widened_keeps_a_bar_only_while_the_allowance_is_small():
     assert widened(0.1, 0.0) == pytest.approx(0.1) and widened(0.1, 0.05) == pytest.approx(math.hypot(0.1, 0.05))
     assert widened(0.1, ALLOWANCE_LIMIT * 0.1) == pytest.approx(0.125)  # at most 1.25 se
     assert math.isnan(widened(0.1, 0.076)) and math.isnan(widened(0.1, math.inf)) and math.isnan(widened(math.nan, 0.0))
+
+
+def test_heavier_weights_scale_the_delta_method_se_up():
+    np.testing.assert_allclose(variance_factor(np.array([-0.5, 0.25, 0.41, 0.45, np.nan, np.inf])),
+                               [1.0, 1.0, 1 / 0.84, 1 / 0.8, 1.0, 1.0])
+    table = rows_table(np.ones(3), khat=np.array([0.1, 0.45, 0.45]), khat_pooled=np.array([0.1, 0.45, np.nan]))
+    gain_se, kl_se = within_prompt_se(table)
+    np.testing.assert_allclose(gain_se, [0.1, 0.1 / 0.8, 0.1 / 0.8])  # the pooled k-hat, else the own one
+    assert means(table)["gain_se"] == pytest.approx(math.sqrt(0.01 + 2 * (0.1 / 0.8) ** 2) / 3, rel=1e-12)
 
 
 def test_a_drift_within_its_noise_adds_nothing_and_a_clear_one_joins_the_allowance():
