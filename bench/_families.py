@@ -48,7 +48,7 @@ class Kind:
 
     def best_of_n_gain(self, sizes: np.ndarray) -> np.ndarray:
         """Exact ``E[max of n rewards] - E[r]`` for each n: ``sum_v v (F(v)^n - F(v-)^n)`` over discrete levels,
-        else ``int (1[x >= 0] - F(x)^n) dx`` on a fine grid over the support."""
+        else ``int (1[x >= 0] - F(x)^n) dx`` by quadrature over the support."""
         sizes = np.asarray(sizes, dtype=np.float64)
         mean = self.dcgf(np.zeros(1))[0]
         if self.levels is not None:
@@ -68,6 +68,17 @@ class Kind:
             above = quad(lambda x: 1.0 - power(x), max(low, 0.0), high, limit=400)[0] + max(low, 0.0)
             out.append(above - below)
         return np.array(out) - mean
+
+    def truth(self, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact ``(gain, KL, Kish ESS/N)`` at each beta (NaN gain/KL where the tilt does not exist)."""
+        t = 1.0 / np.asarray(betas, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            slope, level = self.dcgf(t), self.cgf(t)
+            gain = slope - self.dcgf(np.zeros(1))[0]
+            kl = t * slope - level
+            ess = np.exp(2 * level - self.cgf(2 * t))
+        ess = np.where(np.isfinite(ess), ess, 0.0)
+        return gain, kl, ess
 
 
 def gaussian(sigma: float = 1.0) -> Kind:

@@ -28,7 +28,8 @@ ones with a small k-hat, a low estimate and a small SE: a per-prompt cut keeps e
 (align, eval, beta[, N]) cell, itself included, predict for it from a covariate (the spread of its rewards below the
 fitted tail, over beta), by how much the prompts differ beyond that and their sampling noise
 (empirical Bayes, method of moments), and a prompt is reliable only where that pooled k-hat is below
-:data:`POOLED_KHAT_LIMIT` = 0.45 as well (:mod:`limits_ray.reliability_gate` applies it to the tables).
+:data:`POOLED_KHAT_LIMIT` = 0.45 as well (:mod:`limits_ray.reliability_gate` applies it to the tables,
+beside its other cell tests).
 
 The weights ``exp(r/beta)`` are ordered by ``r`` for every ``beta > 0``, so the largest ``M + 1``
 rewards give the tail at every beta: :func:`khat` takes only them.
