@@ -129,9 +129,14 @@ class PromptRows:
             return
         frontier, convergence = [], []
         for position, (align, evals) in enumerate(self.plan):
-            # Every prefix for the convergence table; else the last two (the drift from the largest prefix below N).
+            # Every prefix for the convergence table; else the last two (the drift from the largest prefix below N),
+            # the first without its tail: only its bias-corrected estimates are read, and no k-hat is fitted.
             chains = [list(by_align[align.name].prefixes())[None if self.convergence else -2:]
                       for by_align in self.statistics]
+            if not self.convergence:
+                for chain in chains:
+                    if len(chain) == 2:
+                        chain[0].tail = chain[0].tail[:0]
             lengths = np.array([len(chain) for chain in chains])
             estimate = finalize_many([state for chain in chains for state in chain])
             last = np.cumsum(lengths) - 1

@@ -129,3 +129,28 @@ def test_the_prompt_mean_and_its_fixed_kl_gain_cover_the_exact_gaussian_frontier
         assert np.mean(np.abs(value - math.sqrt(2 * budget)) <= 1.96 * se) >= 0.88, budget
         fixed_beta = np.array([np.interp(budget, run["kl"][::-1], run["gain_se"][::-1]) for run in runs])
         assert np.mean(se / fixed_beta) <= 0.6
+
+
+def test_the_drift_columns_are_the_same_with_and_without_the_convergence_table():
+    """Without the convergence table, PromptRows still finalizes the largest dyadic prefix below N (tail dropped:
+    no k-hat fit) for the drift: the frontier is the same either way, and the drift is bc(N) - bc(prefix)."""
+    from limits_ray.config import AnalysisConfig
+    from limits_ray.reduce import reduce_table
+
+    rng = np.random.default_rng(5)
+    prompts, size = 12, 300
+    table = pa.table({"prompt_id": np.repeat([f"p{i:02d}" for i in range(prompts)], size),
+                      "sample_idx": np.tile(np.arange(size), prompts), "r": rng.normal(size=prompts * size)})
+    config = AnalysisConfig(betas=(0.7, 2.0), best_of_n=False)
+    full = reduce_table(table, ["r"], config)
+    lean = reduce_table(table, ["r"], AnalysisConfig(betas=(0.7, 2.0), best_of_n=False, convergence=False))
+    for name in full.frontier.column_names:
+        left, right = full.frontier[name].to_numpy(zero_copy_only=False), lean.frontier[name].to_numpy(zero_copy_only=False)
+        if left.dtype.kind == "f":
+            np.testing.assert_allclose(left, right, rtol=1e-12, atol=1e-15, err_msg=name)
+        else:
+            np.testing.assert_array_equal(left, right, err_msg=name)
+    first = table.slice(0, 256)["r"].to_numpy()[:, None]  # prompt p00: the prefix of 256 samples below N = 300
+    want = TiltStats.from_samples(np.array([0.7, 2.0]), table.slice(0, size)["r"].to_numpy()[:, None]).finalize().gain_bc[:, 0] \
+        - TiltStats.from_samples(np.array([0.7, 2.0]), first).finalize().gain_bc[:, 0]
+    np.testing.assert_allclose(full.frontier.slice(0, 2)["gain_drift"].to_numpy(), want, rtol=1e-10)
