@@ -16,8 +16,8 @@ bias-corrected gain over all prompts, in mean delta-method SEs. Best-of-n: per n
 ``gain ± 1.96 gain_se`` (jackknife) of the exact best-of-n gain over the prompts that have an SE, and
 the share that has one (limits_ray.bon.jackknife_usable).
 
-    python bench/bench_coverage.py [--reps 3000] [--set tuning|held-out|all] [--no-write]   # full size, ~10 min
-    python bench/bench_coverage.py --reps 400 --no-write                                     # about a minute
+    python bench/bench_coverage.py [--reps 3000] [--set tuning|held-out|all] [--no-write]   # full size, 1-2 min
+    python bench/bench_coverage.py --reps 400 --no-write                                     # seconds
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ frontier (:func:`limits_ray.fixed_kl.at_kl`) against the exact ``sqrt(2K)``: cov
 from ``gain_se_at_kl``, the error bar over the SD of the estimates across groups, and the fixed-KL SE over
 the fixed-beta one.
 
-    python bench/bench_prompt_mean.py [--prompts 2000000] [--no-write]      # full size (about half an hour)
+    python bench/bench_prompt_mean.py [--prompts 1000000] [--no-write]      # full size (20-25 min, 2 cores)
     python bench/bench_prompt_mean.py --prompts 20000 --sizes 1000,10000    # a few minutes
 """
 
@@ -291,7 +291,7 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, seconds: float,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=2_000_000, help="prompts simulated per family")
+    parser.add_argument("--prompts", type=int, default=1_000_000, help="prompts simulated per family")
     parser.add_argument("--sizes", default="1000,10000,100000", help="comma list of P (prompts per group)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of families")
     parser.add_argument("--seed", type=int, default=2026)
