@@ -19,6 +19,10 @@ and the bracket's width at a few KL budgets (median over prompt sets) beside ``g
 
 from __future__ import annotations
 
+from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # first: puts this checkout on sys.path
+
+# isort: split
+
 import argparse
 import platform
 import sys
@@ -26,15 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # noqa: E402  (first: puts the repo on sys.path)
+import numpy as np
+import pyarrow as pa
+from _one_token import draw, frontier_function, one_token_setup
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from _one_token import draw, frontier_function, one_token_setup  # noqa: E402
-from limits_ray.core.analysis import AnalysisConfig  # noqa: E402
-from limits_ray.core.bracket import bracket_at  # noqa: E402
-from limits_ray.core.tables import reduce_table  # noqa: E402
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.bracket import bracket_at
+from limits_ray.core.tables import reduce_table
 
 SECTION = "## Certified bracket past the trusted range (bench/bench_bracket.py)"
 SIGMAS = (0.5, 1.0, 2.0)
@@ -106,9 +108,14 @@ def markdown(rows: list[dict], args: argparse.Namespace, seconds: float, load: s
     worst = min(rows, key=lambda row: row["inside"])
     lines += ["", f"Lowest fraction inside: {worst['inside']:.3f} ({worst['setup']}, N = {worst['n']:,}); target 0.95. "
               "The upper bound is the tangent at K0, so its width grows linearly with K - K0 while the frontier grows "
-              "like sqrt(K) (Gaussian) or saturates (one token); the lower bound follows best-of-n, a few percent under "
-              "the frontier. Today the upper end at K0 uses the gain's fixed-beta SE (core/headline.py), wider than the "
-              "fixed-KL SE the tangent needs: the upper side is conservative."]
+              "like sqrt(K) (Gaussian) or saturates (one token); the upper end at K0 uses the gain's fixed-KL SE "
+              "(core/headline.py). The lower bound follows best-of-n up to the largest n with a jackknife SE "
+              "(n <= N/16, core/bon.py), so it is flat past about log(N/16) - 1 nats. \"No upper bound\": prompt sets "
+              "without a trusted beta with an error bar. The one-token rewards have tied top values (a token drawn "
+              "more than once: every prompt of the length reward, about half of the continuous one's); the gate passes a "
+              "tied top only where the level it missed would move the tilt by at most an SE, or at the cell's top in "
+              "cells of at least 10 prompts (core/reliability.py): with 8 prompts many such prompt sets have no "
+              "trusted beta, hence no upper bound."]
     return "\n".join(lines) + "\n"
 
 

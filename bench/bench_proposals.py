@@ -24,6 +24,10 @@ lies within a factor 1.5 of the policy's.
 
 from __future__ import annotations
 
+from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # first: puts this checkout on sys.path
+
+# isort: split
+
 import argparse
 import platform
 import sys
@@ -31,18 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # noqa: E402  (first: puts the repo on sys.path)
+import numpy as np
+import pyarrow as pa
+from _one_token import PROMPTS, draw, exact_frontier, one_token_setup
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from _one_token import PROMPTS, draw, exact_frontier, one_token_setup  # noqa: E402
-from limits_ray.core.analysis import AnalysisConfig  # noqa: E402
-from limits_ray.core.frontier import trusted_kl_range  # noqa: E402
-from limits_ray.core.policy_stats import exact_kl  # noqa: E402
-from limits_ray.core.proposals import proposal_frontier, proposal_mean  # noqa: E402
-from limits_ray.core.tables import reduce_table  # noqa: E402
-from limits_ray.tiny_models import blend_checkpoint, next_token_logprobs, tilted_checkpoint  # noqa: E402
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.frontier import trusted_kl_range
+from limits_ray.core.policy_stats import exact_kl
+from limits_ray.core.proposals import proposal_frontier, proposal_mean
+from limits_ray.core.tables import reduce_table
+from limits_ray.tiny_models import blend_checkpoint, next_token_logprobs, tilted_checkpoint
 
 SECTION = "## Policy samples as proposals (bench/bench_proposals.py)"
 TARGET_KL = 3.5

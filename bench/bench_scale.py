@@ -28,6 +28,10 @@ Each case also counts the "pickled python objects" fallback warnings in its Ray 
 
 from __future__ import annotations
 
+from _report import DOCS, ROOT, cpu_description, load_average, update_docs, utc_now  # first: puts this checkout on sys.path
+
+# isort: split
+
 import argparse
 import json
 import os
@@ -39,8 +43,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-from _report import DOCS, ROOT, cpu_description, load_average, update_docs, utc_now  # noqa: E402
 
 SECTION = "## Scale-out on synthetic rounds (bench/bench_scale.py)"
 REWARD = "limits_ray.reward_functions:response_length"
@@ -285,7 +287,7 @@ def section(results: list[dict], quick: bool, elapsed: float) -> str:
     nights = [result for result in results if result["series"] == "nightly"]
     if nights:
         lines += [
-            f"| a nightly run adding one round per prompt to a store of 1e7 samples takes time proportional to "
+            "| a nightly run adding one round per prompt to a store of 1e7 samples takes time proportional to "
             "the new round, not the store | - | see below |",
             "", f"### Nightly: one more round per prompt ({NIGHTLY_PROMPTS} prompts x {NIGHTLY_N} samples) "
             "onto a store of growing size", "",

@@ -18,23 +18,25 @@
 
 from __future__ import annotations
 
+from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # first: puts this checkout on sys.path
+
+# isort: split
+
 import argparse
 import platform
 import sys
 import time
 
-from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # noqa: E402  (first: puts the repo on sys.path)
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from scipy import stats
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from limits_ray.core.analysis import AnalysisConfig  # noqa: E402
-from limits_ray.core.reliability import passes_gate, pooled_khat_of_cells  # noqa: E402
-from limits_ray.core.tables import reduce_table  # noqa: E402
-from limits_ray.core.tilt import TiltStats, interval_ratio  # noqa: E402
-from limits_ray.core.winrate import bon_winrate, rank_label, rank_tilt_curve, tilted_winrate  # noqa: E402
+from limits_ray.core.analysis import AnalysisConfig
+from limits_ray.core.reliability import passes_gate, pooled_khat_of_cells
+from limits_ray.core.tables import reduce_table
+from limits_ray.core.tilt import TiltStats, interval_ratio
+from limits_ray.core.winrate import bon_winrate, rank_label, rank_tilt_curve, tilted_winrate
 
 SECTION = "## Win rate (bench/bench_winrate.py)"
 GAUSSIAN_BETAS = np.array([0.25, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 3.0])
@@ -165,7 +167,7 @@ def markdown(forms: dict, rows: list[dict], args: argparse.Namespace, seconds: f
         f"| rank tilt: W against e^t/(e^t - 1) - 1/t | {forms['w']:.1e} | {forms['w_all']:.1e} |",
         f"| rank tilt: KL against t W - log((e^t - 1)/t) | {forms['kl']:.1e} | {forms['kl_all']:.1e} |",
         f"| best-of-n: W against n/(n+1) | {forms['bon']:.1e} | {forms['bon']:.1e} |", "",
-        f"Target: 1e-3 at N = 1e4. The rank tilts' rows differ from the closed form by O(1/N) (they tilt the empirical "
+        "Target: 1e-3 at N = 1e4. The rank tilts' rows differ from the closed form by O(1/N) (they tilt the empirical "
         "mid-CDF and evaluate leave-one-out ranks); at beta = 1e-3 the tilt rests on the top few samples.", "",
         "### Coverage of the win rate's 95% interval", "",
         f"{args.reps} independent prompts per (family, N, beta), each N rewards aligned and evaluated on itself. "

@@ -11,8 +11,8 @@ the tiny configs' ``policy_blend``); every other flag goes to compare.
 import argparse
 import sys
 
-from limits_ray.cli import main
 from limits_ray import blend_checkpoint
+from limits_ray.cli import main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(add_help=False)

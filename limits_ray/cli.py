@@ -60,7 +60,8 @@ def _query(args: argparse.Namespace) -> int:
     brackets = read_result_table(results, "bracket")
     pairs = sorted(set(zip(table["align"].to_pylist(), table["eval"].to_pylist())))
     aligns, evals = set(args.align or [a for a, _ in pairs]), set(args.eval or [e for _, e in pairs])
-    print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'gain [reward]':>14} {'trusted':>8}")
+    print(f"{'align':<24} {'eval':<24} {'KL [nats]':>10} {'beta':>10} {'gain [reward]':>14} {'95% interval':>22} "
+          f"{'trusted':>8}")
     for align, evaluation in pairs:
         if align in aligns and evaluation in evals:
             for budget in args.kl:
@@ -70,11 +71,11 @@ def _query(args: argparse.Namespace) -> int:
                     bracket = bracket_at(brackets, budget, align, evaluation) if brackets.num_rows else None
                     if bracket is None or budget > max(brackets["kl"].to_pylist()):
                         raise
-                    print(f"{align:<24} {evaluation:<24} {format_number(budget, 4):>10} {'-':>10} {'-':>14} {'NO':>8}")
+                    print(f"{align:<24} {evaluation:<24} {format_number(budget, 4):>10} {'-':>10} {'-':>14} {'-':>22} {'NO':>8}")
                     print(_bracket_line(bracket))
                     continue
                 print(f"{align:<24} {evaluation:<24} {format_number(point.kl, 4):>10} {format_number(point.beta, 4):>10} "
-                      f"{format_number(point.gain, 4):>14} {'yes' if point.trusted else 'NO':>8}")
+                      f"{format_number(point.gain, 4):>14} {_interval(point):>22} {'yes' if point.trusted else 'NO':>8}")
                 if not point.trusted:
                     bracket = bracket_at(brackets, budget, align, evaluation) if brackets.num_rows else None
                     if bracket is not None:
@@ -117,14 +118,26 @@ def _query_winrate(args: argparse.Namespace, results) -> int:
                 interval = (f"{format_number(point.winrate_bc - half, 4)}-{format_number(point.winrate_bc + half, 4)}"
                             if half == half else "-")
                 print(f"{align:<24} {evaluation:<24} {format_number(point.kl, 4):>10} {format_number(point.beta, 4):>10} "
-                      f"{format_number(point.winrate, 4):>9} {interval:>17} {'yes' if point.trusted else 'NO':>8} "
+                      f"{format_number(point.winrate_bc, 4):>9} {interval:>17} {'yes' if point.trusted else 'NO':>8} "
                       f"{format_number(best, 4):>18}")
     print("win rate: P(a response of the policy beats one of pi0 in eval), ties half; align rank(e): the win-rate-optimal "
           "tilts estimated from the samples; best (continuous): their closed form for a reward without ties")
     return 0
 
 
+def _interval(point: FrontierPoint) -> str:
+    """``[low, high]``: the gain's 95% interval at the fixed KL; ``—`` where the prompt mean has no error bar."""
+    if point.gain_se != point.gain_se:
+        return format_number(float("nan"))
+    half = 1.96 * point.gain_se
+    return f"[{format_number(point.gain - half, 4)}, {format_number(point.gain + half, 4)}]"
+
+
 def _untrusted(point: FrontierPoint) -> str:
+    inside = point.trusted_kl is not None and point.trusted_kl[0] <= point.kl <= point.trusted_kl[1]
+    if inside:
+        return ("the gain has no error bar here: prompts whose importance weights are unreliable could move the "
+                "prompt mean by more than its standard error; it is not to be believed: sample more per prompt (N)")
     why = (f"KL {point.kl:.4g} lies outside the trusted KL range [{point.trusted_kl[0]:.4g}, {point.trusted_kl[1]:.4g}]"
            if point.trusted_kl else "no beta of this frontier is trusted")
     return (f"{why} (betas where at least {TRUSTED_FRACTION:.0%} of prompts have reliable importance weights, "
@@ -265,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="rows per bucket when the input is not in bucket= directories; peak memory grows with it")
     reduce.set_defaults(handler=_reduce)
 
-    query = commands.add_parser("query", help="the gain reachable at given KL budgets, and the beta for it "
+    query = commands.add_parser("query", help="the gain reachable at given KL budgets, its 95% interval and the beta for it "
                                 "(past the trusted range: the certified bracket; --winrate: win rates)")
     query.add_argument("results", type=Path, help="a directory holding frontier_mean.parquet")
     query.add_argument("--kl", required=True, type=lambda text: [float(v) for v in text.split(",")],

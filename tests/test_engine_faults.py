@@ -29,11 +29,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from _results import assert_same_frontier, assert_store_has_each_sample_once
-from _tiny import tiny_job_mapping
 from limits_ray.config import JobConfig, from_mapping
 from limits_ray.pipeline.faults import TEST_FAULTS_ENV
 from limits_ray.runs.job import run_job
+
+from _results import assert_same_frontier, assert_store_has_each_sample_once
+from _tiny import tiny_job_mapping
 
 pytestmark = pytest.mark.slow
 

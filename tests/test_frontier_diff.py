@@ -38,13 +38,14 @@ def plug_in(rewards: np.ndarray, betas: np.ndarray = BETAS) -> tuple[np.ndarray,
 
 
 def frontier_table(gain: np.ndarray, kl: np.ndarray, prompt_ids: list[str], betas: np.ndarray = BETAS) -> pa.Table:
-    """A per-prompt frontier table of one (align, eval) = (r, r) (SE columns NaN: not used here)."""
+    """A per-prompt frontier table of one (align, eval) = (r, r) (SE columns a constant 0.01: the prompt mean
+    gives an error bar, and the spread SE, only where every prompt has one)."""
     prompts, count = gain.shape
-    nan = np.full(prompts * count, np.nan)
+    se = np.full(prompts * count, 0.01)
     return pa.table({
         "prompt_id": np.repeat(prompt_ids, count), "align": ["r"] * (prompts * count), "eval": ["r"] * (prompts * count),
-        "beta": np.tile(betas, prompts), "n": np.ones(prompts * count, np.int64), "gain": gain.ravel(), "gain_se": nan,
-        "kl": kl.ravel(), "kl_se": nan, "gain_bc": gain.ravel(), "kl_bc": kl.ravel(), "reliable": np.ones(prompts * count, bool),
+        "beta": np.tile(betas, prompts), "n": np.ones(prompts * count, np.int64), "gain": gain.ravel(), "gain_se": se,
+        "kl": kl.ravel(), "kl_se": se, "gain_bc": gain.ravel(), "kl_bc": kl.ravel(), "reliable": np.ones(prompts * count, bool),
     })
 
 

@@ -33,11 +33,11 @@ NIGHTS = (("2026-01-01", 8, False), ("2026-01-02", 8, False), ("2026-01-03", 8, 
 
 def nightly_config(root: Path, max_tokens: int, broken: bool = False) -> JobConfig:
     prompts = ({"path": str(root / "missing-prompts.jsonl")} if broken
-               else {"inline": [f"prompt number {index}" for index in range(8)]})
+               else {"inline": [f"prompt number {index}" for index in range(12)]})
     return from_mapping(JobConfig, {
         "name": "synthetic-nightly", "output_dir": str(root / "out"), "ray_address": "local",
         "prompts": {**prompts, "template": "Q: {prompt}\nA:"},
-        "generation": {"kind": "synthetic", "samples_per_prompt": 128, "n": 64, "seed": 0, "max_tokens": max_tokens,
+        "generation": {"kind": "synthetic", "samples_per_prompt": 256, "n": 128, "seed": 0, "max_tokens": max_tokens,
                        "batch_size": 4, "num_cpus": 0.5},
         "rewards": [{"name": "length", "kind": "function", "function": "limits_ray.reward_functions:response_length",
                      "num_cpus": 0.5, "batch_size": 4096}],
@@ -111,7 +111,7 @@ def test_the_ledger_records_identity_failures_and_the_change(nightly):
     assert night["previous"] == "2026-01-02" and night["quarantined_rounds"] == 0
     change = pq.read_table(root / "2026-01-04" / "change" / "frontier_diff.parquet").to_pylist()
     at_01 = [row for row in change if row["at"] == "kl" and row["kl_a"] == 0.1]
-    assert len(at_01) == 1 and at_01[0]["verdict"] == "higher" and at_01[0]["prompts_common"] == 8
+    assert len(at_01) == 1 and at_01[0]["verdict"] == "higher" and at_01[0]["prompts_common"] == 12
     assert not (root / "2026-01-01" / "change").exists()  # nothing before the first night
 
 

@@ -28,16 +28,18 @@ def samples_table(prompts=("p0", "p1"), n=5, seed=0, **extra) -> pa.Table:
 
 def test_contract_schemas():
     assert SCHEMAS["frontier"].names == [
-        "prompt_id", "align", "eval", "beta", "n", "gain", "gain_se", "kl", "kl_se", "ess", "gain_bc", "kl_bc", "khat",
-        "body_sd", "khat_pooled", "reliable"]
+        "prompt_id", "align", "eval", "beta", "n", "gain", "gain_se", "kl", "kl_se", "ess", "gain_bc", "kl_bc",
+        "gain_se_delta", "kl_se_delta", "gain_kl_cov", "gain_dbeta", "kl_dbeta", "khat", "body_sd", "reward_max",
+        "top_tied", "log_z", "khat_pooled", "reliable", "bias_allowance", "tie_bias_at_kl", "gain_drift", "kl_drift"]
     assert SCHEMAS["frontier_mean"].names == [
         "align", "eval", "beta", "prompts", "gain", "gain_se", "kl", "kl_se", "gain_spread_se", "kl_spread_se",
-        "gain_bc", "kl_bc", "reliable"]
+        "gain_plugin", "kl_plugin", "reliable", "slope", "kl_dbeta", "gain_se_at_kl"]
     assert SCHEMAS["bon"].names == ["prompt_id", "align", "eval", "n", "reward", "gain", "kl", "reward_se", "gain_se",
                                     "winrate", "winrate_se"]
     assert SCHEMAS["convergence"].names == [
-        "prompt_id", "align", "eval", "beta", "n_samples", "gain", "gain_se", "kl", "kl_se", "ess", "khat", "body_sd", "khat_pooled",
-        "reliable"]
+        "prompt_id", "align", "eval", "beta", "n_samples", "gain", "gain_se", "kl", "kl_se", "ess", "gain_bc", "kl_bc",
+        "gain_se_delta", "kl_se_delta", "khat", "body_sd", "reward_max", "top_tied", "log_z", "khat_pooled", "reliable",
+        "bias_allowance", "tie_bias_at_kl", "gain_drift", "kl_drift"]
     assert SCHEMAS["frontier"].field("reliable").type == pa.bool_()
     assert SCHEMAS["frontier_mean"].field("reliable").type == pa.float64()
     assert SCHEMAS["frontier"].field("n").type == pa.int64()

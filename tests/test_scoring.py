@@ -163,9 +163,9 @@ def test_an_input_longer_than_the_reward_model_s_context_is_a_round_fault(tiny: 
 def test_a_reward_model_without_a_pad_token_gets_one_and_keeps_batching(tiny: TinyModels, tmp_path: Path) -> None:
     """Its own pad token (not EOS, which a text may end with): scores equal the original model's, rows
     still share padded batches."""
-    from transformers import AutoConfig, AutoTokenizer
-
     import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
 
     unpadded = tmp_path / "reward_b_no_pad"
     shutil.copytree(tiny.reward_b, unpadded)

@@ -135,7 +135,17 @@ def test_win_rate_rows_carry_the_frontier_rows_weights_and_gate():
         assert row["prompts"] == 24
         assert row["winrate"] == pytest.approx(np.mean(group["winrate"].to_numpy()), rel=1e-12)
         assert row["reliable"] == pytest.approx(np.mean(group["reliable"].to_numpy()))
-        assert row["winrate_se"] == pytest.approx(np.sqrt(np.sum(group["winrate_se"].to_numpy() ** 2)) / 24, nan_ok=True)
+        assert row["winrate_bc"] == pytest.approx(np.mean(group["winrate_bc"].to_numpy()), rel=1e-12)
+        # the prompt mean's error bar: the rows' delta-method SEs (no t-factor), scaled for heavy weights
+        # (limits_ray.core.prompt_mean.variance_factor), plus the unreliable rows' bias allowances
+        khat = group["khat_pooled"].to_numpy()
+        factor = 1 / (1 - np.clip(np.where(np.isfinite(khat), khat, 0.0) - 0.25, 0, 0.9))
+        se = group["winrate_se_delta"].to_numpy() * factor
+        allowance = group["bias_allowance"].to_numpy()
+        if np.all(allowance == 0):
+            assert row["winrate_se"] == pytest.approx(np.sqrt(np.sum(se**2)) / 24, rel=1e-9)
+        elif np.isinf(allowance).any():
+            assert np.isnan(row["winrate_se"])
 
 
 def test_query_winrate_prints_the_win_rate_and_the_optimum(tmp_path, capsys):

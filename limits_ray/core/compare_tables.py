@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from limits_ray.core.analysis import AnalysisConfig
 from limits_ray.core.errors import ConfigError
+from limits_ray.core.fixed_kl import at_kl
 from limits_ray.core.policy_stats import (
     PolicyEstimate,
     between_or_within_se,
@@ -56,12 +57,13 @@ POLICY_SCHEMA = pa.schema([
     ("frontier_beta", pa.float64()),  # the beta where the frontier's mean KL equals kl (NaN off the grid)
     ("frontier_gain", pa.float64()),  # the frontier's gain at kl (anchored at (0, 0)); beyond the grid's
                                       # largest KL, the gain there (the frontier rises with KL: a lower bound)
-    ("frontier_gain_se", pa.float64()),
+    ("frontier_gain_se", pa.float64()),  # the frontier's error bar at that fixed KL (gain_se_at_kl)
     ("beyond_grid", pa.bool_()),    # kl > the frontier's largest KL (about log N): gap is a lower bound
     ("gap", pa.float64()),          # frontier_gain - gain: what is left at the policy's KL
-    ("gap_se", pa.float64()),       # sqrt(gain_se^2 + s^2 kl_se^2 - 2 s cov(gain, kl) + frontier_gain_se^2),
-                                    # s = the frontier's d gain / d KL at kl (0 beyond the grid;
-                                    # best-of-n: its KL taken as exact)
+    ("gap_se", pa.float64()),       # sqrt(gain_se^2 + s^2 kl_se^2 - 2 s cov(gain, kl) + F^2 + 2 F shared),
+                                    # F = frontier_gain_se, s = the frontier's d gain / d KL at kl (0 beyond
+                                    # the grid; best-of-n: its KL taken as exact), shared: the se of the
+                                    # part of gain from the frontier's base samples (policy_stats.gap_se)
 ])
 
 
@@ -89,28 +91,36 @@ def _group(table: pa.Table) -> dict[str, np.ndarray]:
     return {prompt_id: np.flatnonzero(ids == prompt_id) for prompt_id in dict.fromkeys(ids)}
 
 
-def _frontier_arrays(frontier_mean: pa.Table, align: str, evaluation: str) -> dict[str, np.ndarray]:
+def _frontier_arrays(frontier_mean: pa.Table, align: str, evaluation: str) -> dict[str, np.ndarray | None]:
+    """One frontier's columns; ``gain_se`` is its fixed-KL error bar (``gain_se_at_beta``: the fixed-beta one), and
+    ``slope``/``kl_dbeta`` None for a table written before they existed (then linear interpolation and the
+    fixed-beta error bar)."""
     rows = frontier_mean.filter(pc.and_(pc.equal(frontier_mean["align"], align), pc.equal(frontier_mean["eval"], evaluation)))
-    return {name: rows[name].to_numpy() for name in ("beta", "kl", "gain", "gain_se")}
+    arrays: dict[str, np.ndarray | None] = {name: rows[name].to_numpy() for name in ("beta", "kl", "gain")}
+    arrays["gain_se"] = rows["gain_se_at_kl" if "gain_se_at_kl" in rows.column_names else "gain_se"].to_numpy()
+    arrays["gain_se_at_beta"] = rows["gain_se"].to_numpy()
+    for name in ("slope", "kl_dbeta"):
+        arrays[name] = rows[name].to_numpy() if name in rows.column_names else None
+    return arrays
 
 
 def _compare_row(name: str, kind: str, bon_n: int, align: str, evaluation: str, frontier: dict[str, np.ndarray],
                  prompts: int, samples: int, kl: float, kl_se: float, gain: float, gain_se: float,
-                 kl_gain_cov: float = 0.0) -> dict[str, Any]:
+                 kl_gain_cov: float = 0.0, shared_se: float = 0.0) -> dict[str, Any]:
     beyond = bool(frontier["kl"].size and kl > frontier["kl"].max())
     reach = float(frontier["kl"].max()) if beyond else kl
-    frontier_gain, frontier_se = frontier_gain_at_kl(frontier["kl"], frontier["gain"], reach, frontier["gain_se"])
+    frontier_gain, frontier_se = frontier_gain_at_kl(frontier["kl"], frontier["gain"], reach, frontier["gain_se"],
+                                                     frontier["slope"], frontier["kl_dbeta"], frontier["beta"])
     beta = float("nan")
     if frontier["kl"].size and frontier["kl"].min() <= kl <= frontier["kl"].max():
-        order = np.argsort(frontier["kl"])
-        beta = float(np.exp(np.interp(kl, frontier["kl"][order], np.log(frontier["beta"][order]))))
+        beta = at_kl(frontier["kl"], frontier["beta"], frontier["gain"], kl, frontier["slope"], frontier["kl_dbeta"])[0]
+    slope = 0.0 if beyond else frontier_slope_at_kl(frontier["kl"], frontier["gain"], kl, frontier["slope"])
     return {
         "policy": name, "kind": kind, "bon_n": bon_n, "align": align, "eval": evaluation, "prompts": prompts,
         "samples": samples, "kl": kl, "kl_se": kl_se, "gain": gain, "gain_se": gain_se, "frontier_beta": beta,
         "frontier_gain": frontier_gain, "frontier_gain_se": frontier_se, "beyond_grid": beyond,
         "gap": frontier_gain - gain,
-        "gap_se": gap_se(gain_se, 0.0 if kind == "best_of_n" else kl_se, frontier_se,
-                         0.0 if beyond else frontier_slope_at_kl(frontier["kl"], frontier["gain"], kl), kl_gain_cov),
+        "gap_se": gap_se(gain_se, 0.0 if kind == "best_of_n" else kl_se, frontier_se, slope, kl_gain_cov, shared_se),
     }
 
 
@@ -149,7 +159,7 @@ def policy_points(name: str, samples: pa.Table, base: pa.Table, frontier_mean: p
         rows.append(_compare_row(
             name, "checkpoint", 0, align, evaluation, _frontier_arrays(frontier_mean, align, evaluation),
             len(prompts), estimate.n, estimate.kl, estimate.kl_se, float(estimate.gain[column]),
-            float(estimate.gain_se[column]), float(estimate.kl_gain_cov[column]),
+            float(estimate.gain_se[column]), float(estimate.kl_gain_cov[column]), float(estimate.base_se[column]),
         ))
     return rows
 
@@ -180,7 +190,7 @@ def bon_points(bon: pa.Table, frontier_mean: pa.Table, base_samples: int = -1) -
         rows.append(_compare_row(
             f"best-of-{n}", "best_of_n", int(n), align, evaluation, frontier, len(items), base_samples,
             float(np.mean([item["kl"] for item in items])), float("nan"), float(gains.mean()),
-            float(between_or_within_se(gains, errors)),
+            float(between_or_within_se(gains, errors)), shared_se=float(between_or_within_se(gains, errors)),
         ))
     return rows
 
@@ -193,7 +203,7 @@ def proxy_gold_table(frontier_mean: pa.Table, gold: str) -> pa.Table:
             f"proxy vs gold needs the frontier align={gold!r} eval={gold!r}: put {gold!r} in analysis.align and in "
             "analysis.evals"
         )
-    by_beta = dict(zip(reference["beta"], zip(reference["gain"], reference["gain_se"])))
+    by_beta = dict(zip(reference["beta"], zip(reference["gain"], reference["gain_se_at_beta"])))  # same beta: fixed-beta se
     rows = frontier_mean.filter(pc.equal(frontier_mean["eval"], gold)).sort_by([("align", "ascending"), ("beta", "ascending")])
     output = []
     for item in rows.to_pylist():

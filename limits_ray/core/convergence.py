@@ -4,8 +4,10 @@ The input is a ``convergence`` table (per prompt, beta and N = 1, 2, 4, ..., the
 their standard errors, the Kish ESS, k-hat; written by the bucket tasks from the merged statistics of
 every dyadic prefix, :mod:`limits_ray.core.dyadic`), or a table of prefix estimates of the same form.
 :func:`summarize` averages over prompts with two error bars,
+both from :func:`limits_ray.core.prompt_mean.prompt_means` (the frontier's own centre and bars),
 
-- ``*_mc_se``: Monte Carlo error of the prompt mean, ``sqrt(sum_x se_x^2) / P`` (prompts fixed),
+- ``*_mc_se``: Monte Carlo error of the prompt mean, ``sqrt(sum_x se_x^2) / P`` of the delta-method
+  SEs (prompts fixed), widened by the bias allowance of unreliable prompts, NaN where not trusted,
 - ``*_spread_se``: the spread across prompts, ``sd_x / sqrt(P)`` (prompts drawn from a population),
 
 and :func:`settle_table` reports per beta the N from which the prompt-mean estimate stays within a
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from limits_ray.core.prompt_mean import between_prompt_se, prompt_means, prompt_sums
+
 __all__ = ["StudyResult", "ess_per_prompt", "settle_table", "study_from_table", "summarize"]
 
 
@@ -39,41 +43,33 @@ def _groups(table: pa.Table, keys: list[str]) -> tuple[list[tuple], list[np.ndar
 def summarize(table: pa.Table) -> pa.Table:
     """Prompt averages per (align, eval, beta, n_samples) of a prefix or convergence table.
 
-    Columns: ``prompts``, ``gain``, ``gain_spread_se``, ``kl``, ``kl_spread_se`` and, when the input
-    has them, ``gain_mc_se``, ``kl_mc_se`` (Monte Carlo error of the mean; NaN where a prompt has no
-    interval), ``ess_median``, ``ess_min``, ``reliable`` (the fraction of reliable prompts). A prompt
-    that has fewer samples than N does not enter the row for N.
+    Columns: ``prompts``, ``gain``, ``gain_spread_se``, ``kl``, ``kl_spread_se`` (the centre and spread of
+    :func:`limits_ray.core.prompt_mean.prompt_means`: bias-corrected means where the table has ``gain_bc``) and,
+    when the input has standard errors, ``gain_mc_se``, ``kl_mc_se`` (its within-prompt error bars, NaN
+    where not trusted), ``ess_median``, ``ess_min``, ``reliable`` (the fraction of reliable prompts). A
+    prompt that has fewer samples than N does not enter the row for N.
     """
     keys = ["align", "eval", "beta", "n_samples"]
-    has_se = "gain_se" in table.column_names
+    has_se = "gain_se" in table.column_names or "gain_se_delta" in table.column_names
     has_ess = "ess" in table.column_names
     has_reliable = "reliable" in table.column_names
-    values = {name: table[name].to_numpy() for name in ("gain", "kl", "gain_se", "kl_se", "ess", "reliable")
-              if name in table.column_names}
-    order, groups = _groups(table, keys)
-    out: dict[str, list] = {name: [] for name in (*keys, "prompts", "gain", "gain_spread_se", "kl", "kl_spread_se")}
-    if has_se:
-        out.update(gain_mc_se=[], kl_mc_se=[])
-    if has_ess:
-        out.update(ess_median=[], ess_min=[])
-    if has_reliable:
-        out.update(reliable=[])
-    for key, rows in zip(order, groups):
-        for name, value in zip(keys, key):
-            out[name].append(value)
-        count = rows.size
-        out["prompts"].append(count)
+    sums = prompt_sums(table, keys)
+    means = prompt_means(sums, keys)
+    out = {key: sums[key] for key in keys}
+    out.update(prompts=sums["prompts"], gain=means["gain"], gain_spread_se=means["gain_spread_se"], kl=means["kl"],
+               kl_spread_se=means["kl_spread_se"])
+    if not has_se:  # no errors at all: the spread alone, as for any table of estimates
         for name in ("gain", "kl"):
-            column = values[name][rows]
-            out[name].append(float(np.mean(column)))
-            out[f"{name}_spread_se"].append(float(np.std(column, ddof=1) / np.sqrt(count)) if count > 1 else np.nan)
-            if has_se:
-                out[f"{name}_mc_se"].append(float(np.sqrt(np.sum(values[f"{name}_se"][rows] ** 2)) / count))
-        if has_ess:
-            out["ess_median"].append(float(np.median(values["ess"][rows])))
-            out["ess_min"].append(float(np.min(values["ess"][rows])))
-        if has_reliable:
-            out["reliable"].append(float(np.mean(values["reliable"][rows])))
+            out[f"{name}_spread_se"] = between_prompt_se(means["prompts"], sums[f"{name}_m2"].to_numpy())
+    if has_se:
+        out.update(gain_mc_se=means["gain_se"], kl_mc_se=means["kl_se"])
+    if has_ess:
+        order, groups = _groups(table, keys)
+        ess = table["ess"].to_numpy()
+        out["ess_median"] = [float(np.median(ess[rows])) for rows in groups]
+        out["ess_min"] = [float(np.min(ess[rows])) for rows in groups]
+    if has_reliable:
+        out["reliable"] = means["reliable"]
     types = {"align": pa.string(), "eval": pa.string(), "n_samples": pa.int64(), "prompts": pa.int64()}
     return pa.table({name: pa.array(column, type=types.get(name, pa.float64())) for name, column in out.items()})
 

@@ -7,9 +7,9 @@ Sample ``i`` (its ``sample_idx``) belongs to shell ``0`` if ``i == 0`` and to sh
 The merge of all shells is the prompt's full statistics. Pure numpy.
 
 Memory per prompt and alignment reward: one :class:`TiltStats` per non-empty shell, i.e.
-``log2 N + 1`` states of ``3 B (1 + 2Y)`` sums plus a tail of ``min(2^(k-1), K)`` rows of ``Y``
+``log2 N + 1`` states of ``3 B 3Y`` sums plus a tail of ``min(2^(k-1), K)`` rows of ``Y``
 floats (``K = tail_cap`` = 1024 by default): at ``N = 1e5``, ``B = 64``, ``Y = 4``, about 18 states
-of 13.5 KiB of sums and 8 full tails of 32 KiB, ~0.5 MiB.
+of 18 KiB of sums and 8 full tails of 32 KiB, ~0.5 MiB.
 
 :meth:`DyadicStats.to_bytes` / :meth:`DyadicStats.from_bytes` serialise a state without pickling
 classes (raw int64 and float64 arrays behind a format version), for storing and merging per-prompt
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from limits_ray.core.psis import TAIL_CAP
-from limits_ray.core.tilt import TiltStats, recentre_matrix
+from limits_ray.core.tilt import TiltStats, moment_columns, recentre_matrix
 
-FORMAT_VERSION = 2
-"""Version of the :meth:`DyadicStats.to_bytes` record (2: raw arrays; 1 was an ``np.savez`` archive);
+FORMAT_VERSION = 3
+"""Version of the :meth:`DyadicStats.to_bytes` record (3: the cross sums with r; 2: raw arrays; 1 was an ``np.savez`` archive);
 :meth:`DyadicStats.from_bytes` refuses others."""
 
 __all__ = ["DyadicStats", "shell_of"]
@@ -121,7 +121,7 @@ class DyadicStats:
         """A class-free record of every field: raw little-endian int64 and float64 arrays (``FORMAT_VERSION``).
 
         Layout: int64 ``[version, n_targets, tail_cap, B, S, shell[S], n[S], tail_rows[S]]``, then float64
-        ``betas[B], r_max[S], shift[S, Y], moments[S, 3, B, 1 + 2Y], tail[sum tail_rows, Y]``.
+        ``betas[B], r_max[S], shift[S, Y], moments[S, 3, B, 3Y], tail[sum tail_rows, Y]``.
         """
         shells = sorted(self.shells)
         states = [self.shells[shell] for shell in shells]
@@ -141,10 +141,10 @@ class DyadicStats:
         header = np.frombuffer(data, dtype="<i8", count=5 + 3 * s_count)
         shells, counts, tail_rows = header[5:].reshape(3, s_count)
         floats = np.frombuffer(data, dtype="<f8", offset=header.nbytes).astype(np.float64)
-        moments_size = 3 * b_count * (1 + 2 * y_count)
+        moments_size = 3 * b_count * moment_columns(y_count)
         ends = np.cumsum([b_count, s_count, s_count * y_count, s_count * moments_size])
         betas, r_max, shift, moments, tail = np.split(floats, ends)
-        shift, moments = shift.reshape(s_count, y_count), moments.reshape(s_count, 3, b_count, 1 + 2 * y_count)
+        shift, moments = shift.reshape(s_count, y_count), moments.reshape(s_count, 3, b_count, moment_columns(y_count))
         tails = np.split(tail.reshape(-1, y_count), np.cumsum(tail_rows)[:-1]) if s_count else []
         states = {
             int(shell): TiltStats(betas.copy(), int(n), float(r_max[index]), shift[index].copy(), moments[index].copy(),

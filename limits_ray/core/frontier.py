@@ -1,27 +1,29 @@
 """KL-reward frontiers: the prompt average, and the inverse questions a user asks of it.
 
 The frontier of a prompt set is ``beta -> (mean_x KL_hat(x, beta), mean_x gain_hat(x, beta))``
-(MATH.md, "Estimators"). It carries two standard errors of each mean, which answer two questions:
+(MATH.md, "Estimators"); ``frontier_mean`` holds it, one row per (align, eval, beta), made by
+:func:`limits_ray.core.prompt_mean.prompt_means` (the one home of every prompt-averaged number: centre,
+error bars, the rule for unreliable prompts, the frontier at a fixed KL; see its module doc):
 
+* ``gain``, ``kl``: the prompt means of the bias-corrected estimates (``gain_plugin``, ``kl_plugin``: of
+  the plug-in ones);
 * ``gain_se``, ``kl_se`` (within prompts): the prompts are fixed and only their Monte Carlo errors
-  count, independent across prompts: ``se(mean) = sqrt(sum_x se_x^2) / P``. More samples per
-  prompt shrink it. NaN when some prompt's ``se_x`` is (its weights are not reliable at that beta).
+  count: ``sqrt(sum_x Var_x) / P`` from the delta-method variances, widened by the bias allowance of
+  unreliable prompts, NaN (*not trusted*) where that allowance could move the mean by more than
+  0.75 of it. More samples per prompt shrink it;
 * ``gain_spread_se``, ``kl_spread_se`` (between prompts): the prompts are a random sample of a
-  prompt population: ``se(mean) = sd_x(estimate_x) / sqrt(P)`` (sd with ``ddof = 1``; NaN for one
-  prompt). It includes the within-prompt noise and the prompts' spread; more prompts shrink it.
-  When it is much larger than the within-prompt se, the prompts differ more than sampling explains.
-  (The convergence studies call the same two errors ``*_mc_se`` and ``*_spread_se``.)
+  prompt population: ``sd_x(estimate_x) / sqrt(P)`` (sd with ``ddof = 1``; NaN for one prompt). It
+  includes the within-prompt noise and the prompts' spread; more prompts shrink it. When it is much
+  larger than the within-prompt se, the prompts differ more than sampling explains. (The convergence
+  studies call the same two errors ``*_mc_se`` and ``*_spread_se``.)
+* ``slope`` (``d gain / d KL``), ``kl_dbeta`` and ``gain_se_at_kl`` (the error bar of the gain at the row's
+  KL with beta free): the frontier at a fixed KL, which :func:`point_at_kl` interpolates
+  (:mod:`limits_ray.core.fixed_kl`);
+* ``reliable``: the fraction ``sum_x 1[reliable_x] / P`` of reliable prompts.
 
-The between-prompt se is a function of the per-(align, eval, beta) moments over prompts
-``(P, mean, M2 = sum_x (x - mean)^2)`` (:func:`between_prompt_se`). Moments of buckets of prompts
-merge exactly with :func:`merge_moments` (Chan, Golub and LeVeque's pairwise update). Plain sums
-``(P, sum x, sum x^2)`` would add too, but lose every digit when the prompts agree to many digits
-(at small beta every prompt's KL nears log N): ``sum x^2 - (sum x)^2 / P`` cancels.
-
-``gain_bc``, ``kl_bc`` are the prompt means of the bias-corrected estimates and ``reliable`` the
-fraction ``sum_x 1[reliable_x] / P`` of reliable prompts. Every column comes from per-group sums and
-moments over prompts (:func:`frontier_sums`) that add across disjoint buckets of prompts
-(:func:`merge_sums`), so the job's bucket tasks and the offline reducer return only those.
+Every column comes from per-group sums and moments over prompts (:func:`frontier_sums`) that add
+across disjoint buckets of prompts (:func:`merge_sums`), so the job's bucket tasks and the offline
+reducer return only those.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from limits_ray.core.fixed_kl import at_kl
+from limits_ray.core.prompt_mean import between_prompt_se, merge_moments, merge_prompt_sums, prompt_means, prompt_sums
 from limits_ray.core.reliability import TRUSTED_FRACTION, trusted_count
 from limits_ray.core.schemas import SCHEMAS
 
@@ -41,71 +45,12 @@ __all__ = [
 ]
 
 KEYS = ["align", "eval", "beta"]
-SUM_COLUMNS = ("gain_var_sum", "kl_var_sum", "gain_bc_sum", "kl_bc_sum", "reliable_sum")
-"""Plain sums over prompts; ``prompts``, ``gain_mean``, ``gain_m2``, ``kl_mean``, ``kl_m2`` are moments."""
-
-
-def between_prompt_se(count: np.ndarray, m2: np.ndarray) -> np.ndarray:
-    """``sd / sqrt(P)`` of per-prompt estimates from their count ``P`` and ``M2 = sum (x - mean)^2``.
-
-    ``sd^2 = M2 / (P - 1)``; NaN where ``P < 2``.
-    """
-    count, m2 = np.asarray(count, dtype=np.float64), np.asarray(m2, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(count >= 2, np.sqrt(m2 / (count - 1) / count), np.nan)
-
-
-def merge_moments(first: tuple[np.ndarray, np.ndarray, np.ndarray],
-                  second: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(count, mean, M2)`` of the union of two disjoint sets of prompts from theirs.
-
-    ``n = n_a + n_b``, ``mean = mean_a + d n_b / n``, ``M2 = M2_a + M2_b + d^2 n_a n_b / n`` with
-    ``d = mean_b - mean_a`` (Chan, Golub, LeVeque 1979); an empty side (count 0) leaves the other.
-    """
-    count_a, mean_a, m2_a = (np.asarray(value, dtype=np.float64) for value in first)
-    count_b, mean_b, m2_b = (np.asarray(value, dtype=np.float64) for value in second)
-    count = count_a + count_b
-    delta = np.where(count_b > 0, mean_b, mean_a) - np.where(count_a > 0, mean_a, mean_b)
-    share = np.where(count > 0, count_b / np.where(count > 0, count, 1.0), 0.0)
-    mean = np.where(count_a > 0, mean_a, mean_b) + delta * share
-    return count, mean, m2_a + m2_b + delta**2 * count_a * share
-
-
-def _squared_deviations(frontier: pa.Table) -> pa.Table:
-    """Per (align, eval, beta), sorted: ``M2`` of gain and of KL over prompts (two passes: stable)."""
-    means = frontier.group_by(KEYS, use_threads=False).aggregate([("gain", "mean"), ("kl", "mean")])
-    joined = frontier.select([*KEYS, "gain", "kl"]).join(means, keys=KEYS, use_threads=False)
-    for name in ("gain", "kl"):
-        deviation = pc.subtract(joined[name], joined[f"{name}_mean"])
-        joined = joined.append_column(f"{name}_m2", pc.multiply(deviation, deviation))
-    return joined.group_by(KEYS, use_threads=False).aggregate([("gain_m2", "sum"), ("kl_m2", "sum")]).sort_by(
-        [(key, "ascending") for key in KEYS])
 
 
 def frontier_sums(frontier: pa.Table) -> pa.Table:
-    """Per (align, eval, beta), sorted: what ``frontier_mean`` needs of a set of prompts.
-
-    Columns: align, eval, beta, prompts (P), gain_mean, gain_m2, kl_mean, kl_m2 (moments, see
-    :func:`merge_moments`), gain_var_sum, kl_var_sum (sums of ``se_x^2``), gain_bc_sum, kl_bc_sum and
-    reliable_sum (reliable prompts). Tables of disjoint prompt sets combine with :func:`merge_sums`.
-    """
-    squared = frontier.append_column("gain_var", pc.multiply(frontier["gain_se"], frontier["gain_se"]))
-    squared = squared.append_column("kl_var", pc.multiply(frontier["kl_se"], frontier["kl_se"]))
-    squared = squared.append_column("reliable_count", pc.cast(frontier["reliable"], pa.int64()))
-    grouped = squared.group_by(KEYS, use_threads=False).aggregate([
-        ("prompt_id", "count"), ("gain", "mean"), ("kl", "mean"), ("gain_var", "sum"), ("kl_var", "sum"),
-        ("gain_bc", "sum"), ("kl_bc", "sum"), ("reliable_count", "sum"),
-    ]).sort_by([(key, "ascending") for key in KEYS])
-    deviations = _squared_deviations(frontier)
-    return pa.table({
-        **{key: grouped[key] for key in KEYS},
-        "prompts": pc.cast(grouped["prompt_id_count"], pa.int64()),
-        "gain_mean": grouped["gain_mean"], "gain_m2": deviations["gain_m2_sum"],
-        "kl_mean": grouped["kl_mean"], "kl_m2": deviations["kl_m2_sum"],
-        "gain_var_sum": grouped["gain_var_sum"], "kl_var_sum": grouped["kl_var_sum"],
-        "gain_bc_sum": grouped["gain_bc_sum"], "kl_bc_sum": grouped["kl_bc_sum"],
-        "reliable_sum": pc.cast(grouped["reliable_count_sum"], pa.float64()),
-    })
+    """Per (align, eval, beta), sorted: what ``frontier_mean`` needs of a set of prompts
+    (:func:`limits_ray.core.prompt_mean.prompt_sums`). Tables of disjoint prompt sets combine with :func:`merge_sums`."""
+    return prompt_sums(frontier, KEYS)
 
 
 def merge_sums(sums: list[pa.Table]) -> pa.Table:
@@ -113,43 +58,17 @@ def merge_sums(sums: list[pa.Table]) -> pa.Table:
     if not sums:
         raise ValueError("no frontier sums to merge")
     nonempty = [table for table in sums if table.num_rows]
-    if not nonempty:
-        return sums[0]
-    merged, sums = nonempty[0], nonempty
-    for other in sums[1:]:
-        if not merged.select(KEYS).equals(other.select(KEYS)):
-            raise ValueError("frontier sums of different (align, eval, beta) groups cannot be merged")
-        columns = {key: merged[key] for key in KEYS}
-        for name in ("gain", "kl"):
-            count, mean, m2 = merge_moments(
-                (merged["prompts"].to_numpy(), merged[f"{name}_mean"].to_numpy(), merged[f"{name}_m2"].to_numpy()),
-                (other["prompts"].to_numpy(), other[f"{name}_mean"].to_numpy(), other[f"{name}_m2"].to_numpy()),
-            )
-            columns[f"{name}_mean"], columns[f"{name}_m2"] = mean, m2
-        columns["prompts"] = pa.array(count.astype(np.int64))
-        for name in SUM_COLUMNS:
-            columns[name] = merged[name].to_numpy() + other[name].to_numpy()
-        merged = pa.table({name: columns[name] for name in merged.column_names})
-    return merged
+    if any(not nonempty[0].select(KEYS).equals(other.select(KEYS)) for other in nonempty[1:]):
+        raise ValueError("frontier sums of different (align, eval, beta) groups cannot be merged")
+    return merge_prompt_sums(sums, KEYS)
 
 
 def mean_from_sums(sums: pa.Table | list[pa.Table]) -> pa.Table:
     """The ``frontier_mean`` table from :func:`frontier_sums` tables (one, or several of disjoint prompt sets)."""
     merged = merge_sums(sums if isinstance(sums, list) else [sums])
-    prompts = merged["prompts"].to_numpy()
-    return pa.table({
-        **{key: merged[key] for key in KEYS},
-        "prompts": merged["prompts"],
-        "gain": merged["gain_mean"],
-        "gain_se": np.sqrt(merged["gain_var_sum"].to_numpy()) / prompts,
-        "kl": merged["kl_mean"],
-        "kl_se": np.sqrt(merged["kl_var_sum"].to_numpy()) / prompts,
-        "gain_spread_se": between_prompt_se(prompts, merged["gain_m2"].to_numpy()),
-        "kl_spread_se": between_prompt_se(prompts, merged["kl_m2"].to_numpy()),
-        "gain_bc": merged["gain_bc_sum"].to_numpy() / prompts,
-        "kl_bc": merged["kl_bc_sum"].to_numpy() / prompts,
-        "reliable": merged["reliable_sum"].to_numpy() / prompts,
-    }, schema=SCHEMAS["frontier_mean"])
+    means = prompt_means(merged, KEYS)
+    return pa.table({**{key: merged[key] for key in KEYS}, **{name: means[name] for name in SCHEMAS["frontier_mean"].names
+                                                               if name not in KEYS}}, schema=SCHEMAS["frontier_mean"])
 
 
 def mean_frontier(frontier: pa.Table) -> pa.Table:
@@ -161,10 +80,13 @@ def mean_frontier(frontier: pa.Table) -> pa.Table:
 
 @dataclass
 class FrontierPoint:
-    """Where a frontier reaches a KL budget: the beta, gain and KL there, and whether it is trusted.
+    """Where a frontier reaches a KL budget: the beta, gain and KL there, the gain's error bar, and whether
+    it is trusted.
 
-    ``trusted_kl`` is :func:`trusted_kl_range` of the frontier (None: no trusted beta, or a table
-    without the ``reliable`` column); ``trusted`` whether ``kl`` lies inside it.
+    ``gain_se``: the gain's standard error at the fixed KL (``gain ± 1.96 gain_se`` is its 95% interval;
+    NaN: no error bar; the fixed-beta one for a table without the frontier's slopes). ``trusted_kl`` is
+    :func:`trusted_kl_range` of the frontier (None: no trusted beta, or a table without the ``reliable``
+    column); ``trusted`` whether ``kl`` lies inside it and, where the table has error bars, the gain has one.
     """
 
     align: str
@@ -172,6 +94,7 @@ class FrontierPoint:
     kl: float
     beta: float
     gain: float
+    gain_se: float = float("nan")
     trusted: bool = True
     trusted_kl: tuple[float, float] | None = None
 
@@ -201,32 +124,39 @@ def _pair_rows(frontier_mean: pa.Table, align: str, eval: str) -> pa.Table:
     return rows
 
 
-def point_at_kl(frontier_mean: pa.Table, kl_budget: float, align: str, eval: str) -> FrontierPoint:
-    """The gain reachable at ``KL = kl_budget`` on one (align, eval) frontier, and the beta giving it.
+def _optional(rows: pa.Table, name: str) -> np.ndarray | None:
+    return rows[name].to_numpy(zero_copy_only=False) if name in rows.column_names else None
 
-    The mean KL falls strictly as beta grows (each prompt's ``KL_hat`` is the KL of a tilted
-    empirical distribution), so ``log beta`` and the gain are interpolated linearly in KL between
-    grid points. Raises ``ValueError`` outside the grid's KL range, naming the range and the fix.
-    The point says whether the budget lies inside :func:`trusted_kl_range`.
+
+def point_at_kl(frontier_mean: pa.Table, kl_budget: float, align: str, eval: str) -> FrontierPoint:
+    """The gain reachable at ``KL = kl_budget`` on one (align, eval) frontier, its error bar and the beta giving it.
+
+    The mean KL falls strictly as beta grows (each prompt's ``KL_hat`` is the KL of a tilted empirical
+    distribution). Between grid points the gain and ``log beta`` are cubic Hermite interpolants in KL
+    with the frontier's known slopes, and the error bar is the fixed-KL one (``gain_se_at_kl``), linear
+    in KL (:func:`limits_ray.core.fixed_kl.at_kl`); a table without slopes is interpolated linearly, with
+    the fixed-beta ``gain_se``. Raises ``ValueError`` outside the grid's KL range, naming
+    the range and the fix. The point says whether the budget lies inside :func:`trusted_kl_range`.
     """
     rows = _pair_rows(frontier_mean, align, eval)
-    order = np.argsort(rows["kl"].to_numpy())
-    kl = rows["kl"].to_numpy()[order]
-    betas = rows["beta"].to_numpy()[order]
-    gains = rows["gain"].to_numpy()[order]
-    if not kl[0] <= kl_budget <= kl[-1]:
+    kl = rows["kl"].to_numpy()
+    betas = rows["beta"].to_numpy()
+    if not kl.min() <= kl_budget <= kl.max():
         raise ValueError(
-            f"KL budget {kl_budget} lies outside the grid's KL range [{kl[0]:.4g}, {kl[-1]:.4g}] "
+            f"KL budget {kl_budget} lies outside the grid's KL range [{kl.min():.4g}, {kl.max():.4g}] "
             f"(betas {betas.max():.4g} .. {betas.min():.4g}); widen the beta grid "
             "(smaller betas reach larger KL)"
         )
+    slope = _optional(rows, "slope")
+    fixed_kl = slope is not None and bool(np.isfinite(slope.astype(np.float64)).any())
+    # The fixed-KL error bar; a table without the frontier's slopes has only the fixed-beta one.
+    bar = "gain_se_at_kl" if fixed_kl and "gain_se_at_kl" in rows.column_names else "gain_se"
+    beta, gain, gain_se = at_kl(kl, betas, rows["gain"].to_numpy(), kl_budget, slope,
+                                _optional(rows, "kl_dbeta"), _optional(rows, bar))
     trusted = trusted_kl_range(rows, align, eval)
+    inside = trusted is not None and trusted[0] <= kl_budget <= trusted[1]
     return FrontierPoint(
-        align=align,
-        eval=eval,
-        kl=float(kl_budget),
-        beta=float(np.exp(np.interp(kl_budget, kl, np.log(betas)))),
-        gain=float(np.interp(kl_budget, kl, gains)),
-        trusted=trusted is not None and trusted[0] <= kl_budget <= trusted[1],
+        align=align, eval=eval, kl=float(kl_budget), beta=beta, gain=gain, gain_se=gain_se,
+        trusted=inside and (bar not in rows.column_names or bool(np.isfinite(gain_se))),
         trusted_kl=trusted,
     )

@@ -3,12 +3,12 @@
 Two results directories A and B (two runs, two nights, two series) each have a per-prompt ``frontier``
 table and its prompt average ``frontier_mean``. Per (align, eval), at a beta of both grids and at a KL
 budget ``k``, this module gives ``B - A`` with two standard errors and a verdict (MATH.md notation;
-``g_x(beta)``, ``kl_x(beta)`` a prompt's plug-in gain and KL, ``P`` prompts):
+``g_x(beta)``, ``kl_x(beta)`` a prompt's gain and KL estimates (see the end), ``P`` prompts):
 
 * **The gain at a KL budget of one frontier** (:func:`gain_at_kl`): the frontier_mean table's gain at
-  ``KL = k`` (:func:`limits_ray.core.frontier.point_at_kl`: linear in KL between grid points), with
-  ``se`` (within prompts) and ``spread_se`` (across prompts) interpolated the same way from the
-  ``gain_se`` and ``gain_spread_se`` columns, the ``reliable`` fraction there and whether ``k`` is in the
+  ``KL = k`` and its fixed-KL error bar ``se`` (within prompts; :func:`limits_ray.core.frontier.point_at_kl`:
+  Hermite in log KL between grid points, ``gain_se_at_kl`` linear in KL), ``spread_se`` (across prompts,
+  ``gain_spread_se`` linear in KL), the ``reliable`` fraction there and whether ``k`` is in the
   trusted KL range. Every "gain at a KL budget ± 95%" of a ``frontier_mean`` table (``compare-runs``, the
   nightly history page) comes from this one function.
 * **Per-prompt terms at a KL budget** (:func:`kl_terms`). The frontier's gain at ``k`` is
@@ -21,7 +21,10 @@ budget ``k``, this module gives ``B - A`` with two standard errors and a verdict
   ``mean_x u_x`` is exactly the interpolated gain at ``k`` (the KL part averages to 0), and the
   ``- s kl_x`` part is the first-order effect of the prompt's KL on where the budget falls (a fixed KL
   moves ``beta_k``: ``dG* = dG - s dK``), so ``sd_x(u)/sqrt(P)`` is the between-prompt SE of the
-  gain *at fixed KL*. At a beta of the grid the term is ``u_x = g_x(beta)``.
+  gain *at fixed KL*. At a beta of the grid the term is ``u_x = g_x(beta)``. Between grid points the
+  frontier itself is the Hermite interpolant, not the chord: every prompt's term is shifted by the same
+  ``G(k) - mean_x u_x`` (a property of the mean curve, so the SEs do not change) and the unpaired
+  difference is exactly the difference of the two frontiers' gains.
 * **Paired** (prompts in both runs, ``C`` of them): each run's terms over the common prompts (each its
   own ``beta_k`` on its own mean over them), ``d_x = u_x^B - u_x^A``; the paired difference is
   ``mean(d)`` with ``se_paired = sd(d)/sqrt(C)`` (``ddof = 1``; NaN for ``C < 2``). The prompts' own
@@ -40,9 +43,10 @@ budget ``k``, this module gives ``B - A`` with two standard errors and a verdict
   budget or beta is ``higher`` or ``lower`` about 5% of the time (``tests/test_frontier_diff.py``
   measures it on simulated prompts).
 
-The per-prompt estimates are the plug-in ones: their bias shrinks with N, so two runs with different
-samples per prompt (two nights of one series) differ by the change of bias too; the bias is largest
-outside the trusted KL range (``trusted_a``, ``trusted_b``). Pure numpy, scipy and pyarrow.
+The per-prompt estimates ``g_x``, ``kl_x`` are the bias-corrected ones (``gain_bc``, ``kl_bc``; the
+plug-in ones for tables that predate them), the centres of ``frontier_mean``; their remaining bias is
+largest outside the trusted KL range (``trusted_a``, ``trusted_b``), where two runs with different
+samples per prompt (two nights of one series) also differ by its change. Pure numpy, scipy and pyarrow.
 """
 
 from __future__ import annotations
@@ -89,8 +93,8 @@ def verdict(diff: float, se: float, df: float = math.inf) -> str:
 class GainAtKL:
     """One frontier's gain at a KL budget (:func:`gain_at_kl`).
 
-    ``se``: within prompts (the prompts fixed; ``gain_se`` of frontier_mean), the error bar of the
-    reports, NaN where some prompt has no interval; ``spread_se``: across prompts (``gain_spread_se``).
+    ``se``: within prompts (the prompts fixed; :func:`limits_ray.core.frontier.point_at_kl`'s fixed-KL
+    error bar), the error bar of the reports, NaN: not trusted; ``spread_se``: across prompts (``gain_spread_se``).
     ``reliable``: the fraction of reliable prompts there; ``trusted``: ``kl`` inside ``trusted_kl``
     (:func:`limits_ray.core.frontier.trusted_kl_range`).
     """
@@ -133,7 +137,7 @@ def gain_at_kl(frontier_mean: pa.Table, budget: float, align: str, eval: str) ->
     def at(column: str) -> float:
         return float(np.interp(budget, kl, rows[column].to_numpy())) if column in rows.column_names else math.nan
 
-    return GainAtKL(align=align, eval=eval, kl=float(budget), beta=point.beta, gain=point.gain, se=at("gain_se"),
+    return GainAtKL(align=align, eval=eval, kl=float(budget), beta=point.beta, gain=point.gain, se=point.gain_se,
                     spread_se=at("gain_spread_se"), reliable=at("reliable"), prompts=int(pc.max(rows["prompts"]).as_py()),
                     trusted=point.trusted, trusted_kl=point.trusted_kl)
 
@@ -175,7 +179,9 @@ def prompt_grid(frontier: pa.Table, align: str, eval: str) -> PromptGrid:
     rows = frontier.filter(pc.and_(pc.equal(frontier["align"], align), pc.equal(frontier["eval"], eval)))
     if rows.num_rows == 0:
         raise ValueError(f"no per-prompt frontier rows for align={align!r} eval={eval!r}")
-    rows = rows.select(["prompt_id", "beta", "gain", "kl"]).sort_by([("prompt_id", "ascending"), ("beta", "ascending")])
+    gain, kl = ("gain_bc", "kl_bc") if {"gain_bc", "kl_bc"} <= set(rows.column_names) else ("gain", "kl")
+    rows = rows.select(["prompt_id", "beta", gain, kl]).rename_columns(["prompt_id", "beta", "gain", "kl"])
+    rows = rows.sort_by([("prompt_id", "ascending"), ("beta", "ascending")])
     ids = np.asarray(rows["prompt_id"].to_pylist(), dtype=object)
     prompt_ids, starts = np.unique(ids, return_index=True)
     betas = np.unique(rows["beta"].to_numpy())
@@ -315,17 +321,21 @@ def pair_difference(frontier_a: pa.Table, frontier_b: pa.Table, mean_a: pa.Table
         if keep.any():
             shown_a = [point for point, kept in zip(points_a, keep) if kept]
             shown_b = [point for point, kept in zip(points_b, keep) if kept]
+            # The frontier between grid points is the Hermite interpolant: shift every term by its offset.
+            shift_a = np.array([point.gain for point in shown_a]) - terms_a[:, keep].mean(axis=0)
+            shift_b = np.array([point.gain for point in shown_b]) - terms_b[:, keep].mean(axis=0)
+            terms_a, terms_b = terms_a[:, keep] + shift_a, terms_b[:, keep] + shift_b
             if common.size:
                 common_a, _ = kl_terms(grid_a.take(common), budgets[keep])
                 common_b, _ = kl_terms(grid_b.take(common), budgets[keep])
-                paired_terms = common_b - common_a
+                paired_terms = (common_b + shift_b) - (common_a + shift_a)
             else:
                 paired_terms = np.empty((0, int(keep.sum())))
             add("kl", budgets[keep], budgets[keep], np.array([p.beta for p in shown_a]), np.array([p.beta for p in shown_b]),
                 np.array([p.gain for p in shown_a]), np.array([p.se for p in shown_a]),
                 np.array([p.gain for p in shown_b]), np.array([p.se for p in shown_b]),
                 np.array([p.trusted for p in shown_a]), np.array([p.trusted for p in shown_b]),
-                terms_a[:, keep], terms_b[:, keep], paired_terms)
+                terms_a, terms_b, paired_terms)
     shared = np.array([beta for beta in grid_a.betas if np.isclose(grid_b.betas, beta, rtol=1e-9, atol=0).any()])
     if betas and shared.size:
         on_a, on_b = grid_a.at_betas(shared), grid_b.at_betas(shared)

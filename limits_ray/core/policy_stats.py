@@ -16,17 +16,23 @@ When some prompt's se is unknown (one sample) the average falls back to the betw
 spread, so it is conservative for fixed prompts); NaN with a single such prompt.
 
 The frontier's gain at the policy's KL (:func:`frontier_gain_at_kl`) interpolates the prompt-mean
-frontier linearly in KL, anchored at ``(KL, gain) = (0, 0)`` (beta -> infinity is pi0 itself), so a
-policy closer to pi0 than the largest beta of the grid still has a comparison point; beyond the
-grid's largest KL the answer is NaN (widen the beta grid towards small betas).
+frontier in KL: between grid points by cubic Hermite with the frontier's known slopes
+(:mod:`limits_ray.core.fixed_kl`; linearly where the table has none), and below the smallest grid KL linearly
+from ``(KL, gain) = (0, 0)`` (beta -> infinity is pi0 itself), so a policy closer to pi0 than the
+largest beta of the grid still has a comparison point; beyond the grid's largest KL the answer is NaN
+(widen the beta grid towards small betas). Its standard error is the frontier's at that fixed KL
+(``frontier_mean.gain_se_at_kl``), interpolated likewise.
 
 The gap ``frontier_gain(KL_pi) - gain_pi`` has, by the delta method with the frontier's local slope
 ``s = d frontier_gain / d KL`` (:func:`frontier_slope_at_kl`),
-``se(gap)^2 = se(gain_pi)^2 + s^2 se(KL_pi)^2 - 2 s cov(gain_pi, KL_pi) + se(frontier_gain)^2``
-(:func:`gap_se`). The policy's gain and KL come from the same samples, so their covariance
-``cov_i(e_i, log pi_i - log pi0_i) / n`` is kept: for a policy on the frontier (a tilt of pi0) the
-two errors move along the frontier and cancel in the gap. The frontier is estimated from other
-(base) samples and taken as independent.
+``se(gap)^2 <= se(gain_pi)^2 + s^2 se(KL_pi)^2 - 2 s cov(gain_pi, KL_pi) + se_F^2 + 2 se_F se_shared``
+(:func:`gap_se`, ``se_F = se(frontier_gain)``). The policy's gain and KL come from the same samples, so
+their covariance ``cov_i(e_i, log pi_i - log pi0_i) / n`` is kept: for a policy on the frontier (a tilt
+of pi0) the two errors move along the frontier and cancel in the gap. The frontier and the policy's
+gain share the base samples (both subtract ``mean_pi0(e)``; best-of-n's whole estimate comes from
+them): ``se_shared`` is the SE of the shared part (the base mean's for a policy, best-of-n's own), and
+``|cov| <= se_F se_shared`` (Cauchy-Schwarz) bounds their covariance, whatever its sign: treating the
+two as independent is not conservative when ``Var_beta(e) > Var_0(e)``.
 
 Also here: the exact KL of discrete distributions by enumeration (for tests), deterministic
 per-sample Gaussian noise for synthetic proxy rewards (Theorem 3 studies), and the ``c / sqrt(M)``
@@ -39,6 +45,8 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from limits_ray.core.fixed_kl import at_kl
 
 __all__ = [
     "PolicyEstimate", "between_or_within_se", "exact_kl", "frontier_gain_at_kl", "frontier_slope_at_kl", "gap_se",
@@ -54,6 +62,8 @@ class PolicyEstimate:
         kl, kl_se: the KL estimate (nats) and its standard error.
         gain, gain_se: ``[E]`` gain per evaluation reward and standard errors.
         kl_gain_cov: ``[E]`` the covariance of the KL and gain estimates (NaN when unknown).
+        base_se: ``[E]`` the standard error of the base mean ``mean_pi0(e)`` inside ``gain`` (which the
+            frontier shares; NaN when unknown).
         n: policy samples used (summed over prompts for an average).
         n_base: base samples used (summed over prompts for an average).
         prompts: prompts averaged (1 for one prompt).
@@ -67,6 +77,7 @@ class PolicyEstimate:
     n: int
     n_base: int
     prompts: int = 1
+    base_se: np.ndarray | None = None
 
 
 def _mean_and_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +119,7 @@ def prompt_estimate(log_pi: np.ndarray, log_pi0: np.ndarray, e_pi: np.ndarray, e
     cov = ((log_ratio - kl) @ (e_pi - mean_pi)) / (count - 1) / count if count > 1 else np.full_like(mean_pi, np.nan)
     return PolicyEstimate(
         kl=float(kl), kl_se=float(kl_se), gain=mean_pi - mean_base, gain_se=np.sqrt(se_pi**2 + se_base**2),
-        kl_gain_cov=cov, n=int(count), n_base=int(e_base.shape[0]),
+        kl_gain_cov=cov, n=int(count), n_base=int(e_base.shape[0]), base_se=se_base,
     )
 
 
@@ -147,41 +158,49 @@ def mean_over_prompts(estimates: list[PolicyEstimate]) -> PolicyEstimate:
         n=int(sum(item.n for item in estimates)),
         n_base=int(sum(item.n_base for item in estimates)),
         prompts=len(estimates),
+        base_se=np.sqrt(np.sum([np.full(gain.shape[1:], np.nan) if item.base_se is None else item.base_se ** 2
+                                for item in estimates], axis=0)) / count,
     )
 
 
 def frontier_gain_at_kl(
     kl: np.ndarray, gain: np.ndarray, kl_budget: float, gain_se: np.ndarray | None = None,
+    slope: np.ndarray | None = None, kl_dbeta: np.ndarray | None = None, beta: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """The frontier's gain (and its interpolated standard error) at ``kl_budget``.
+    """The frontier's gain (and its standard error) at ``kl_budget``.
 
-    ``kl``/``gain``/``gain_se`` are one (align, eval) prompt-mean frontier over the beta grid. The
-    curve is anchored at ``(0, 0)`` (pi0 itself), so budgets below the grid's smallest KL
-    interpolate towards it and budgets <= 0 give 0; budgets beyond the largest KL give NaN.
+    ``kl``/``gain``/``gain_se`` are one (align, eval) prompt-mean frontier over the beta grid
+    (``gain_se``: the fixed-KL error bar, ``gain_se_at_kl``); with ``slope`` (``d gain / d KL``) the gain
+    is the Hermite interpolant between grid points (:func:`limits_ray.core.fixed_kl.at_kl`), else linear. The
+    curve is anchored at ``(0, 0)`` (pi0 itself), so budgets below the grid's smallest KL interpolate
+    linearly towards it and budgets <= 0 give 0; budgets beyond the largest KL give NaN.
     """
     kl = np.asarray(kl, dtype=np.float64)
     gain = np.asarray(gain, dtype=np.float64)
     se = np.zeros_like(gain) if gain_se is None else np.asarray(gain_se, dtype=np.float64)
-    order = np.argsort(kl)
-    kl, gain, se = kl[order], gain[order], se[order]
-    if kl.size == 0 or not np.isfinite(kl_budget) or kl_budget > kl[-1]:
+    if kl.size == 0 or not np.isfinite(kl_budget) or kl_budget > kl.max():
         return float("nan"), float("nan")
     if kl_budget <= 0:
         return 0.0, 0.0
     keep = kl > 0
-    grid_kl = np.concatenate([[0.0], kl[keep]])
-    return (
-        float(np.interp(kl_budget, grid_kl, np.concatenate([[0.0], gain[keep]]))),
-        float(np.interp(kl_budget, grid_kl, np.concatenate([[0.0], se[keep]]))),
-    )
+    if kl_budget < kl[keep].min():  # below the grid: the chord from pi0
+        first = np.flatnonzero(keep)[np.argmin(kl[keep])]
+        share = kl_budget / kl[first]
+        return float(share * gain[first]), float(share * se[first])
+    betas = np.ones_like(kl) if beta is None else np.asarray(beta, dtype=np.float64)
+    _, value, error = at_kl(kl[keep], betas[keep], gain[keep], kl_budget,
+                            None if slope is None else np.asarray(slope, dtype=np.float64)[keep],
+                            None if kl_dbeta is None else np.asarray(kl_dbeta, dtype=np.float64)[keep], se[keep])
+    return value, error
 
 
-def frontier_slope_at_kl(kl: np.ndarray, gain: np.ndarray, kl_budget: float) -> float:
-    """``d gain / d KL`` of the anchored interpolation of :func:`frontier_gain_at_kl` at ``kl_budget``.
+def frontier_slope_at_kl(kl: np.ndarray, gain: np.ndarray, kl_budget: float, slope: np.ndarray | None = None) -> float:
+    """``d gain / d KL`` of the frontier at ``kl_budget``.
 
-    The slope of the linear piece holding ``kl_budget`` (the piece to its right at a grid point, the
-    first piece at or below 0, where an unbiased KL estimate of a policy near pi0 can fall); NaN
-    beyond the largest KL.
+    With the frontier's known slopes (``slope``, per grid point) it is interpolated linearly in KL
+    between grid points; without, it is the slope of the chord holding ``kl_budget`` (the piece to its
+    right at a grid point). Below the smallest grid KL (and at or below 0, where an unbiased KL
+    estimate of a policy near pi0 can fall) it is the chord from ``(0, 0)``; NaN beyond the largest KL.
     """
     kl, gain = np.asarray(kl, dtype=np.float64), np.asarray(gain, dtype=np.float64)
     keep = kl > 0
@@ -191,19 +210,26 @@ def frontier_slope_at_kl(kl: np.ndarray, gain: np.ndarray, kl_budget: float) -> 
     if grid_kl.size < 2 or not kl_budget <= grid_kl[-1]:
         return float("nan")
     piece = min(max(int(np.searchsorted(grid_kl, kl_budget, side="right")) - 1, 0), grid_kl.size - 2)
+    if slope is not None and piece >= 1:
+        known = np.asarray(slope, dtype=np.float64)[keep][order]
+        if np.all(np.isfinite(known)):
+            return float(np.interp(kl_budget, grid_kl[1:], known))
     return float((grid_gain[piece + 1] - grid_gain[piece]) / (grid_kl[piece + 1] - grid_kl[piece]))
 
 
-def gap_se(gain_se: float, kl_se: float, frontier_gain_se: float, slope: float, kl_gain_cov: float = 0.0) -> float:
+def gap_se(gain_se: float, kl_se: float, frontier_gain_se: float, slope: float, kl_gain_cov: float = 0.0,
+           shared_se: float = 0.0) -> float:
     """The se of ``frontier_gain(KL) - gain``:
-    ``sqrt(gain_se^2 + slope^2 kl_se^2 - 2 slope kl_gain_cov + frontier_gain_se^2)``.
+    ``sqrt(gain_se^2 + slope^2 kl_se^2 - 2 slope kl_gain_cov + frontier_gain_se^2 + 2 frontier_gain_se shared_se)``.
 
-    Delta method (module doc); the frontier's error independent of the policy's (both gains
-    subtract the base mean ``mean_pi0(e)``, which cancels in the gap: counting it twice makes the se
-    conservative). The policy's part is clipped at 0 against rounding.
+    Delta method (module doc). ``shared_se``: the se of the part of ``gain`` computed from the same base
+    samples as the frontier (the base mean for a policy, all of it for best-of-n); Cauchy-Schwarz bounds
+    the covariance of the two errors by ``frontier_gain_se shared_se``, so the result is an upper bound
+    whatever the sign of that covariance. The policy's part is clipped at 0 against rounding.
     """
     policy = max(gain_se**2 + (slope * kl_se) ** 2 - 2 * slope * kl_gain_cov, 0.0)
-    return float(np.sqrt(policy + frontier_gain_se**2))
+    shared = 0.0 if not np.isfinite(shared_se) or not np.isfinite(frontier_gain_se) else shared_se
+    return float(np.sqrt(policy + frontier_gain_se**2 + 2 * frontier_gain_se * shared))
 
 
 def exact_kl(p: np.ndarray, q: np.ndarray) -> float:

@@ -7,19 +7,60 @@ the words the reports use for it (:data:`RELIABLE_RULE`, :data:`TRUSTED_RULE`). 
 1. A row's own test (:func:`own_reliable`, applied by :meth:`limits_ray.core.tilt.TiltStats.finalize`):
    the Pareto k-hat of its weights ``exp(r/beta)`` (:mod:`limits_ray.core.psis`) below
    ``min(1 - 1/log10 N, 0.7)`` (:func:`khat_thresholds`; NaN, when the largest rewards are tied and no
-   tail can be fitted, passes) and Kish ESS at least :data:`ESS_FLOOR`.
-2. The cross-prompt gate. One prompt's k-hat is noisy (sampling SD about ``(1 + k)/sqrt(M)``: 0.14 at
-   ``N = 1000``, ``k = 0.5``), and where the true shape is near or above 0.5 the prompts whose sample
-   missed the upper tail are the ones with a small k-hat, a low estimate and a small SE: a per-prompt
-   cut keeps exactly those. So :func:`pooled_khat` shrinks each prompt's k-hat toward what the prompts
-   of its cell (align, eval, beta; and N in ``convergence``), itself included, predict for it from the
-   covariate ``body_sd / beta`` (the spread of its rewards below the fitted tail, over beta), by how much
-   the prompts differ beyond that and their sampling noise (empirical Bayes), and a row is reliable only
-   where that pooled k-hat is below :data:`POOLED_KHAT_LIMIT` as well (:func:`passes_gate`); where it
-   is not, ``gain_se`` and ``kl_se`` are NaN. Two passes keep this off any one process's memory:
+   tail can be fitted, passes here and is decided by the gate) and Kish ESS at least :data:`ESS_FLOOR`.
+2. The cross-prompt gate (:func:`gate_rows`). One prompt's sample cannot tell a benign tail from an
+   upper tail (or a higher reward level) it missed: its k-hat is noisy (sampling SD about
+   ``(1 + k)/sqrt(M)``: 0.14 at ``N = 1000``, ``k = 0.5``), and where the true shape is near or above 0.5
+   the prompts whose sample missed the upper tail are the ones with a small k-hat, a low estimate and a
+   small SE: a per-prompt cut keeps exactly those. So a row is ``reliable`` only where its own test
+   passes and the prompts of its cell (align, eval, beta; and N in ``convergence``; itself included)
+   back it:
+
+   - *pooled k-hat*: its k-hat shrunk toward what the cell predicts for it from the covariate
+     ``body_sd / beta`` (the spread of its rewards below the fitted tail, over beta), by how much the
+     prompts differ beyond that and their sampling noise (empirical Bayes, :func:`pooled_khat`),
+     ``khat_pooled``, is below :data:`POOLED_KHAT_LIMIT` (:func:`passes_gate`);
+   - *the cell's line*: the cell's least-squares line of k-hat on the covariate is below that limit at
+     the prompt's covariate too (:func:`cell_line`). When a minority of heavier-tailed prompts that
+     ``body_sd`` does not set apart inflates the cell's spread, the shrinkage stops and the pooled k-hat
+     is the prompt's own again; the line does not look at the prompt's own tail;
+   - *the cell's ESS*: the cell's line of ``log ESS`` on the covariate predicts an ESS of at least
+     :data:`ESS_FLOOR`: where the tilt rests on a few samples, a prompt passes the ESS floor by having
+     drawn more of the rare top rewards than its share (its estimate then too high);
+   - *tied top rewards*: a prompt whose largest reward is repeated (or whose k-hat cannot be fitted for
+     ties: NaN) has weights that look bounded, which is no passed test: an unseen higher reward is not
+     in its sample. Where some prompt of its cell reached a higher reward ``R``, the unseen part of its
+     distribution above its own top is taken to have mass up to ``q = TIE_MASS / N`` (about its expected
+     mass) and, the cell's rewards reaching ``R``, to lie at most at ``R``; :func:`tie_bound` bounds the KL's
+     bias from it (the worst mass ``u <= q`` at ``R``, whose effect on the KL is exact in ``log Z``,
+     ``KL`` and ``R``), in units of the row's KL SE. The row passes where that bound is
+     at most :data:`EXPANSION_LIMIT`, and the bound becomes its ``bias_allowance`` (for the gain too:
+     the unseen level's value of an evaluation reward is no better known than a missed tail sample's);
+     its interval SEs grow by ``sqrt(1 + a^2)`` for it. Where the row's gain is in its align reward,
+     ``tie_bias_at_kl`` bounds the bias of the tangent's intercept ``gain - beta KL`` (exact in the same
+     quantities; the frontier's bias at a fixed KL, which the two bounds above, added, would overstate:
+     the missed level moves the point mostly along the frontier); the prompt mean's fixed-KL error bar uses
+     it for those rows.
+     At large beta the tilt hardly sees an unseen level and the bound is a small fraction of the SE; where
+     the top level dominates the tilt it is not. A tied prompt at its cell's top passes only where the
+     cell has at least :data:`POOL_MIN_PROMPTS` prompts (none of them reached higher; nothing bounds a
+     level above every prompt's top);
+   - *the expansion*: the first-order bias correction is within :data:`EXPANSION_LIMIT` of the row's
+     delta-method SE (``|gain_bc - gain| <= gain_se_delta``, likewise the KL; the win rate's in
+     ``winrate``). Both come from the same second-order expansion; where the correction is as large as
+     the error the expansion does not hold. A zero SE (constant rewards) fails it too.
+
+   Where a row is not reliable, ``gain_se`` and ``kl_se`` are NaN. ``bias_allowance`` says what the
+   prompt mean (:mod:`limits_ray.core.prompt_mean`) allows for the row's bias, in units of its own
+   delta-method SE: 0 where it is reliable (the tie bound where it passed the tie test below its cell's
+   top), or fails only its own k-hat/ESS test in a cell that passes every cell test with a fitted line
+   (its sample saw more of the tail than the others); infinite otherwise: nothing bounds its bias, and the prompt mean gets no error bar. (A bound of one SE for
+   rows that pass their own test in a cell whose k-hat fails was tried: those rows are the ones whose
+   sample missed the tail, and the prompt mean's interval covered 0.62 at 1e3 prompts with 1% of them,
+   bench/bench_prompt_mean.py.) Two passes keep the gate off any one process's memory:
    :func:`khat_sums` of each part of a table (a bucket's shard, a flush of rows) are small per-cell sums
-   that :func:`merge_khat_sums` adds up; :func:`apply_pooled` then gates each part with the merged sums.
-   The result does not depend on how the prompts were split into parts.
+   (and one maximum) that :func:`merge_khat_sums` combines; :func:`apply_pooled` then gates each part
+   with the merged sums. The result does not depend on how the prompts were split into parts.
 3. A prompt-averaged frontier is *trusted* at a beta when at least :data:`TRUSTED_FRACTION` of its
    prompts are reliable there and at every larger beta (:func:`trusted_count`; the KL range of
    :func:`limits_ray.core.frontier.trusted_kl_range`, the beta of :func:`trusted_beta`).
@@ -31,17 +72,20 @@ Pure numpy and pyarrow.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
 from limits_ray.core.psis import khat_sd
 
 __all__ = [
-    "ESS_FLOOR", "FALLBACK_ESS_FLOOR", "MIN_ESS_FRACTION", "POOLED_KHAT_LIMIT", "POOLED_TABLES", "POOL_MIN_PROMPTS",
-    "POOL_SUMS", "POOLED_RULE", "RELIABLE_RULE", "TRUSTED_FRACTION", "TRUSTED_RULE", "apply_pooled", "frontier_reliable",
-    "is_reliable", "khat_pool_sums", "khat_pool_terms", "khat_sums", "khat_threshold", "khat_thresholds",
-    "merge_khat_sums", "own_reliable", "passes_gate", "pool_whole", "pooled_khat", "pooled_khat_of_cells",
-    "reliable_rows", "trusted_beta", "trusted_count",
+    "CELL_MAXIMA", "CELL_SUMS", "ESS_FLOOR", "EXPANSION_LIMIT", "FALLBACK_ESS_FLOOR", "GateResult", "MIN_ESS_FRACTION",
+    "POOLED_KHAT_LIMIT", "POOLED_RULE", "POOLED_TABLES", "POOL_MIN_PROMPTS", "POOL_SUMS", "RELIABLE_RULE", "ROW_FIELDS",
+    "TIE_MASS", "TRUSTED_FRACTION", "TRUSTED_RULE", "apply_pooled", "cell_line", "cell_terms", "cell_totals", "frontier_reliable",
+    "gate_cells", "gate_rows", "is_reliable", "khat_pool_sums", "khat_pool_terms", "khat_sums", "khat_threshold",
+    "khat_thresholds", "merge_khat_sums", "own_reliable", "passes_gate", "pool_whole", "pooled_khat",
+    "pooled_khat_of_cells", "reliable_rows", "tie_bound", "trusted_beta", "trusted_count",
 ]
 
 ESS_FLOOR = 20.0
@@ -71,11 +115,14 @@ variance is infinite and a cell's pooled k-hat straddles 0.5 (its SD over ``C`` 
 under-covers (bench/bench_coverage.py measures both limits)."""
 
 
-RELIABLE_RULE = f"Pareto k-hat of the weights exp(r/beta) below min(1 - 1/log10 N, 0.7) and ESS >= {ESS_FLOOR:g}"
+RELIABLE_RULE = (f"the prompt's Pareto k-hat of the weights exp(r/beta) below min(1 - 1/log10 N, 0.7) and "
+                 f"ESS >= {ESS_FLOOR:g}")
 """The row's own test in words (:func:`own_reliable`); the cross-prompt gate adds :data:`POOLED_RULE`."""
 
-POOLED_RULE = f"its k-hat pooled over the prompts of its cell below {POOLED_KHAT_LIMIT:g}"
-"""The cross-prompt gate in words (:func:`passes_gate`)."""
+POOLED_RULE = (f"its cell of prompts backs it: pooled k-hat below {POOLED_KHAT_LIMIT:g}, where its top rewards are tied "
+               "a higher reward of the cell it missed would move it by at most a standard error, a bias correction "
+               "smaller than the standard error")
+"""The cross-prompt gate in words (:func:`gate_rows`)."""
 
 TRUSTED_RULE = f"at least {TRUSTED_FRACTION:.0%} of the prompts reliable at that beta and at every larger beta"
 """When a beta of a prompt-averaged frontier is trusted, in words (:func:`trusted_count`)."""
@@ -140,19 +187,37 @@ def pooled_khat(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, c
     """
     count = np.asarray(count, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        x_mean, k_mean = x_sum / count, k_sum / count
-        xx = x_sq_sum - count * x_mean * x_mean
-        xk = xk_sum - count * x_mean * k_mean
+        line, sloped, slope, xk = _line(count, x_sum, x_sq_sum, k_sum, xk_sum, covariate)
+        k_mean = k_sum / count
         kk = k_sq_sum - count * k_mean * k_mean
-        sloped = xx > 1e-12 * np.maximum(x_sq_sum, 1e-300)
-        slope = np.where(sloped, xk / xx, 0.0)
         residual = np.clip(kk - slope * xk, 0.0, None)
         tau2 = np.clip(residual / (count - np.where(sloped, 2.0, 1.0)) - var_sum / count, 0.0, None)
-        line = k_mean + slope * (covariate - x_mean)
         sd2 = khat_sd(khat_values, n) ** 2
         weight = np.where(tau2 > 0, tau2 / (tau2 + sd2), 0.0)
         shrunk = line + weight * (khat_values - line)
     return np.where((count >= POOL_MIN_PROMPTS) & np.isfinite(khat_values) & np.isfinite(covariate), shrunk, np.nan)
+
+
+def _line(count, x_sum, x_sq_sum, y_sum, xy_sum, covariate):
+    """Least-squares line of ``y`` on ``x`` from cell sums, at ``covariate``: ``(value, sloped, slope, S_xy)``;
+    slope 0 when ``x`` does not vary (no division checks: callers silence them)."""
+    x_mean, y_mean = x_sum / count, y_sum / count
+    xx = x_sq_sum - count * x_mean * x_mean
+    xy = xy_sum - count * x_mean * y_mean
+    sloped = xx > 1e-12 * np.maximum(x_sq_sum, 1e-300)
+    slope = np.where(sloped, xy / np.where(sloped, xx, 1.0), 0.0)
+    return y_mean + slope * (covariate - x_mean), sloped, slope, xy
+
+
+def cell_line(count: np.ndarray, x_sum: np.ndarray, x_sq_sum: np.ndarray, y_sum: np.ndarray, xy_sum: np.ndarray,
+              covariate: np.ndarray) -> np.ndarray:
+    """What a cell's least-squares line of ``y`` on the covariate predicts at ``covariate`` (the line of
+    :func:`pooled_khat` for ``y`` = k-hat), from the cell's sums over its ``count`` rows; NaN in cells of
+    fewer than :data:`POOL_MIN_PROMPTS` rows. Arrays broadcast."""
+    count = np.asarray(count, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = _line(count, x_sum, x_sq_sum, y_sum, xy_sum, covariate)[0]
+    return np.where((count >= POOL_MIN_PROMPTS) & np.isfinite(covariate), value, np.nan)
 
 
 def pooled_khat_of_cells(khat_values: np.ndarray, n: np.ndarray, covariate: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -173,55 +238,220 @@ POOLED_TABLES: dict[str, tuple[str, ...]] = {
 }
 """The tables the gate applies to, and the columns naming a cell of each."""
 _SIZE = {"frontier": "n", "convergence": "n_samples", "winrate": "n"}  # the sample-count column of each table
+_ROW_COLUMNS = {"winrate": {"gain": "winrate", "gain_bc": "winrate_bc", "gain_se_delta": "winrate_se_delta"}}
+"""Per table, the column a field of :data:`ROW_FIELDS` is read from where its name differs (the win rate is
+the estimate the expansion test looks at in ``winrate``)."""
 _INTERVAL_SES = {"winrate": ("winrate_se", "kl_se")}  # the SEs the gate sets NaN; gain_se and kl_se elsewhere
-_SUMS = tuple(f"pool_{name}" for name in POOL_SUMS)
+
+EXPANSION_LIMIT = 1.0
+"""Largest ``|bias correction| / delta-method SE`` (gain and KL) of a reliable row, and largest tie bound
+(:func:`tie_bound`) of a reliable row with tied top rewards (see the module doc)."""
+
+TIE_MASS = 1.0
+"""``N q`` of the mass ``q`` of the reward levels that none of ``N`` samples drew, as :func:`tie_bound` counts
+it: about their expected mass (``1/(N + 1)`` under a uniform prior), since the prompt mean adds the bounds up
+over prompts, where expected values are what add up (the 95% upper bound ``3/N`` would fail a row wherever
+three more samples at the top would move it by an SE, at any beta)."""
+
+CELL_SUMS = (*POOL_SUMS, "rows", "ess_count", "ess_x_sum", "ess_x_sq_sum", "ess_y_sum", "ess_xy_sum")
+"""Per-cell sums: the pooled k-hat's (:data:`limits_ray.core.reliability.POOL_SUMS`), the rows, and the line of ``log ESS`` on the covariate."""
+CELL_MAXIMA = ("reward_top",)
+"""Per-cell maxima: the largest reward any prompt of the cell drew."""
+ROW_FIELDS = ("khat", "n", "body_sd", "beta", "reliable", "ess", "gain", "gain_bc", "gain_se_delta", "kl", "kl_bc",
+              "kl_se_delta", "reward_max", "top_tied", "log_z", "same")
+"""What :func:`gate_rows` reads of each row (``n``: the sample count; ``same``: the gain is in the align reward).
+Fields without ``same`` (the benchmarks' simulated rows, all aligned and evaluated on one reward) count as such."""
+_SUMS = tuple(f"pool_{name}" for name in CELL_SUMS)
+_MAXIMA = tuple(f"pool_{name}" for name in CELL_MAXIMA)
 GATE_ROWS = 1 << 17
 """Rows :func:`apply_pooled` gates at once."""
 
 
-def _covariate(table: pa.Table) -> np.ndarray:
+@dataclass
+class GateResult:
+    """Per row: ``reliable``, ``khat_pooled``, ``bias_allowance`` and ``tie_bias_at_kl`` (module doc)."""
+
+    reliable: np.ndarray
+    khat_pooled: np.ndarray
+    bias_allowance: np.ndarray
+    tie_bias_at_kl: np.ndarray
+
+
+def _covariate(fields: dict[str, np.ndarray]) -> np.ndarray:
     """``body_sd / beta``: how far the tilt reaches into a prompt's rewards (the covariate of :func:`pooled_khat`)."""
-    return _column(table, "body_sd") / _column(table, "beta")
+    return np.asarray(fields["body_sd"], np.float64) / np.asarray(fields["beta"], np.float64)
+
+
+def cell_terms(fields: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each row's terms of :data:`CELL_SUMS` (summed over a cell) and :data:`CELL_MAXIMA` (maximised)."""
+    covariate = _covariate(fields)
+    khat = np.asarray(fields["khat"], np.float64)
+    terms = dict(zip(POOL_SUMS, khat_pool_terms(khat, fields["n"], covariate)))
+    ess = np.asarray(fields["ess"], np.float64)
+    used = np.isfinite(covariate) & (ess > 0) & np.isfinite(ess)
+    x = np.where(used, covariate, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(used, np.log(np.where(used, ess, 1.0)), 0.0)
+    terms.update(rows=np.ones(khat.shape), ess_count=used.astype(np.float64), ess_x_sum=x, ess_x_sq_sum=x * x,
+                 ess_y_sum=y, ess_xy_sum=x * y)
+    reward = np.asarray(fields["reward_max"], np.float64)
+    terms["reward_top"] = np.where(np.isfinite(reward), reward, -np.inf)
+    return terms
+
+
+def cell_totals(fields: dict[str, np.ndarray], axis: int = 0) -> dict[str, np.ndarray]:
+    """:func:`cell_terms` summed (maxima: maximised) along ``axis``, which runs over a cell's prompts (in memory)."""
+    terms = cell_terms(fields)
+    return {name: (terms[name].max(axis=axis) if name in CELL_MAXIMA else terms[name].sum(axis=axis))
+            for name in (*CELL_SUMS, *CELL_MAXIMA)}
+
+
+def _largest_over_mass(change, log_q: np.ndarray) -> np.ndarray:
+    """``max |change(log u)|`` over ``u`` in ``(1e-6 q, q]``: a grid in ``log u``, then golden-section search
+    between the best grid point's neighbours (``change`` takes arrays of ``log u`` with a trailing axis)."""
+    grid = log_q[..., None] + np.linspace(np.log(1e-6), 0.0, 49)
+    values = np.abs(change(grid))
+    best = np.argmax(np.nan_to_num(values, nan=-1.0), axis=-1)[..., None]
+    low = np.take_along_axis(grid, np.clip(best - 1, 0, grid.shape[-1] - 1), axis=-1)
+    high = np.take_along_axis(grid, np.clip(best + 1, 0, grid.shape[-1] - 1), axis=-1)
+    worst = np.take_along_axis(values, best, axis=-1)[..., 0]
+    ratio = (np.sqrt(5.0) - 1) / 2
+    for _ in range(40):
+        left, right = high - ratio * (high - low), low + ratio * (high - low)
+        keep_left = np.abs(change(left)) >= np.abs(change(right))
+        low, high = np.where(keep_left, low, left), np.where(keep_left, right, high)
+    return np.fmax(worst, np.abs(change((low + high) / 2))[..., 0])
+
+
+def tie_bound(n: np.ndarray, beta: np.ndarray, log_z: np.ndarray, kl: np.ndarray, top: np.ndarray,
+              kl_se: np.ndarray, gain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds on a row's bias from reward levels up to ``top`` that its ``n`` samples missed (module doc,
+    *tied top rewards*): ``(KL bound in units of kl_se, bound on the tangent's intercept)``.
+
+    Mass ``u <= q = TIE_MASS / n`` added at ``top`` to the sample's distribution (renormalised) moves the
+    tilt's KL by exactly ``dKL(u) = s (top - E_beta[r]) / beta - log(1 + m) + log(1 + u)``, with
+    ``m = u exp(top / beta - log_z)``, ``s = m / (1 + m)`` and ``E_beta[r] = beta (kl + log_z)``, and the
+    intercept ``gain - beta KL = beta log Z - mean(r)`` of a row whose gain is in its own reward (``gain``
+    given) by exactly ``beta (log(1 + m) - log(1 + u)) - u (top - mean(r)) / (1 + u)`` with
+    ``mean(r) = E_beta[r] - gain``: the frontier's bias at a fixed KL (where the slope is beta). The bounds
+    are the largest changes over ``u`` in ``(0, q]`` (mass further below ``top`` moves them less). The
+    first is infinite where it cannot be computed (a zero or missing SE); the second NaN without ``gain``.
+    """
+    gain = np.full(np.shape(kl), np.nan) if gain is None else gain
+    n, beta, log_z, kl, top, kl_se, gain = np.broadcast_arrays(
+        *(np.asarray(value, np.float64) for value in (n, beta, log_z, kl, top, kl_se, gain)))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        tilted = beta * (kl + log_z)  # E_beta[r]
+        log_c, log_q = top / beta - log_z, np.log(TIE_MASS / n)
+
+        def at(value: np.ndarray, log_u: np.ndarray) -> np.ndarray:
+            return value[..., None] if log_u.ndim > value.ndim else value
+
+        def kl_change(log_u: np.ndarray) -> np.ndarray:
+            log_m = log_u + at(log_c, log_u)
+            share = np.exp(-np.logaddexp(0.0, -log_m))  # m / (1 + m), stable
+            reach = np.clip(at(top, log_u) - at(tilted, log_u), 0.0, None) / at(beta, log_u)
+            return share * reach - np.logaddexp(0.0, log_m) + np.logaddexp(0.0, log_u)
+
+        def intercept_change(log_u: np.ndarray) -> np.ndarray:
+            log_m = log_u + at(log_c, log_u)
+            u = np.exp(log_u)
+            mean = at(tilted, log_u) - at(gain, log_u)
+            return (at(beta, log_u) * (np.logaddexp(0.0, log_m) - np.logaddexp(0.0, log_u))
+                    - u * (at(top, log_u) - mean) / (1 + u))
+
+        bound = _largest_over_mass(kl_change, log_q) / kl_se
+        intercept = _largest_over_mass(intercept_change, log_q)
+    return (np.where(np.isfinite(bound) & (kl_se > 0), bound, np.inf),
+            np.where(np.isfinite(gain), intercept, np.nan))
+
+
+def gate_rows(fields: dict[str, np.ndarray], cells: dict[str, np.ndarray]) -> GateResult:
+    """The gate of rows ``fields`` (:data:`ROW_FIELDS`) given their cells' totals ``cells`` (:func:`cell_totals`,
+    broadcast to the rows; a cell with no rows has count 0). See the module doc."""
+    covariate = _covariate(fields)
+    khat = np.asarray(fields["khat"], np.float64)
+    pooled = pooled_khat(khat, fields["n"], covariate, *(cells[name] for name in POOL_SUMS))
+    k_line = cell_line(cells["count"], cells["x_sum"], cells["x_sq_sum"], cells["k_sum"], cells["xk_sum"], covariate)
+    ess_line = cell_line(cells["ess_count"], cells["ess_x_sum"], cells["ess_x_sq_sum"], cells["ess_y_sum"],
+                         cells["ess_xy_sum"], covariate)
+    own = np.asarray(fields["reliable"], bool)
+    with np.errstate(invalid="ignore"):
+        expansion = np.ones(own.shape, bool)
+        for name in ("gain", "kl"):
+            correction = np.abs(np.asarray(fields[f"{name}_bc"], np.float64) - np.asarray(fields[name], np.float64))
+            expansion &= correction <= EXPANSION_LIMIT * np.asarray(fields[f"{name}_se_delta"], np.float64)
+        tied = np.asarray(fields["top_tied"], bool)
+        reward = np.asarray(fields["reward_max"], np.float64)
+        at_top = reward >= cells["reward_top"]
+        below = tied & ~at_top
+        same = np.asarray(fields.get("same", True), bool)
+        own_gain = np.where(same, np.asarray(fields["gain"], np.float64), np.nan)
+        bound, intercept = tie_bound(fields["n"], fields["beta"], fields["log_z"], fields["kl"], cells["reward_top"],
+                                     fields["kl_se_delta"], own_gain)
+        bound, intercept = np.where(below, bound, 0.0), np.where(below, intercept, np.nan)
+        ties_ok = ~tied | (at_top & (cells["rows"] >= POOL_MIN_PROMPTS)) | (below & (bound <= EXPANSION_LIMIT))
+        tail_ok = passes_gate(np.ones(own.shape, bool), pooled) & ~(k_line >= POOLED_KHAT_LIMIT)
+        ess_ok = ~(ess_line < np.log(ESS_FLOOR))
+    cell_ok = expansion & ties_ok & ess_ok & tail_ok
+    reliable = own & cell_ok
+    ordinary = ~own & cell_ok & np.isfinite(k_line)
+    kept = reliable | ordinary
+    return GateResult(reliable, pooled, np.where(kept, bound, np.inf), np.where(kept, intercept, np.nan))
+
+
+def gate_cells(fields: dict[str, np.ndarray], axis: int = 0) -> GateResult:
+    """:func:`gate_rows` of arrays whose ``axis`` runs over the prompts of each cell (all in memory: benchmarks)."""
+    cells = {name: np.expand_dims(total, axis) for name, total in cell_totals(fields, axis).items()}
+    return gate_rows(fields, cells)
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:
     return table[name].to_numpy(zero_copy_only=False)
 
 
+def _fields(table: pa.Table, name: str) -> dict[str, np.ndarray]:
+    columns = {"n": _SIZE[name], **_ROW_COLUMNS.get(name, {})}
+    fields = {field: _column(table, columns.get(field, field)) for field in ROW_FIELDS if field != "same"}
+    same = (_column(table, "align") == _column(table, "eval")) if name != "winrate" else np.zeros(table.num_rows, bool)
+    return {**fields, "same": np.asarray(same, bool)}
+
+
 def khat_sums(table: pa.Table, name: str) -> pa.Table:
-    """Per-cell sums :data:`limits_ray.core.reliability.POOL_SUMS` (:func:`khat_pool_terms`) of ``table``, :data:`GATE_ROWS`
-    rows at a time."""
+    """Per-cell :data:`CELL_SUMS` and :data:`CELL_MAXIMA` (:func:`cell_terms`) of ``table``, :data:`GATE_ROWS` rows at a time."""
     keys = list(POOLED_TABLES[name])
     parts = []
     for start in range(0, max(table.num_rows, 1), GATE_ROWS):
         rows = table.slice(start, GATE_ROWS)
-        terms = khat_pool_terms(_column(rows, "khat").astype(np.float64), _column(rows, _SIZE[name]), _covariate(rows))
+        terms = cell_terms(_fields(rows, name))
         columns = {key: rows[key] for key in keys}
-        columns.update({field: pa.array(term) for field, term in zip(_SUMS, terms)})
-        parts.append(_group_sum(pa.table(columns), keys))
+        columns.update({f"pool_{field}": pa.array(terms[field], pa.float64()) for field in (*CELL_SUMS, *CELL_MAXIMA)})
+        parts.append(_group(pa.table(columns), keys))
     return parts[0] if len(parts) == 1 else merge_khat_sums(parts, name)
 
 
 def merge_khat_sums(sums: list[pa.Table], name: str) -> pa.Table:
-    """Add :func:`khat_sums` tables of disjoint prompt sets."""
-    return _group_sum(pa.concat_tables(sums), list(POOLED_TABLES[name]))
+    """Combine :func:`khat_sums` tables of disjoint prompt sets."""
+    return _group(pa.concat_tables(sums), list(POOLED_TABLES[name]))
 
 
-def _group_sum(table: pa.Table, keys: list[str]) -> pa.Table:
-    grouped = table.group_by(keys, use_threads=False).aggregate([(column, "sum") for column in _SUMS])
-    return pa.table({**{key: grouped[key] for key in keys}, **{column: grouped[f"{column}_sum"] for column in _SUMS}})
+def _group(table: pa.Table, keys: list[str]) -> pa.Table:
+    grouped = table.group_by(keys, use_threads=False).aggregate(
+        [(column, "sum") for column in _SUMS] + [(column, "max") for column in _MAXIMA])
+    return pa.table({**{key: grouped[key] for key in keys}, **{column: grouped[f"{column}_sum"] for column in _SUMS},
+                     **{column: grouped[f"{column}_max"] for column in _MAXIMA}})
 
 
 def apply_pooled(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
-    """``table`` (rows in their order) with ``khat_pooled`` set and ``reliable``, ``gain_se``, ``kl_se`` gated
-    (``winrate_se`` and ``kl_se`` in ``winrate``).
+    """``table`` (rows in their order) with ``khat_pooled`` and ``bias_allowance`` set and ``reliable``, ``gain_se``,
+    ``kl_se`` gated (``winrate_se`` and ``kl_se`` in ``winrate``).
 
-    Before the gate a table's ``khat_pooled`` is its own ``khat`` (:class:`limits_ray.core.tables.PromptRows`).
+    Before the gate a table's ``khat_pooled`` is its own ``khat`` and ``reliable`` the row's own test
+    (:class:`limits_ray.core.tables.PromptRows`).
 
-    ``sums``: the merged :func:`khat_sums` of every prompt of the run. Where ``khat_pooled`` is NaN
-    (a cell of fewer than :data:`limits_ray.core.reliability.POOL_MIN_PROMPTS` prompts, or missing from ``sums``;
-    a k-hat that is not finite) only the row's own test applies. Rows are gated
-    :data:`GATE_ROWS` at a time (each row needs only its cell's sums), which bounds the join's memory.
+    ``sums``: the merged :func:`khat_sums` of every prompt of the run. A cell missing from ``sums`` counts
+    as empty: only the row's own test and the expansion apply (and tied top rewards do not pass). Rows are
+    gated :data:`GATE_ROWS` at a time (each row needs only its cell's sums), which bounds the join's memory.
     """
     if table.num_rows > GATE_ROWS:
         return pa.concat_tables([_gate(table.slice(start, GATE_ROWS), sums, name)
@@ -233,15 +463,22 @@ def _gate(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
     keys = list(POOLED_TABLES[name])
     indexed = table.select(keys).append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     joined = indexed.join(sums, keys=keys, join_type="left outer", use_threads=False).sort_by("_row")
-    cell = [np.nan_to_num(_column(joined, field).astype(np.float64)) for field in _SUMS]  # absent cell: count 0
-    pooled = pooled_khat(_column(table, "khat").astype(np.float64), _column(table, _SIZE[name]), _covariate(table), *cell)
-    reliable = passes_gate(_column(table, "reliable"), pooled)
+    cells = {field[len("pool_"):]: np.nan_to_num(_column(joined, field).astype(np.float64)) for field in _SUMS}  # absent: 0
+    cells.update({field[len("pool_"):]: np.nan_to_num(_column(joined, field).astype(np.float64), nan=-np.inf)
+                  for field in _MAXIMA})
+    gate = gate_rows(_fields(table, name), cells)
     out = table
+    widen = np.sqrt(1.0 + np.where(gate.reliable, gate.bias_allowance, 0.0) ** 2)  # the tie bound, in quadrature
     for field in _INTERVAL_SES.get(name, ("gain_se", "kl_se")):
         values = _column(out, field).astype(np.float64)
-        out = out.set_column(out.schema.get_field_index(field), field, pa.array(np.where(reliable, values, np.nan)))
-    out = out.set_column(out.schema.get_field_index("reliable"), "reliable", pa.array(reliable))
-    return out.set_column(out.schema.get_field_index("khat_pooled"), "khat_pooled", pa.array(pooled))
+        out = out.set_column(out.schema.get_field_index(field), field,
+                             pa.array(np.where(gate.reliable, values * widen, np.nan)))
+    for field, values in (("reliable", gate.reliable), ("khat_pooled", gate.khat_pooled),
+                          ("bias_allowance", gate.bias_allowance), ("tie_bias_at_kl", gate.tie_bias_at_kl)):
+        if field in out.column_names:
+            out = out.set_column(out.schema.get_field_index(field), field, pa.array(values, pa.float64()
+                                                                                   if field != "reliable" else None))
+    return out
 
 
 def pool_whole(table: pa.Table, name: str) -> pa.Table:

@@ -2,7 +2,7 @@
 
 Two phases per prompt:
 
-1. *Pilot* (the decision). :func:`plan_wave` is the pure rule: given each prompt's ``gain_se`` and
+1. *Pilot* (the decision). :func:`plan_wave` is the pure rule: given each prompt's delta-method ``gain_se`` and
    ``kl_se`` over the beta grid (the worst over its (align, eval) pairs), whether its importance
    weights are reliable at every beta (:func:`limits_ray.core.reliability.frontier_reliable`) and its current sample count, it returns
    the sample count each prompt should reach next. A prompt is *done* when it is reliable and
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from limits_ray.core.prompt_mean import within_prompt_se
 from limits_ray.core.reliability import frontier_reliable
 
 __all__ = ["WavePlan", "plan_wave", "prompt_errors", "worst_ratio"]
@@ -106,7 +107,10 @@ def plan_wave(gain_se: np.ndarray, kl_se: np.ndarray, samples: np.ndarray, gain_
 def prompt_errors(frontier: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(prompt_ids, gain_se [P, B], kl_se [P, B], n [P], reliable [P, B])`` from a frontier table.
 
-    The se's are the worst over (align, eval); ``reliable`` (:func:`limits_ray.core.reliability.frontier_reliable`) holds for every pair.
+    The se's are the delta-method SEs that the prompt mean adds up
+    (:func:`limits_ray.core.prompt_mean.within_prompt_se`, no small-sample t-factor: the tolerance is on the
+    frontier's error, not on one prompt's interval), the worst over (align, eval); ``reliable``
+    (:func:`limits_ray.core.reliability.frontier_reliable`) holds for every pair.
     """
     prompt_ids = sorted(set(frontier["prompt_id"].to_pylist()))
     betas = np.unique(frontier["beta"].to_numpy())
@@ -115,7 +119,7 @@ def prompt_errors(frontier: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray
     columns = np.searchsorted(betas, frontier["beta"].to_numpy())
     gain_se = np.full((len(prompt_ids), betas.size), -np.inf)
     kl_se = np.full((len(prompt_ids), betas.size), -np.inf)
-    gain, kl = frontier["gain_se"].to_numpy(), frontier["kl_se"].to_numpy()
+    gain, kl = within_prompt_se(frontier)
     np.fmax.at(gain_se, (rows, columns), np.where(np.isnan(gain), np.inf, gain))
     np.fmax.at(kl_se, (rows, columns), np.where(np.isnan(kl), np.inf, kl))
     n = np.zeros(len(prompt_ids), dtype=np.int64)

@@ -93,11 +93,14 @@ class PromptRows:
     Call :meth:`flush` before reading the builders.
 
     Frontier rows are :class:`limits_ray.core.tilt.TiltEstimate`'s columns (``gain_se``/``kl_se`` its
-    interval SEs, NaN where not ``reliable``; ``khat``, ``ess`` and ``reliable`` depend on the align
-    reward only). Convergence rows are the estimates on every dyadic prefix (N = 1, 2, 4, ...
-    samples, and all N when N is not a power of two). Best-of-n rows: see :func:`bon_rows`. With best-of-n
-    on and a ``winrate`` builder, each prompt's win-rate rows too (:class:`limits_ray.core.winrate.WinRateRows`:
-    from its rewards like best-of-n, with the frontier estimate's KL and weight diagnostics).
+    interval SEs, NaN where not ``reliable``; ``khat``, ``ess`` and the own test ``reliable`` depend on
+    the align reward only, until the gate of :mod:`limits_ray.core.reliability` adds its per-row tests).
+    Convergence rows are the estimates on every dyadic prefix (N = 1, 2, 4, ... samples, and all N when N
+    is not a power of two). Both carry the drift of the bias-corrected estimates from the prefix before
+    (:mod:`limits_ray.core.prompt_mean` tests the prompt mean's convergence with it). Best-of-n rows: see
+    :func:`bon_rows`. With best-of-n on and a ``winrate`` builder, each prompt's win-rate rows too
+    (:class:`limits_ray.core.winrate.WinRateRows`: from its rewards like best-of-n, with the frontier
+    estimate's KL and weight diagnostics).
     """
 
     def __init__(self, builders: dict[str, TableBuilder], plan: Plan, convergence: bool = True,
@@ -135,17 +138,27 @@ class PromptRows:
             return
         frontier, convergence, estimates = [], [], []
         for position, (align, evals) in enumerate(self.plan):
-            chains = [list(by_align[align.name].prefixes()) if self.convergence else [by_align[align.name].total()]
+            # Every prefix for the convergence table; else the last two (the drift from the largest prefix below N),
+            # the first without its tail: only its bias-corrected estimates are read, and no k-hat is fitted.
+            chains = [list(by_align[align.name].prefixes())[None if self.convergence else -2:]
                       for by_align in self.statistics]
+            if not self.convergence:
+                for chain in chains:
+                    if len(chain) == 2:
+                        chain[0].tail = chain[0].tail[:0]
             lengths = np.array([len(chain) for chain in chains])
             estimate = finalize_many([state for chain in chains for state in chain])
             last = np.cumsum(lengths) - 1
+            first = last - lengths + 1
+            owner = np.repeat(np.arange(len(chains)), lengths)
+            previous = np.arange(owner.size) - 1
+            previous[first] = -1  # a chain's first prefix has none before it
             estimates.append((estimate, last))
-            frontier.append(_estimate_block(estimate, last, np.arange(len(chains)), position, align, evals, FRONTIER_ROW))
+            frontier.append(_estimate_block(estimate, last, np.arange(len(chains)), position, align, evals, FRONTIER_ROW,
+                                            previous[last]))
             if self.convergence:
-                owner = np.repeat(np.arange(len(chains)), lengths)
                 convergence.append(_estimate_block(estimate, np.arange(owner.size), owner, position, align, evals,
-                                                   CONVERGENCE_ROW))
+                                                   CONVERGENCE_ROW, previous))
         prompt_ids = np.array(self.prompt_ids, dtype=object)
         _add_sorted(self.builders["frontier"], frontier, prompt_ids)
         if self.convergence:
@@ -156,22 +169,33 @@ class PromptRows:
 
 
 FRONTIER_ROW = {"n": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se", "ess": "ess",
-                "gain_bc": "gain_bc", "kl_bc": "kl_bc", "khat": "khat", "body_sd": "body_sd", "khat_pooled": "khat",
-                "reliable": "reliable"}
+                "gain_bc": "gain_bc", "kl_bc": "kl_bc", "gain_se_delta": "gain_se_delta", "kl_se_delta": "kl_se_delta",
+                "gain_kl_cov": "gain_kl_cov", "gain_dbeta": "gain_dbeta", "kl_dbeta": "kl_dbeta", "khat": "khat",
+                "body_sd": "body_sd", "reward_max": "reward_max", "top_tied": "top_tied", "log_z": "log_z",
+                "khat_pooled": "khat", "reliable": "reliable"}
 CONVERGENCE_ROW = {"n_samples": "n", "gain": "gain", "gain_se": "gain_se", "kl": "kl", "kl_se": "kl_se",
-                   "ess": "ess", "khat": "khat", "body_sd": "body_sd", "khat_pooled": "khat",
-                   "reliable": "reliable"}
-"""Row column -> :class:`limits_ray.core.tilt.TiltEstimate` field, per table."""
-_PER_EVAL = {"gain", "gain_se", "gain_bc"}  # fields with a target-column axis
+                   "ess": "ess", "gain_bc": "gain_bc", "kl_bc": "kl_bc", "gain_se_delta": "gain_se_delta",
+                   "kl_se_delta": "kl_se_delta", "khat": "khat", "body_sd": "body_sd", "reward_max": "reward_max",
+                   "top_tied": "top_tied", "log_z": "log_z", "khat_pooled": "khat", "reliable": "reliable"}
+"""Row column -> :class:`limits_ray.core.tilt.TiltEstimate` field, per table (``bias_allowance`` before the gate:
+0 where the row's own test passes, else infinite; ``tie_bias_at_kl``: NaN before the gate; ``gain_drift``, ``kl_drift``: ``gain_bc``, ``kl_bc`` less
+those of the largest dyadic prefix below the row's N, NaN where there is none)."""
+_PER_EVAL = {"gain", "gain_se", "gain_bc", "gain_se_delta", "gain_kl_cov", "gain_dbeta"}  # fields with a target-column axis
 
 
 def _estimate_block(estimate: TiltEstimate, states: np.ndarray, owners: np.ndarray, align_position: int,
-                    align: RewardSpec, evals: list[RewardSpec], row: dict[str, str]) -> dict[str, np.ndarray]:
-    """Columns (and sort keys) of the rows of ``estimate``'s ``states``, each owned by prompt ``owners``.
+                    align: RewardSpec, evals: list[RewardSpec], row: dict[str, str],
+                    previous: np.ndarray) -> dict[str, np.ndarray]:
+    """Columns (and sort keys) of the rows of ``estimate``'s ``states``, each owned by prompt ``owners``;
+    ``previous`` is each state's prefix before it (-1: none), whose bias-corrected estimates the drift
+    columns subtract.
 
     Shapes before flattening: ``[states, evals, B]``.
     """
     shape = (states.size, len(evals), estimate.betas.shape[1])
+    has_previous = (previous >= 0)[:, None]
+    before = np.maximum(previous, 0)
+    kl_drift = np.where(has_previous, estimate.kl_bc[states] - estimate.kl_bc[before], np.nan)
     columns = []
     for column in _eval_index(align, evals):
         block = {"beta": estimate.betas[states]}
@@ -179,8 +203,13 @@ def _estimate_block(estimate: TiltEstimate, states: np.ndarray, owners: np.ndarr
             values = getattr(estimate, field)[states]
             block[name] = values[:, :, column] if field in _PER_EVAL else np.broadcast_to(
                 values.reshape(states.size, -1), (states.size, shape[2]))
+        block["gain_drift"] = np.where(has_previous, estimate.gain_bc[states, :, column] - estimate.gain_bc[before, :, column],
+                                       np.nan)
+        block["kl_drift"] = kl_drift
         columns.append(block)
     block = {name: np.stack([part[name] for part in columns], axis=1).reshape(-1) for name in columns[0]}
+    block["bias_allowance"] = np.where(block["reliable"], 0.0, np.inf)
+    block["tie_bias_at_kl"] = np.full(block["bias_allowance"].shape, np.nan)  # set by the gate
     block["eval"] = np.broadcast_to(np.array([spec.name for spec in evals], dtype=object)[None, :, None], shape).reshape(-1)
     block["align"] = np.full(block["eval"].size, align.name, dtype=object)
     block["_owner"] = np.broadcast_to(owners[:, None, None], shape).reshape(-1)

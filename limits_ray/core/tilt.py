@@ -3,7 +3,7 @@
 For one prompt, one alignment reward ``r`` and target rewards ``y_1..y_Y`` (column 0 is ``r``
 itself, the others are evaluation rewards), over a grid of betas, :class:`TiltStats` keeps
 
-    moments[p, b, :] = sum_i u_ib^p * [1, y_i - c, (y_i - c)^2],   p = 0, 1, 2,
+    moments[p, b, :] = sum_i u_ib^p * [1, y_i - c, (y_i - c)^2, (y_i - c)(r_i - c_r)],   p = 0, 1, 2,
     u_ib = exp((r_i - r_max) / beta_b),
 
 where ``r_max`` is the running maximum of ``r`` and ``c`` a per-column shift (the "online
@@ -13,8 +13,10 @@ the Pareto k-hat of the weights is fitted at every beta (the ranking by ``r`` is
 beta; the top ``K`` of a union is the top ``K`` of the merged tails). Everything is float64. Two states merge exactly
 (up to rounding) by rescaling with ``exp((r_max_old - r_max_new)/beta)`` and re-centring the
 polynomial moments; the merge is associative and commutative, so samples may arrive in any
-order, in any batches, on any number of machines. Memory of one state: ``3 B (1 + 2Y)`` sums plus
-at most ``K Y`` tail values, float64 (``K Y 8`` bytes = 32 KiB at ``Y = 4``).
+order, in any batches, on any number of machines. The cross products with ``r`` (the last group,
+kept for the evaluation columns ``y_2..y_Y`` only: for ``r`` itself it is the square) give the
+covariance of a gain with the KL and the slope of the frontier (:meth:`TiltStats.finalize`). Memory of
+one state: ``3 B 3Y`` sums plus at most ``K Y`` tail values, float64 (``K Y 8`` bytes = 32 KiB at ``Y = 4``).
 
 :meth:`TiltStats.finalize` turns the sums into the Monte Carlo estimators of Def. 1 and Def. 2
 of the paper, their delta-method standard errors, the Kish effective sample size, the PSIS k-hat
@@ -33,12 +35,17 @@ from scipy.special import stdtrit
 from limits_ray.core.psis import TAIL_CAP, khat_many, tail_size
 from limits_ray.core.reliability import khat_thresholds, own_reliable
 
-__all__ = ["TiltEstimate", "TiltStats", "finalize_many", "interval_ratio", "recentre_matrix"]
+__all__ = ["TiltEstimate", "TiltStats", "finalize_many", "interval_ratio", "moment_columns", "recentre_matrix"]
 
 _Z975 = 1.959963984540054
 _DF_DIVISOR = 3.0  # df = nu / 3 (see TiltStats.finalize)
 
 _CHUNK_ROWS = 4096  # rows per update chunk: bounds the [2B + 1, rows] work buffers (about 4 MiB at B = 64)
+
+
+def moment_columns(y_count: int) -> int:
+    """Sums kept per (power, beta) for ``y_count`` target columns: ``[1, y, y^2]`` and ``y r`` for ``y != r``: ``3Y``."""
+    return 3 * y_count
 
 
 @dataclass
@@ -63,6 +70,11 @@ class TiltEstimate:
         kl_se: ``[B]`` interval standard error of ``kl_bc`` (as ``gain_se``; NaN where not reliable).
         kl_se_delta: ``[B]`` plain delta-method standard error of ``kl``.
         kl_bc: ``[B]`` first-order bias-corrected KL.
+        gain_kl_cov: ``[B, Y]`` delta-method covariance of ``gain`` and ``kl`` (the frontier at a fixed KL, see
+            :meth:`TiltStats.finalize`).
+        gain_dbeta: ``[B, Y]`` ``d gain / d beta`` of the empirical tilt: ``-Cov_w(y, r) / beta^2``.
+        kl_dbeta: ``[B]`` ``d KL / d beta`` of the empirical tilt: ``-Var_w(r) / beta^3``; the frontier's slope
+            ``d gain / d KL`` is ``gain_dbeta / kl_dbeta`` (``beta`` exactly for ``y = r``).
         reverse_kl: ``[B]`` ``KL(pi0||pi_beta) = log Z - E_pi0[r]/beta``.
         jeffreys: ``[B]`` ``kl + reverse_kl``; Theorem 1: ``gain[:, 0] == betas * jeffreys``.
         ess: ``[B]`` Kish effective sample size ``(sum w)^2 / sum w^2``.
@@ -72,7 +84,13 @@ class TiltEstimate:
             fewer than 2 such samples. The covariate of the pooled k-hat (:mod:`limits_ray.core.reliability`):
             a spread of the rewards that a missed upper tail hardly moves.
         reliable: ``[B]`` ``khat < min(1 - 1/log10 N, 0.7)`` (or k-hat NaN: tied top rewards) and
-            ``ess >= ESS_FLOOR``.
+            ``ess >= ESS_FLOOR``: the prompt's own test. A k-hat that cannot be fitted for ties is not a
+            passed test: the tables' gate (:mod:`limits_ray.core.reliability`) decides such rows from the
+            other prompts of their cell; here they count as passing so that their interval SE is computed.
+        reward_max: the largest alignment reward.
+        top_tied: whether the largest alignment reward occurs more than once, or k-hat is NaN (the
+            largest rewards tied): the weights look bounded, and only other prompts can tell whether
+            a higher reward was missed.
     """
 
     betas: np.ndarray
@@ -88,12 +106,17 @@ class TiltEstimate:
     kl_se: np.ndarray
     kl_se_delta: np.ndarray
     kl_bc: np.ndarray
+    gain_kl_cov: np.ndarray
+    gain_dbeta: np.ndarray
+    kl_dbeta: np.ndarray
     reverse_kl: np.ndarray
     jeffreys: np.ndarray
     ess: np.ndarray
     khat: np.ndarray
     body_sd: np.ndarray
     reliable: np.ndarray
+    reward_max: np.ndarray
+    top_tied: np.ndarray
 
     def select(self, index: int) -> "TiltEstimate":
         """State ``index`` of a batched estimate (:func:`finalize_many`)."""
@@ -102,30 +125,37 @@ class TiltEstimate:
 
 
 def _polynomial(centred: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``[N, Y] -> [1 + 2Y, N]``: the rows ``[1, y, y^2]`` whose weighted sums are kept.
+    """``[N, Y] -> [3Y, N]``: the rows ``[1, y, y^2, y_2 r, ..., y_Y r]`` whose weighted sums are kept.
 
-    Written into ``out`` (at least ``[1 + 2Y, N]``, C-ordered), whose first ``N`` columns are returned.
+    Written into ``out`` (at least ``[3Y, N]``, C-ordered), whose first ``N`` columns are returned.
     """
     y_count, rows = centred.shape[1], centred.shape[0]
     poly = out[:, :rows]
     poly[0] = 1.0
     poly[1 : 1 + y_count] = centred.T
-    np.multiply(poly[1 : 1 + y_count], poly[1 : 1 + y_count], out=poly[1 + y_count :])
+    np.multiply(poly[1 : 1 + y_count], poly[1 : 1 + y_count], out=poly[1 + y_count : 1 + 2 * y_count])
+    np.multiply(poly[2 : 1 + y_count], poly[1], out=poly[1 + 2 * y_count :])
     return poly
 
 
 def recentre_matrix(delta: np.ndarray) -> np.ndarray:
-    """Matrix ``M`` with ``[1, y+d, (y+d)^2] = [1, y, y^2] @ M`` for per-column shifts ``d``.
+    """Matrix ``M`` with ``P(y + d) = P(y) @ M`` for per-column shifts ``d``, ``P`` the rows of :func:`_polynomial`.
 
-    Moving a state from shift ``c_old`` to ``c_new`` uses ``d = c_old - c_new``.
+    ``(y + d)^2 = y^2 + 2 d y + d^2`` and ``(y + d)(r + d_r) = y r + d_r y + d r + d d_r``. Moving a state
+    from shift ``c_old`` to ``c_new`` uses ``d = c_old - c_new``.
     """
     y_count = delta.shape[0]
-    size = 1 + 2 * y_count
+    size = moment_columns(y_count)
     matrix = np.eye(size)
-    first, second = np.arange(1, 1 + y_count), np.arange(1 + y_count, size)
+    first, second = np.arange(1, 1 + y_count), np.arange(1 + y_count, 1 + 2 * y_count)
     matrix[0, first] = delta
     matrix[0, second] = delta * delta
     matrix[first, second] = 2 * delta
+    cross = np.arange(1 + 2 * y_count, size)  # y_j r for j = 2..Y (0-based 1..Y-1)
+    others = np.arange(1, y_count)
+    matrix[0, cross] = delta[others] * delta[0]
+    matrix[1 + others, cross] = delta[0]  # d_r y_j
+    matrix[1, cross] = delta[others]  # d_j r
     return matrix
 
 
@@ -151,7 +181,8 @@ class TiltStats:
         n: number of samples absorbed.
         r_max: running maximum of the alignment reward (``-inf`` while empty).
         shift: ``[Y]`` centring constants ``c`` of the target columns.
-        moments: ``[3, B, 1 + 2Y]`` the sums ``sum u^p [1, y-c, (y-c)^2]``, ``p = 0, 1, 2``.
+        moments: ``[3, B, 3Y]`` the sums ``sum u^p [1, y-c, (y-c)^2, (y-c)(r-c_r)]``, ``p = 0, 1, 2`` (the
+            cross products for the evaluation columns only, see :func:`_polynomial`).
         tail: ``[T, Y]``, ``T <= tail_cap``: the rows of the ``T = min(n, tail_cap)`` largest ``r``
             (uncentred), ordered by ``r`` descending, ties by the other columns descending.
         tail_cap: ``K``, the most rows ``tail`` keeps.
@@ -178,7 +209,7 @@ class TiltStats:
             n=0,
             r_max=-np.inf,
             shift=np.zeros(n_targets),
-            moments=np.zeros((3, betas.size, 1 + 2 * n_targets)),
+            moments=np.zeros((3, betas.size, moment_columns(n_targets))),
             tail=np.zeros((0, n_targets)),
             tail_cap=int(tail_cap),
         )
@@ -215,10 +246,10 @@ class TiltStats:
         inverse_betas = 1.0 / template.betas
         rows = int(min(np.diff(bounds).max(), _CHUNK_ROWS))
         # Work buffers reused by every chunk: the weights u (rows 0..B-1), u^2 (rows B..2B-1) and a
-        # row of ones (row 2B, for the plain sums), then the polynomial rows [1, y-c, (y-c)^2].
+        # row of ones (row 2B, for the plain sums), then the polynomial rows [1, y-c, (y-c)^2, y r].
         weights = np.empty((2 * template.betas.size + 1, rows))
         weights[-1] = 1.0
-        poly = np.empty((1 + 2 * targets.shape[1], rows))
+        poly = np.empty((moment_columns(targets.shape[1]), rows))
         states = []
         for first, stop in zip(bounds[:-1], bounds[1:]):
             segment = targets[first:stop]
@@ -232,10 +263,10 @@ class TiltStats:
     def _absorb(self, block: np.ndarray, inverse_betas: np.ndarray, weights: np.ndarray, poly: np.ndarray) -> None:
         """Add one block's sums in place (shift and r_max already cover the block).
 
-        ``weights`` (``[2B + 1, >= rows]``, last row all ones) and ``poly`` (``[1 + 2Y, >= rows]``) are
+        ``weights`` (``[2B + 1, >= rows]``, last row all ones) and ``poly`` (``[3Y, >= rows]``) are
         scratch buffers. One matrix product gives every sum at once: ``poly @ weights.T`` holds
-        ``sum u^p [1, y-c, (y-c)^2]`` for ``p = 1`` (columns ``0..B-1``), ``p = 2`` (``B..2B-1``) and
-        ``p = 0`` (column ``2B``).
+        the sums of :func:`_polynomial`'s rows times ``u^p`` for ``p = 1`` (columns ``0..B-1``), ``p = 2``
+        (``B..2B-1``) and ``p = 0`` (column ``2B``).
         """
         rows, beta_count = block.shape[0], inverse_betas.size
         poly = _polynomial(block - self.shift, poly)
@@ -244,7 +275,7 @@ class TiltStats:
         np.multiply(inverse_betas[:, None], (block[:, 0] - self.r_max)[None, :], out=tilt)
         np.exp(tilt, out=tilt)
         np.multiply(tilt, tilt, out=work[beta_count : 2 * beta_count])
-        sums = poly @ work.T  # [1 + 2Y, 2B + 1]
+        sums = poly @ work.T  # [3Y, 2B + 1]
         self.moments[0] += sums[:, 2 * beta_count]
         self.moments[1] += sums[:, :beta_count].T
         self.moments[2] += sums[:, beta_count : 2 * beta_count].T
@@ -300,7 +331,12 @@ class TiltStats:
           ``se^2 = sum_i IF_i^2 / (N (N - 1))``;
         - ``ESS = (sum w)^2 / sum w^2`` (Kish) and ``khat`` (:func:`limits_ray.core.psis.khat` on the tail);
           ``reliable = (khat < min(1 - 1/log10 N, 0.7) or khat is NaN) and ESS >= ESS_FLOOR`` (the
-          per-prompt test; the result tables also ask the pooled k-hat of :mod:`limits_ray.core.reliability`);
+          per-prompt test; a NaN k-hat, tied top rewards, is no passed test: the result tables decide
+          such rows, and add the cross-prompt tests, in :mod:`limits_ray.core.reliability`);
+        - the frontier at a fixed KL (MATH.md, "The frontier at a fixed KL"): the covariance
+          ``gain_kl_cov = sum_i IF_gain,i IF_KL,i / (N (N - 1))``, from the cross sums ``sum w^p (y - c)(r - c_r)``,
+          and the derivatives of the empirical tilt, ``d R_y / d beta = -Cov_w(y, r)/beta^2`` (``gain_dbeta``)
+          and ``d KL / d beta = -Var_w(r)/beta^3`` (``kl_dbeta``), whose ratio is the slope ``d gain / d KL``;
         - first-order bias corrections (second-order Taylor expansion of a ratio of means and of
           ``log mean(w)``): ``E[R_y_hat] - R_y ~ -E[w^2 (y - R_y)] / (N E[w]^2)`` and
           ``E[log mean(w)] - log E[w] ~ -Var(w) / (2 N E[w]^2)``, estimated by
@@ -343,10 +379,14 @@ def finalize_many(states: list[TiltStats]) -> TiltEstimate:
     n = np.array([state.n for state in states], dtype=np.int64)
     r_max = np.array([state.r_max for state in states])
     shift = np.stack([state.shift for state in states])  # [S, Y]
-    moments = np.stack([state.moments for state in states])  # [S, 3, B, 1 + 2Y]
+    moments = np.stack([state.moments for state in states])  # [S, 3, B, 3Y]
     y_count = shift.shape[1]
     first, second = slice(1, 1 + y_count), slice(1 + y_count, 1 + 2 * y_count)
     plain, tilt, tilt2 = moments[:, 0, 0], moments[:, 1], moments[:, 2]
+
+    def cross(part: np.ndarray) -> np.ndarray:  # sum u^p (y - c)(r - c_r) for every column, [..., Y]
+        return np.concatenate([part[..., 1 + y_count : 2 + y_count], part[..., 1 + 2 * y_count :]], axis=-1)
+
     s0, s2 = tilt[:, :, 0], tilt2[:, :, 0]  # [S, B]
     count = n[:, None].astype(np.float64)
 
@@ -372,6 +412,15 @@ def finalize_many(states: list[TiltStats]) -> TiltEstimate:
     denominator = np.where(n > 1, count[:, 0] * (count[:, 0] - 1), np.nan)[:, None]
     gain_se_delta = np.sqrt(np.clip(gain_if2, 0, None) / denominator[:, :, None])
     kl_se_delta = np.sqrt(np.clip(kl_if2, 0, None) / denominator)
+    # Cross terms with r: the tilted covariance of y and r, and sum IF_gain IF_KL (see TiltStats.finalize).
+    r_tilt_c = mean_tilt[:, :, :1]  # R_r, centred
+    tilt_cross = cross(tilt) - r_tilt_c * tilt[:, :, first]  # sum u (y - R_y)(r - R_r)
+    tilt2_cross = (cross(tilt2) - r_tilt_c * tilt2[:, :, first] - mean_tilt * tilt2[:, :, 1:2]
+                   + mean_tilt * r_tilt_c * s2[:, :, None])  # sum u^2 (y - R_y)(r - R_r)
+    beta_y = betas[None, :, None]
+    cov_if = (ratio[:, :, None] ** 2 * (tilt2_cross / beta_y - tilt2_dev)
+              - ratio[:, :, None] * (tilt_cross / beta_y - s0[:, :, None] * gain))
+    tilted_cov = tilt_cross / s0[:, :, None]  # Cov_w(y, r)
 
     ess = s0**2 / s2
     k_hat = khat_many([state.tail[:, 0] for state in states], n, betas)
@@ -396,13 +445,23 @@ def finalize_many(states: list[TiltStats]) -> TiltEstimate:
         kl_se=kl_se_delta * _t_ratio(kl_if2, kl_if4, reliable),
         kl_se_delta=kl_se_delta,
         kl_bc=kl + tilt2_dev[:, :, 0] / (betas * s0**2) - (s2 / s0**2 - 1.0 / count) / 2,
+        gain_kl_cov=cov_if / denominator[:, :, None],
+        gain_dbeta=-tilted_cov / beta_y**2,
+        kl_dbeta=-tilted_cov[:, :, 0] / betas**3,
         reverse_kl=reverse_kl,
         jeffreys=kl + reverse_kl,
         ess=ess,
         khat=k_hat,
         body_sd=_body_sd(states, n, plain[:, 1], plain[:, 1 + y_count], shift[:, 0]),
         reliable=reliable,
+        reward_max=r_max,
+        top_tied=_tied_top(states)[:, None] | np.isnan(k_hat),
     )
+
+
+def _tied_top(states: list[TiltStats]) -> np.ndarray:
+    """``[S]`` whether each state's largest alignment reward occurs more than once (its tail holds the top rows)."""
+    return np.array([state.tail.shape[0] > 1 and state.tail[0, 0] == state.tail[1, 0] for state in states])
 
 
 def _body_sd(states: list[TiltStats], n: np.ndarray, total: np.ndarray, total_sq: np.ndarray,

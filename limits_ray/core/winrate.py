@@ -62,7 +62,9 @@ RANK_BETAS = np.geomspace(1e-3, 10.0, 41)
 serves every reward: KL from about 5.9 nats (``beta = 1e-3``) down to 4e-4 (``beta = 10``)."""
 
 MEAN_COLUMNS = {"gain": "winrate", "gain_se": "winrate_se", "gain_bc": "winrate_bc", "kl": "kl", "kl_se": "kl_se",
-                "kl_bc": "kl_bc", "reliable": "reliable"}
+                "kl_bc": "kl_bc", "reliable": "reliable", "gain_se_delta": "winrate_se_delta",
+                "kl_se_delta": "kl_se_delta", "bias_allowance": "bias_allowance", "khat_pooled": "khat_pooled",
+                "khat": "khat"}
 """The ``winrate`` columns that play the frontier's parts in the prompt mean (:mod:`limits_ray.core.headline`)."""
 
 
@@ -235,9 +237,13 @@ class WinRateRows:
             builder.add(
                 size, prompt_id=prompt_id, align=label, eval=name, beta=betas, n=int(estimate.n[state]),
                 winrate=rates.winrate[:, column], winrate_se=interval[:, column], winrate_bc=rates.winrate_bc[:, column],
-                kl=estimate.kl[state], kl_se=estimate.kl_se[state], kl_bc=estimate.kl_bc[state], ess=estimate.ess[state],
-                khat=estimate.khat[state], body_sd=np.full(size, estimate.body_sd[state]), khat_pooled=estimate.khat[state],
-                reliable=reliable,
+                winrate_se_delta=rates.se_delta[:, column], kl=estimate.kl[state], kl_se=estimate.kl_se[state],
+                kl_bc=estimate.kl_bc[state], kl_se_delta=estimate.kl_se_delta[state], ess=estimate.ess[state],
+                khat=estimate.khat[state], body_sd=np.full(size, estimate.body_sd[state]),
+                reward_max=np.broadcast_to(np.asarray(estimate.reward_max[state], np.float64), (size,)),
+                top_tied=np.broadcast_to(np.asarray(estimate.top_tied[state], bool), (size,)), log_z=estimate.log_z[state],
+                khat_pooled=estimate.khat[state],
+                reliable=reliable, bias_allowance=np.where(reliable, 0.0, np.inf),
             )
 
 

@@ -14,10 +14,10 @@
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.figure import Figure
 
 from limits_ray.core.bon import bon_kl_bound
 from limits_ray.core.frontier import trusted_kl_range
@@ -136,13 +136,14 @@ def proposals_figure(frontier_mean: pa.Table, proposals_mean: pa.Table, policies
     for axis, evaluation in zip(axes.flat, evals):
         parts = []
         for table, color, name in ((frontier_mean, "C0", "base samples only"), (proposals_mean, "C2", "base + policy samples")):
-            rows = _select(table, evaluation, evaluation).sort_by("kl")
+            # The centres: frontier_mean's gain, kl; the proposal means' (and older tables') *_bc columns.
+            gain_name, kl_name = ("gain_bc", "kl_bc") if "gain_bc" in table.column_names else ("gain", "kl")
+            rows = _select(table, evaluation, evaluation).sort_by(kl_name)
             if rows.num_rows == 0:
                 continue
-            kl, gain = rows["kl"].to_numpy(), rows["gain"].to_numpy()
+            kl, gain = rows[kl_name].to_numpy(), rows[gain_name].to_numpy()
             band = Z95 * rows["gain_se"].to_numpy()
-            centre = rows["gain_bc"].to_numpy()
-            axis.fill_between(kl, centre - band, centre + band, color=color, alpha=0.2, lw=0)
+            axis.fill_between(kl, gain - band, gain + band, color=color, alpha=0.2, lw=0)
             trusted = trusted_kl_range(rows, evaluation, evaluation)
             reach = "not trusted" if trusted is None else f"trusted to KL {trusted[1]:.3g}"
             _trusted_line(axis, kl, gain, trusted, color, f"{name} ({reach})")

@@ -243,7 +243,7 @@ def write_compare_report(
             ranges = [trusted_kl_range(table, evaluation, evaluation) for table in (result.frontier_mean, proposals)]
             lines.append(f"| {evaluation} | " + " | ".join(
                 "none" if found is None else f"{format_number(found[0])} to {format_number(found[1])}" for found in ranges) + " |")
-    lines += ["", f"Tables: policies.parquet, proxy_gold.parquet, ensembles.parquet, bracket.parquet"
+    lines += ["", "Tables: policies.parquet, proxy_gold.parquet, ensembles.parquet, bracket.parquet"
               + (", proposals.parquet, proposals_mean.parquet" if proposals is not None else "") + f"; {seconds:.0f} s.", ""]
     paths.append(out_dir / "compare.md")
     paths[-1].write_text("\n".join(lines))

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from limits_ray.core.frontier import trusted_kl_range
 from limits_ray.core.frontier_diff import LEVEL
 from limits_ray.core.reliability import TRUSTED_FRACTION
-from limits_ray.outputs.style import save_figure
 from limits_ray.outputs.numbers import format_estimate, format_number
+from limits_ray.outputs.style import save_figure
 
 __all__ = ["DiffPair", "VERDICT_STYLE", "diff_lines", "draw_frontier", "plot_diff"]
 

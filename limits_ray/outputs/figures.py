@@ -66,8 +66,10 @@ def _draw_mean(axis, kl: np.ndarray, gain: np.ndarray, trusted: tuple[float, flo
 def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
     """Prompt-averaged gain against KL per (align, eval), 95% band, per-prompt lines, best-of-n points.
 
-    The mean is solid over the trusted KL range (:func:`limits_ray.core.frontier.trusted_kl_range`) and
-    dashed beyond; the band is drawn where it exists (no band where some prompt has no interval).
+    The mean (bias-corrected, :mod:`limits_ray.core.prompt_mean`) is solid over the trusted KL range
+    (:func:`limits_ray.core.frontier.trusted_kl_range`) and dashed beyond. The band is the gain's 95% interval
+    at each KL (``gain_se_at_kl``: the curve's vertical error, beta free), drawn where the prompt mean
+    has an error bar (none where unreliable prompts could move it by more than its SE).
     """
     prompts, samples = _counts(result)
     pairs = _pairs(result.frontier_mean)
@@ -83,7 +85,8 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
             axis.plot(rows["kl"].to_numpy(), rows["gain"].to_numpy(), color="0.75", lw=0.5, zorder=1)
         axis.plot([], [], color="0.75", lw=0.5, label="one prompt")
         mean = _select(result.frontier_mean, align, evaluation)
-        kl, gain, band = mean["kl"].to_numpy(), mean["gain"].to_numpy(), 1.96 * mean["gain_se"].to_numpy()
+        error = mean["gain_se_at_kl" if "gain_se_at_kl" in mean.column_names else "gain_se"].to_numpy()
+        kl, gain, band = mean["kl"].to_numpy(), mean["gain"].to_numpy(), 1.96 * error
         axis.fill_between(kl, gain - band, gain + band, color="C0", alpha=0.3, zorder=2, label="95% band")
         trusted = trusted_kl_range(result.frontier_mean, align, evaluation)
         _draw_mean(axis, kl, gain, trusted)

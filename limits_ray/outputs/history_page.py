@@ -33,8 +33,8 @@ import pyarrow as pa
 from limits_ray.core.frontier_diff import GainAtKL
 from limits_ray.core.reliability import TRUSTED_FRACTION
 from limits_ray.outputs.diff_report import VERDICT_STYLE
-from limits_ray.outputs.style import colormap_colors, new_figure, save_figure
 from limits_ray.outputs.numbers import format_estimate, format_number
+from limits_ray.outputs.style import colormap_colors, new_figure, save_figure
 
 __all__ = ["FIGURE_NIGHTS", "Night", "Shift", "plot_gain_history", "plot_health", "write_page"]
 
@@ -162,7 +162,7 @@ def plot_gain_history(nights: list[Night], pairs: list[tuple[str, str]], budgets
                         axis.plot(position + offset, gain[position], "o", ms=11, mfc="none", mec="C3", mew=1.8, zorder=4)
                         axis.plot(position + offset, gain[position], marker, ms=5, color=edge, zorder=5)
         axis.plot([], [], "o", ms=11, mfc="none", mec="C3", mew=1.8, label="differs from the night before (95%, paired)")
-        axis.plot([], [], "o", mfc="white", color="0.3", ms=4, label=f"outside the trusted KL range")
+        axis.plot([], [], "o", mfc="white", color="0.3", ms=4, label="outside the trusted KL range")
         axis.plot([], [], color="C3", ls="--", lw=1.2, label="new series")
         axis.set_ylabel(f"gain in {pair[1]}  [reward units]")
         axis.set_title(f"align {pair[0]}, eval {pair[1]}: gain at fixed KL, 95% intervals", fontsize=10)

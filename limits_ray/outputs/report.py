@@ -34,7 +34,14 @@ import pyarrow.parquet as pq
 from limits_ray.core.convergence import settle_table, summarize
 from limits_ray.core.errors import InputError
 from limits_ray.core.frontier import point_at_kl, trusted_kl_range
-from limits_ray.core.reliability import FALLBACK_ESS_FLOOR, RELIABLE_RULE, TRUSTED_FRACTION, reliable_rows, trusted_beta
+from limits_ray.core.reliability import (
+    FALLBACK_ESS_FLOOR,
+    POOLED_RULE,
+    RELIABLE_RULE,
+    TRUSTED_FRACTION,
+    reliable_rows,
+    trusted_beta,
+)
 from limits_ray.core.tables import ReduceResult
 from limits_ray.outputs.beyond_report import bracket_lines, winrate_lines
 from limits_ray.outputs.figures import FIGURES, write_plots
@@ -59,7 +66,7 @@ def _trusted_ranges(result: ReduceResult) -> list[str]:
 
 
 def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
-    lines = ["| align | eval | KL budget [nats] | beta | gain [reward units] | trusted |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| align | eval | KL budget [nats] | beta | gain [reward units] ± 95% | trusted |", "|---|---|---:|---:|---:|---|"]
     mean = result.frontier_mean
     for align, evaluation in sorted(set(zip(mean["align"].to_pylist(), mean["eval"].to_pylist()))):
         for budget in budgets:
@@ -68,8 +75,8 @@ def _kl_points(result: ReduceResult, budgets: tuple[float, ...]) -> list[str]:
             except ValueError:
                 continue
             trusted = ("yes" if point.trusted else "no") if "reliable" in mean.column_names else "-"
-            lines.append(f"| {align} | {evaluation} | {budget:g} | {format_number(point.beta)} | {format_number(point.gain)} "
-                         f"| {trusted} |")
+            lines.append(f"| {align} | {evaluation} | {budget:g} | {format_number(point.beta)} "
+                         f"| {format_estimate(point.gain, 1.96 * point.gain_se, mark=' (no error bar)')} | {trusted} |")
     return lines
 
 
@@ -79,8 +86,7 @@ def _at_beta(table: pa.Table, align: str, evaluation: str, beta: float) -> dict:
 
 
 def _gains_at_budgets(mean: pa.Table, align: str, evaluation: str, kl_max: float) -> str:
-    rows = mean.filter(pc.and_(pc.equal(mean["align"], align), pc.equal(mean["eval"], evaluation))).sort_by("kl")
-    kl, se = rows["kl"].to_numpy(), rows["gain_se"].to_numpy()
+    """The gain at each budget up to ``kl_max`` with its 95% error bar at that fixed KL (:func:`point_at_kl`)."""
     parts = []
     for budget in BUDGETS:
         if budget > kl_max:
@@ -89,7 +95,7 @@ def _gains_at_budgets(mean: pa.Table, align: str, evaluation: str, kl_max: float
             point = point_at_kl(mean, budget, align, evaluation)
         except ValueError:
             continue
-        parts.append(f"{format_estimate(point.gain, 1.96 * float(np.interp(budget, kl, se)))} at KL {budget:g}")
+        parts.append(f"{format_estimate(point.gain, 1.96 * point.gain_se, mark=' (no error bar)')} at KL {budget:g}")
     return "; ".join(parts)
 
 
@@ -133,7 +139,8 @@ def summary_lines(result: ReduceResult, ess_floor: float = FALLBACK_ESS_FLOOR) -
                  else f"Kish ESS ≥ {ess_floor:g}")
     lines = ["## Summary", "", f"Trusted: at least {TRUSTED_FRACTION:.0%} of the prompts' estimates reliable ({criterion}) "
              "at that β and all larger β. "
-             "KL in nats, gains in reward units, prompt means, ± 95% error bars.", ""]
+             "KL in nats, gains in reward units, prompt means of the bias-corrected estimates, ± 95% error bars at "
+             "the fixed KL (none where unreliable prompts could move the mean by more than its standard error).", ""]
     for align, evaluation in sorted({(a, e) for a, e in zip(mean["align"].to_pylist(), mean["eval"].to_pylist()) if a == e}):
         beta = trusted_beta(frontier, align, evaluation, reliable)
         if beta is None:
@@ -192,7 +199,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, tit
     lines += bracket_lines(result, BUDGETS) + winrate_lines(result, BUDGETS)
     if "reliable" in result.frontier_mean.column_names:
         lines += ["## Where the estimates can be trusted", "",
-                  f"Reliable: {RELIABLE_RULE}.", "",
+                  f"Reliable: {RELIABLE_RULE}, and {POOLED_RULE} (limits_ray/core/reliability.py).", "",
                   *_trusted_ranges(result), ""]
     if settle is not None and settle.num_rows:
         unsettled = settle.filter(np.logical_not(settle["settled"].to_numpy(zero_copy_only=False)))

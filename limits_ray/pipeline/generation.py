@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from limits_ray.config import EngineResources, GenerationConfig, engine_revision_kwargs
-from limits_ray.pipeline.placement import vllm_parallel_kwargs
-from limits_ray.pipeline.faults import engine_call
 from limits_ray.pipeline.engine_guard import EngineGuard, engine_memory_fraction, wait_for_device_memory
+from limits_ray.pipeline.faults import engine_call
+from limits_ray.pipeline.placement import vllm_parallel_kwargs
 
 __all__ = [
     "CPU_ENV_DEFAULTS", "Generator", "OUTPUT_COLUMNS", "SharedEngine", "SYNTHETIC_VOCABULARY", "SyntheticGenerator", "WordTokenizer",

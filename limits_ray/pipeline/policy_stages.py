@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 
 from limits_ray.config import GenerationConfig, JobConfig, PolicyConfig
-from limits_ray.pipeline.faults import engine_call
 from limits_ray.pipeline.engine_guard import EngineGuard
+from limits_ray.pipeline.faults import engine_call
 from limits_ray.pipeline.generation import Generator, round_seed, start_engine
 from limits_ray.pipeline.progress import Progress
 from limits_ray.pipeline.prompts import Prompt
@@ -45,8 +45,8 @@ from limits_ray.pipeline.stages import (
     StageTimes,
     generation_stage,
     released,
-    tolerate_start_deaths,
     scorer_stage,
+    tolerate_start_deaths,
 )
 from limits_ray.storage.rounds import per_round, per_sample, regroup, round_lengths
 

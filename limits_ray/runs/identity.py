@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-STATISTICS_FORMAT = 3  # bump when the serialised statistics change: stored statistics of another format are recomputed
+STATISTICS_FORMAT = 4  # bump when the serialised statistics change: stored statistics of another format are recomputed
 
 
 def model_fingerprint(model: str, revision: str = "") -> str:
