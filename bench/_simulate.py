@@ -73,8 +73,9 @@ def gated(fields: dict[str, np.ndarray], cell: np.ndarray) -> dict[str, np.ndarr
         out["khat_pooled"][rows] = result.khat_pooled
         out["bias_allowance"][rows] = result.bias_allowance
         out["tie_bias_at_kl"][rows] = result.tie_bias_at_kl
+    widen = np.sqrt(1.0 + np.where(out["reliable"], out["bias_allowance"], 0.0) ** 2)  # as the tables' gate does
     for name in ("gain_se", "kl_se"):
-        out[name] = np.where(out["reliable"], out[name], np.nan)
+        out[name] = np.where(out["reliable"], out[name] * widen, np.nan)
     return out
 
 

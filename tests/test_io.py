@@ -204,3 +204,15 @@ def test_write_table_is_atomic_and_overwrites(tmp_path):
     write_table(second, path)
     assert pq.read_table(path).equals(second)
     assert sorted(p.name for p in path.parent.iterdir()) == ["t.parquet"]  # no partial file left
+
+
+def test_readme_lists_every_table_with_its_schema_columns():
+    """README's output table names each result table's columns exactly as SCHEMAS has them (in order)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, schema in SCHEMAS.items():
+        row = re.search(rf"^\| `{name}\.parquet` \| .*? \| ([^|\n]*) \|$", readme, re.M)
+        assert row is not None, f"README lists no {name}.parquet"
+        assert row.group(1).split(", ") == schema.names, name

@@ -245,13 +245,15 @@ def test_bias_allowances_by_why_a_row_is_not_reliable():
     assert own[:, 0].any() and np.isinf(gate.bias_allowance[:, 0]).all()
 
 
-def test_the_tie_bound_is_the_largest_kl_change_from_mass_the_sample_missed():
-    """tie_bound against brute force: every mass u <= TIE_MASS/N put at a level up to the cell's top, on a sample
-    of nine levels, renormalised; the exact change of the tilt's KL never exceeds it and reaches it."""
+def test_the_tie_bound_is_the_largest_change_from_mass_the_sample_missed():
+    """tie_bound against brute force: every mass u <= TIE_MASS/N put at any level between the sample's top (9)
+    and the cell's (10), on a sample of nine levels, renormalised; the exact changes of the tilt's KL and
+    gain (in their SEs) and of the tangent's intercept gain - beta KL (the frontier at a fixed KL) never
+    exceed their bounds and reach them."""
     from limits_ray.core.reliability import TIE_MASS, tie_bound
 
     rng = np.random.default_rng(33)
-    levels, size = np.arange(1.0, 10.0), 500
+    levels, size, kl_se, gain_se = np.arange(1.0, 10.0), 500, 0.01, 0.03
     for beta in (0.2, 0.5, 1.0, 2.0, 5.0, 20.0):
         empirical = rng.multinomial(size, rng.dirichlet(np.ones(levels.size))) / size
         weights = empirical * np.exp(levels / beta)
@@ -260,18 +262,18 @@ def test_the_tie_bound_is_the_largest_kl_change_from_mass_the_sample_missed():
         gain = (weights * levels).sum() / weights.sum() - (empirical * levels).sum()
         intercept = gain - beta * kl  # the tangent's intercept, beta log Z - mean(r)
         worst = worst_intercept = 0.0
-        for mass in np.linspace(1e-6, TIE_MASS / size, 200):
-            for top in (9.5, 10.0):
+        for mass in np.linspace(1e-6, TIE_MASS / size, 120):
+            for top in (9.0 + 1e-9, 9.25, 9.5, 9.75, 10.0):
                 base = np.append(empirical, mass) / (1 + mass)
                 values = np.append(levels, top)
                 tilted = base * np.exp(values / beta)
                 new_kl = (tilted * values).sum() / tilted.sum() / beta - np.log(tilted.sum())
                 new_gain = (tilted * values).sum() / tilted.sum() - (base * values).sum()
-                worst = max(worst, abs(new_kl - kl))
+                worst = max(worst, abs(new_kl - kl) / kl_se, abs(new_gain - gain) / gain_se)
                 worst_intercept = max(worst_intercept, abs(new_gain - beta * new_kl - intercept))
-        bound, at_kl = (float(value) for value in tie_bound(size, beta, log_z, kl, 10.0, 1.0, gain))
-        assert worst <= bound * (1 + 1e-9) and worst >= 0.99 * bound, (beta, worst, bound)
-        assert worst_intercept <= at_kl * (1 + 1e-9) + 1e-15 and worst_intercept >= 0.99 * at_kl, (beta, worst_intercept, at_kl)
+        bound, at_kl = (float(value) for value in tie_bound(size, beta, log_z, kl, 10.0, kl_se, gain, gain_se, 9.0))
+        assert worst <= bound * (1 + 1e-6) and worst >= 0.99 * bound, (beta, worst, bound)
+        assert worst_intercept <= at_kl * (1 + 1e-6) + 1e-15 and worst_intercept >= 0.99 * at_kl, (beta, worst_intercept, at_kl)
 
 
 def test_a_tied_top_below_the_cells_passes_where_the_tilt_hardly_sees_the_missed_level():

@@ -3,7 +3,7 @@
 Synthetic rounds (``generation.kind: synthetic``) draw ``L`` uniform on ``1..max_tokens`` words from a
 known distribution, so the ``response_length`` reward (characters / 10) of every prompt has a known finite
 distribution and the frontier an exact value (enumeration, :func:`limits_ray.core.exact.finite_tilt`).
-Three runs of 8 prompts x 256 samples: A and A' (the same setup, other seeds) and B, whose responses run
+Three runs of 12 prompts x 512 samples: A and A' (the same setup, other seeds) and B, whose responses run
 to 12 words instead of 8, so its rewards are spread wider and its frontier higher by a known amount.
 """
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 BETAS = "0.2:20:13"
 
 
-def synthetic_job(out, seed: int, max_tokens: int, prompts: int = 8, samples: int = 256) -> JobConfig:
+def synthetic_job(out, seed: int, max_tokens: int, prompts: int = 12, samples: int = 512) -> JobConfig:
     return from_mapping(JobConfig, {
         "name": f"synthetic-{max_tokens}-{seed}", "output_dir": str(out), "ray_address": "local",
         "prompts": {"inline": [f"prompt number {index}" for index in range(prompts)], "template": "Q: {prompt}\nA:"},
@@ -98,13 +98,13 @@ def test_compare_runs_finds_the_known_difference(runs, tmp_path, capsys):
     assert np.all(truth > 0.1)
     trusted = 0
     for row, exact in zip(at_kl, truth):
-        assert row["basis"] == "paired" and row["prompts_common"] == 8 and row["verdict"] == "higher"
+        assert row["basis"] == "paired" and row["prompts_common"] == 12 and row["verdict"] == "higher"
         if row["trusted_a"] and row["trusted_b"]:
             trusted += 1
             assert row["ci_low"] <= exact <= row["ci_high"], (row, exact)
     assert trusted >= 2
     text = (tmp_path / "frontier_diff.md").read_text()
-    assert "## align length, eval length" in text and "**higher**" in text and "8 prompts in both." in text
+    assert "## align length, eval length" in text and "**higher**" in text and "12 prompts in both." in text
 
 
 def test_two_runs_of_one_setup_are_not_distinguishable(runs, tmp_path):

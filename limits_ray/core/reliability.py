@@ -31,11 +31,12 @@ the words the reports use for it (:data:`RELIABLE_RULE`, :data:`TRUSTED_RULE`). 
      ties: NaN) has weights that look bounded, which is no passed test: an unseen higher reward is not
      in its sample. Where some prompt of its cell reached a higher reward ``R``, the unseen part of its
      distribution above its own top is taken to have mass up to ``q = TIE_MASS / N`` (about its expected
-     mass) and, the cell's rewards reaching ``R``, to lie at most at ``R``; :func:`tie_bound` bounds the KL's
-     bias from it (the worst mass ``u <= q`` at ``R``, whose effect on the KL is exact in ``log Z``,
-     ``KL`` and ``R``), in units of the row's KL SE. The row passes where that bound is
-     at most :data:`EXPANSION_LIMIT`, and the bound becomes its ``bias_allowance`` (for the gain too:
-     the unseen level's value of an evaluation reward is no better known than a missed tail sample's);
+     mass) and, the cell's rewards reaching ``R``, to lie between its own top and ``R``; :func:`tie_bound`
+     bounds the KL's bias from it, and the gain's where the gain is in the align reward (the worst mass
+     ``u <= q`` at the worst level; each effect is exact in ``log Z``, ``KL``, the gain and the level), in
+     units of the row's SEs. The row passes where that bound is at most :data:`EXPANSION_LIMIT`, and the
+     bound becomes its ``bias_allowance`` (for the gain of another evaluation reward too, an assumption:
+     the unseen level's value of it is no better known than a missed tail sample's);
      its interval SEs grow by ``sqrt(1 + a^2)`` for it. Where the row's gain is in its align reward,
      ``tie_bias_at_kl`` bounds the bias of the tangent's intercept ``gain - beta KL`` (exact in the same
      quantities; the frontier's bias at a fixed KL, which the two bounds above, added, would overstate:
@@ -323,47 +324,65 @@ def _largest_over_mass(change, log_q: np.ndarray) -> np.ndarray:
     return np.fmax(worst, np.abs(change((low + high) / 2))[..., 0])
 
 
+def _tie_changes(n, beta, log_z, kl, level, gain) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``max_u |dKL|``, ``max_u |d gain|`` and ``max_u |d intercept|`` for mass ``u <= TIE_MASS / n`` added at
+    reward ``level`` (1-D arrays; :func:`tie_bound`'s formulas)."""
+    tilted = beta * (kl + log_z)  # E_beta[r]
+    log_c, log_q = level / beta - log_z, np.log(TIE_MASS / n)
+    mean = tilted - gain  # the sample mean of r (where the gain is in r)
+
+    def parts(log_u: np.ndarray):
+        expand = log_u.ndim > log_c.ndim
+        c, t, b, lv, mu = (value[..., None] if expand else value for value in (log_c, tilted, beta, level, mean))
+        log_m = log_u + c
+        share = np.exp(-np.logaddexp(0.0, -log_m))  # m / (1 + m), stable
+        u = np.exp(log_u)
+        log_1m, log_1u = np.logaddexp(0.0, log_m), np.logaddexp(0.0, log_u)
+        return (share * (lv - t) / b - log_1m + log_1u,  # dKL
+                share * (lv - t) - u * (lv - mu) / (1 + u),  # d gain
+                b * (log_1m - log_1u) - u * (lv - mu) / (1 + u))  # d intercept
+
+    return tuple(_largest_over_mass(lambda log_u, k=k: parts(log_u)[k], log_q) for k in range(3))
+
+
 def tie_bound(n: np.ndarray, beta: np.ndarray, log_z: np.ndarray, kl: np.ndarray, top: np.ndarray,
-              kl_se: np.ndarray, gain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Bounds on a row's bias from reward levels up to ``top`` that its ``n`` samples missed (module doc,
-    *tied top rewards*): ``(KL bound in units of kl_se, bound on the tangent's intercept)``.
+              kl_se: np.ndarray, gain: np.ndarray | None = None, gain_se: np.ndarray | None = None,
+              own_top: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds on a row's bias from reward levels in ``(own_top, top]`` that its ``n`` samples missed (module doc,
+    *tied top rewards*): ``(bound in units of the row's SEs, bound on the tangent's intercept)``.
 
-    Mass ``u <= q = TIE_MASS / n`` added at ``top`` to the sample's distribution (renormalised) moves the
-    tilt's KL by exactly ``dKL(u) = s (top - E_beta[r]) / beta - log(1 + m) + log(1 + u)``, with
-    ``m = u exp(top / beta - log_z)``, ``s = m / (1 + m)`` and ``E_beta[r] = beta (kl + log_z)``, and the
-    intercept ``gain - beta KL = beta log Z - mean(r)`` of a row whose gain is in its own reward (``gain``
-    given) by exactly ``beta (log(1 + m) - log(1 + u)) - u (top - mean(r)) / (1 + u)`` with
-    ``mean(r) = E_beta[r] - gain``: the frontier's bias at a fixed KL (where the slope is beta). The bounds
-    are the largest changes over ``u`` in ``(0, q]`` (mass further below ``top`` moves them less). The
-    first is infinite where it cannot be computed (a zero or missing SE); the second NaN without ``gain``.
+    Mass ``u <= q = TIE_MASS / n`` added at a level ``t`` to the sample's distribution (renormalised) moves
+    the tilt's KL by exactly ``dKL(u) = s (t - E_beta[r]) / beta - log(1 + m) + log(1 + u)``, with
+    ``m = u exp(t / beta - log_z)``, ``s = m / (1 + m)`` and ``E_beta[r] = beta (kl + log_z)``; where the
+    row's gain is in its own reward (``gain`` given, ``mean(r) = E_beta[r] - gain``) its gain by exactly
+    ``s (t - E_beta[r]) - u (t - mean(r)) / (1 + u)`` and the intercept ``gain - beta KL = beta log Z - mean(r)``
+    (the frontier at a fixed KL, slope beta) by ``beta (log(1 + m) - log(1 + u)) - u (t - mean(r)) / (1 + u)``.
+    Each change is monotone in ``t``, so its largest size over the missed levels is at an end, ``t = top``
+    or ``t = own_top`` (default ``top``); the bounds are the largest over ``u`` in ``(0, q]`` too. The first
+    is ``max(|dKL| / kl_se, |d gain| / gain_se)`` (the gain's part where given), infinite where it cannot be
+    computed (a zero or missing SE); the second NaN without ``gain``.
     """
-    gain = np.full(np.shape(kl), np.nan) if gain is None else gain
-    n, beta, log_z, kl, top, kl_se, gain = np.broadcast_arrays(
-        *(np.asarray(value, np.float64) for value in (n, beta, log_z, kl, top, kl_se, gain)))
+    shape = np.broadcast_shapes(*(np.shape(value) for value in (n, beta, log_z, kl, top, kl_se)))
+
+    def flat(value, default=np.nan):
+        value = np.full(shape, default) if value is None else value
+        return np.broadcast_to(np.asarray(value, np.float64), shape).reshape(-1)
+
+    own_top = flat(top if own_top is None else own_top)
+    n, beta, log_z, kl, top, kl_se, gain, gain_se = (flat(value) for value in (n, beta, log_z, kl, top, kl_se, gain, gain_se))
+    bound, intercept = np.full(n.size, np.inf), np.full(n.size, np.nan)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        tilted = beta * (kl + log_z)  # E_beta[r]
-        log_c, log_q = top / beta - log_z, np.log(TIE_MASS / n)
-
-        def at(value: np.ndarray, log_u: np.ndarray) -> np.ndarray:
-            return value[..., None] if log_u.ndim > value.ndim else value
-
-        def kl_change(log_u: np.ndarray) -> np.ndarray:
-            log_m = log_u + at(log_c, log_u)
-            share = np.exp(-np.logaddexp(0.0, -log_m))  # m / (1 + m), stable
-            reach = np.clip(at(top, log_u) - at(tilted, log_u), 0.0, None) / at(beta, log_u)
-            return share * reach - np.logaddexp(0.0, log_m) + np.logaddexp(0.0, log_u)
-
-        def intercept_change(log_u: np.ndarray) -> np.ndarray:
-            log_m = log_u + at(log_c, log_u)
-            u = np.exp(log_u)
-            mean = at(tilted, log_u) - at(gain, log_u)
-            return (at(beta, log_u) * (np.logaddexp(0.0, log_m) - np.logaddexp(0.0, log_u))
-                    - u * (at(top, log_u) - mean) / (1 + u))
-
-        bound = _largest_over_mass(kl_change, log_q) / kl_se
-        intercept = _largest_over_mass(intercept_change, log_q)
-    return (np.where(np.isfinite(bound) & (kl_se > 0), bound, np.inf),
-            np.where(np.isfinite(gain), intercept, np.nan))
+        rows = np.flatnonzero(np.isfinite(top) & np.isfinite(kl_se) & (kl_se > 0) & (n >= 1))
+        if rows.size:
+            changes = [_tie_changes(n[rows], beta[rows], log_z[rows], kl[rows], level[rows], gain[rows])
+                       for level in (top, own_top)]
+            kl_change, gain_change, at_kl = (np.fmax(first, second) for first, second in zip(*changes))
+            ratio = kl_change / kl_se[rows]
+            with_gain = np.isfinite(gain[rows])
+            ratio = np.where(with_gain, np.fmax(ratio, gain_change / gain_se[rows]), ratio)
+            bound[rows] = np.where(np.isfinite(ratio), ratio, np.inf)
+            intercept[rows] = np.where(with_gain, at_kl, np.nan)
+    return bound.reshape(shape), intercept.reshape(shape)
 
 
 def gate_rows(fields: dict[str, np.ndarray], cells: dict[str, np.ndarray]) -> GateResult:
@@ -385,11 +404,15 @@ def gate_rows(fields: dict[str, np.ndarray], cells: dict[str, np.ndarray]) -> Ga
         reward = np.asarray(fields["reward_max"], np.float64)
         at_top = reward >= cells["reward_top"]
         below = tied & ~at_top
-        same = np.asarray(fields.get("same", True), bool)
-        own_gain = np.where(same, np.asarray(fields["gain"], np.float64), np.nan)
-        bound, intercept = tie_bound(fields["n"], fields["beta"], fields["log_z"], fields["kl"], cells["reward_top"],
-                                     fields["kl_se_delta"], own_gain)
-        bound, intercept = np.where(below, bound, 0.0), np.where(below, intercept, np.nan)
+        same = np.broadcast_to(np.asarray(fields.get("same", True), bool), below.shape)
+        bound, intercept = np.zeros(below.shape), np.full(below.shape, np.nan)
+        if below.any():  # only the rows that need it: the bound costs a search over the missed mass
+            pick = {name: np.broadcast_to(np.asarray(fields[name], np.float64), below.shape)[below]
+                    for name in ("n", "beta", "log_z", "kl", "kl_se_delta", "gain", "gain_se_delta")}
+            top = np.broadcast_to(cells["reward_top"], below.shape)[below]
+            bound[below], intercept[below] = tie_bound(
+                pick["n"], pick["beta"], pick["log_z"], pick["kl"], top, pick["kl_se_delta"],
+                np.where(same[below], pick["gain"], np.nan), pick["gain_se_delta"], reward[below])
         ties_ok = ~tied | (at_top & (cells["rows"] >= POOL_MIN_PROMPTS)) | (below & (bound <= EXPANSION_LIMIT))
         tail_ok = passes_gate(np.ones(own.shape, bool), pooled) & ~(k_line >= POOLED_KHAT_LIMIT)
         ess_ok = ~(ess_line < np.log(ESS_FLOOR))
