@@ -68,3 +68,12 @@ def update_docs(title: str, section: str, path: Path = DOCS) -> None:
         new_text = before + section.rstrip("\n") + "\n" + ("\n" + after if after else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new_text.rstrip("\n") + "\n")
+
+
+def publish(title: str, section: str, print_only: bool) -> None:
+    """Print ``section`` (``print_only``: a ``--no-write`` run) or put it in docs/benchmarks.md under ``title``."""
+    if print_only:
+        print(section)
+    else:
+        update_docs(title, section)
+        print(f"updated {DOCS}")

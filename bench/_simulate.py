@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from limits_ray.core.reliability import gate_cells
+from limits_ray.core.reliability import gate_cells, gated_interval
 from limits_ray.core.tilt import TiltStats, finalize_many
 
 FIELDS = ("gain", "gain_bc", "gain_se", "gain_se_delta", "kl", "kl_bc", "kl_se", "kl_se_delta", "gain_kl_cov",
@@ -73,9 +73,8 @@ def gated(fields: dict[str, np.ndarray], cell: np.ndarray) -> dict[str, np.ndarr
         out["khat_pooled"][rows] = result.khat_pooled
         out["bias_allowance"][rows] = result.bias_allowance
         out["tie_bias_at_kl"][rows] = result.tie_bias_at_kl
-    widen = np.sqrt(1.0 + np.where(out["reliable"], out["bias_allowance"], 0.0) ** 2)  # as the tables' gate does
     for name in ("gain_se", "kl_se"):
-        out[name] = np.where(out["reliable"], out[name] * widen, np.nan)
+        out[name] = gated_interval(out[name], out["reliable"], out["bias_allowance"])
     return out
 
 

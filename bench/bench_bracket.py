@@ -19,7 +19,7 @@ and the bracket's width at a few KL budgets (median over prompt sets) beside ``g
 
 from __future__ import annotations
 
-from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # first: puts this checkout on sys.path
+from _report import cpu_description, load_average, publish, utc_now  # first: puts this checkout on sys.path
 
 # isort: split
 
@@ -142,11 +142,7 @@ def main() -> int:
                                 lambda rng: reward[draw(rng, setup.pi0, n)], exact, n, args.reps))
                 print(f"{name} N = {n}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     text = markdown(rows, args, time.perf_counter() - started, load_average())
-    if args.no_write:
-        print(text)
-    else:
-        update_docs(SECTION, text)
-        print(f"updated {DOCS}")
+    publish(SECTION, text, args.no_write)
     return 0
 
 

@@ -22,13 +22,12 @@ the share that has one (limits_ray.core.bon.jackknife_usable).
 
 from __future__ import annotations
 
-from _report import DOCS, cpu_description, update_docs  # first: puts this checkout on sys.path
+from _report import cpu_description, load_average, publish  # first: puts this checkout on sys.path
 
 # isort: split
 
 import argparse
 import datetime as dt
-import os
 import platform
 import sys
 import time
@@ -235,13 +234,9 @@ def main() -> int:
                 print(f"{set_name} {name} N = {label}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
             if name in BON_FAMILIES[set_name]:
                 results["bon"] += bon_rows(set_name, name, family, args.reps, rng)
-    load = " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    load = load_average()
     text = markdown(results, args, time.perf_counter() - started, load)
-    if args.no_write:
-        print(text)
-    else:
-        update_docs(SECTION, text)
-        print(f"updated {DOCS}")
+    publish(SECTION, text, args.no_write)
     return 0
 
 

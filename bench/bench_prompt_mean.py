@@ -33,13 +33,12 @@ the fixed-beta one.
 
 from __future__ import annotations
 
-from _report import DOCS, cpu_description, update_docs  # first: puts this checkout on sys.path
+from _report import cpu_description, load_average, publish  # first: puts this checkout on sys.path
 
 # isort: split
 
 import argparse
 import datetime as dt
-import os
 import platform
 import sys
 import time
@@ -301,13 +300,9 @@ def main() -> int:
     for index, name in enumerate(args.families.split(",")):
         results[name] = run_family(name, args.prompts, args.size_list, args.seed + 10 * index)
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    load = " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    load = load_average()
     text = markdown(results, args, time.perf_counter() - started, load)
-    if args.no_write:
-        print(text)
-    else:
-        update_docs(SECTION, text)
-        print(f"updated {DOCS}")
+    publish(SECTION, text, args.no_write)
     return 0
 
 

@@ -24,7 +24,7 @@ lies within a factor 1.5 of the policy's.
 
 from __future__ import annotations
 
-from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # first: puts this checkout on sys.path
+from _report import cpu_description, load_average, publish, utc_now  # first: puts this checkout on sys.path
 
 # isort: split
 
@@ -204,11 +204,7 @@ def main() -> int:
                 rows.append(run(f"{name}: {label}", reward, setup.pi0, policy / policy.sum(axis=1, keepdims=True), betas, args))
                 print(f"{name}, {label}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     text = markdown(rows, args, time.perf_counter() - started, load_average())
-    if args.no_write:
-        print(text)
-    else:
-        update_docs(SECTION, text)
-        print(f"updated {DOCS}")
+    publish(SECTION, text, args.no_write)
     return 0
 
 

@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from _report import DOCS, cpu_description, load_average, update_docs, utc_now  # first: puts this checkout on sys.path
+from _report import cpu_description, load_average, publish, utc_now  # first: puts this checkout on sys.path
 
 # isort: split
 
@@ -219,11 +219,7 @@ def main() -> int:
             rows += simulate(name, n, args.reps, args.seed + 100 * index + size_index)
             print(f"{name} N = {n}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     text = markdown(forms, rows, args, time.perf_counter() - started, load_average())
-    if args.no_write:
-        print(text)
-    else:
-        update_docs(SECTION, text)
-        print(f"updated {DOCS}")
+    publish(SECTION, text, args.no_write)
     return 0
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from limits_ray.core.prompt_mean import widened
 
-__all__ = ["at_kl", "hermite", "interpolation_error"]
+__all__ = ["at_kl", "error_bar", "hermite", "interpolation_error"]
 
 
 def hermite(x0: float, x1: float, y0: float, y1: float, m0: float, m1: float, x: float) -> float:
@@ -76,6 +76,14 @@ def interpolation_error(kl: np.ndarray, gain: np.ndarray, slope: np.ndarray, bud
     third = min(outer, key=lambda index: abs(u[index] - (u[left] if index < left else u[right])))
     points = np.sort(np.array([left, right, third]))
     return abs(cubic - _quintic(u[points], gain[points], scaled[points], np.log(budget)))
+
+
+def error_bar(slope: np.ndarray | None, gain_se_at_kl: np.ndarray | None,
+              gain_se: np.ndarray | None) -> np.ndarray | None:
+    """The error bar :func:`at_kl` interpolates: the fixed-KL one (``gain_se_at_kl``) where the frontier has
+    its slopes, else (a table written without them) the fixed-beta ``gain_se``; None: the table has neither."""
+    with_slopes = slope is not None and bool(np.isfinite(np.asarray(slope, dtype=np.float64)).any())
+    return gain_se_at_kl if with_slopes and gain_se_at_kl is not None else gain_se
 
 
 def at_kl(kl: np.ndarray, beta: np.ndarray, gain: np.ndarray, budget: float, slope: np.ndarray | None = None,

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from limits_ray.core.fixed_kl import at_kl
+from limits_ray.core.fixed_kl import at_kl, error_bar
 from limits_ray.core.prompt_mean import between_prompt_se, merge_moments, merge_prompt_sums, prompt_means, prompt_sums
 from limits_ray.core.reliability import TRUSTED_FRACTION, trusted_count
 from limits_ray.core.schemas import SCHEMAS
@@ -148,15 +148,12 @@ def point_at_kl(frontier_mean: pa.Table, kl_budget: float, align: str, eval: str
             "(smaller betas reach larger KL)"
         )
     slope = _optional(rows, "slope")
-    fixed_kl = slope is not None and bool(np.isfinite(slope.astype(np.float64)).any())
-    # The fixed-KL error bar; a table without the frontier's slopes has only the fixed-beta one.
-    bar = "gain_se_at_kl" if fixed_kl and "gain_se_at_kl" in rows.column_names else "gain_se"
-    beta, gain, gain_se = at_kl(kl, betas, rows["gain"].to_numpy(), kl_budget, slope,
-                                _optional(rows, "kl_dbeta"), _optional(rows, bar))
+    bar = error_bar(slope, _optional(rows, "gain_se_at_kl"), _optional(rows, "gain_se"))
+    beta, gain, gain_se = at_kl(kl, betas, rows["gain"].to_numpy(), kl_budget, slope, _optional(rows, "kl_dbeta"), bar)
     trusted = trusted_kl_range(rows, align, eval)
     inside = trusted is not None and trusted[0] <= kl_budget <= trusted[1]
     return FrontierPoint(
         align=align, eval=eval, kl=float(kl_budget), beta=beta, gain=gain, gain_se=gain_se,
-        trusted=inside and (bar not in rows.column_names or bool(np.isfinite(gain_se))),
+        trusted=inside and (bar is None or bool(np.isfinite(gain_se))),
         trusted_kl=trusted,
     )

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from limits_ray.core.fixed_kl import at_kl
+from limits_ray.core.fixed_kl import at_kl, error_bar
 from limits_ray.core.frontier import frontier_sums, mean_from_sums, merge_sums
 from limits_ray.core.reliability import TRUSTED_FRACTION, trusted_count
 
@@ -157,8 +157,6 @@ def gain_at_kl(points: FrontierPoints, kl_budget: float) -> tuple[float, float]:
     module doc."""
     if points.kl.size == 0 or not np.nanmin(points.kl) <= kl_budget <= np.nanmax(points.kl):
         return float("nan"), float("nan")
-    fixed_kl = points.slope is not None and points.gain_se_at_kl is not None and bool(np.isfinite(points.slope).any())
-    # The fixed-KL error bar; a table without the frontier's slopes: linear, with the fixed-beta SE.
     _, gain, se = at_kl(points.kl, points.beta, points.gain, kl_budget, points.slope, points.kl_dbeta,
-                        points.gain_se_at_kl if fixed_kl else points.gain_se)
+                        error_bar(points.slope, points.gain_se_at_kl, points.gain_se))
     return gain, se

@@ -84,7 +84,7 @@ __all__ = [
     "CELL_MAXIMA", "CELL_SUMS", "ESS_FLOOR", "EXPANSION_LIMIT", "FALLBACK_ESS_FLOOR", "GateResult", "MIN_ESS_FRACTION",
     "POOLED_KHAT_LIMIT", "POOLED_RULE", "POOLED_TABLES", "POOL_MIN_PROMPTS", "POOL_SUMS", "RELIABLE_RULE", "ROW_FIELDS",
     "TIE_MASS", "TRUSTED_FRACTION", "TRUSTED_RULE", "apply_pooled", "cell_line", "cell_terms", "cell_totals", "frontier_reliable",
-    "gate_cells", "gate_rows", "is_reliable", "khat_pool_sums", "khat_pool_terms", "khat_sums", "khat_threshold",
+    "gate_cells", "gate_rows", "gated_interval", "is_reliable", "khat_pool_sums", "khat_pool_terms", "khat_sums", "khat_threshold",
     "khat_thresholds", "merge_khat_sums", "own_reliable", "passes_gate", "pool_whole", "pooled_khat",
     "pooled_khat_of_cells", "reliable_rows", "tie_bound", "trusted_beta", "trusted_count",
 ]
@@ -423,6 +423,13 @@ def gate_rows(fields: dict[str, np.ndarray], cells: dict[str, np.ndarray]) -> Ga
     return GateResult(reliable, pooled, np.where(kept, bound, np.inf), np.where(kept, intercept, np.nan))
 
 
+def gated_interval(se: np.ndarray, reliable: np.ndarray, allowance: np.ndarray) -> np.ndarray:
+    """A row's interval SE after the gate: NaN where not reliable, else widened by ``sqrt(1 + a^2)`` for its
+    bias allowance ``a`` (the tie bound, in quadrature; 0 for most reliable rows)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(reliable, se * np.sqrt(1.0 + np.where(reliable, allowance, 0.0) ** 2), np.nan)
+
+
 def gate_cells(fields: dict[str, np.ndarray], axis: int = 0) -> GateResult:
     """:func:`gate_rows` of arrays whose ``axis`` runs over the prompts of each cell (all in memory: benchmarks)."""
     cells = {name: np.expand_dims(total, axis) for name, total in cell_totals(fields, axis).items()}
@@ -491,11 +498,9 @@ def _gate(table: pa.Table, sums: pa.Table, name: str) -> pa.Table:
                   for field in _MAXIMA})
     gate = gate_rows(_fields(table, name), cells)
     out = table
-    widen = np.sqrt(1.0 + np.where(gate.reliable, gate.bias_allowance, 0.0) ** 2)  # the tie bound, in quadrature
     for field in _INTERVAL_SES.get(name, ("gain_se", "kl_se")):
-        values = _column(out, field).astype(np.float64)
-        out = out.set_column(out.schema.get_field_index(field), field,
-                             pa.array(np.where(gate.reliable, values * widen, np.nan)))
+        values = gated_interval(_column(out, field).astype(np.float64), gate.reliable, gate.bias_allowance)
+        out = out.set_column(out.schema.get_field_index(field), field, pa.array(values))
     for field, values in (("reliable", gate.reliable), ("khat_pooled", gate.khat_pooled),
                           ("bias_allowance", gate.bias_allowance), ("tie_bias_at_kl", gate.tie_bias_at_kl)):
         if field in out.column_names:

@@ -23,7 +23,7 @@ from limits_ray.core.bon import bon_kl_bound
 from limits_ray.core.frontier import trusted_kl_range
 from limits_ray.core.headline import Z95
 from limits_ray.core.winrate import bon_winrate, rank_label, rank_tilt_curve
-from limits_ray.outputs.style import new_figure
+from limits_ray.outputs.style import panel_grid
 
 __all__ = ["draw_bracket", "proposals_figure", "winrate_figure"]
 
@@ -61,12 +61,8 @@ def winrate_figure(winrate_mean: pa.Table, bon: pa.Table, title: str) -> Figure 
     if winrate_mean.num_rows == 0:
         return None
     evals = sorted(set(winrate_mean["eval"].to_pylist()))[:4]
-    columns = min(2, len(evals))
-    rows_count = -(-len(evals) // columns)
-    figure, axes = new_figure(rows_count, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows_count), squeeze=False)
-    for axis in axes.flat[len(evals):]:
-        axis.set_visible(False)
-    for axis, evaluation in zip(axes.flat, evals):
+    figure, panels = panel_grid(len(evals), (6.0, 4.6))
+    for axis, evaluation in zip(panels, evals):
         pairs = sorted({a for a, e in zip(winrate_mean["align"].to_pylist(), winrate_mean["eval"].to_pylist())
                         if e == evaluation and a != rank_label(evaluation)})
         high = 0.0
@@ -128,12 +124,8 @@ def proposals_figure(frontier_mean: pa.Table, proposals_mean: pa.Table, policies
     evals = sorted({e for a, e in zip(proposals_mean["align"].to_pylist(), proposals_mean["eval"].to_pylist()) if a == e})
     if not evals:
         return None
-    columns = min(2, len(evals))
-    rows_count = -(-len(evals) // columns)
-    figure, axes = new_figure(rows_count, columns, figsize=(max(6.0 * columns, 8.5), 4.8 * rows_count), squeeze=False)
-    for axis in axes.flat[len(evals):]:
-        axis.set_visible(False)
-    for axis, evaluation in zip(axes.flat, evals):
+    figure, panels = panel_grid(len(evals), (6.0, 4.8))
+    for axis, evaluation in zip(panels, evals):
         parts = []
         for table, color, name in ((frontier_mean, "C0", "base samples only"), (proposals_mean, "C2", "base + policy samples")):
             # The centres: frontier_mean's gain, kl; the proposal means' (and older tables') *_bc columns.

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from limits_ray.core.frontier import trusted_kl_range
 from limits_ray.outputs.beyond_plots import draw_bracket, proposals_figure
 from limits_ray.outputs.numbers import MISSING, format_estimate, format_number
-from limits_ray.outputs.style import new_figure, save_figure
+from limits_ray.outputs.style import new_figure, panel_grid, save_figure
 
 __all__ = [
     "BON_FOOTNOTE", "compare_lines", "markdown_table", "plot_ensembles", "plot_policies", "plot_proxy_gold", "proposal_lines",
@@ -47,12 +47,8 @@ def plot_policies(frontier_mean: pa.Table, policies: pa.Table, path: Path, title
     """One panel per eval reward with a self-aligned frontier: frontier, best-of-n and checkpoints (and the
     certified bracket past the trusted range, when given)."""
     evals = sorted({e for a, e in zip(frontier_mean["align"].to_pylist(), frontier_mean["eval"].to_pylist()) if a == e})
-    columns = min(2, max(1, len(evals)))
-    rows = -(-max(1, len(evals)) // columns)
-    figure, axes = new_figure(rows, columns, figsize=(6.0 * columns, 4.6 * rows), squeeze=False)
-    for axis in axes.flat[len(evals):]:
-        axis.set_visible(False)
-    for axis, evaluation in zip(axes.flat, evals):
+    figure, panels = panel_grid(len(evals), (6.0, 4.6), min_width=0.0)
+    for axis, evaluation in zip(panels, evals):
         mean = _select(frontier_mean, align=evaluation, eval=evaluation).sort_by("kl")
         kl, gain, band = mean["kl"].to_numpy(), mean["gain"].to_numpy(), 1.96 * mean["gain_se"].to_numpy()
         axis.fill_between(kl, gain - band, gain + band, color="C0", alpha=0.25, label="95% band")

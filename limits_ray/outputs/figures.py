@@ -27,7 +27,7 @@ from limits_ray.core.frontier import trusted_kl_range
 from limits_ray.core.reliability import TRUSTED_FRACTION
 from limits_ray.core.tables import ReduceResult
 from limits_ray.outputs.beyond_plots import draw_bracket, winrate_figure
-from limits_ray.outputs.style import colormap_colors, new_figure, save_figure, suptitle
+from limits_ray.outputs.style import colormap_colors, new_figure, panel_grid, save_figure, suptitle
 
 __all__ = [
     "FIGURES", "ess_source", "plot_convergence_bands", "plot_ess_prompts", "plot_frontier", "plot_frontier_by_n",
@@ -73,12 +73,8 @@ def plot_frontier(result: ReduceResult, path: Path, title: str) -> None:
     """
     prompts, samples = _counts(result)
     pairs = _pairs(result.frontier_mean)
-    columns = min(2, len(pairs))
-    rows = -(-len(pairs) // columns)
-    figure, axes = new_figure(rows, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows), squeeze=False)
-    for axis in axes.flat[len(pairs):]:
-        axis.set_visible(False)
-    for axis, (align, evaluation) in zip(axes.flat, pairs):
+    figure, panels = panel_grid(len(pairs), (6.0, 4.6))
+    for axis, (align, evaluation) in zip(panels, pairs):
         per_prompt = _select(result.frontier, align, evaluation)
         for prompt_id in sorted(set(per_prompt["prompt_id"].to_pylist()))[:50]:
             rows = per_prompt.filter(pc.equal(per_prompt["prompt_id"], prompt_id))
@@ -205,12 +201,8 @@ def plot_frontier_by_n(summary: pa.Table, path: Path, title: str) -> bool:
     shown_n = all_n[all_n >= min(4, all_n.max())]
     shown_n = shown_n[np.unique(np.linspace(0, shown_n.size - 1, min(6, shown_n.size)).round().astype(int))]
     colors = colormap_colors("viridis", np.linspace(0.0, 0.9, shown_n.size))
-    columns = min(2, len(pairs))
-    rows_count = -(-len(pairs) // columns)
-    figure, axes = new_figure(rows_count, columns, figsize=(max(6.0 * columns, 8.5), 4.6 * rows_count), squeeze=False)
-    for axis in axes.flat[len(pairs):]:
-        axis.set_visible(False)
-    for axis, (align, evaluation) in zip(axes.flat, pairs):
+    figure, panels = panel_grid(len(pairs), (6.0, 4.6))
+    for axis, (align, evaluation) in zip(panels, pairs):
         table = _select(summary, align, evaluation)
         for color, n in zip(colors, shown_n):
             rows = table.filter(pc.equal(table["n_samples"], int(n))).sort_by("beta")
@@ -245,14 +237,10 @@ def plot_ess_prompts(ess: pa.Table, path: Path, title: str) -> bool:
     if ess.num_rows == 0:
         return False
     aligns = sorted(set(ess["align"].to_pylist()))[:4]
-    columns = min(2, len(aligns))
-    rows_count = -(-len(aligns) // columns)
-    figure, axes = new_figure(rows_count, columns, figsize=(max(5.8 * columns, 8.5), 4.3 * rows_count), squeeze=False)
-    for axis in axes.flat[len(aligns):]:
-        axis.set_visible(False)
+    figure, panels = panel_grid(len(aligns), (5.8, 4.3))
     prompts = len(set(ess["prompt_id"].to_pylist()))
     n_values = ess["n_samples"].to_numpy()
-    for axis, align in zip(axes.flat, aligns):
+    for axis, align in zip(panels, aligns):
         table = ess.filter(pc.equal(ess["align"], align))
         for prompt_id in sorted(set(table["prompt_id"].to_pylist()))[:100]:
             rows = table.filter(pc.equal(table["prompt_id"], prompt_id)).sort_by("beta")

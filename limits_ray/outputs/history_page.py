@@ -34,7 +34,7 @@ from limits_ray.core.frontier_diff import GainAtKL
 from limits_ray.core.reliability import TRUSTED_FRACTION
 from limits_ray.outputs.diff_report import VERDICT_STYLE
 from limits_ray.outputs.numbers import format_estimate, format_number
-from limits_ray.outputs.style import colormap_colors, new_figure, save_figure
+from limits_ray.outputs.style import colormap_colors, new_figure, panel_grid, save_figure
 
 __all__ = ["FIGURE_NIGHTS", "Night", "Shift", "plot_gain_history", "plot_health", "write_page"]
 
@@ -124,15 +124,10 @@ def _series_labels(axis, nights: list[Night]) -> None:
 def plot_gain_history(nights: list[Night], pairs: list[tuple[str, str]], budgets: list[float], path: Path,
                       title: str) -> None:
     """``history/gain.png`` (module doc, (b))."""
-    columns = min(2, len(pairs))
-    rows = -(-len(pairs) // columns)
-    width = max(6.0 * columns, 8.5) + 0.12 * max(0, len(nights) - 20)
-    figure, axes = new_figure(rows, columns, figsize=(width, 4.8 * rows), squeeze=False)
-    for axis in axes.flat[len(pairs):]:
-        axis.set_visible(False)
+    figure, panels = panel_grid(len(pairs), (6.0, 4.8), extra_width=0.12 * max(0, len(nights) - 20))
     colors = colormap_colors("viridis", np.linspace(0.0, 0.85, len(budgets)))
     positions, _ = _positions(nights)
-    for axis, pair in zip(axes.flat, pairs):
+    for axis, pair in zip(panels, pairs):
         _night_axis(axis, nights)
         for index, (budget, color) in enumerate(zip(budgets, colors)):
             gain, half, trusted = (np.full(len(nights), np.nan) for _ in range(3))

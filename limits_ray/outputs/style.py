@@ -15,7 +15,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["colormap_colors", "new_figure", "save_figure", "suptitle"]
+__all__ = ["colormap_colors", "new_figure", "panel_grid", "save_figure", "suptitle"]
 
 
 def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):
@@ -24,6 +24,19 @@ def new_figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float],
     state (a notebook's backend, pyplot's figure list) and no GUI is ever involved."""
     figure = Figure(figsize=figsize)
     return figure, figure.subplots(rows, columns, squeeze=squeeze)
+
+
+def panel_grid(count: int, panel_size: tuple[float, float], min_width: float = 8.5, extra_width: float = 0.0):
+    """A figure of ``count`` panels, two to a row, each ``panel_size`` (width, height) inches; the figure at
+    least ``min_width`` wide, plus ``extra_width``. Returns ``(figure, panels)``: the first ``count`` axes, the
+    grid's others hidden."""
+    columns = min(2, max(1, count))
+    rows = -(-max(1, count) // columns)
+    figure, axes = new_figure(rows, columns, squeeze=False,
+                              figsize=(max(panel_size[0] * columns, min_width) + extra_width, panel_size[1] * rows))
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
+    return figure, list(axes.flat[:count])
 
 
 def colormap_colors(name: str, values: np.ndarray) -> np.ndarray:
